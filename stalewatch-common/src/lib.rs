@@ -1,0 +1,114 @@
+//! The event ABI shared by the kernel programs (`stalewatch-ebpf`) and the
+//! userspace loader (`stalewatch`): the record each side reads and writes, and
+//! the names of the read-only globals that userspace fills in at load time.
+//!
+//! Everything here is plain `#[repr(C)]` data; both sides are compiled from
+//! this one definition so they cannot drift apart.
+#![no_std]
+
+/// Bytes of a `struct nf_conntrack_tuple`. The kernel copies the tuple raw;
+/// userspace decodes it with offsets read from BTF and refuses to start if
+/// the running kernel's struct has another size.
+pub const TUPLE_SIZE: usize = 40;
+
+/// `enum ip_conntrack_status` bits that stalewatch reads.
+pub mod ct_status {
+    pub const SEEN_REPLY: u32 = 1 << 1;
+    pub const ASSURED: u32 = 1 << 2;
+    pub const CONFIRMED: u32 = 1 << 3;
+    pub const SRC_NAT: u32 = 1 << 4;
+    pub const DST_NAT: u32 = 1 << 5;
+    pub const SRC_NAT_DONE: u32 = 1 << 7;
+    pub const DST_NAT_DONE: u32 = 1 << 8;
+    pub const DYING: u32 = 1 << 9;
+}
+
+/// Which hook saw a failure. A failing packet often shows up at both.
+pub mod hook {
+    /// `icmp:icmp_send`: this host generated an ICMP destination unreachable.
+    pub const ICMP_SEND: u8 = 1;
+    /// `skb:kfree_skb`: the packet was dropped with a failure reason.
+    pub const KFREE_SKB: u8 = 2;
+}
+
+/// ICMP destination unreachable (RFC 792).
+pub const ICMP_DEST_UNREACH: u32 = 3;
+
+/// Number of drop reasons the in-kernel filter can express (a bitmap of
+/// `DROP_REASON_WORDS` u64s). `enum skb_drop_reason` has about 130 values.
+pub const DROP_REASON_WORDS: usize = 4;
+pub const DROP_REASON_MAX: u32 = (DROP_REASON_WORDS * 64) as u32;
+
+/// One failing conntrack entry as the kernel last saw it. Sent on the first
+/// failure of an entry, then at most once per `EMIT_INTERVAL_NS` while it
+/// keeps failing: counters are cumulative since the first failure.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// Address of the `struct nf_conn`: an identity, never dereferenced in
+    /// userspace. Entries are reused by the kernel; `orig` disambiguates.
+    pub ct: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the first and last failure.
+    pub first_ns: u64,
+    pub last_ns: u64,
+    /// Inode of the network namespace the conntrack entry belongs to.
+    pub netns: u32,
+    /// `nf_conn.status` at the last failure.
+    pub status: u32,
+    /// Destination-unreachable messages this host generated for the entry.
+    pub icmp_count: u32,
+    /// Packets of the entry dropped with a failure reason.
+    pub drop_count: u32,
+    /// Last `enum skb_drop_reason` seen (valid when `drop_count > 0`).
+    pub drop_reason: u32,
+    /// Last ICMP type and code sent (valid when `icmp_count > 0`).
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// The hook of the last failure (`hook::*`).
+    pub last_hook: u8,
+    pub _pad: u8,
+    /// Raw `tuplehash[IP_CT_DIR_ORIGINAL].tuple`: what the sender addressed.
+    pub orig: [u8; TUPLE_SIZE],
+    /// Raw `tuplehash[IP_CT_DIR_REPLY].tuple`: its source is the backend the
+    /// entry is pinned to.
+    pub reply: [u8; TUPLE_SIZE],
+}
+
+/// Counters in the `STATS` per-CPU array, by index.
+pub mod stat {
+    /// Events that did not fit in the ring buffer.
+    pub const EVENTS_LOST: u32 = 0;
+    /// Failures of DNATed entries seen (packets, both hooks).
+    pub const FAILURES: u32 = 1;
+    /// Events written to the ring buffer.
+    pub const EVENTS_SENT: u32 = 2;
+    /// Kernel reads that failed (a struct layout we did not expect).
+    pub const READ_ERRORS: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// Names of the read-only globals that userspace sets from BTF at load time.
+pub mod globals {
+    pub const OFF_SKB_NFCT: &str = "OFF_SKB_NFCT";
+    pub const OFF_CT_STATUS: &str = "OFF_CT_STATUS";
+    pub const OFF_CT_TUPLE_ORIG: &str = "OFF_CT_TUPLE_ORIG";
+    pub const OFF_CT_TUPLE_REPLY: &str = "OFF_CT_TUPLE_REPLY";
+    pub const OFF_CT_NET: &str = "OFF_CT_NET";
+    pub const OFF_NET_NS_INUM: &str = "OFF_NET_NS_INUM";
+    pub const NETNS_FILTER: &str = "NETNS_FILTER";
+    pub const EMIT_INTERVAL_NS: &str = "EMIT_INTERVAL_NS";
+    pub const DROP_REASONS: &str = "DROP_REASONS";
+}
+
+/// Names of the programs and maps in the object file.
+pub mod names {
+    pub const PROG_ICMP_SEND: &str = "icmp_send";
+    pub const PROG_KFREE_SKB: &str = "kfree_skb";
+    pub const MAP_EVENTS: &str = "EVENTS";
+    pub const MAP_FLOWS: &str = "FLOWS";
+    pub const MAP_STATS: &str = "STATS";
+}
+
+#[cfg(feature = "user")]
+// SAFETY: FlowEvent is repr(C), Copy, and every bit pattern is a valid value.
+unsafe impl aya::Pod for FlowEvent {}

@@ -1,0 +1,281 @@
+//! Kernel side of stalewatch.
+//!
+//! Two BTF tracepoint programs watch where the kernel gives up on a packet:
+//! `icmp:icmp_send` (this host answers "destination unreachable") and
+//! `skb:kfree_skb` (the packet is dropped, with a reason). Both hand the
+//! packet to [`record_failure`], which keeps only packets whose conntrack
+//! entry was DNATed, aggregates failures per entry in the `FLOWS` map and
+//! tells userspace about an entry on its first failure and then at most once
+//! per `EMIT_INTERVAL_NS`: userspace work grows with failing flows, not with
+//! failing packets.
+//!
+//! No CO-RE here: every struct offset is a read-only global that userspace
+//! resolves from the running kernel's BTF before loading.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use core::ptr::read_volatile;
+
+    use aya_ebpf::{
+        bindings::{BPF_ANY, BPF_NOEXIST},
+        helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
+        macros::{btf_tracepoint, map},
+        maps::{LruHashMap, PerCpuArray, RingBuf},
+        programs::BtfTracePointContext,
+    };
+    use stalewatch_common::{
+        DROP_REASON_MAX, DROP_REASON_WORDS, FlowEvent, ICMP_DEST_UNREACH, TUPLE_SIZE, ct_status,
+        hook, stat,
+    };
+
+    // Read-only globals, set by userspace from BTF (see stalewatch-common's
+    // `globals`). Zero offsets are never valid for these fields, so a program
+    // loaded without them reads nothing useful and userspace refuses that.
+    #[unsafe(no_mangle)]
+    static OFF_SKB_NFCT: u64 = 0;
+    #[unsafe(no_mangle)]
+    static OFF_CT_STATUS: u64 = 0;
+    #[unsafe(no_mangle)]
+    static OFF_CT_TUPLE_ORIG: u64 = 0;
+    #[unsafe(no_mangle)]
+    static OFF_CT_TUPLE_REPLY: u64 = 0;
+    #[unsafe(no_mangle)]
+    static OFF_CT_NET: u64 = 0;
+    #[unsafe(no_mangle)]
+    static OFF_NET_NS_INUM: u64 = 0;
+    /// Only this network namespace (inode), or every namespace when 0.
+    #[unsafe(no_mangle)]
+    static NETNS_FILTER: u32 = 0;
+    #[unsafe(no_mangle)]
+    static EMIT_INTERVAL_NS: u64 = 1_000_000_000;
+    /// Bitmap of the `enum skb_drop_reason` values that count as a failure.
+    #[unsafe(no_mangle)]
+    static DROP_REASONS: [u64; DROP_REASON_WORDS] = [0; DROP_REASON_WORDS];
+
+    /// Per conntrack entry: the event userspace gets, and when it last got it.
+    #[repr(C)]
+    struct FlowState {
+        event: FlowEvent,
+        last_emit_ns: u64,
+    }
+
+    #[map(name = "EVENTS")]
+    static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+    /// Failing entries by `struct nf_conn *`. LRU: a flood of distinct failing
+    /// flows evicts the oldest instead of failing inserts. Userspace may
+    /// resize it before load.
+    #[map(name = "FLOWS")]
+    static FLOWS: LruHashMap<u64, FlowState> = LruHashMap::with_max_entries(65_536, 0);
+
+    #[map(name = "STATS")]
+    static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+    const NFCT_PTRMASK: u64 = !7;
+
+    #[inline(always)]
+    fn global<T: Copy>(value: &'static T) -> T {
+        // SAFETY: a plain read of a global; volatile so that the compiler
+        // does not fold the value userspace overrides at load time.
+        unsafe { read_volatile(value) }
+    }
+
+    #[inline(always)]
+    fn count(index: u32) {
+        if let Some(counter) = STATS.get_ptr_mut(index) {
+            // SAFETY: a per-CPU slot, only this CPU writes it.
+            unsafe { *counter += 1 };
+        }
+    }
+
+    #[inline(always)]
+    fn read<T>(addr: u64) -> Result<T, ()> {
+        // SAFETY: bpf_probe_read_kernel checks the address; a bad one fails.
+        unsafe { bpf_probe_read_kernel(addr as *const T) }.map_err(|_| count(stat::READ_ERRORS))
+    }
+
+    #[inline(always)]
+    fn read_tuple(addr: u64, out: &mut [u8; TUPLE_SIZE]) -> Result<(), ()> {
+        // SAFETY: as in `read`.
+        unsafe { bpf_probe_read_kernel_buf(addr as *const u8, out) }
+            .map_err(|_| count(stat::READ_ERRORS))
+    }
+
+    #[btf_tracepoint(function = "icmp_send")]
+    pub fn icmp_send(ctx: BtfTracePointContext) -> u32 {
+        // TP_PROTO(const struct sk_buff *skb, int type, int code)
+        let icmp_type: i32 = ctx.arg(1);
+        if icmp_type as u32 != ICMP_DEST_UNREACH {
+            return 0;
+        }
+        let icmp_code: i32 = ctx.arg(2);
+        let _ = record_failure(ctx.arg(0), hook::ICMP_SEND, icmp_code as u8, 0);
+        0
+    }
+
+    #[btf_tracepoint(function = "kfree_skb")]
+    pub fn kfree_skb(ctx: BtfTracePointContext) -> u32 {
+        // TP_PROTO(struct sk_buff *skb, void *location,
+        //          enum skb_drop_reason reason, struct sock *rx_sk)
+        // Most drops are of no interest: decide on the reason first, from
+        // the argument alone, before touching the packet.
+        let reason: u32 = ctx.arg(2);
+        if reason >= DROP_REASON_MAX {
+            return 0;
+        }
+        let words = global(&DROP_REASONS);
+        if words[(reason / 64) as usize] & (1u64 << (reason % 64)) == 0 {
+            return 0;
+        }
+        let _ = record_failure(ctx.arg(0), hook::KFREE_SKB, 0, reason);
+        0
+    }
+
+    #[inline(always)]
+    fn record_failure(
+        skb: u64,
+        hook_id: u8,
+        icmp_code: u8,
+        drop_reason: u32,
+    ) -> Result<(), ()> {
+        let nfct: u64 = read(skb + global(&OFF_SKB_NFCT))?;
+        let ct = nfct & NFCT_PTRMASK;
+        if ct == 0 {
+            return Ok(());
+        }
+        let status: u32 = read(ct + global(&OFF_CT_STATUS))?;
+        if status & ct_status::DST_NAT == 0 {
+            return Ok(());
+        }
+        let net: u64 = read(ct + global(&OFF_CT_NET))?;
+        let netns: u32 = read(net + global(&OFF_NET_NS_INUM))?;
+        let filter = global(&NETNS_FILTER);
+        if filter != 0 && filter != netns {
+            return Ok(());
+        }
+        count(stat::FAILURES);
+
+        // SAFETY: no preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+        let mut orig = [0u8; TUPLE_SIZE];
+        read_tuple(ct + global(&OFF_CT_TUPLE_ORIG), &mut orig)?;
+
+        if let Some(state) = FLOWS.get_ptr_mut(&ct) {
+            // SAFETY: a value of our own map, alive while the program runs.
+            let state = unsafe { &mut *state };
+            if state.event.orig == orig {
+                return update(state, now, status, hook_id, icmp_code, drop_reason);
+            }
+            // The kernel reused the nf_conn for another flow: start over.
+        }
+
+        let mut state = FlowState {
+            event: FlowEvent {
+                ct,
+                first_ns: now,
+                last_ns: now,
+                netns,
+                status,
+                icmp_count: 0,
+                drop_count: 0,
+                drop_reason: 0,
+                icmp_type: 0,
+                icmp_code: 0,
+                last_hook: hook_id,
+                _pad: 0,
+                orig,
+                reply: [0; TUPLE_SIZE],
+            },
+            last_emit_ns: now,
+        };
+        read_tuple(ct + global(&OFF_CT_TUPLE_REPLY), &mut state.event.reply)?;
+        note(&mut state.event, hook_id, icmp_code, drop_reason);
+        if FLOWS.insert(&ct, &state, BPF_NOEXIST as u64).is_err() {
+            // Another CPU inserted it first (or replaced a reused entry):
+            // count on its copy, or overwrite a stale one.
+            if let Some(existing) = FLOWS.get_ptr_mut(&ct) {
+                // SAFETY: as above.
+                let existing = unsafe { &mut *existing };
+                if existing.event.orig == orig {
+                    return update(existing, now, status, hook_id, icmp_code, drop_reason);
+                }
+            }
+            FLOWS
+                .insert(&ct, &state, BPF_ANY as u64)
+                .map_err(|_| count(stat::READ_ERRORS))?;
+        }
+        emit(&state.event);
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn note(event: &mut FlowEvent, hook_id: u8, icmp_code: u8, drop_reason: u32) {
+        event.last_hook = hook_id;
+        if hook_id == hook::ICMP_SEND {
+            event.icmp_count = 1;
+            event.icmp_type = ICMP_DEST_UNREACH as u8;
+            event.icmp_code = icmp_code;
+        } else {
+            event.drop_count = 1;
+            event.drop_reason = drop_reason;
+        }
+    }
+
+    #[inline(always)]
+    fn update(
+        state: &mut FlowState,
+        now: u64,
+        status: u32,
+        hook_id: u8,
+        icmp_code: u8,
+        drop_reason: u32,
+    ) -> Result<(), ()> {
+        // Plain increments: the BPF target has no atomics in Rust's core,
+        // and one flow's packets are handled by one CPU at a time in
+        // practice (RSS and conntrack keep a flow on its queue), so a lost
+        // increment is rare and only ever undercounts.
+        let event = &mut state.event;
+        if hook_id == hook::ICMP_SEND {
+            event.icmp_count = event.icmp_count.wrapping_add(1);
+            event.icmp_type = ICMP_DEST_UNREACH as u8;
+            event.icmp_code = icmp_code;
+        } else {
+            event.drop_count = event.drop_count.wrapping_add(1);
+            event.drop_reason = drop_reason;
+        }
+        event.last_ns = now;
+        event.status = status;
+        event.last_hook = hook_id;
+        if now.wrapping_sub(state.last_emit_ns) >= global(&EMIT_INTERVAL_NS) {
+            state.last_emit_ns = now;
+            emit(&state.event);
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn emit(event: &FlowEvent) {
+        if EVENTS.output::<FlowEvent>(event, 0).is_ok() {
+            count(stat::EVENTS_SENT);
+        } else {
+            count(stat::EVENTS_LOST);
+        }
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 4] = *b"GPL\0";
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    // Built for the host only by workspace-wide tools (clippy, tests); the
+    // real program is the BPF target build that stalewatch's build.rs runs.
+}

@@ -1,0 +1,36 @@
+//! Builds the eBPF programs (`stalewatch-ebpf`) for the BPF target and embeds
+//! them in the binary. Needs the nightly toolchain with rust-src and
+//! bpf-linker, which `cargo xtask setup` installs.
+
+use std::process::Command;
+
+const SETUP: &str = "the eBPF toolchain is not set up: run `cargo xtask setup` once";
+
+fn main() -> anyhow::Result<()> {
+    println!("cargo:rerun-if-env-changed=PATH");
+    if which::which("bpf-linker").is_err() {
+        fail(&format!("{SETUP} (bpf-linker not found)"));
+    }
+    let rust_src = Command::new("rustup")
+        .args(["+nightly", "component", "list", "--installed"])
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).contains("rust-src"))
+        .unwrap_or(false);
+    if !rust_src {
+        fail(&format!("{SETUP} (nightly toolchain with rust-src missing)"));
+    }
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../stalewatch-ebpf");
+    aya_build::build_ebpf(
+        [aya_build::Package {
+            name: "stalewatch-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
+        aya_build::Toolchain::Nightly,
+    )
+}
+
+fn fail(message: &str) -> ! {
+    println!("cargo::error={message}");
+    std::process::exit(1);
+}

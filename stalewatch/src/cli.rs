@@ -1,0 +1,67 @@
+//! Command-line interface.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{kernel::DEFAULT_BTF, report::Format};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "stalewatch",
+    version,
+    about = "Finds traffic a Linux host forwards to the wrong place because of a stale conntrack entry"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Watch the kernel for flows pinned to a backend by a stale conntrack
+    /// entry, and alert on stdout until SIGINT or SIGTERM.
+    Watch(WatchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Output format: text for people, json for one object per line.
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+
+    /// Watch only this network namespace: a name under /run/netns, a path
+    /// to a namespace file, or an inode number. Default: every namespace.
+    #[arg(long, value_name = "NETNS")]
+    pub netns: Option<String>,
+
+    /// Failed packets of one flow before it is raised.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub min_failures: u32,
+
+    /// Time between reminders for a flow that keeps failing.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub remind_every: Duration,
+
+    /// A raised flow with no failure for this long is resolved.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub resolve_after: Duration,
+
+    /// Least time between two kernel reports on one failing flow: bounds
+    /// userspace work per flow however many packets fail.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    pub report_interval: Duration,
+
+    /// Failing flows the kernel tracks at once (least recently failing are
+    /// evicted beyond that).
+    #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_flows: u32,
+
+    /// Kernel BTF to read types and tracepoints from.
+    #[arg(long, default_value = DEFAULT_BTF, value_name = "PATH")]
+    pub btf: PathBuf,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 2m)"))
+}

@@ -1,0 +1,276 @@
+//! Decoding: the raw records the kernel sends become plain facts about a
+//! flow, with addresses, ports and reason names, and no kernel layout left.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
+
+use stalewatch_common::{FlowEvent, TUPLE_SIZE, ct_status};
+
+use crate::kernel::btf::{DropReasons, TupleLayout};
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+/// A transport protocol, by IANA number, named where stalewatch knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Proto(pub u8);
+
+impl Proto {
+    pub const TCP: Proto = Proto(6);
+    pub const UDP: Proto = Proto(17);
+
+    pub fn name(self) -> String {
+        match self.0 {
+            1 => "icmp".into(),
+            6 => "tcp".into(),
+            17 => "udp".into(),
+            58 => "icmpv6".into(),
+            132 => "sctp".into(),
+            136 => "udplite".into(),
+            n => n.to_string(),
+        }
+    }
+
+    /// Whether the tuple's port fields are ports (not ICMP ids).
+    pub fn has_ports(self) -> bool {
+        matches!(self.0, 6 | 17 | 33 | 132 | 136)
+    }
+}
+
+impl serde::Serialize for Proto {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.name())
+    }
+}
+
+/// One direction of a conntrack entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Tuple {
+    pub family: Family,
+    pub proto: Proto,
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+}
+
+impl Tuple {
+    /// Decodes a raw `struct nf_conntrack_tuple`.
+    pub fn decode(raw: &[u8; TUPLE_SIZE], layout: &TupleLayout) -> Option<Tuple> {
+        let u16_ne = |at: usize| u16::from_ne_bytes([raw[at], raw[at + 1]]);
+        let u16_be = |at: usize| u16::from_be_bytes([raw[at], raw[at + 1]]);
+        let (family, addr): (Family, fn(&[u8]) -> IpAddr) = match u16_ne(layout.l3num) {
+            AF_INET => (Family::Ipv4, |b| {
+                IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+            }),
+            AF_INET6 => (Family::Ipv6, |b| {
+                let octets: [u8; 16] = b[..16].try_into().expect("16 bytes");
+                IpAddr::V6(Ipv6Addr::from(octets))
+            }),
+            _ => return None,
+        };
+        Some(Tuple {
+            family,
+            proto: Proto(raw[layout.protonum]),
+            src: addr(&raw[layout.src_addr..layout.src_addr + 16]),
+            sport: u16_be(layout.src_port),
+            dst: addr(&raw[layout.dst_addr..layout.dst_addr + 16]),
+            dport: u16_be(layout.dst_port),
+        })
+    }
+
+    /// Encodes the tuple as the kernel lays it out (tests and benchmarks).
+    pub fn encode(&self, layout: &TupleLayout) -> [u8; TUPLE_SIZE] {
+        let mut raw = [0u8; TUPLE_SIZE];
+        let mut put_addr = |at: usize, addr: IpAddr| match addr {
+            IpAddr::V4(a) => raw[at..at + 4].copy_from_slice(&a.octets()),
+            IpAddr::V6(a) => raw[at..at + 16].copy_from_slice(&a.octets()),
+        };
+        put_addr(layout.src_addr, self.src);
+        put_addr(layout.dst_addr, self.dst);
+        let l3num = match self.family {
+            Family::Ipv4 => AF_INET,
+            Family::Ipv6 => AF_INET6,
+        };
+        raw[layout.l3num..layout.l3num + 2].copy_from_slice(&l3num.to_ne_bytes());
+        raw[layout.src_port..layout.src_port + 2].copy_from_slice(&self.sport.to_be_bytes());
+        raw[layout.dst_port..layout.dst_port + 2].copy_from_slice(&self.dport.to_be_bytes());
+        raw[layout.protonum] = self.proto.0;
+        raw
+    }
+}
+
+/// The ICMP message this host sent back for a flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct IcmpEvidence {
+    #[serde(rename = "type")]
+    pub icmp_type: u8,
+    pub code: u8,
+    pub count: u32,
+}
+
+/// What the drop path saw for a flow.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DropEvidence {
+    pub reason: String,
+    pub count: u32,
+}
+
+/// A conntrack entry whose packets the kernel failed to deliver, as known at
+/// the latest kernel report. Counters are cumulative since `first`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observation {
+    /// The conntrack entry's kernel address: identity only.
+    pub ct: u64,
+    pub netns: u32,
+    /// What the sender addressed.
+    pub orig: Tuple,
+    /// The reply direction: its source is where the entry sends the flow.
+    pub reply: Tuple,
+    pub status: u32,
+    /// CLOCK_MONOTONIC times of the first and latest failure.
+    pub first: Duration,
+    pub last: Duration,
+    pub icmp: Option<IcmpEvidence>,
+    pub drops: Option<DropEvidence>,
+}
+
+impl Observation {
+    pub fn decode(
+        event: &FlowEvent,
+        layout: &TupleLayout,
+        reasons: &DropReasons,
+    ) -> Option<Observation> {
+        Some(Observation {
+            ct: event.ct,
+            netns: event.netns,
+            orig: Tuple::decode(&event.orig, layout)?,
+            reply: Tuple::decode(&event.reply, layout)?,
+            status: event.status,
+            first: Duration::from_nanos(event.first_ns),
+            last: Duration::from_nanos(event.last_ns),
+            icmp: (event.icmp_count > 0).then_some(IcmpEvidence {
+                icmp_type: event.icmp_type,
+                code: event.icmp_code,
+                count: event.icmp_count,
+            }),
+            drops: (event.drop_count > 0).then(|| DropEvidence {
+                reason: reasons.name(event.drop_reason),
+                count: event.drop_count,
+            }),
+        })
+    }
+
+    /// Packets lost. A packet that fails usually shows at both hooks (an
+    /// ICMP error and a drop), so the larger count, not the sum.
+    pub fn failures(&self) -> u32 {
+        let icmp = self.icmp.map_or(0, |i| i.count);
+        let drops = self.drops.as_ref().map_or(0, |d| d.count);
+        icmp.max(drops)
+    }
+
+    pub fn is_dnat(&self) -> bool {
+        self.status & ct_status::DST_NAT != 0
+    }
+
+    /// Where the entry sends the flow: the source of its reply direction.
+    pub fn backend(&self) -> (IpAddr, u16) {
+        (self.reply.src, self.reply.sport)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tuple(src: &str, sport: u16, dst: &str, dport: u16) -> Tuple {
+        let src: IpAddr = src.parse().unwrap();
+        Tuple {
+            family: if src.is_ipv4() {
+                Family::Ipv4
+            } else {
+                Family::Ipv6
+            },
+            proto: Proto::UDP,
+            src,
+            sport,
+            dst: dst.parse().unwrap(),
+            dport,
+        }
+    }
+
+    #[test]
+    fn ipv4_tuple_decodes_from_kernel_bytes() {
+        // Bytes as the kernel lays out a UDP tuple 192.0.2.2:40000 -> 192.0.2.1:8888.
+        let mut raw = [0u8; TUPLE_SIZE];
+        raw[0..4].copy_from_slice(&[192, 0, 2, 2]);
+        raw[16..18].copy_from_slice(&40000u16.to_be_bytes());
+        raw[18..20].copy_from_slice(&2u16.to_ne_bytes());
+        raw[20..24].copy_from_slice(&[192, 0, 2, 1]);
+        raw[36..38].copy_from_slice(&8888u16.to_be_bytes());
+        raw[38] = 17;
+        let t = Tuple::decode(&raw, &TupleLayout::LINUX).unwrap();
+        assert_eq!(t, tuple("192.0.2.2", 40000, "192.0.2.1", 8888));
+    }
+
+    #[test]
+    fn ipv6_tuple_round_trips() {
+        let t = tuple("2001:db8::2", 5353, "2001:db8:1::10", 53);
+        assert_eq!(
+            Tuple::decode(&t.encode(&TupleLayout::LINUX), &TupleLayout::LINUX),
+            Some(t)
+        );
+    }
+
+    #[test]
+    fn unknown_family_is_rejected() {
+        assert_eq!(
+            Tuple::decode(&[0u8; TUPLE_SIZE], &TupleLayout::LINUX),
+            None
+        );
+    }
+
+    #[test]
+    fn failures_count_packets_not_hooks() {
+        let layout = TupleLayout::LINUX;
+        let event = FlowEvent {
+            ct: 0xffff_8880_0000_1000,
+            first_ns: 1_000,
+            last_ns: 2_000,
+            netns: 4026532000,
+            status: ct_status::DST_NAT | ct_status::CONFIRMED,
+            icmp_count: 7,
+            drop_count: 9,
+            drop_reason: 58,
+            icmp_type: 3,
+            icmp_code: 1,
+            last_hook: 2,
+            _pad: 0,
+            orig: tuple("192.0.2.2", 40000, "192.0.2.1", 8888).encode(&layout),
+            reply: tuple("172.17.0.2", 8888, "192.0.2.2", 40000).encode(&layout),
+        };
+        let reasons = DropReasons::from_pairs([("SKB_DROP_REASON_NEIGH_FAILED", 58)]);
+        let obs = Observation::decode(&event, &layout, &reasons).unwrap();
+        assert_eq!(obs.failures(), 9);
+        assert!(obs.is_dnat());
+        assert_eq!(obs.backend(), ("172.17.0.2".parse().unwrap(), 8888));
+        assert_eq!(obs.drops.unwrap().reason, "NEIGH_FAILED");
+        assert_eq!(
+            obs.icmp,
+            Some(IcmpEvidence {
+                icmp_type: 3,
+                code: 1,
+                count: 7
+            })
+        );
+    }
+}

@@ -1,0 +1,291 @@
+//! Everything stalewatch needs to know about the running kernel's types,
+//! resolved once at start-up from its BTF: struct field offsets for the eBPF
+//! programs, the layout of a conntrack tuple for decoding, the numbers of
+//! the drop reasons, and whether the tracepoints exist at all.
+//!
+//! Nothing here is hard-coded from one kernel: a field that a kernel lacks
+//! fails at start-up with its name, instead of reading garbage later.
+
+use std::{collections::HashMap, path::Path};
+
+use btf_rs::{Btf, BtfType, Type};
+use stalewatch_common::{DROP_REASON_MAX, DROP_REASON_WORDS, TUPLE_SIZE};
+
+use crate::error::Error;
+
+/// The tracepoints stalewatch attaches to: (subsystem:event, BTF name).
+pub const TRACEPOINTS: [(&str, &str); 2] = [
+    ("icmp:icmp_send", "icmp_send"),
+    ("skb:kfree_skb", "kfree_skb"),
+];
+
+/// Drop reasons that mean "the host could not deliver this packet": no
+/// neighbour, no route, or a netfilter verdict. Names without the
+/// `SKB_DROP_REASON_` prefix; a kernel that lacks one simply has fewer.
+const FAILURE_REASONS: &[&str] = &[
+    "NEIGH_FAILED",
+    "NEIGH_CREATEFAIL",
+    "NEIGH_DEAD",
+    "NEIGH_QUEUEFULL",
+    "IP_NOROUTE",
+    "IP_INNOROUTES",
+    "IP_OUTNOROUTES",
+    "IP_INADDRERRORS",
+    "IPV6_NOROUTE",
+    "IP_RPFILTER",
+    "NETFILTER_DROP",
+];
+
+/// Offsets (bytes) inside a `struct nf_conntrack_tuple`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TupleLayout {
+    pub src_addr: usize,
+    pub src_port: usize,
+    pub l3num: usize,
+    pub dst_addr: usize,
+    pub dst_port: usize,
+    pub protonum: usize,
+}
+
+impl TupleLayout {
+    /// The layout of every kernel since conntrack tuples got their current
+    /// shape; for tests only. At run time the layout comes from BTF.
+    pub const LINUX: TupleLayout = TupleLayout {
+        src_addr: 0,
+        src_port: 16,
+        l3num: 18,
+        dst_addr: 20,
+        dst_port: 36,
+        protonum: 38,
+    };
+}
+
+/// Offsets the eBPF programs read through, plus what userspace decodes with.
+#[derive(Clone, Debug)]
+pub struct KernelLayout {
+    pub skb_nfct: u64,
+    pub ct_status: u64,
+    pub ct_tuple_orig: u64,
+    pub ct_tuple_reply: u64,
+    pub ct_net: u64,
+    pub net_ns_inum: u64,
+    pub tuple: TupleLayout,
+    pub drop_reasons: DropReasons,
+}
+
+/// `enum skb_drop_reason`, by number, as this kernel numbers it.
+#[derive(Clone, Debug, Default)]
+pub struct DropReasons {
+    names: HashMap<u32, String>,
+    failure_bitmap: [u64; DROP_REASON_WORDS],
+}
+
+impl DropReasons {
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, u32)>) -> Self {
+        let mut reasons = DropReasons::default();
+        for (name, value) in pairs {
+            let name = name.strip_prefix("SKB_DROP_REASON_").unwrap_or(name);
+            if FAILURE_REASONS.contains(&name) && value < DROP_REASON_MAX {
+                reasons.failure_bitmap[(value / 64) as usize] |= 1 << (value % 64);
+            }
+            reasons.names.insert(value, name.to_owned());
+        }
+        reasons
+    }
+
+    /// The reason's name, or its number when this kernel has no name for it.
+    pub fn name(&self, value: u32) -> String {
+        self.names
+            .get(&value)
+            .cloned()
+            .unwrap_or_else(|| value.to_string())
+    }
+
+    /// The bitmap the kfree_skb program filters on.
+    pub fn failure_bitmap(&self) -> [u64; DROP_REASON_WORDS] {
+        self.failure_bitmap
+    }
+}
+
+impl KernelLayout {
+    /// Resolves everything from the BTF file at `path` (normally
+    /// `/sys/kernel/btf/vmlinux`).
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
+        if !path.exists() {
+            return Err(Error::NoBtf(path.to_owned()));
+        }
+        let btf = Btf::from_file(path).map_err(|e| Error::BadBtf(path.to_owned(), e.to_string()))?;
+        let types = Types { btf: &btf, path };
+        for (tracepoint, name) in TRACEPOINTS {
+            if btf
+                .resolve_ids_by_name(&format!("btf_trace_{name}"))
+                .map(|ids| ids.is_empty())
+                .unwrap_or(true)
+            {
+                return Err(Error::NoTracepoint(tracepoint.to_owned()));
+            }
+        }
+
+        let tuple_size = types.struct_size("nf_conntrack_tuple")?;
+        if tuple_size != TUPLE_SIZE {
+            return Err(Error::Layout(format!(
+                "struct nf_conntrack_tuple is {tuple_size} bytes on this kernel, stalewatch reads {TUPLE_SIZE}"
+            )));
+        }
+        let (tuplehash, tuplehash_ty) = types.field("nf_conn", &["tuplehash"])?;
+        let hash_size = types.element_size(&tuplehash_ty, "nf_conn.tuplehash")?;
+        let (tuple_in_hash, _) = types.field("nf_conntrack_tuple_hash", &["tuple"])?;
+        let (ct_net, _) = types.field("nf_conn", &["ct_net"])?;
+        let (net_in_possible, _) = types.field("possible_net_t", &["net"])?;
+        let field = |s: &str, path: &[&str]| types.field(s, path).map(|(off, _)| off);
+
+        Ok(KernelLayout {
+            skb_nfct: field("sk_buff", &["_nfct"])? as u64,
+            ct_status: field("nf_conn", &["status"])? as u64,
+            ct_tuple_orig: (tuplehash + tuple_in_hash) as u64,
+            ct_tuple_reply: (tuplehash + hash_size + tuple_in_hash) as u64,
+            ct_net: (ct_net + net_in_possible) as u64,
+            net_ns_inum: field("net", &["ns", "inum"])? as u64,
+            tuple: TupleLayout {
+                src_addr: field("nf_conntrack_tuple", &["src", "u3"])?,
+                src_port: field("nf_conntrack_tuple", &["src", "u"])?,
+                l3num: field("nf_conntrack_tuple", &["src", "l3num"])?,
+                dst_addr: field("nf_conntrack_tuple", &["dst", "u3"])?,
+                dst_port: field("nf_conntrack_tuple", &["dst", "u"])?,
+                protonum: field("nf_conntrack_tuple", &["dst", "protonum"])?,
+            },
+            drop_reasons: types.drop_reasons()?,
+        })
+    }
+}
+
+struct Types<'a> {
+    btf: &'a Btf,
+    path: &'a Path,
+}
+
+impl Types<'_> {
+    fn missing(&self, what: String) -> Error {
+        Error::Layout(format!("{what} not found in {}", self.path.display()))
+    }
+
+    fn named_struct(&self, name: &str) -> Result<btf_rs::Struct, Error> {
+        self.btf
+            .resolve_types_by_name(name)
+            .unwrap_or_default()
+            .into_iter()
+            .find_map(|t| match self.strip(t) {
+                Ok(Type::Struct(s)) if !s.members.is_empty() => Some(s),
+                _ => None,
+            })
+            .ok_or_else(|| self.missing(format!("struct {name}")))
+    }
+
+    fn struct_size(&self, name: &str) -> Result<usize, Error> {
+        Ok(self.named_struct(name)?.size())
+    }
+
+    /// Follows typedefs and qualifiers to the type underneath.
+    fn strip(&self, mut ty: Type) -> Result<Type, Error> {
+        loop {
+            ty = match &ty {
+                Type::Typedef(t) => self.chained(t)?,
+                Type::Const(t) | Type::Volatile(t) | Type::Restrict(t) => self.chained(t)?,
+                Type::TypeTag(t) => self.chained(t)?,
+                _ => return Ok(ty),
+            };
+        }
+    }
+
+    fn chained(&self, t: &dyn BtfType) -> Result<Type, Error> {
+        self.btf
+            .resolve_chained_type(t)
+            .map_err(|e| Error::Layout(format!("BTF: {e}")))
+    }
+
+    /// Byte offset and type of `path` inside `struct name`, descending into
+    /// anonymous structs and unions as the C compiler (and libbpf) do.
+    fn field(&self, name: &str, path: &[&str]) -> Result<(usize, Type), Error> {
+        let mut ty = Type::Struct(self.named_struct(name)?);
+        let mut offset = 0;
+        for part in path {
+            let (inner, inner_ty) = self
+                .member(&ty, part)?
+                .ok_or_else(|| self.missing(format!("{name}.{}", path.join("."))))?;
+            offset += inner;
+            ty = inner_ty;
+        }
+        Ok((offset, ty))
+    }
+
+    fn member(&self, ty: &Type, wanted: &str) -> Result<Option<(usize, Type)>, Error> {
+        let members = match self.strip(ty.clone())? {
+            Type::Struct(s) | Type::Union(s) => s.members,
+            _ => return Ok(None),
+        };
+        for member in &members {
+            let name = self.btf.resolve_name(member).unwrap_or_default();
+            let offset = (member.bit_offset() / 8) as usize;
+            let member_ty = self.strip(self.chained(member)?)?;
+            if name == wanted {
+                return Ok(Some((offset, member_ty)));
+            }
+            if name.is_empty()
+                && let Some((inner, inner_ty)) = self.member(&member_ty, wanted)?
+            {
+                return Ok(Some((offset + inner, inner_ty)));
+            }
+        }
+        Ok(None)
+    }
+
+    fn element_size(&self, array: &Type, what: &str) -> Result<usize, Error> {
+        let Type::Array(array) = array else {
+            return Err(Error::Layout(format!("{what} is not an array")));
+        };
+        match self.strip(self.chained(array)?)? {
+            Type::Struct(s) => Ok(s.size()),
+            _ => Err(Error::Layout(format!("{what}: unexpected element type"))),
+        }
+    }
+
+    fn drop_reasons(&self) -> Result<DropReasons, Error> {
+        let types = self
+            .btf
+            .resolve_types_by_name("skb_drop_reason")
+            .unwrap_or_default();
+        for ty in types {
+            if let Type::Enum(e) = ty {
+                let pairs: Vec<(String, u32)> = e
+                    .members
+                    .iter()
+                    .map(|m| (self.btf.resolve_name(m).unwrap_or_default(), m.val()))
+                    .collect();
+                return Ok(DropReasons::from_pairs(
+                    pairs.iter().map(|(n, v)| (n.as_str(), *v)),
+                ));
+            }
+        }
+        Err(self.missing("enum skb_drop_reason".to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_reasons_strip_the_prefix_and_mark_failures() {
+        let reasons = DropReasons::from_pairs([
+            ("SKB_DROP_REASON_NOT_SPECIFIED", 2),
+            ("SKB_DROP_REASON_NETFILTER_DROP", 12),
+            ("SKB_DROP_REASON_NEIGH_FAILED", 58),
+            ("SKB_DROP_REASON_TCP_CSUM", 70),
+        ]);
+        assert_eq!(reasons.name(58), "NEIGH_FAILED");
+        assert_eq!(reasons.name(999), "999");
+        let bitmap = reasons.failure_bitmap();
+        assert_eq!(bitmap[0], 1 << 12 | 1 << 58);
+        assert_eq!(bitmap[1], 0, "TCP_CSUM is not a delivery failure");
+    }
+}

@@ -1,0 +1,150 @@
+//! The kernel side as userspace sees it: resolve the running kernel's
+//! layout, load and attach the eBPF programs, and hand out their event
+//! stream and counters. Dropping [`Probes`] detaches everything.
+
+pub mod btf;
+
+use std::{error::Error as StdError, io, path::PathBuf, time::Duration};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::BtfTracePoint,
+};
+use stalewatch_common::{globals, names, stat};
+
+use self::btf::{KernelLayout, TRACEPOINTS};
+use crate::error::Error;
+
+/// The eBPF object built by build.rs from `stalewatch-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stalewatch"));
+
+pub const DEFAULT_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Kernel BTF to resolve types and tracepoints from.
+    pub btf: PathBuf,
+    /// Watch only this network namespace (inode).
+    pub netns: Option<u32>,
+    /// Least time between two reports on one failing entry.
+    pub emit_interval: Duration,
+    /// Failing entries the kernel tracks at once (LRU beyond that).
+    pub max_flows: u32,
+}
+
+/// Counters the programs keep, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub events_lost: u64,
+    pub events_sent: u64,
+    pub failures: u64,
+    pub read_errors: u64,
+}
+
+pub struct Probes {
+    ebpf: Ebpf,
+    pub layout: KernelLayout,
+}
+
+impl Probes {
+    /// Resolves the layout, loads the programs with it and attaches them.
+    /// On error nothing stays attached: the links die with `Ebpf`.
+    pub fn load(options: &Options) -> Result<Probes, Error> {
+        let layout = KernelLayout::from_file(&options.btf)?;
+        let btf = aya::Btf::parse_file(&options.btf, aya::Endianness::default())
+            .map_err(|e| Error::BadBtf(options.btf.clone(), e.to_string()))?;
+        let drop_reasons = layout.drop_reasons.failure_bitmap();
+        let netns = options.netns.unwrap_or(0);
+        let interval = options.emit_interval.as_nanos() as u64;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .override_global(globals::OFF_SKB_NFCT, &layout.skb_nfct, true)
+            .override_global(globals::OFF_CT_STATUS, &layout.ct_status, true)
+            .override_global(globals::OFF_CT_TUPLE_ORIG, &layout.ct_tuple_orig, true)
+            .override_global(globals::OFF_CT_TUPLE_REPLY, &layout.ct_tuple_reply, true)
+            .override_global(globals::OFF_CT_NET, &layout.ct_net, true)
+            .override_global(globals::OFF_NET_NS_INUM, &layout.net_ns_inum, true)
+            .override_global(globals::NETNS_FILTER, &netns, true)
+            .override_global(globals::EMIT_INTERVAL_NS, &interval, true)
+            .override_global(globals::DROP_REASONS, &drop_reasons, true)
+            .map_max_entries(names::MAP_FLOWS, options.max_flows)
+            .load(OBJECT)
+            .map_err(|e| kernel_error("loading the eBPF object", &e))?;
+
+        for (tracepoint, name) in TRACEPOINTS {
+            let program: &mut BtfTracePoint = ebpf
+                .program_mut(name)
+                .ok_or_else(|| Error::Kernel(format!("program {name} missing from the object")))?
+                .try_into()
+                .map_err(|e| kernel_error(tracepoint, &e))?;
+            program
+                .load(name, &btf)
+                .map_err(|e| kernel_error(&format!("loading the {tracepoint} program"), &e))?;
+            program
+                .attach()
+                .map_err(|e| kernel_error(&format!("attaching to {tracepoint}"), &e))?;
+        }
+        Ok(Probes { ebpf, layout })
+    }
+
+    /// The ring buffer the programs report failing entries on.
+    pub fn take_events(&mut self) -> Result<RingBuf<aya::maps::MapData>, Error> {
+        let map = self
+            .ebpf
+            .take_map(names::MAP_EVENTS)
+            .ok_or_else(|| Error::Kernel("EVENTS map missing".into()))?;
+        RingBuf::try_from(map).map_err(|e| kernel_error("EVENTS map", &e))
+    }
+
+    pub fn stats(&self) -> Result<Stats, Error> {
+        let map = self
+            .ebpf
+            .map(names::MAP_STATS)
+            .ok_or_else(|| Error::Kernel("STATS map missing".into()))?;
+        let array: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|e| kernel_error("STATS map", &e))?;
+        let sum = |index: u32| -> Result<u64, Error> {
+            let values = array
+                .get(&index, 0)
+                .map_err(|e| kernel_error("STATS map", &e))?;
+            Ok(values.iter().sum())
+        };
+        Ok(Stats {
+            events_lost: sum(stat::EVENTS_LOST)?,
+            events_sent: sum(stat::EVENTS_SENT)?,
+            failures: sum(stat::FAILURES)?,
+            read_errors: sum(stat::READ_ERRORS)?,
+        })
+    }
+}
+
+/// One line for a kernel error: permission problems get their own message,
+/// everything else names the step and the innermost cause.
+fn kernel_error(step: &str, err: &(dyn StdError + 'static)) -> Error {
+    let mut cause: Option<&(dyn StdError + 'static)> = Some(err);
+    let mut last = err.to_string();
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<io::Error>()
+            && matches!(
+                io.kind(),
+                io::ErrorKind::PermissionDenied
+            )
+        {
+            return Error::NotPermitted;
+        }
+        last = e.to_string();
+        cause = e.source();
+    }
+    Error::Kernel(format!("{step}: {last}"))
+}
+
+/// Copies one ring buffer record into a [`FlowEvent`]; `None` for a record
+/// of another size (never sent by our programs).
+pub fn read_event(bytes: &[u8]) -> Option<stalewatch_common::FlowEvent> {
+    (bytes.len() == std::mem::size_of::<stalewatch_common::FlowEvent>()).then(|| {
+        // SAFETY: the length matches and FlowEvent is plain old data (any
+        // bit pattern is valid); read_unaligned copes with any alignment.
+        unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) }
+    })
+}

@@ -1,0 +1,17 @@
+//! stalewatch: finds flows that a Linux host forwards to the wrong place
+//! because of a stale conntrack entry.
+//!
+//! The data path, stage by stage:
+//! kernel hooks (`stalewatch-ebpf`) → event ABI (`stalewatch-common`) →
+//! [`kernel`] (load, attach, BTF layout) → [`event`] (decoding) →
+//! [`correlate`] (pure detection) → [`report`] (text and JSON).
+//! [`watch`] wires them together; [`netns`] names namespaces.
+
+pub mod cli;
+pub mod correlate;
+pub mod error;
+pub mod event;
+pub mod kernel;
+pub mod netns;
+pub mod report;
+pub mod watch;

@@ -1,0 +1,91 @@
+//! Network namespaces by inode: their names (`ip netns` names under
+//! /run/netns) and a process that lives in them, for the fix command.
+
+use std::{
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use crate::error::Error;
+
+/// Where named namespaces are bind-mounted.
+pub const NETNS_DIRS: &[&str] = &["/run/netns", "/var/run/docker/netns"];
+
+/// What the reporter knows of a namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct NetnsInfo {
+    pub inode: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// A process in the namespace, when it has no name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The namespace stalewatch itself runs in (usually the host's).
+    #[serde(skip)]
+    pub is_own: bool,
+    /// Where `name` lives, when it is not under /run/netns (Docker's).
+    #[serde(skip)]
+    pub path: Option<PathBuf>,
+}
+
+/// Inode of the network namespace of this process.
+pub fn own_inode() -> Option<u32> {
+    fs::metadata("/proc/self/ns/net")
+        .ok()
+        .map(|m| m.ino() as u32)
+}
+
+/// Looks a namespace up by inode. Cheap enough for an alert, not for a packet.
+pub fn describe(inode: u32) -> NetnsInfo {
+    let mut info = NetnsInfo {
+        inode,
+        is_own: own_inode() == Some(inode),
+        ..Default::default()
+    };
+    for dir in NETNS_DIRS {
+        let Ok(entries) = fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if entry.metadata().map(|m| m.ino() as u32).ok() == Some(inode) {
+                info.name = Some(entry.file_name().to_string_lossy().into_owned());
+                if *dir != NETNS_DIRS[0] {
+                    info.path = Some(entry.path());
+                }
+                return info;
+            }
+        }
+    }
+    if !info.is_own {
+        info.pid = pid_in(inode);
+    }
+    info
+}
+
+/// The first process found whose network namespace is `inode`.
+fn pid_in(inode: u32) -> Option<u32> {
+    let want = format!("net:[{inode}]");
+    fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let link = fs::read_link(entry.path().join("ns/net")).ok()?;
+        (link.to_str()? == want).then_some(pid)
+    })
+}
+
+/// Resolves `--netns`: a name under /run/netns, a path to an nsfs file, or
+/// an inode number.
+pub fn resolve(spec: &str) -> Result<u32, Error> {
+    if let Ok(inode) = spec.parse::<u32>() {
+        return Ok(inode);
+    }
+    let candidates: Vec<PathBuf> = if spec.contains('/') {
+        vec![PathBuf::from(spec)]
+    } else {
+        NETNS_DIRS.iter().map(|d| Path::new(d).join(spec)).collect()
+    };
+    candidates
+        .iter()
+        .find_map(|p| fs::metadata(p).ok().map(|m| m.ino() as u32))
+        .ok_or_else(|| Error::NoNetns(spec.to_owned()))
+}

@@ -1,0 +1,432 @@
+//! Reporting: an alert becomes one [`Record`], rendered as a JSON line for
+//! programs or as a short block of text for people. Both renderings come
+//! from the same record, so they cannot disagree.
+
+use std::{
+    fmt::Write as _,
+    io::{self, Write},
+    net::IpAddr,
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+
+use crate::{
+    correlate::{Alert, AlertState},
+    event::{DropEvidence, Family, IcmpEvidence, Proto, Tuple},
+    netns::NetnsInfo,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// Maps the kernel's CLOCK_MONOTONIC stamps to wall-clock time.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    pub monotonic: Duration,
+    pub wall: SystemTime,
+}
+
+impl Clock {
+    pub fn wall_of(&self, monotonic: Duration) -> SystemTime {
+        match monotonic.checked_sub(self.monotonic) {
+            Some(ahead) => self.wall + ahead,
+            None => self.wall - (self.monotonic - monotonic),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Endpoint {
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Backend {
+    pub addr: IpAddr,
+    pub port: u16,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Failures {
+    /// Packets lost since the first failure.
+    pub packets: u32,
+    pub first: String,
+    pub last: String,
+    pub duration_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icmp: Option<IcmpEvidence>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drop: Option<DropEvidence>,
+}
+
+/// One line of `stalewatch watch --format json`.
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Record {
+    StaleFlow(Box<StaleFlow>),
+    /// Events the kernel could not hand over (ring buffer full).
+    EventsLost { time: String, count: u64, total: u64 },
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct StaleFlow {
+    pub state: AlertState,
+    pub time: String,
+    pub netns: NetnsInfo,
+    pub family: Family,
+    pub proto: Proto,
+    pub orig: Endpoint,
+    pub stale_backend: Backend,
+    pub failures: Failures,
+    /// Why, in a sentence.
+    pub cause: String,
+    /// The command that deletes exactly this entry.
+    pub fix: String,
+}
+
+impl StaleFlow {
+    pub fn new(alert: &Alert, netns: NetnsInfo, clock: &Clock) -> Self {
+        let flow = &alert.flow;
+        let (addr, port) = flow.backend();
+        let o = &flow.orig;
+        let cause = format!(
+            "its conntrack entry still sends it to {} which the host can no longer reach; \
+             NAT rules are not consulted again while the entry lives",
+            join_addr_port(addr, port)
+        );
+        StaleFlow {
+            state: alert.state,
+            time: rfc3339(clock.wall_of(alert.at)),
+            fix: fix_command(o, &netns),
+            netns,
+            family: o.family,
+            proto: o.proto,
+            orig: Endpoint {
+                src: o.src,
+                sport: o.sport,
+                dst: o.dst,
+                dport: o.dport,
+            },
+            stale_backend: Backend { addr, port },
+            failures: Failures {
+                packets: flow.failures(),
+                first: rfc3339(clock.wall_of(flow.first)),
+                last: rfc3339(clock.wall_of(flow.last)),
+                duration_s: (alert.failing_for.as_millis() as f64) / 1000.0,
+                icmp: flow.icmp,
+                drop: flow.drops.clone(),
+            },
+            cause,
+        }
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// `[addr]:port` for IPv6, `addr:port` for IPv4.
+fn join_addr_port(addr: IpAddr, port: u16) -> String {
+    match addr {
+        IpAddr::V4(a) => format!("{a}:{port}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}"),
+    }
+}
+
+/// The `conntrack -D` invocation that deletes only this flow's entry, run
+/// in the flow's namespace. A conntrack table holds one entry per original
+/// tuple, so the full tuple selects exactly one.
+pub fn fix_command(orig: &Tuple, netns: &NetnsInfo) -> String {
+    let mut cmd = String::new();
+    if !netns.is_own {
+        match (&netns.name, &netns.path, netns.pid) {
+            (Some(_), Some(path), _) => {
+                let _ = write!(cmd, "nsenter --net={} ", path.display());
+            }
+            (Some(name), None, _) => {
+                let _ = write!(cmd, "ip netns exec {name} ");
+            }
+            (None, _, Some(pid)) => {
+                let _ = write!(cmd, "nsenter --net=/proc/{pid}/ns/net ");
+            }
+            (None, _, None) => {
+                let _ = write!(cmd, "nsenter --net=<netns inode {}> ", netns.inode);
+            }
+        }
+    }
+    let family = match orig.family {
+        Family::Ipv4 => "ipv4",
+        Family::Ipv6 => "ipv6",
+    };
+    let _ = write!(
+        cmd,
+        "conntrack -D -f {family} -p {} -s {} -d {}",
+        orig.proto.name(),
+        orig.src,
+        orig.dst
+    );
+    if orig.proto.has_ports() {
+        let _ = write!(cmd, " --sport {} --dport {}", orig.sport, orig.dport);
+    }
+    cmd
+}
+
+fn icmp_meaning(icmp: &IcmpEvidence) -> &'static str {
+    match icmp.code {
+        0 => "network unreachable",
+        1 => "host unreachable",
+        2 => "protocol unreachable",
+        3 => "port unreachable",
+        9 | 10 | 13 => "administratively prohibited",
+        _ => "destination unreachable",
+    }
+}
+
+/// Writes records to stdout in the chosen format, one flush per record so a
+/// pipeline sees each alert as it happens.
+pub struct Reporter<W: Write> {
+    format: Format,
+    out: W,
+}
+
+impl<W: Write> Reporter<W> {
+    pub fn new(format: Format, out: W) -> Self {
+        Reporter { format, out }
+    }
+
+    pub fn write(&mut self, record: &Record) -> io::Result<()> {
+        match self.format {
+            Format::Json => {
+                serde_json::to_writer(&mut self.out, record)?;
+                self.out.write_all(b"\n")?;
+            }
+            Format::Text => self.out.write_all(text(record).as_bytes())?,
+        }
+        self.out.flush()
+    }
+}
+
+/// The text rendering, for people.
+pub fn text(record: &Record) -> String {
+    let mut s = String::new();
+    match record {
+        Record::EventsLost { time, count, total } => {
+            let _ = writeln!(
+                s,
+                "{time} WARNING {count} kernel events lost ({total} in all): \
+                 some failing flows may be reported late"
+            );
+        }
+        Record::StaleFlow(a) => {
+            let o = &a.orig;
+            let ns = match &a.netns.name {
+                Some(name) => format!("netns {name}, inode {}", a.netns.inode),
+                None if a.netns.is_own => format!("host netns, inode {}", a.netns.inode),
+                None => format!("netns inode {}", a.netns.inode),
+            };
+            let state = match a.state {
+                AlertState::Raised => "STALE FLOW",
+                AlertState::Reminder => "STALE FLOW (still failing)",
+                AlertState::Resolved => "RESOLVED",
+            };
+            let _ = writeln!(
+                s,
+                "{} {state}  {} {} -> {}  ({ns})",
+                a.time,
+                a.proto.name(),
+                join_addr_port(o.src, o.sport),
+                join_addr_port(o.dst, o.dport),
+            );
+            let backend = join_addr_port(a.stale_backend.addr, a.stale_backend.port);
+            let f = &a.failures;
+            let mut evidence = Vec::new();
+            if let Some(icmp) = &f.icmp {
+                evidence.push(format!(
+                    "ICMP {} (type {} code {}) sent x{}",
+                    icmp_meaning(icmp),
+                    icmp.icmp_type,
+                    icmp.code,
+                    icmp.count
+                ));
+            }
+            if let Some(drop) = &f.drop {
+                evidence.push(format!("dropped {} x{}", drop.reason, drop.count));
+            }
+            if a.state == AlertState::Resolved {
+                let _ = writeln!(
+                    s,
+                    "  was pinned to {backend}; no failure since {} ({} packets lost over {:.1}s)",
+                    f.last, f.packets, f.duration_s
+                );
+                return s;
+            }
+            let _ = writeln!(s, "  pinned to  {backend} by its conntrack entry");
+            let _ = writeln!(
+                s,
+                "  kernel     {} packets failed in {:.1}s: {}",
+                f.packets,
+                f.duration_s,
+                evidence.join(", ")
+            );
+            let _ = writeln!(s, "  cause      {}", a.cause);
+            let _ = writeln!(s, "  fix        {}", a.fix);
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use stalewatch_common::ct_status;
+
+    use super::*;
+    use crate::event::Observation;
+
+    fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Tuple {
+        let src: IpAddr = src.parse().unwrap();
+        Tuple {
+            family: if src.is_ipv4() {
+                Family::Ipv4
+            } else {
+                Family::Ipv6
+            },
+            proto: Proto::UDP,
+            src,
+            sport,
+            dst: dst.parse().unwrap(),
+            dport,
+        }
+    }
+
+    fn clock() -> Clock {
+        Clock {
+            monotonic: Duration::from_secs(100),
+            wall: UNIX_EPOCH + Duration::from_secs(1_790_000_000),
+        }
+    }
+
+    fn alert() -> Alert {
+        Alert {
+            state: AlertState::Raised,
+            flow: Observation {
+                ct: 1,
+                netns: 4026532100,
+                orig: udp("192.0.2.2", 40000, "192.0.2.1", 8888),
+                reply: udp("172.17.0.2", 8888, "192.0.2.2", 40000),
+                status: ct_status::DST_NAT,
+                first: Duration::from_secs(95),
+                last: Duration::from_millis(98_500),
+                icmp: Some(IcmpEvidence {
+                    icmp_type: 3,
+                    code: 1,
+                    count: 12,
+                }),
+                drops: Some(DropEvidence {
+                    reason: "NEIGH_FAILED".into(),
+                    count: 12,
+                }),
+            },
+            at: Duration::from_secs(99),
+            failing_for: Duration::from_millis(3500),
+        }
+    }
+
+    fn named(name: &str) -> NetnsInfo {
+        NetnsInfo {
+            inode: 4026532100,
+            name: Some(name.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn json_keeps_the_contract() {
+        let record = Record::StaleFlow(Box::new(StaleFlow::new(
+            &alert(),
+            named("sw-router"),
+            &clock(),
+        )));
+        let v: serde_json::Value = serde_json::to_value(&record).unwrap();
+        assert_eq!(v["type"], "stale_flow");
+        assert_eq!(v["state"], "raised");
+        assert_eq!(v["netns"]["inode"], 4026532100u32);
+        assert_eq!(v["netns"]["name"], "sw-router");
+        assert_eq!(v["family"], "ipv4");
+        assert_eq!(v["proto"], "udp");
+        assert_eq!(
+            v["orig"],
+            serde_json::json!({"src":"192.0.2.2","sport":40000,"dst":"192.0.2.1","dport":8888})
+        );
+        assert_eq!(
+            v["stale_backend"],
+            serde_json::json!({"addr":"172.17.0.2","port":8888})
+        );
+        assert_eq!(v["failures"]["packets"], 12);
+        assert_eq!(v["failures"]["icmp"]["code"], 1);
+        assert_eq!(v["failures"]["drop"]["reason"], "NEIGH_FAILED");
+        assert_eq!(v["time"], "2026-09-21T15:33:19.000Z");
+        assert_eq!(
+            v["fix"],
+            "ip netns exec sw-router conntrack -D -f ipv4 -p udp -s 192.0.2.2 -d 192.0.2.1 --sport 40000 --dport 8888"
+        );
+    }
+
+    #[test]
+    fn fix_command_fits_where_the_namespace_is() {
+        let orig = udp("2001:db8::2", 5353, "2001:db8::1", 53);
+        let own = NetnsInfo {
+            inode: 1,
+            is_own: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            fix_command(&orig, &own),
+            "conntrack -D -f ipv6 -p udp -s 2001:db8::2 -d 2001:db8::1 --sport 5353 --dport 53"
+        );
+        let by_pid = NetnsInfo {
+            inode: 7,
+            pid: Some(4242),
+            ..Default::default()
+        };
+        assert!(fix_command(&orig, &by_pid).starts_with("nsenter --net=/proc/4242/ns/net conntrack -D"));
+        let docker = NetnsInfo {
+            path: Some("/var/run/docker/netns/abc".into()),
+            ..named("abc")
+        };
+        assert!(fix_command(&orig, &docker).starts_with("nsenter --net=/var/run/docker/netns/abc "));
+    }
+
+    #[test]
+    fn text_names_flow_backend_evidence_and_fix() {
+        let record = Record::StaleFlow(Box::new(StaleFlow::new(
+            &alert(),
+            named("sw-router"),
+            &clock(),
+        )));
+        let t = text(&record);
+        assert!(t.contains("STALE FLOW  udp 192.0.2.2:40000 -> 192.0.2.1:8888  (netns sw-router, inode 4026532100)"), "{t}");
+        assert!(t.contains("pinned to  172.17.0.2:8888"), "{t}");
+        assert!(t.contains("12 packets failed in 3.5s: ICMP host unreachable (type 3 code 1) sent x12, dropped NEIGH_FAILED x12"), "{t}");
+        assert!(t.contains("fix        ip netns exec sw-router conntrack -D"), "{t}");
+    }
+
+    #[test]
+    fn ipv6_addresses_are_bracketed_in_text_but_plain_in_json() {
+        let mut a = alert();
+        a.flow.orig = udp("2001:db8::2", 5353, "2001:db8::1", 53);
+        a.flow.reply = udp("2001:db8:1::10", 53, "2001:db8::2", 5353);
+        let record = Record::StaleFlow(Box::new(StaleFlow::new(&a, named("r"), &clock())));
+        assert!(text(&record).contains("[2001:db8::2]:5353 -> [2001:db8::1]:53"));
+        let v = serde_json::to_value(&record).unwrap();
+        assert_eq!(v["stale_backend"]["addr"], "2001:db8:1::10");
+    }
+}
