@@ -1,1 +1,43 @@
+//! End-to-end harness for stalewatch: builds topologies in network
+//! namespaces of its own, drives real traffic through real iptables and
+//! conntrack, and runs the real stalewatch binary against them.
+//!
+//! Everything it creates is named with a per-process prefix and removed on
+//! drop, also when a test fails. It never configures the root namespace.
 
+pub mod netns;
+pub mod story;
+pub mod traffic;
+pub mod watcher;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+/// Runs a command, failing with its output when it fails.
+pub fn run(args: &[&str]) -> anyhow::Result<String> {
+    let (program, rest) = args.split_first().context("empty command")?;
+    let out = Command::new(program)
+        .args(rest)
+        .output()
+        .with_context(|| format!("running {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a shell command line (such as the fix command of an alert).
+pub fn sh(line: &str) -> anyhow::Result<String> {
+    run(&["sh", "-c", line])
+}
+
+/// A prefix unique to this process, for everything the harness names.
+pub fn prefix() -> String {
+    format!("sw{}", std::process::id() % 100_000)
+}

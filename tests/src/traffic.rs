@@ -1,0 +1,185 @@
+//! Real traffic, from threads that live in the test's namespaces. Every
+//! loop is bounded in count and time, and stops when told.
+
+use std::{
+    collections::HashMap,
+    io::ErrorKind,
+    net::{SocketAddr, UdpSocket},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use crate::netns::Netns;
+
+/// A UDP sender that streams from one fixed source port, as a producer that
+/// never pauses does (metrics, syslog, DNS forwarders).
+pub struct Producer {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    /// ICMP errors reported back on the socket (unreachable, refused).
+    errors: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Producer {
+    /// Sends to `to` from `from` every `every`, for at most `max` datagrams
+    /// or `limit` of time, whichever comes first.
+    pub fn start(
+        ns: &Netns,
+        from: SocketAddr,
+        to: SocketAddr,
+        every: Duration,
+        max: u64,
+        limit: Duration,
+    ) -> anyhow::Result<Producer> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(AtomicU64::new(0));
+        let socket = in_netns(ns, move || {
+            let socket = UdpSocket::bind(from)?;
+            // Without IP_RECVERR a UDP socket hears only of "fatal" ICMP
+            // errors (port unreachable), not of host unreachable.
+            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv4RecvErr, &true)?;
+            socket.connect(to)?;
+            socket.set_nonblocking(true)?;
+            Ok(socket)
+        })?;
+        let (s, n, e) = (stop.clone(), sent.clone(), errors.clone());
+        let thread = thread::spawn(move || {
+            let started = Instant::now();
+            let mut buf = [0u8; 64];
+            for seq in 0..max {
+                if s.load(Ordering::Relaxed) || started.elapsed() > limit {
+                    break;
+                }
+                let payload = format!("stalewatch-test {seq}");
+                if socket.send(payload.as_bytes()).is_ok() {
+                    n.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    e.fetch_add(1, Ordering::Relaxed);
+                }
+                // A connected UDP socket reports ICMP errors on the next call.
+                match socket.recv(&mut buf) {
+                    Err(err) if err.kind() == ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        e.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                }
+                thread::sleep(every);
+            }
+        });
+        Ok(Producer {
+            stop,
+            sent,
+            errors,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A UDP service that counts datagrams by source address and port.
+pub struct Receiver {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<HashMap<SocketAddr, u64>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Receiver {
+    pub fn start(ns: &Netns, port: u16) -> anyhow::Result<Receiver> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(HashMap::new()));
+        let socket = in_netns(ns, move || {
+            let socket = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], port)))?;
+            socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+            Ok(socket)
+        })?;
+        let (s, map) = (stop.clone(), seen.clone());
+        let thread = thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !s.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = socket.recv_from(&mut buf) {
+                    *map.lock().expect("lock").entry(from).or_default() += 1;
+                }
+            }
+        });
+        Ok(Receiver {
+            stop,
+            seen,
+            thread: Some(thread),
+        })
+    }
+
+    /// Datagrams received from `from` so far.
+    pub fn from(&self, from: SocketAddr) -> u64 {
+        self.seen
+            .lock()
+            .expect("lock")
+            .get(&from)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Waits until at least `n` datagrams came from `from`.
+    pub fn wait_from(&self, from: SocketAddr, n: u64, limit: Duration) -> bool {
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            if self.from(from) >= n {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs `f` on a short-lived thread inside `ns`; what it opens (a socket)
+/// stays in that namespace after the thread ends.
+fn in_netns<T: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let path = ns.path();
+    let name = ns.name.clone();
+    thread::spawn(move || -> anyhow::Result<T> {
+        let file = std::fs::File::open(&path)?;
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        Ok(f()?)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread in {name} panicked"))?
+}

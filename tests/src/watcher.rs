@@ -1,0 +1,140 @@
+//! The real stalewatch binary, run as a user would run it, with its JSON
+//! lines collected for assertions.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use serde_json::Value;
+
+/// Path of the binary under test: `STALEWATCH_BIN`, or the release build.
+pub fn binary() -> PathBuf {
+    std::env::var_os("STALEWATCH_BIN").map_or_else(
+        || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/stalewatch")),
+        PathBuf::from,
+    )
+}
+
+pub struct Watcher {
+    child: Child,
+    records: Arc<Mutex<Vec<Value>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Watcher {
+    /// Starts `stalewatch watch --format json ARGS` and waits until it says
+    /// it is attached.
+    pub fn start(args: &[&str]) -> anyhow::Result<Watcher> {
+        let mut child = Command::new(binary())
+            .args(["watch", "--format", "json"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", binary().display()))?;
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let out = BufReader::new(child.stdout.take().context("stdout")?);
+        let sink = records.clone();
+        thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                let value = serde_json::from_str(&line).unwrap_or_else(|e| {
+                    // Anything but JSON on stdout breaks the contract: keep
+                    // it visible to the assertions.
+                    serde_json::json!({"type": "not_json", "line": line, "error": e.to_string()})
+                });
+                sink.lock().expect("lock").push(value);
+            }
+        });
+        let err = BufReader::new(child.stderr.take().context("stderr")?);
+        let sink = stderr.clone();
+        thread::spawn(move || {
+            for line in err.lines().map_while(Result::ok) {
+                eprintln!("  [stalewatch] {line}");
+                sink.lock().expect("lock").push(line);
+            }
+        });
+        let mut watcher = Watcher {
+            child,
+            records,
+            stderr,
+        };
+        let until = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < until {
+            if watcher.stderr_text().contains("attached") {
+                return Ok(watcher);
+            }
+            if let Some(status) = watcher.child.try_wait()? {
+                bail!("stalewatch exited {status}: {}", watcher.stderr_text());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        bail!("stalewatch did not attach within 30 s")
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().expect("lock").join("\n")
+    }
+
+    /// Every record printed so far.
+    pub fn records(&self) -> Vec<Value> {
+        self.records.lock().expect("lock").clone()
+    }
+
+    /// Waits for a record that satisfies `pred`.
+    pub fn wait_for(&self, limit: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+        let until = Instant::now() + limit;
+        loop {
+            if let Some(v) = self.records().into_iter().find(&pred) {
+                return Some(v);
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGINT and waits for the exit; returns the status and how long
+    /// the exit took.
+    pub fn stop(mut self) -> anyhow::Result<(ExitStatus, Duration)> {
+        let started = Instant::now();
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT)?;
+        let until = started + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok((status, started.elapsed()));
+            }
+            if Instant::now() > until {
+                bail!("stalewatch did not exit within 10 s of SIGINT");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        // Only our own child, by PID.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Whether `v` is a stale_flow record in `state` for the flow from `sport`.
+pub fn is_stale_flow(v: &Value, state: &str, sport: u16) -> bool {
+    v["type"] == "stale_flow" && v["state"] == state && v["orig"]["sport"] == sport
+}
