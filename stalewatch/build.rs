@@ -17,8 +17,16 @@ fn main() -> anyhow::Result<()> {
         .map(|out| String::from_utf8_lossy(&out.stdout).contains("rust-src"))
         .unwrap_or(false);
     if !rust_src {
-        fail(&format!("{SETUP} (nightly toolchain with rust-src missing)"));
+        fail(&format!(
+            "{SETUP} (nightly toolchain with rust-src missing)"
+        ));
     }
+    // aya-build turns every stderr line of the inner cargo into a build
+    // warning; a quiet inner cargo still reports real diagnostics (they come
+    // as JSON messages) but not its progress lines.
+    // SAFETY: build scripts are single-threaded here; nothing reads the
+    // environment concurrently.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../stalewatch-ebpf");
     aya_build::build_ebpf(
         [aya_build::Package {

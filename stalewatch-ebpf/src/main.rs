@@ -134,12 +134,7 @@ mod programs {
     }
 
     #[inline(always)]
-    fn record_failure(
-        skb: u64,
-        hook_id: u8,
-        icmp_code: u8,
-        drop_reason: u32,
-    ) -> Result<(), ()> {
+    fn record_failure(skb: u64, hook_id: u8, icmp_code: u8, drop_reason: u32) -> Result<(), ()> {
         let nfct: u64 = read(skb + global(&OFF_SKB_NFCT))?;
         let ct = nfct & NFCT_PTRMASK;
         if ct == 0 {

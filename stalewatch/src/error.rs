@@ -19,7 +19,9 @@ pub enum Error {
         "permission denied loading eBPF programs: run stalewatch as root (it needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)"
     )]
     NotPermitted,
-    #[error("network namespace '{0}' not found (give a name under /run/netns, a path, or an inode)")]
+    #[error(
+        "network namespace '{0}' not found (give a name under /run/netns, a path, or an inode)"
+    )]
     NoNetns(String),
     #[error("{0}")]
     Kernel(String),

@@ -233,10 +233,7 @@ mod tests {
 
     #[test]
     fn unknown_family_is_rejected() {
-        assert_eq!(
-            Tuple::decode(&[0u8; TUPLE_SIZE], &TupleLayout::LINUX),
-            None
-        );
+        assert_eq!(Tuple::decode(&[0u8; TUPLE_SIZE], &TupleLayout::LINUX), None);
     }
 
     #[test]

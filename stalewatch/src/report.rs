@@ -72,7 +72,11 @@ pub struct Failures {
 pub enum Record {
     StaleFlow(Box<StaleFlow>),
     /// Events the kernel could not hand over (ring buffer full).
-    EventsLost { time: String, count: u64, total: u64 },
+    EventsLost {
+        time: String,
+        count: u64,
+        total: u64,
+    },
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -397,12 +401,16 @@ mod tests {
             pid: Some(4242),
             ..Default::default()
         };
-        assert!(fix_command(&orig, &by_pid).starts_with("nsenter --net=/proc/4242/ns/net conntrack -D"));
+        assert!(
+            fix_command(&orig, &by_pid).starts_with("nsenter --net=/proc/4242/ns/net conntrack -D")
+        );
         let docker = NetnsInfo {
             path: Some("/var/run/docker/netns/abc".into()),
             ..named("abc")
         };
-        assert!(fix_command(&orig, &docker).starts_with("nsenter --net=/var/run/docker/netns/abc "));
+        assert!(
+            fix_command(&orig, &docker).starts_with("nsenter --net=/var/run/docker/netns/abc ")
+        );
     }
 
     #[test]
@@ -416,7 +424,10 @@ mod tests {
         assert!(t.contains("STALE FLOW  udp 192.0.2.2:40000 -> 192.0.2.1:8888  (netns sw-router, inode 4026532100)"), "{t}");
         assert!(t.contains("pinned to  172.17.0.2:8888"), "{t}");
         assert!(t.contains("12 packets failed in 3.5s: ICMP host unreachable (type 3 code 1) sent x12, dropped NEIGH_FAILED x12"), "{t}");
-        assert!(t.contains("fix        ip netns exec sw-router conntrack -D"), "{t}");
+        assert!(
+            t.contains("fix        ip netns exec sw-router conntrack -D"),
+            "{t}"
+        );
     }
 
     #[test]

@@ -38,9 +38,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         (Some(name), Some(inode)) => format!("network namespace {name} (inode {inode})"),
         _ => "every network namespace".to_owned(),
     };
-    eprintln!(
-        "stalewatch: attached to icmp:icmp_send and skb:kfree_skb; watching {scope}"
-    );
+    eprintln!("stalewatch: attached to icmp:icmp_send and skb:kfree_skb; watching {scope}");
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -52,7 +50,12 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         resolve_after: args.resolve_after,
     };
     let reporter = Reporter::new(args.format, io::stdout().lock());
-    runtime.block_on(event_loop(probes, events, Correlator::new(config), reporter))?;
+    runtime.block_on(event_loop(
+        probes,
+        events,
+        Correlator::new(config),
+        reporter,
+    ))?;
     Ok(ExitCode::SUCCESS)
 }
 

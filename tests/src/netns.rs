@@ -54,7 +54,6 @@ impl Netns {
     pub fn sysctl(&self, setting: &str) -> anyhow::Result<()> {
         self.exec(&["sysctl", "-qw", setting]).map(drop)
     }
-
 }
 
 impl Drop for Netns {
@@ -68,8 +67,8 @@ pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> anyhow::Result<()> 
     // Created straight inside the namespaces: the root namespace never
     // sees these links.
     run(&[
-        "ip", "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if,
-        "netns", &b.name,
+        "ip", "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns",
+        &b.name,
     ])?;
     a.ip(&["link", "set", a_if, "up"])?;
     b.ip(&["link", "set", b_if, "up"])?;

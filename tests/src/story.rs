@@ -51,8 +51,22 @@ impl Story {
             router.ip(&["addr", "add", gateway, "dev", bridge])?;
             router.ip(&["link", "set", bridge, "up"])?;
         }
-        attach(&router, "br-old", &old, "vold", "172.17.0.2/16", "172.17.0.1")?;
-        attach(&router, "br-new", &new, "vnew", "172.18.0.2/24", "172.18.0.1")?;
+        attach(
+            &router,
+            "br-old",
+            &old,
+            "vold",
+            "172.17.0.2/16",
+            "172.17.0.1",
+        )?;
+        attach(
+            &router,
+            "br-new",
+            &new,
+            "vnew",
+            "172.18.0.2/24",
+            "172.18.0.1",
+        )?;
 
         let story = Story {
             producer,
@@ -72,7 +86,16 @@ impl Story {
         let port = SERVICE_PORT.to_string();
         let to = format!("{backend}:{port}");
         let rule = [
-            "!", "-i", bridge, "-p", "udp", "--dport", &port, "-j", "DNAT", "--to-destination",
+            "!",
+            "-i",
+            bridge,
+            "-p",
+            "udp",
+            "--dport",
+            &port,
+            "-j",
+            "DNAT",
+            "--to-destination",
             &to,
         ];
         match self.rules {
@@ -85,8 +108,16 @@ impl Story {
                 if first {
                     ipt(&["-t", "nat", "-N", "DOCKER"])?;
                     ipt(&[
-                        "-t", "nat", "-A", "PREROUTING", "-m", "addrtype", "--dst-type", "LOCAL",
-                        "-j", "DOCKER",
+                        "-t",
+                        "nat",
+                        "-A",
+                        "PREROUTING",
+                        "-m",
+                        "addrtype",
+                        "--dst-type",
+                        "LOCAL",
+                        "-j",
+                        "DOCKER",
                     ])?;
                     let mut add = vec!["-t", "nat", "-A", "DOCKER"];
                     add.extend_from_slice(&rule);

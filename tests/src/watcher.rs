@@ -20,14 +20,19 @@ use serde_json::Value;
 /// Path of the binary under test: `STALEWATCH_BIN`, or the release build.
 pub fn binary() -> PathBuf {
     std::env::var_os("STALEWATCH_BIN").map_or_else(
-        || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/stalewatch")),
+        || {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/release/stalewatch"
+            ))
+        },
         PathBuf::from,
     )
 }
 
 pub struct Watcher {
     child: Child,
-    records: Arc<Mutex<Vec<Value>>>,
+    lines: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<Vec<String>>>,
 }
 
@@ -35,26 +40,30 @@ impl Watcher {
     /// Starts `stalewatch watch --format json ARGS` and waits until it says
     /// it is attached.
     pub fn start(args: &[&str]) -> anyhow::Result<Watcher> {
+        Watcher::start_with("json", args, false)
+    }
+
+    /// Starts `stalewatch watch --format FORMAT ARGS`, echoing what it
+    /// prints when `echo` (for the demo).
+    pub fn start_with(format: &str, args: &[&str], echo: bool) -> anyhow::Result<Watcher> {
         let mut child = Command::new(binary())
-            .args(["watch", "--format", "json"])
+            .args(["watch", "--format", format])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {}", binary().display()))?;
-        let records = Arc::new(Mutex::new(Vec::new()));
+        let lines = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let out = BufReader::new(child.stdout.take().context("stdout")?);
-        let sink = records.clone();
+        let sink = lines.clone();
         thread::spawn(move || {
             for line in out.lines().map_while(Result::ok) {
-                let value = serde_json::from_str(&line).unwrap_or_else(|e| {
-                    // Anything but JSON on stdout breaks the contract: keep
-                    // it visible to the assertions.
-                    serde_json::json!({"type": "not_json", "line": line, "error": e.to_string()})
-                });
-                sink.lock().expect("lock").push(value);
+                if echo {
+                    println!("{line}");
+                }
+                sink.lock().expect("lock").push(line);
             }
         });
         let err = BufReader::new(child.stderr.take().context("stderr")?);
@@ -67,7 +76,7 @@ impl Watcher {
         });
         let mut watcher = Watcher {
             child,
-            records,
+            lines,
             stderr,
         };
         let until = Instant::now() + Duration::from_secs(30);
@@ -87,23 +96,32 @@ impl Watcher {
         self.stderr.lock().expect("lock").join("\n")
     }
 
-    /// Every record printed so far.
+    /// Every line printed on stdout so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("lock").clone()
+    }
+
+    /// Every line printed so far, as JSON. A line that is not JSON breaks
+    /// the contract: it shows as a `not_json` record for the assertions.
     pub fn records(&self) -> Vec<Value> {
-        self.records.lock().expect("lock").clone()
+        self.lines()
+            .into_iter()
+            .map(|line| {
+                serde_json::from_str(&line).unwrap_or_else(
+                    |e| serde_json::json!({"type": "not_json", "line": line, "error": e.to_string()}),
+                )
+            })
+            .collect()
     }
 
     /// Waits for a record that satisfies `pred`.
     pub fn wait_for(&self, limit: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
-        let until = Instant::now() + limit;
-        loop {
-            if let Some(v) = self.records().into_iter().find(&pred) {
-                return Some(v);
-            }
-            if Instant::now() >= until {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        poll(limit, || self.records().into_iter().find(&pred))
+    }
+
+    /// Waits for a stdout line that satisfies `pred` (text format).
+    pub fn wait_line(&self, limit: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        poll(limit, || self.lines().into_iter().find(|l| pred(l)))
     }
 
     /// Sends SIGINT and waits for the exit; returns the status and how long
@@ -137,4 +155,18 @@ impl Drop for Watcher {
 /// Whether `v` is a stale_flow record in `state` for the flow from `sport`.
 pub fn is_stale_flow(v: &Value, state: &str, sport: u16) -> bool {
     v["type"] == "stale_flow" && v["state"] == state && v["orig"]["sport"] == sport
+}
+
+/// Calls `f` until it returns something or `limit` has passed.
+fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let until = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= until {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -85,8 +85,14 @@ fn stale_dnat_flow_is_raised_fixed_and_resolved() -> anyhow::Result<()> {
     );
     assert!(raised["failures"]["packets"].as_u64().unwrap() >= 3);
     assert_eq!(raised["failures"]["icmp"]["type"], 3, "{raised}");
-    assert_eq!(raised["failures"]["icmp"]["code"], 1, "host unreachable: {raised}");
-    assert_eq!(raised["failures"]["drop"]["reason"], "NEIGH_FAILED", "{raised}");
+    assert_eq!(
+        raised["failures"]["icmp"]["code"], 1,
+        "host unreachable: {raised}"
+    );
+    assert_eq!(
+        raised["failures"]["drop"]["reason"], "NEIGH_FAILED",
+        "{raised}"
+    );
     let delay = time(&raised["time"])
         .duration_since(time(&raised["failures"]["first"]))
         .unwrap_or_default();
@@ -156,8 +162,20 @@ fn failing_flow_without_nat_is_not_raised() -> anyhow::Result<()> {
     router.ip(&["addr", "add", "198.18.0.1/24", "dev", "br0"])?;
     router.ip(&["link", "set", "br0", "up"])?;
     router.exec(&[
-        "iptables", "-w", "-t", "nat", "-A", "PREROUTING", "-p", "udp", "--dport", "8888", "-j",
-        "DNAT", "--to-destination", "198.18.0.77:8888",
+        "iptables",
+        "-w",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "udp",
+        "--dport",
+        "8888",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        "198.18.0.77:8888",
     ])?;
     let watcher = Watcher::start(&["--netns", &router.name])?;
 
@@ -219,8 +237,20 @@ fn only_the_watched_namespace_is_reported() -> anyhow::Result<()> {
         router.ip(&["addr", "add", "198.18.0.1/24", "dev", "br0"])?;
         router.ip(&["link", "set", "br0", "up"])?;
         router.exec(&[
-            "iptables", "-w", "-t", "nat", "-A", "PREROUTING", "-p", "udp", "--dport", "8888",
-            "-j", "DNAT", "--to-destination", "198.18.0.77:8888",
+            "iptables",
+            "-w",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "udp",
+            "--dport",
+            "8888",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "198.18.0.77:8888",
         ])?;
         routers.push((producer, router));
     }

@@ -114,7 +114,8 @@ impl KernelLayout {
         if !path.exists() {
             return Err(Error::NoBtf(path.to_owned()));
         }
-        let btf = Btf::from_file(path).map_err(|e| Error::BadBtf(path.to_owned(), e.to_string()))?;
+        let btf =
+            Btf::from_file(path).map_err(|e| Error::BadBtf(path.to_owned(), e.to_string()))?;
         let types = Types { btf: &btf, path };
         for (tracepoint, name) in TRACEPOINTS {
             if btf

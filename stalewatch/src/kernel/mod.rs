@@ -126,10 +126,7 @@ fn kernel_error(step: &str, err: &(dyn StdError + 'static)) -> Error {
     let mut last = err.to_string();
     while let Some(e) = cause {
         if let Some(io) = e.downcast_ref::<io::Error>()
-            && matches!(
-                io.kind(),
-                io::ErrorKind::PermissionDenied
-            )
+            && matches!(io.kind(), io::ErrorKind::PermissionDenied)
         {
             return Error::NotPermitted;
         }

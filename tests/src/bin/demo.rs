@@ -1,1 +1,180 @@
-fn main() {}
+//! `cargo xtask demo`: the stale-conntrack story, live, in private network
+//! namespaces, with stalewatch watching. Removes everything it created, also
+//! on Ctrl-C.
+
+use std::{
+    process::ExitCode,
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use nix::sys::signal::{SigHandler, Signal, signal};
+use stalewatch_tests::{
+    sh,
+    story::{NEW_BACKEND, OLD_BACKEND, Rules, Story},
+    traffic::{Producer, Receiver},
+    watcher::Watcher,
+};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: nix::libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+fn step(text: &str) {
+    println!("\n\x1b[1m==> {text}\x1b[0m");
+}
+
+/// Sleeps, unless the person watching pressed Ctrl-C.
+fn pause(d: Duration) -> anyhow::Result<()> {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        if INTERRUPTED.load(Ordering::Relaxed) {
+            bail!("interrupted");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "stalewatch-demo: must run as root (it builds network namespaces and loads eBPF)"
+        );
+        return ExitCode::from(2);
+    }
+    // SAFETY: the handler only stores to an atomic.
+    let _ = unsafe { signal(Signal::SIGINT, SigHandler::Handler(on_interrupt)) };
+    match demo() {
+        Ok(()) => {
+            step("Done: every namespace, link and rule the demo created is gone");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("stalewatch-demo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn demo() -> anyhow::Result<()> {
+    step("Building the story in private network namespaces");
+    let mut story = Story::build(Rules::Iptables)?;
+    println!(
+        "    producer {} (192.0.2.2)  ->  router {} (192.0.2.1, udp/8888 DNAT to {OLD_BACKEND}:8888)",
+        story.producer.name, story.router.name
+    );
+    let old_service = Receiver::start(story.old.as_ref().context("old container")?, 8888)?;
+
+    step(&format!(
+        "Starting stalewatch on the router: stalewatch watch --netns {}",
+        story.router.name
+    ));
+    // The container's namespaces are ours; the processes in them are
+    // threads of this demo, so stalewatch sees the router namespace by name.
+    let watcher = Watcher::start_with(
+        "text",
+        &["--netns", &story.router.name, "--resolve-after", "5s"],
+        true,
+    )?;
+
+    let stream_src = story.producer_addr(40000);
+    let mut stream = Producer::start(
+        &story.producer,
+        stream_src,
+        story.service(),
+        Duration::from_millis(100),
+        1200,
+        Duration::from_secs(120),
+    )?;
+    step("A producer streams 10 datagrams a second from 192.0.2.2:40000 to 192.0.2.1:8888");
+    if !old_service.wait_from(stream_src, 10, Duration::from_secs(10)) {
+        bail!("the stream did not reach the old container");
+    }
+    println!(
+        "    old container {OLD_BACKEND} received {} datagrams",
+        old_service.from(stream_src)
+    );
+
+    step(&format!(
+        "Redeploy: the old container is removed; the new one is {NEW_BACKEND} on a new bridge; the DNAT rule now points there"
+    ));
+    story.redeploy()?;
+    drop(old_service);
+    let new_service = Receiver::start(&story.new, 8888)?;
+    let fresh_src = story.producer_addr(40001);
+    let mut fresh = Producer::start(
+        &story.producer,
+        fresh_src,
+        story.service(),
+        Duration::from_millis(100),
+        20,
+        Duration::from_secs(5),
+    )?;
+    pause(Duration::from_secs(3))?;
+    println!(
+        "    a NEW flow from port 40001 reaches the new container: {} datagrams. Every quick test passes...",
+        new_service.from(fresh_src)
+    );
+    println!(
+        "    ...but the old stream from port 40000 does not: {} datagrams at the new container",
+        new_service.from(stream_src)
+    );
+    fresh.stop();
+
+    step("Waiting for stalewatch (the kernel gives up on ARP for the old address after about 3 s)");
+    let fix_line = poll_interruptible(Duration::from_secs(30), || {
+        watcher.wait_line(Duration::from_millis(200), |l| {
+            l.trim_start().starts_with("fix ")
+        })
+    })?
+    .context("stalewatch raised no alert within 30 s")?;
+    let fix = fix_line
+        .trim_start()
+        .trim_start_matches("fix")
+        .trim()
+        .to_owned();
+
+    step(&format!("Applying the fix stalewatch printed: {fix}"));
+    sh(&fix)?;
+    if !new_service.wait_from(stream_src, 10, Duration::from_secs(10)) {
+        bail!("the stream did not reach the new container after the fix");
+    }
+    println!(
+        "    the stream from port 40000 now reaches the new container: {} datagrams",
+        new_service.from(stream_src)
+    );
+
+    step("Waiting for stalewatch to resolve the alert");
+    poll_interruptible(Duration::from_secs(20), || {
+        watcher.wait_line(Duration::from_millis(200), |l| l.contains("RESOLVED"))
+    })?
+    .context("the alert was not resolved")?;
+    stream.stop();
+    let (status, _) = watcher.stop()?;
+    if !status.success() {
+        bail!("stalewatch exited {status}");
+    }
+    Ok(())
+}
+
+/// Polls `f` until it yields, the time is up, or Ctrl-C.
+fn poll_interruptible<T>(
+    limit: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> anyhow::Result<Option<T>> {
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        if INTERRUPTED.load(Ordering::Relaxed) {
+            bail!("interrupted");
+        }
+        if let Some(v) = f() {
+            return Ok(Some(v));
+        }
+    }
+    Ok(None)
+}
