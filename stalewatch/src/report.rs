@@ -377,7 +377,7 @@ mod tests {
         assert_eq!(v["failures"]["packets"], 12);
         assert_eq!(v["failures"]["icmp"]["code"], 1);
         assert_eq!(v["failures"]["drop"]["reason"], "NEIGH_FAILED");
-        assert_eq!(v["time"], "2026-09-21T15:33:19.000Z");
+        assert_eq!(v["time"], "2026-09-21T14:13:19.000Z");
         assert_eq!(
             v["fix"],
             "ip netns exec sw-router conntrack -D -f ipv4 -p udp -s 192.0.2.2 -d 192.0.2.1 --sport 40000 --dport 8888"

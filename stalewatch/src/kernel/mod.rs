@@ -17,7 +17,7 @@ use self::btf::{KernelLayout, TRACEPOINTS};
 use crate::error::Error;
 
 /// The eBPF object built by build.rs from `stalewatch-ebpf`.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stalewatch"));
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stalewatch-probes"));
 
 pub const DEFAULT_BTF: &str = "/sys/kernel/btf/vmlinux";
 
