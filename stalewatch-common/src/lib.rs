@@ -31,6 +31,10 @@ pub mod hook {
     pub const KFREE_SKB: u8 = 2;
 }
 
+/// `ETH_P_IPV6` as `sk_buff.protocol` holds it (network byte order, read
+/// as a little-endian u16 on the BPF side).
+pub const ETH_P_IPV6_BE: u16 = 0x86dd_u16.to_be();
+
 /// ICMP destination unreachable (RFC 792).
 pub const ICMP_DEST_UNREACH: u32 = 3;
 
@@ -98,6 +102,8 @@ pub mod globals {
     pub const NETNS_FILTER: &str = "NETNS_FILTER";
     pub const EMIT_INTERVAL_NS: &str = "EMIT_INTERVAL_NS";
     pub const DROP_REASONS: &str = "DROP_REASONS";
+    pub const DROP_REASONS_V6: &str = "DROP_REASONS_V6";
+    pub const OFF_SKB_PROTOCOL: &str = "OFF_SKB_PROTOCOL";
 }
 
 /// Names of the programs and maps in the object file.

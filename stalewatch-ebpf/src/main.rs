@@ -26,7 +26,7 @@ mod programs {
         programs::BtfTracePointContext,
     };
     use stalewatch_common::{
-        DROP_REASON_MAX, DROP_REASON_WORDS, FlowEvent, ICMP_DEST_UNREACH, TUPLE_SIZE, ct_status,
+        DROP_REASON_MAX, DROP_REASON_WORDS, ETH_P_IPV6_BE, FlowEvent, ICMP_DEST_UNREACH, TUPLE_SIZE, ct_status,
         hook, stat,
     };
 
@@ -53,6 +53,13 @@ mod programs {
     /// Bitmap of the `enum skb_drop_reason` values that count as a failure.
     #[unsafe(no_mangle)]
     static DROP_REASONS: [u64; DROP_REASON_WORDS] = [0; DROP_REASON_WORDS];
+    /// Reasons that count only for IPv6 packets: IPv6 neighbour discovery
+    /// failures are dropped as NOT_SPECIFIED, a reason far too common to
+    /// follow for every packet.
+    #[unsafe(no_mangle)]
+    static DROP_REASONS_V6: [u64; DROP_REASON_WORDS] = [0; DROP_REASON_WORDS];
+    #[unsafe(no_mangle)]
+    static OFF_SKB_PROTOCOL: u64 = 0;
 
     /// Per conntrack entry: the event userspace gets, and when it last got it.
     #[repr(C)]
@@ -125,11 +132,18 @@ mod programs {
         if reason >= DROP_REASON_MAX {
             return 0;
         }
-        let words = global(&DROP_REASONS);
-        if words[(reason / 64) as usize] & (1u64 << (reason % 64)) == 0 {
-            return 0;
+        let (word, bit) = ((reason / 64) as usize, 1u64 << (reason % 64));
+        let skb: u64 = ctx.arg(0);
+        if global(&DROP_REASONS)[word] & bit == 0 {
+            if global(&DROP_REASONS_V6)[word] & bit == 0 {
+                return 0;
+            }
+            match read::<u16>(skb + global(&OFF_SKB_PROTOCOL)) {
+                Ok(ETH_P_IPV6_BE) => {}
+                _ => return 0,
+            }
         }
-        let _ = record_failure(ctx.arg(0), hook::KFREE_SKB, 0, reason);
+        let _ = record_failure(skb, hook::KFREE_SKB, 0, reason);
         0
     }
 

@@ -1,135 +1,279 @@
 //! The story from DEVELOPERS.md, built in namespaces: a producer on the
-//! LAN streams UDP to a router that DNATs port 8888 to a container, the
-//! Docker way; then the container is redeployed on a new bridge with a new
-//! address and the DNAT rule is replaced.
+//! LAN streams to a router that DNATs port 8888 to a container; then the
+//! container is redeployed on a new bridge with a new address and the DNAT
+//! rule is replaced. Variants cover the bug class: IPv4 or IPv6, and the
+//! rule engine that writes the DNAT.
 //!
 //! ```text
-//!  producer 192.0.2.2 ── lan ── 192.0.2.1 router ─┬─ br-old 172.17.0.1 ── old 172.17.0.2
-//!                                                 └─ br-new 172.18.0.1 ── new 172.18.0.2
+//!  producer .2 ── lan ── .1 router ─┬─ br-old ── old container (+ a bystander, for late failure)
+//!                                   └─ br-new ── new container
 //! ```
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::netns::{Netns, veth};
 
 pub const SERVICE_PORT: u16 = 8888;
-pub const ROUTER_LAN: [u8; 4] = [192, 0, 2, 1];
-pub const PRODUCER: [u8; 4] = [192, 0, 2, 2];
-pub const OLD_BACKEND: &str = "172.17.0.2";
-pub const NEW_BACKEND: &str = "172.18.0.2";
 
-/// Where a rule engine writes the DNAT.
+/// Where the DNAT is written. Detection must not depend on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rules {
     /// `iptables` (nft-backed on Debian), with Docker's chain layout.
     Iptables,
+    /// `iptables-legacy`, the same layout on the legacy x_tables backend.
+    IptablesLegacy,
+    /// Native nftables, one table of our own.
+    Nftables,
+    /// kube-proxy's chains: KUBE-SERVICES → KUBE-SVC-… → KUBE-SEP-… DNAT,
+    /// with the endpoint replaced on redeploy.
+    KubeProxy,
 }
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+/// Which member of the bug class to build.
+#[derive(Clone, Copy, Debug)]
+pub struct Variant {
+    pub family: Family,
+    pub rules: Rules,
+    /// Docker's FORWARD policy DROP with one ACCEPT per published
+    /// container: after the redeploy stale packets are dropped by netfilter,
+    /// silently.
+    pub forward_drop: bool,
+    /// Another container stays on the old bridge, so it keeps its carrier
+    /// and the old neighbour entry stays usable for a while: the first
+    /// failure comes late.
+    pub keep_old_carrier: bool,
+}
+
+impl Variant {
+    pub const fn v4(rules: Rules) -> Variant {
+        Variant {
+            family: Family::V4,
+            rules,
+            forward_drop: false,
+            keep_old_carrier: false,
+        }
+    }
+
+    pub const fn v6(rules: Rules) -> Variant {
+        Variant {
+            family: Family::V6,
+            ..Variant::v4(rules)
+        }
+    }
+}
+
+/// The addresses of one family.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    pub router_lan: &'static str,
+    pub producer: &'static str,
+    pub lan_prefix: u8,
+    pub old_gw: &'static str,
+    pub old_backend: &'static str,
+    pub old_prefix: u8,
+    pub bystander: &'static str,
+    pub new_gw: &'static str,
+    pub new_backend: &'static str,
+    pub new_prefix: u8,
+}
+
+pub const V4: Plan = Plan {
+    router_lan: "192.0.2.1",
+    producer: "192.0.2.2",
+    lan_prefix: 24,
+    old_gw: "172.17.0.1",
+    old_backend: "172.17.0.2",
+    old_prefix: 16,
+    bystander: "172.17.0.3",
+    new_gw: "172.18.0.1",
+    new_backend: "172.18.0.2",
+    new_prefix: 24,
+};
+
+pub const V6: Plan = Plan {
+    router_lan: "2001:db8:0:1::1",
+    producer: "2001:db8:0:1::2",
+    lan_prefix: 64,
+    old_gw: "2001:db8:0:17::1",
+    old_backend: "2001:db8:0:17::2",
+    old_prefix: 64,
+    bystander: "2001:db8:0:17::3",
+    new_gw: "2001:db8:0:18::1",
+    new_backend: "2001:db8:0:18::2",
+    new_prefix: 64,
+};
 
 pub struct Story {
     pub producer: Netns,
     pub router: Netns,
     pub old: Option<Netns>,
+    pub bystander: Option<Netns>,
     pub new: Netns,
-    pub rules: Rules,
+    pub variant: Variant,
+    pub plan: Plan,
 }
 
 impl Story {
     /// Builds the topology with the service DNATed to the old container.
-    pub fn build(rules: Rules) -> anyhow::Result<Story> {
+    pub fn build(variant: Variant) -> anyhow::Result<Story> {
+        let plan = match variant.family {
+            Family::V4 => V4,
+            Family::V6 => V6,
+        };
         let producer = Netns::new("prod")?;
         let router = Netns::new("router")?;
         let old = Netns::new("old")?;
         let new = Netns::new("new")?;
+        for ns in [&producer, &router, &old, &new] {
+            // Addresses must be usable at once, not after IPv6 duplicate
+            // address detection.
+            ns.sysctl("net.ipv6.conf.all.accept_dad=0")?;
+            ns.sysctl("net.ipv6.conf.default.accept_dad=0")?;
+        }
 
         veth(&producer, "lan0", &router, "lan1")?;
-        producer.ip(&["addr", "add", "192.0.2.2/24", "dev", "lan0"])?;
-        router.ip(&["addr", "add", "192.0.2.1/24", "dev", "lan1"])?;
+        add_addr(&producer, "lan0", plan.producer, plan.lan_prefix)?;
+        add_addr(&router, "lan1", plan.router_lan, plan.lan_prefix)?;
         router.sysctl("net.ipv4.ip_forward=1")?;
+        router.sysctl("net.ipv6.conf.all.forwarding=1")?;
 
-        for (bridge, gateway) in [("br-old", "172.17.0.1/16"), ("br-new", "172.18.0.1/24")] {
+        for (bridge, gateway, prefix) in [
+            ("br-old", plan.old_gw, plan.old_prefix),
+            ("br-new", plan.new_gw, plan.new_prefix),
+        ] {
             router.ip(&["link", "add", bridge, "type", "bridge"])?;
-            router.ip(&["addr", "add", gateway, "dev", bridge])?;
             router.ip(&["link", "set", bridge, "up"])?;
+            add_addr(&router, bridge, gateway, prefix)?;
         }
-        attach(
-            &router,
-            "br-old",
-            &old,
-            "vold",
-            "172.17.0.2/16",
-            "172.17.0.1",
-        )?;
-        attach(
-            &router,
-            "br-new",
-            &new,
-            "vnew",
-            "172.18.0.2/24",
-            "172.18.0.1",
-        )?;
+        attach(&router, "br-old", &old, "vold", plan.old_backend, plan.old_prefix, plan.old_gw)?;
+        attach(&router, "br-new", &new, "vnew", plan.new_backend, plan.new_prefix, plan.new_gw)?;
+        let bystander = if variant.keep_old_carrier {
+            let ns = Netns::new("bystander")?;
+            ns.sysctl("net.ipv6.conf.all.accept_dad=0")?;
+            attach(&router, "br-old", &ns, "vbys", plan.bystander, plan.old_prefix, plan.old_gw)?;
+            Some(ns)
+        } else {
+            None
+        };
 
         let story = Story {
             producer,
             router,
             old: Some(old),
+            bystander,
             new,
-            rules,
+            variant,
+            plan,
         };
-        story.dnat_to("br-old", OLD_BACKEND, true)?;
+        story.publish_first()?;
         Ok(story)
     }
 
-    /// Docker's layout: PREROUTING jumps to DOCKER for local addresses, and
-    /// DOCKER DNATs the published port unless the packet comes from the
-    /// container's own bridge.
-    fn dnat_to(&self, bridge: &str, backend: &str, first: bool) -> anyhow::Result<()> {
+    fn family_flag(&self) -> &'static str {
+        match self.variant.family {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        }
+    }
+
+    /// `iptables`, `ip6tables` or their legacy twins, in the router.
+    fn ipt(&self, args: &[&str]) -> anyhow::Result<String> {
+        let bin = match (self.variant.rules, self.variant.family) {
+            (Rules::IptablesLegacy, Family::V4) => "iptables-legacy",
+            (Rules::IptablesLegacy, Family::V6) => "ip6tables-legacy",
+            (_, Family::V4) => "iptables",
+            (_, Family::V6) => "ip6tables",
+        };
+        let mut full = vec![bin, "-w"];
+        full.extend_from_slice(args);
+        self.router.exec(&full)
+    }
+
+    fn nft(&self, script: &str) -> anyhow::Result<String> {
+        self.router.exec(&["nft", script])
+    }
+
+    /// `addr:port` as DNAT targets write it (`[addr]:port` for IPv6).
+    fn target(&self, addr: &str) -> String {
+        match self.variant.family {
+            Family::V4 => format!("{addr}:{SERVICE_PORT}"),
+            Family::V6 => format!("[{addr}]:{SERVICE_PORT}"),
+        }
+    }
+
+    /// The first deployment: the port published to the old container.
+    fn publish_first(&self) -> anyhow::Result<()> {
         let port = SERVICE_PORT.to_string();
-        let to = format!("{backend}:{port}");
-        let rule = [
-            "!",
-            "-i",
-            bridge,
-            "-p",
-            "udp",
-            "--dport",
-            &port,
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &to,
-        ];
-        match self.rules {
-            Rules::Iptables => {
-                let ipt = |args: &[&str]| {
-                    let mut full = vec!["iptables", "-w"];
-                    full.extend_from_slice(args);
-                    self.router.exec(&full)
+        let to = self.target(self.plan.old_backend);
+        match self.variant.rules {
+            Rules::Iptables | Rules::IptablesLegacy => {
+                self.ipt(&["-t", "nat", "-N", "DOCKER"])?;
+                self.ipt(&[
+                    "-t", "nat", "-A", "PREROUTING", "-m", "addrtype", "--dst-type", "LOCAL", "-j",
+                    "DOCKER",
+                ])?;
+                self.ipt(&[
+                    "-t", "nat", "-A", "DOCKER", "!", "-i", "br-old", "-p", "udp", "--dport", &port,
+                    "-j", "DNAT", "--to-destination", &to,
+                ])?;
+                self.ipt(&[
+                    "-t", "nat", "-A", "DOCKER", "!", "-i", "br-old", "-p", "tcp", "--dport", &port,
+                    "-j", "DNAT", "--to-destination", &to,
+                ])?;
+            }
+            Rules::Nftables => {
+                let family = match self.variant.family {
+                    Family::V4 => "ip",
+                    Family::V6 => "ip6",
                 };
-                if first {
-                    ipt(&["-t", "nat", "-N", "DOCKER"])?;
-                    ipt(&[
-                        "-t",
-                        "nat",
-                        "-A",
-                        "PREROUTING",
-                        "-m",
-                        "addrtype",
-                        "--dst-type",
-                        "LOCAL",
-                        "-j",
-                        "DOCKER",
-                    ])?;
-                    let mut add = vec!["-t", "nat", "-A", "DOCKER"];
-                    add.extend_from_slice(&rule);
-                    ipt(&add)?;
-                } else {
-                    let mut replace = vec!["-t", "nat", "-R", "DOCKER", "1"];
-                    replace.extend_from_slice(&rule);
-                    ipt(&replace)?;
+                self.nft(&format!(
+                    "add table {family} stale; \
+                     add chain {family} stale pre {{ type nat hook prerouting priority dstnat; }}; \
+                     add rule {family} stale pre meta l4proto {{ udp, tcp }} th dport {port} dnat to {to}"
+                ))?;
+            }
+            Rules::KubeProxy => {
+                for chain in ["KUBE-SERVICES", "KUBE-SVC-STALEWATCH", "KUBE-SEP-OLD"] {
+                    self.ipt(&["-t", "nat", "-N", chain])?;
                 }
+                self.ipt(&["-t", "nat", "-A", "PREROUTING", "-j", "KUBE-SERVICES"])?;
+                for proto in ["udp", "tcp"] {
+                    self.ipt(&[
+                        "-t", "nat", "-A", "KUBE-SERVICES", "-p", proto, "--dport", &port, "-j",
+                        "KUBE-SVC-STALEWATCH",
+                    ])?;
+                    self.ipt(&[
+                        "-t", "nat", "-A", "KUBE-SEP-OLD", "-p", proto, "-j", "DNAT",
+                        "--to-destination", &to,
+                    ])?;
+                }
+                self.ipt(&["-t", "nat", "-A", "KUBE-SVC-STALEWATCH", "-j", "KUBE-SEP-OLD"])?;
             }
         }
+        if self.variant.forward_drop {
+            // Docker's filter layout: policy DROP, replies let through by
+            // state, new flows only to a published container's port.
+            self.ipt(&["-P", "FORWARD", "DROP"])?;
+            self.ipt(&[
+                "-A", "FORWARD", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j",
+                "ACCEPT",
+            ])?;
+            self.ipt(&self.accept_rule("-A", "br-old", self.plan.old_backend))?;
+        }
         Ok(())
+    }
+
+    fn accept_rule<'a>(&self, op: &'a str, bridge: &'a str, backend: &'a str) -> Vec<&'a str> {
+        vec![
+            op, "FORWARD", "-d", backend, "!", "-i", bridge, "-o", bridge, "-p", "udp", "--dport",
+            "8888", "-j", "ACCEPT",
+        ]
     }
 
     /// The redeploy: the old container goes away, and the published port
@@ -137,16 +281,80 @@ impl Story {
     /// engines that this bug bites leave them.
     pub fn redeploy(&mut self) -> anyhow::Result<()> {
         self.old = None;
-        self.dnat_to("br-new", NEW_BACKEND, false)
+        let port = SERVICE_PORT.to_string();
+        let to = self.target(self.plan.new_backend);
+        match self.variant.rules {
+            Rules::Iptables | Rules::IptablesLegacy => {
+                for (n, proto) in [("1", "udp"), ("2", "tcp")] {
+                    self.ipt(&[
+                        "-t", "nat", "-R", "DOCKER", n, "!", "-i", "br-new", "-p", proto, "--dport",
+                        &port, "-j", "DNAT", "--to-destination", &to,
+                    ])?;
+                }
+            }
+            Rules::Nftables => {
+                let family = match self.variant.family {
+                    Family::V4 => "ip",
+                    Family::V6 => "ip6",
+                };
+                self.nft(&format!(
+                    "flush chain {family} stale pre; \
+                     add rule {family} stale pre meta l4proto {{ udp, tcp }} th dport {port} dnat to {to}"
+                ))?;
+            }
+            Rules::KubeProxy => {
+                // kube-proxy writes the new endpoint, points the service at
+                // it, then removes the old one.
+                self.ipt(&["-t", "nat", "-N", "KUBE-SEP-NEW"])?;
+                for proto in ["udp", "tcp"] {
+                    self.ipt(&[
+                        "-t", "nat", "-A", "KUBE-SEP-NEW", "-p", proto, "-j", "DNAT",
+                        "--to-destination", &to,
+                    ])?;
+                }
+                self.ipt(&["-t", "nat", "-R", "KUBE-SVC-STALEWATCH", "1", "-j", "KUBE-SEP-NEW"])?;
+                self.ipt(&["-t", "nat", "-F", "KUBE-SEP-OLD"])?;
+                self.ipt(&["-t", "nat", "-X", "KUBE-SEP-OLD"])?;
+            }
+        }
+        if self.variant.forward_drop {
+            self.ipt(&self.accept_rule("-D", "br-old", self.plan.old_backend))?;
+            self.ipt(&self.accept_rule("-A", "br-new", self.plan.new_backend))?;
+        }
+        Ok(())
     }
 
     pub fn service(&self) -> SocketAddr {
-        SocketAddr::from((ROUTER_LAN, SERVICE_PORT))
+        SocketAddr::new(parse(self.plan.router_lan), SERVICE_PORT)
     }
 
     pub fn producer_addr(&self, sport: u16) -> SocketAddr {
-        SocketAddr::from((PRODUCER, sport))
+        SocketAddr::new(parse(self.plan.producer), sport)
     }
+
+    /// The `conntrack -D` stalewatch should print for a flow from `sport`.
+    pub fn expected_fix(&self, proto: &str, sport: u16) -> String {
+        format!(
+            "ip netns exec {} conntrack -D -f {} -p {proto} -s {} -d {} --sport {sport} --dport {SERVICE_PORT}",
+            self.router.name,
+            self.family_flag(),
+            self.plan.producer,
+            self.plan.router_lan
+        )
+    }
+}
+
+fn parse(addr: &str) -> IpAddr {
+    addr.parse().expect("the plan's addresses are valid")
+}
+
+fn add_addr(ns: &Netns, dev: &str, addr: &str, prefix: u8) -> anyhow::Result<()> {
+    let with_prefix = format!("{addr}/{prefix}");
+    let mut args = vec!["addr", "add", with_prefix.as_str(), "dev", dev];
+    if addr.contains(':') {
+        args.push("nodad");
+    }
+    ns.ip(&args).map(drop)
 }
 
 /// A container: a namespace linked to a bridge of the router.
@@ -156,11 +364,12 @@ fn attach(
     container: &Netns,
     host_if: &str,
     addr: &str,
+    prefix: u8,
     gateway: &str,
 ) -> anyhow::Result<()> {
     veth(router, host_if, container, "eth0")?;
     router.ip(&["link", "set", host_if, "master", bridge])?;
-    container.ip(&["addr", "add", addr, "dev", "eth0"])?;
+    add_addr(container, "eth0", addr, prefix)?;
     container.ip(&["route", "add", "default", "via", gateway])?;
     Ok(())
 }

@@ -36,6 +36,10 @@ const FAILURE_REASONS: &[&str] = &[
     "NETFILTER_DROP",
 ];
 
+/// Reasons that mean a delivery failure only for IPv6: a failed neighbour
+/// discovery drops the queued packets as NOT_SPECIFIED.
+const FAILURE_REASONS_V6: &[&str] = &["NOT_SPECIFIED"];
+
 /// Offsets (bytes) inside a `struct nf_conntrack_tuple`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TupleLayout {
@@ -64,6 +68,7 @@ impl TupleLayout {
 #[derive(Clone, Debug)]
 pub struct KernelLayout {
     pub skb_nfct: u64,
+    pub skb_protocol: u64,
     pub ct_status: u64,
     pub ct_tuple_orig: u64,
     pub ct_tuple_reply: u64,
@@ -78,6 +83,7 @@ pub struct KernelLayout {
 pub struct DropReasons {
     names: HashMap<u32, String>,
     failure_bitmap: [u64; DROP_REASON_WORDS],
+    failure_bitmap_v6: [u64; DROP_REASON_WORDS],
 }
 
 impl DropReasons {
@@ -85,8 +91,14 @@ impl DropReasons {
         let mut reasons = DropReasons::default();
         for (name, value) in pairs {
             let name = name.strip_prefix("SKB_DROP_REASON_").unwrap_or(name);
-            if FAILURE_REASONS.contains(&name) && value < DROP_REASON_MAX {
-                reasons.failure_bitmap[(value / 64) as usize] |= 1 << (value % 64);
+            if value < DROP_REASON_MAX {
+                let (word, bit) = ((value / 64) as usize, 1 << (value % 64));
+                if FAILURE_REASONS.contains(&name) {
+                    reasons.failure_bitmap[word] |= bit;
+                }
+                if FAILURE_REASONS_V6.contains(&name) {
+                    reasons.failure_bitmap_v6[word] |= bit;
+                }
             }
             reasons.names.insert(value, name.to_owned());
         }
@@ -104,6 +116,11 @@ impl DropReasons {
     /// The bitmap the kfree_skb program filters on.
     pub fn failure_bitmap(&self) -> [u64; DROP_REASON_WORDS] {
         self.failure_bitmap
+    }
+
+    /// The reasons that count only for IPv6 packets.
+    pub fn failure_bitmap_v6(&self) -> [u64; DROP_REASON_WORDS] {
+        self.failure_bitmap_v6
     }
 }
 
@@ -142,6 +159,7 @@ impl KernelLayout {
 
         Ok(KernelLayout {
             skb_nfct: field("sk_buff", &["_nfct"])? as u64,
+            skb_protocol: field("sk_buff", &["protocol"])? as u64,
             ct_status: field("nf_conn", &["status"])? as u64,
             ct_tuple_orig: (tuplehash + tuple_in_hash) as u64,
             ct_tuple_reply: (tuplehash + hash_size + tuple_in_hash) as u64,
@@ -287,6 +305,7 @@ mod tests {
         assert_eq!(reasons.name(999), "999");
         let bitmap = reasons.failure_bitmap();
         assert_eq!(bitmap[0], 1 << 12 | 1 << 58);
+        assert_eq!(reasons.failure_bitmap_v6()[0], 1 << 2);
         assert_eq!(bitmap[1], 0, "TCP_CSUM is not a delivery failure");
     }
 }

@@ -55,6 +55,7 @@ impl Probes {
         let btf = aya::Btf::parse_file(&options.btf, aya::Endianness::default())
             .map_err(|e| Error::BadBtf(options.btf.clone(), e.to_string()))?;
         let drop_reasons = layout.drop_reasons.failure_bitmap();
+        let drop_reasons_v6 = layout.drop_reasons.failure_bitmap_v6();
         let netns = options.netns.unwrap_or(0);
         let interval = options.emit_interval.as_nanos() as u64;
         let mut ebpf = EbpfLoader::new()
@@ -68,6 +69,8 @@ impl Probes {
             .override_global(globals::NETNS_FILTER, &netns, true)
             .override_global(globals::EMIT_INTERVAL_NS, &interval, true)
             .override_global(globals::DROP_REASONS, &drop_reasons, true)
+            .override_global(globals::DROP_REASONS_V6, &drop_reasons_v6, true)
+            .override_global(globals::OFF_SKB_PROTOCOL, &layout.skb_protocol, true)
             .map_max_entries(names::MAP_FLOWS, options.max_flows)
             .load(OBJECT)
             .map_err(|e| kernel_error("loading the eBPF object", &e))?;

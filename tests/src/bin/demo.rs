@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 use nix::sys::signal::{SigHandler, Signal, signal};
 use stalewatch_tests::{
     sh,
-    story::{NEW_BACKEND, OLD_BACKEND, Rules, Story},
+    story::{Rules, Story, V4, Variant},
     traffic::{Producer, Receiver},
     watcher::Watcher,
 };
@@ -63,10 +63,10 @@ fn main() -> ExitCode {
 
 fn demo() -> anyhow::Result<()> {
     step("Building the story in private network namespaces");
-    let mut story = Story::build(Rules::Iptables)?;
+    let mut story = Story::build(Variant::v4(Rules::Iptables))?;
     println!(
-        "    producer {} (192.0.2.2)  ->  router {} (192.0.2.1, udp/8888 DNAT to {OLD_BACKEND}:8888)",
-        story.producer.name, story.router.name
+        "    producer {} (192.0.2.2)  ->  router {} (192.0.2.1, udp/8888 DNAT to {}:8888)",
+        story.producer.name, story.router.name, V4.old_backend
     );
     let old_service = Receiver::start(story.old.as_ref().context("old container")?, 8888)?;
 
@@ -96,12 +96,14 @@ fn demo() -> anyhow::Result<()> {
         bail!("the stream did not reach the old container");
     }
     println!(
-        "    old container {OLD_BACKEND} received {} datagrams",
+        "    old container {} received {} datagrams",
+        V4.old_backend,
         old_service.from(stream_src)
     );
 
     step(&format!(
-        "Redeploy: the old container is removed; the new one is {NEW_BACKEND} on a new bridge; the DNAT rule now points there"
+        "Redeploy: the old container is removed; the new one is {} on a new bridge; the DNAT rule now points there",
+        V4.new_backend
     ));
     story.redeploy()?;
     drop(old_service);
