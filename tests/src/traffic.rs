@@ -200,6 +200,8 @@ fn in_netns<T: Send + 'static>(
 /// every `every`, as a log shipper or a database client does.
 pub struct TcpProducer {
     stop: Arc<AtomicBool>,
+    /// 0: writing; 1: idle; 2: closed its end (FIN sent).
+    phase: Arc<std::sync::atomic::AtomicU8>,
     written: Arc<AtomicU64>,
     thread: Option<JoinHandle<()>>,
 }
@@ -239,13 +241,20 @@ impl TcpProducer {
             stream.set_nonblocking(true)?;
             Ok(stream)
         })?;
-        let (s, w) = (stop.clone(), written.clone());
+        let phase = Arc::new(std::sync::atomic::AtomicU8::new(0));
+        let (s, p, w) = (stop.clone(), phase.clone(), written.clone());
         let thread = thread::spawn(move || {
             let started = Instant::now();
             let mut seq = 0u64;
+            let mut closed = false;
             while !s.load(Ordering::Relaxed) && started.elapsed() < limit {
-                // Into the socket buffer; TCP retransmits what is not acked.
-                if stream.write_all(format!("line {seq}\n").as_bytes()).is_ok() {
+                let phase = p.load(Ordering::Relaxed);
+                if phase == 2 && !closed {
+                    let _ = stream.shutdown(std::net::Shutdown::Write);
+                    closed = true;
+                } else if phase == 0 && stream.write_all(format!("line {seq}\n").as_bytes()).is_ok()
+                {
+                    // Into the socket buffer; TCP retransmits what is not acked.
                     w.fetch_add(1, Ordering::Relaxed);
                 }
                 seq += 1;
@@ -254,6 +263,7 @@ impl TcpProducer {
         });
         Ok(TcpProducer {
             stop,
+            phase,
             written,
             thread: Some(thread),
         })
@@ -261,6 +271,16 @@ impl TcpProducer {
 
     pub fn written(&self) -> u64 {
         self.written.load(Ordering::Relaxed)
+    }
+
+    /// Stops writing; the connection stays open.
+    pub fn pause(&self) {
+        self.phase.store(1, Ordering::Relaxed);
+    }
+
+    /// Sends FIN; the socket stays open until `stop`.
+    pub fn close(&self) {
+        self.phase.store(2, Ordering::Relaxed);
     }
 
     pub fn stop(&mut self) {
