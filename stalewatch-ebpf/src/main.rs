@@ -26,8 +26,8 @@ mod programs {
         programs::BtfTracePointContext,
     };
     use stalewatch_common::{
-        DROP_REASON_MAX, DROP_REASON_WORDS, ETH_P_IPV6_BE, FlowEvent, ICMP_DEST_UNREACH, TUPLE_SIZE, ct_status,
-        hook, stat,
+        DROP_REASON_MAX, DROP_REASON_WORDS, ETH_P_IPV6_BE, FlowEvent, ICMP_DEST_UNREACH,
+        TUPLE_SIZE, ct_status, hook, stat,
     };
 
     // Read-only globals, set by userspace from BTF (see stalewatch-common's

@@ -151,12 +151,15 @@ impl Story {
             router.ip(&["link", "set", bridge, "up"])?;
             add_addr(&router, bridge, gateway, prefix)?;
         }
-        attach(&router, "br-old", &old, "vold", plan.old_backend, plan.old_prefix, plan.old_gw)?;
-        attach(&router, "br-new", &new, "vnew", plan.new_backend, plan.new_prefix, plan.new_gw)?;
+        let old_net = (plan.old_backend, plan.old_prefix, plan.old_gw);
+        let new_net = (plan.new_backend, plan.new_prefix, plan.new_gw);
+        attach(&router, "br-old", &old, "vold", old_net)?;
+        attach(&router, "br-new", &new, "vnew", new_net)?;
         let bystander = if variant.keep_old_carrier {
             let ns = Netns::new("bystander")?;
             ns.sysctl("net.ipv6.conf.all.accept_dad=0")?;
-            attach(&router, "br-old", &ns, "vbys", plan.bystander, plan.old_prefix, plan.old_gw)?;
+            let net = (plan.bystander, plan.old_prefix, plan.old_gw);
+            attach(&router, "br-old", &ns, "vbys", net)?;
             Some(ns)
         } else {
             None
@@ -182,8 +185,9 @@ impl Story {
         }
     }
 
-    /// `iptables`, `ip6tables` or their legacy twins, in the router.
-    fn ipt(&self, args: &[&str]) -> anyhow::Result<String> {
+    /// `iptables`, `ip6tables` or their legacy twins, in the router, with
+    /// a rule written as on the command line (no argument holds a space).
+    fn ipt_line(&self, line: &str) -> anyhow::Result<String> {
         let bin = match (self.variant.rules, self.variant.family) {
             (Rules::IptablesLegacy, Family::V4) => "iptables-legacy",
             (Rules::IptablesLegacy, Family::V6) => "ip6tables-legacy",
@@ -191,7 +195,7 @@ impl Story {
             (_, Family::V6) => "ip6tables",
         };
         let mut full = vec![bin, "-w"];
-        full.extend_from_slice(args);
+        full.extend(line.split_whitespace());
         self.router.exec(&full)
     }
 
@@ -213,19 +217,13 @@ impl Story {
         let to = self.target(self.plan.old_backend);
         match self.variant.rules {
             Rules::Iptables | Rules::IptablesLegacy => {
-                self.ipt(&["-t", "nat", "-N", "DOCKER"])?;
-                self.ipt(&[
-                    "-t", "nat", "-A", "PREROUTING", "-m", "addrtype", "--dst-type", "LOCAL", "-j",
-                    "DOCKER",
-                ])?;
-                self.ipt(&[
-                    "-t", "nat", "-A", "DOCKER", "!", "-i", "br-old", "-p", "udp", "--dport", &port,
-                    "-j", "DNAT", "--to-destination", &to,
-                ])?;
-                self.ipt(&[
-                    "-t", "nat", "-A", "DOCKER", "!", "-i", "br-old", "-p", "tcp", "--dport", &port,
-                    "-j", "DNAT", "--to-destination", &to,
-                ])?;
+                self.ipt_line("-t nat -N DOCKER")?;
+                self.ipt_line("-t nat -A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER")?;
+                for proto in ["udp", "tcp"] {
+                    self.ipt_line(&format!(
+                        "-t nat -A DOCKER ! -i br-old -p {proto} --dport {port} -j DNAT --to-destination {to}"
+                    ))?;
+                }
             }
             Rules::Nftables => {
                 let family = match self.variant.family {
@@ -240,40 +238,28 @@ impl Story {
             }
             Rules::KubeProxy => {
                 for chain in ["KUBE-SERVICES", "KUBE-SVC-STALEWATCH", "KUBE-SEP-OLD"] {
-                    self.ipt(&["-t", "nat", "-N", chain])?;
+                    self.ipt_line(&format!("-t nat -N {chain}"))?;
                 }
-                self.ipt(&["-t", "nat", "-A", "PREROUTING", "-j", "KUBE-SERVICES"])?;
+                self.ipt_line("-t nat -A PREROUTING -j KUBE-SERVICES")?;
                 for proto in ["udp", "tcp"] {
-                    self.ipt(&[
-                        "-t", "nat", "-A", "KUBE-SERVICES", "-p", proto, "--dport", &port, "-j",
-                        "KUBE-SVC-STALEWATCH",
-                    ])?;
-                    self.ipt(&[
-                        "-t", "nat", "-A", "KUBE-SEP-OLD", "-p", proto, "-j", "DNAT",
-                        "--to-destination", &to,
-                    ])?;
+                    self.ipt_line(&format!(
+                        "-t nat -A KUBE-SERVICES -p {proto} --dport {port} -j KUBE-SVC-STALEWATCH"
+                    ))?;
+                    self.ipt_line(&format!(
+                        "-t nat -A KUBE-SEP-OLD -p {proto} -j DNAT --to-destination {to}"
+                    ))?;
                 }
-                self.ipt(&["-t", "nat", "-A", "KUBE-SVC-STALEWATCH", "-j", "KUBE-SEP-OLD"])?;
+                self.ipt_line("-t nat -A KUBE-SVC-STALEWATCH -j KUBE-SEP-OLD")?;
             }
         }
         if self.variant.forward_drop {
             // Docker's filter layout: policy DROP, replies let through by
             // state, new flows only to a published container's port.
-            self.ipt(&["-P", "FORWARD", "DROP"])?;
-            self.ipt(&[
-                "-A", "FORWARD", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j",
-                "ACCEPT",
-            ])?;
-            self.ipt(&self.accept_rule("-A", "br-old", self.plan.old_backend))?;
+            self.ipt_line("-P FORWARD DROP")?;
+            self.ipt_line("-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")?;
+            self.ipt_line(&accept_rule("-A", "br-old", self.plan.old_backend))?;
         }
         Ok(())
-    }
-
-    fn accept_rule<'a>(&self, op: &'a str, bridge: &'a str, backend: &'a str) -> Vec<&'a str> {
-        vec![
-            op, "FORWARD", "-d", backend, "!", "-i", bridge, "-o", bridge, "-p", "udp", "--dport",
-            "8888", "-j", "ACCEPT",
-        ]
     }
 
     /// The redeploy: the old container goes away, and the published port
@@ -285,11 +271,10 @@ impl Story {
         let to = self.target(self.plan.new_backend);
         match self.variant.rules {
             Rules::Iptables | Rules::IptablesLegacy => {
-                for (n, proto) in [("1", "udp"), ("2", "tcp")] {
-                    self.ipt(&[
-                        "-t", "nat", "-R", "DOCKER", n, "!", "-i", "br-new", "-p", proto, "--dport",
-                        &port, "-j", "DNAT", "--to-destination", &to,
-                    ])?;
+                for (n, proto) in [(1, "udp"), (2, "tcp")] {
+                    self.ipt_line(&format!(
+                        "-t nat -R DOCKER {n} ! -i br-new -p {proto} --dport {port} -j DNAT --to-destination {to}"
+                    ))?;
                 }
             }
             Rules::Nftables => {
@@ -305,21 +290,20 @@ impl Story {
             Rules::KubeProxy => {
                 // kube-proxy writes the new endpoint, points the service at
                 // it, then removes the old one.
-                self.ipt(&["-t", "nat", "-N", "KUBE-SEP-NEW"])?;
+                self.ipt_line("-t nat -N KUBE-SEP-NEW")?;
                 for proto in ["udp", "tcp"] {
-                    self.ipt(&[
-                        "-t", "nat", "-A", "KUBE-SEP-NEW", "-p", proto, "-j", "DNAT",
-                        "--to-destination", &to,
-                    ])?;
+                    self.ipt_line(&format!(
+                        "-t nat -A KUBE-SEP-NEW -p {proto} -j DNAT --to-destination {to}"
+                    ))?;
                 }
-                self.ipt(&["-t", "nat", "-R", "KUBE-SVC-STALEWATCH", "1", "-j", "KUBE-SEP-NEW"])?;
-                self.ipt(&["-t", "nat", "-F", "KUBE-SEP-OLD"])?;
-                self.ipt(&["-t", "nat", "-X", "KUBE-SEP-OLD"])?;
+                self.ipt_line("-t nat -R KUBE-SVC-STALEWATCH 1 -j KUBE-SEP-NEW")?;
+                self.ipt_line("-t nat -F KUBE-SEP-OLD")?;
+                self.ipt_line("-t nat -X KUBE-SEP-OLD")?;
             }
         }
         if self.variant.forward_drop {
-            self.ipt(&self.accept_rule("-D", "br-old", self.plan.old_backend))?;
-            self.ipt(&self.accept_rule("-A", "br-new", self.plan.new_backend))?;
+            self.ipt_line(&accept_rule("-D", "br-old", self.plan.old_backend))?;
+            self.ipt_line(&accept_rule("-A", "br-new", self.plan.new_backend))?;
         }
         Ok(())
     }
@@ -344,6 +328,13 @@ impl Story {
     }
 }
 
+/// Docker's per-container ACCEPT in FORWARD, added (`-A`) or deleted (`-D`).
+fn accept_rule(op: &str, bridge: &str, backend: &str) -> String {
+    format!(
+        "{op} FORWARD -d {backend} ! -i {bridge} -o {bridge} -p udp --dport {SERVICE_PORT} -j ACCEPT"
+    )
+}
+
 fn parse(addr: &str) -> IpAddr {
     addr.parse().expect("the plan's addresses are valid")
 }
@@ -363,9 +354,7 @@ fn attach(
     bridge: &str,
     container: &Netns,
     host_if: &str,
-    addr: &str,
-    prefix: u8,
-    gateway: &str,
+    (addr, prefix, gateway): (&str, u8, &str),
 ) -> anyhow::Result<()> {
     veth(router, host_if, container, "eth0")?;
     router.ip(&["link", "set", host_if, "master", bridge])?;

@@ -101,7 +101,10 @@ fn story(variant: Variant, expect: Expect) -> anyhow::Result<()> {
     let plan = story.plan;
     assert_eq!(raised["netns"]["inode"], router_inode);
     assert_eq!(raised["netns"]["name"], story.router.name.as_str());
-    let family = if variant.family == Family::V4 { "ipv4" } else { "ipv6" };
+    let family = match variant.family {
+        Family::V4 => "ipv4",
+        Family::V6 => "ipv6",
+    };
     assert_eq!(raised["family"], family);
     assert_eq!(raised["proto"], "udp");
     assert_eq!(
@@ -120,11 +123,12 @@ fn story(variant: Variant, expect: Expect) -> anyhow::Result<()> {
         }
         None => assert!(raised["failures"]["icmp"].is_null(), "{raised}"),
     }
-    assert_eq!(raised["failures"]["drop"]["reason"], expect.drop, "{raised}");
+    let drop = &raised["failures"]["drop"];
+    assert_eq!(drop["reason"], expect.drop, "{raised}");
     let delay = time(&raised["time"])
         .duration_since(time(&raised["failures"]["first"]))
         .unwrap_or_default();
-    assert!(delay <= secs(10), "alerted {delay:?} after the first failure");
+    assert!(delay <= secs(10), "alerted {delay:?} after first failure");
     let fix = raised["fix"].as_str().expect("fix command");
     assert_eq!(fix, story.expected_fix("udp", STALE_SPORT));
     assert_eq!(
