@@ -43,20 +43,30 @@ pub const ICMP_DEST_UNREACH: u32 = 3;
 pub const DROP_REASON_WORDS: usize = 4;
 pub const DROP_REASON_MAX: u32 = (DROP_REASON_WORDS * 64) as u32;
 
+/// What a ring buffer record is: every record starts with its kind (u32).
+pub mod kind {
+    /// A [`FlowEvent`](super::FlowEvent).
+    pub const FLOW: u32 = 1;
+    /// A [`LocalEvent`](super::LocalEvent).
+    pub const LOCAL: u32 = 2;
+}
+
 /// One failing conntrack entry as the kernel last saw it. Sent on the first
 /// failure of an entry, then at most once per `EMIT_INTERVAL_NS` while it
 /// keeps failing: counters are cumulative since the first failure.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowEvent {
+    /// `kind::FLOW`.
+    pub kind: u32,
+    /// Inode of the network namespace the conntrack entry belongs to.
+    pub netns: u32,
     /// Address of the `struct nf_conn`: an identity, never dereferenced in
     /// userspace. Entries are reused by the kernel; `orig` disambiguates.
     pub ct: u64,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the first and last failure.
     pub first_ns: u64,
     pub last_ns: u64,
-    /// Inode of the network namespace the conntrack entry belongs to.
-    pub netns: u32,
     /// `nf_conn.status` at the last failure.
     pub status: u32,
     /// Destination-unreachable messages this host generated for the entry.
@@ -77,6 +87,37 @@ pub struct FlowEvent {
     /// entry is pinned to.
     pub reply: [u8; TUPLE_SIZE],
 }
+
+/// Datagrams this host answered with ICMP port unreachable, by flow: the
+/// packet was delivered to the host itself and no socket took it. The kernel
+/// has let go of the conntrack entry by then, so the flow comes from the
+/// packet's own headers. IPv4 (the icmp_send tracepoint is IPv4 only).
+/// Sent like [`FlowEvent`]: first failure, then at most once per interval.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalEvent {
+    /// `kind::LOCAL`.
+    pub kind: u32,
+    /// Inode of the network namespace of the receiving device.
+    pub netns: u32,
+    pub first_ns: u64,
+    pub last_ns: u64,
+    pub count: u32,
+    /// IP protocol number.
+    pub proto: u8,
+    pub icmp_code: u8,
+    pub _pad: [u8; 2],
+    /// Addresses as on the wire (network order).
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    /// Ports as on the wire (network order).
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub _pad2: u32,
+}
+
+/// ICMP code "port unreachable".
+pub const ICMP_PORT_UNREACH: u32 = 3;
 
 /// Counters in the `STATS` per-CPU array, by index.
 pub mod stat {
@@ -104,6 +145,11 @@ pub mod globals {
     pub const DROP_REASONS: &str = "DROP_REASONS";
     pub const DROP_REASONS_V6: &str = "DROP_REASONS_V6";
     pub const OFF_SKB_PROTOCOL: &str = "OFF_SKB_PROTOCOL";
+    pub const OFF_SKB_HEAD: &str = "OFF_SKB_HEAD";
+    pub const OFF_SKB_NETWORK_HEADER: &str = "OFF_SKB_NETWORK_HEADER";
+    pub const OFF_SKB_TRANSPORT_HEADER: &str = "OFF_SKB_TRANSPORT_HEADER";
+    pub const OFF_SKB_DEV: &str = "OFF_SKB_DEV";
+    pub const OFF_DEV_NET: &str = "OFF_DEV_NET";
 }
 
 /// Names of the programs and maps in the object file.
@@ -112,9 +158,14 @@ pub mod names {
     pub const PROG_KFREE_SKB: &str = "kfree_skb";
     pub const MAP_EVENTS: &str = "EVENTS";
     pub const MAP_FLOWS: &str = "FLOWS";
+    pub const MAP_LOCALS: &str = "LOCALS";
     pub const MAP_STATS: &str = "STATS";
 }
 
 #[cfg(feature = "user")]
 // SAFETY: FlowEvent is repr(C), Copy, and every bit pattern is a valid value.
 unsafe impl aya::Pod for FlowEvent {}
+
+#[cfg(feature = "user")]
+// SAFETY: as for FlowEvent.
+unsafe impl aya::Pod for LocalEvent {}

@@ -27,7 +27,7 @@ mod programs {
     };
     use stalewatch_common::{
         DROP_REASON_MAX, DROP_REASON_WORDS, ETH_P_IPV6_BE, FlowEvent, ICMP_DEST_UNREACH,
-        TUPLE_SIZE, ct_status, hook, stat,
+        ICMP_PORT_UNREACH, LocalEvent, TUPLE_SIZE, ct_status, hook, kind, stat,
     };
 
     // Read-only globals, set by userspace from BTF (see stalewatch-common's
@@ -60,6 +60,17 @@ mod programs {
     static DROP_REASONS_V6: [u64; DROP_REASON_WORDS] = [0; DROP_REASON_WORDS];
     #[unsafe(no_mangle)]
     static OFF_SKB_PROTOCOL: u64 = 0;
+    #[unsafe(no_mangle)]
+    static OFF_SKB_HEAD: u64 = 0;
+    #[unsafe(no_mangle)]
+    static OFF_SKB_NETWORK_HEADER: u64 = 0;
+    #[unsafe(no_mangle)]
+    static OFF_SKB_TRANSPORT_HEADER: u64 = 0;
+    #[unsafe(no_mangle)]
+    static OFF_SKB_DEV: u64 = 0;
+    /// `net_device.nd_net.net`.
+    #[unsafe(no_mangle)]
+    static OFF_DEV_NET: u64 = 0;
 
     /// Per conntrack entry: the event userspace gets, and when it last got it.
     #[repr(C)]
@@ -76,6 +87,28 @@ mod programs {
     /// resize it before load.
     #[map(name = "FLOWS")]
     static FLOWS: LruHashMap<u64, FlowState> = LruHashMap::with_max_entries(65_536, 0);
+
+    /// A locally delivered flow that this host answers with port
+    /// unreachable: its conntrack entry is no longer on the packet.
+    #[repr(C)]
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    struct LocalKey {
+        netns: u32,
+        saddr: [u8; 4],
+        daddr: [u8; 4],
+        sport: [u8; 2],
+        dport: [u8; 2],
+        proto: u32,
+    }
+
+    #[repr(C)]
+    struct LocalState {
+        event: LocalEvent,
+        last_emit_ns: u64,
+    }
+
+    #[map(name = "LOCALS")]
+    static LOCALS: LruHashMap<LocalKey, LocalState> = LruHashMap::with_max_entries(16_384, 0);
 
     #[map(name = "STATS")]
     static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
@@ -118,8 +151,83 @@ mod programs {
             return 0;
         }
         let icmp_code: i32 = ctx.arg(2);
-        let _ = record_failure(ctx.arg(0), hook::ICMP_SEND, icmp_code as u8, 0);
+        let skb: u64 = ctx.arg(0);
+        if record_failure(skb, hook::ICMP_SEND, icmp_code as u8, 0) == Ok(false)
+            && icmp_code as u32 == ICMP_PORT_UNREACH
+        {
+            let _ = record_local(skb, icmp_code as u8);
+        }
         0
+    }
+
+    /// A datagram delivered to this host that no socket took. Its flow may
+    /// bypass a DNAT (an entry made while no rule existed); userspace
+    /// decides, from the conntrack table. The UDP receive path has already
+    /// dropped the packet's conntrack reference, so the flow is read from
+    /// the packet's own IPv4 and transport headers.
+    #[inline(always)]
+    fn record_local(skb: u64, icmp_code: u8) -> Result<(), ()> {
+        let dev: u64 = read(skb + global(&OFF_SKB_DEV))?;
+        if dev == 0 {
+            return Ok(());
+        }
+        let net: u64 = read(dev + global(&OFF_DEV_NET))?;
+        let netns: u32 = read(net + global(&OFF_NET_NS_INUM))?;
+        let filter = global(&NETNS_FILTER);
+        if filter != 0 && filter != netns {
+            return Ok(());
+        }
+        let head: u64 = read(skb + global(&OFF_SKB_HEAD))?;
+        let network: u16 = read(skb + global(&OFF_SKB_NETWORK_HEADER))?;
+        let transport: u16 = read(skb + global(&OFF_SKB_TRANSPORT_HEADER))?;
+        // IPv4 header: protocol at 9, addresses at 12 and 16.
+        let ip: [u8; 20] = read(head + u64::from(network))?;
+        if ip[0] >> 4 != 4 {
+            return Ok(());
+        }
+        let ports: [u8; 4] = read(head + u64::from(transport))?;
+        let key = LocalKey {
+            netns,
+            saddr: [ip[12], ip[13], ip[14], ip[15]],
+            daddr: [ip[16], ip[17], ip[18], ip[19]],
+            sport: [ports[0], ports[1]],
+            dport: [ports[2], ports[3]],
+            proto: u32::from(ip[9]),
+        };
+        // SAFETY: no preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+        if let Some(state) = LOCALS.get_ptr_mut(&key) {
+            // SAFETY: a value of our own map, alive while the program runs.
+            let state = unsafe { &mut *state };
+            state.event.count = state.event.count.wrapping_add(1);
+            state.event.last_ns = now;
+            if now.wrapping_sub(state.last_emit_ns) >= global(&EMIT_INTERVAL_NS) {
+                state.last_emit_ns = now;
+                emit(&state.event);
+            }
+            return Ok(());
+        }
+        let state = LocalState {
+            event: LocalEvent {
+                kind: kind::LOCAL,
+                netns,
+                first_ns: now,
+                last_ns: now,
+                count: 1,
+                proto: ip[9],
+                icmp_code,
+                _pad: [0; 2],
+                saddr: key.saddr,
+                daddr: key.daddr,
+                sport: key.sport,
+                dport: key.dport,
+                _pad2: 0,
+            },
+            last_emit_ns: now,
+        };
+        let _ = LOCALS.insert(&key, &state, BPF_ANY as u64);
+        emit(&state.event);
+        Ok(())
     }
 
     #[btf_tracepoint(function = "kfree_skb")]
@@ -147,22 +255,24 @@ mod programs {
         0
     }
 
+    /// Counts a failed packet against its DNATed conntrack entry. `Ok(false)`
+    /// when the packet has no conntrack entry at all.
     #[inline(always)]
-    fn record_failure(skb: u64, hook_id: u8, icmp_code: u8, drop_reason: u32) -> Result<(), ()> {
+    fn record_failure(skb: u64, hook_id: u8, icmp_code: u8, drop_reason: u32) -> Result<bool, ()> {
         let nfct: u64 = read(skb + global(&OFF_SKB_NFCT))?;
         let ct = nfct & NFCT_PTRMASK;
         if ct == 0 {
-            return Ok(());
+            return Ok(false);
         }
         let status: u32 = read(ct + global(&OFF_CT_STATUS))?;
         if status & ct_status::DST_NAT == 0 {
-            return Ok(());
+            return Ok(true);
         }
         let net: u64 = read(ct + global(&OFF_CT_NET))?;
         let netns: u32 = read(net + global(&OFF_NET_NS_INUM))?;
         let filter = global(&NETNS_FILTER);
         if filter != 0 && filter != netns {
-            return Ok(());
+            return Ok(true);
         }
         count(stat::FAILURES);
 
@@ -175,13 +285,14 @@ mod programs {
             // SAFETY: a value of our own map, alive while the program runs.
             let state = unsafe { &mut *state };
             if state.event.orig == orig {
-                return update(state, now, status, hook_id, icmp_code, drop_reason);
+                return update(state, now, status, hook_id, icmp_code, drop_reason).map(|()| true);
             }
             // The kernel reused the nf_conn for another flow: start over.
         }
 
         let mut state = FlowState {
             event: FlowEvent {
+                kind: kind::FLOW,
                 ct,
                 first_ns: now,
                 last_ns: now,
@@ -208,7 +319,8 @@ mod programs {
                 // SAFETY: as above.
                 let existing = unsafe { &mut *existing };
                 if existing.event.orig == orig {
-                    return update(existing, now, status, hook_id, icmp_code, drop_reason);
+                    return update(existing, now, status, hook_id, icmp_code, drop_reason)
+                        .map(|()| true);
                 }
             }
             FLOWS
@@ -216,7 +328,7 @@ mod programs {
                 .map_err(|_| count(stat::READ_ERRORS))?;
         }
         emit(&state.event);
-        Ok(())
+        Ok(true)
     }
 
     #[inline(always)]
@@ -265,8 +377,8 @@ mod programs {
     }
 
     #[inline(always)]
-    fn emit(event: &FlowEvent) {
-        if EVENTS.output::<FlowEvent>(event, 0).is_ok() {
+    fn emit<T>(event: &T) {
+        if EVENTS.output::<T>(event, 0).is_ok() {
             count(stat::EVENTS_SENT);
         } else {
             count(stat::EVENTS_LOST);

@@ -7,10 +7,29 @@
 //! A flow is raised when its DNATed conntrack entry has failed at least
 //! `min_failures` packets: the entry pins the flow to a backend the host can
 //! no longer deliver to, while the NAT rules are never consulted again for
-//! it. While it keeps failing, a reminder goes out every `remind_every`; when
-//! no failure has come for `resolve_after`, it is resolved.
+//! it. While it keeps failing, a reminder goes out every `remind_every`. It
+//! is resolved when its entry is gone (deleted or expired) or when no
+//! failure has come for `resolve_after`.
+//!
+//! Each alert carries a verdict, from the flow's evidence and its siblings
+//! (other flows to the same service, in the same namespace):
+//! - `stale`: newer flows to the service reach another backend, or the
+//!   kernel could not find the old backend among its neighbours while the
+//!   flow kept coming;
+//! - `backend_down`: other flows to the service fail at the same backend
+//!   and none goes elsewhere;
+//! - `unconfirmed`: neither can be told yet;
+//! - `bypass`: the flow's entry was made without NAT (while no DNAT rule
+//!   existed) and delivers it to this host, while newer flows to the same
+//!   destination are DNATed elsewhere. Such flows reach the correlator as
+//!   datagrams this host refused; without DNATed siblings they are no stale
+//!   flow and stay quiet.
 
-use std::{collections::HashMap, net::IpAddr, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    time::Duration,
+};
 
 use crate::event::{Observation, Tuple};
 
@@ -43,10 +62,46 @@ pub enum AlertState {
     Resolved,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Stale,
+    BackendDown,
+    Unconfirmed,
+    Bypass,
+}
+
+/// Why a raised flow was resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resolution {
+    /// Its conntrack entry was deleted or expired.
+    EntryGone,
+    /// No failure for `resolve_after`.
+    FailuresStopped,
+}
+
+/// A backend: address and port.
+pub type Backend = (IpAddr, u16);
+
+/// What the conntrack table shows of a flow's siblings: the other entries
+/// to the same destination (protocol, address, port) in its namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Siblings {
+    /// Where DNATed siblings are sent, with how many entries go there.
+    pub dnat_backends: BTreeMap<Backend, u32>,
+}
+
 /// What the correlator concluded about one flow.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Alert {
     pub state: AlertState,
+    pub verdict: Verdict,
+    /// Where the service sends new flows now, where known.
+    pub current_backends: Vec<Backend>,
+    /// The facts behind the verdict, in words.
+    pub evidence: Vec<String>,
+    pub resolution: Option<Resolution>,
     /// The latest kernel report on the flow.
     pub flow: Observation,
     /// When the correlator said it (monotonic).
@@ -70,6 +125,11 @@ struct Tracked {
     /// failing flow at least once a second, so silence means no failures.
     seen: Duration,
     last_alert: Option<Duration>,
+    /// When an unraised flow's siblings were last looked at and did not
+    /// make it stale (a refused datagram with no DNAT beside it).
+    checked: Option<Duration>,
+    /// The verdict of the latest alert.
+    judged: Option<(Verdict, Vec<Backend>, Vec<String>)>,
 }
 
 #[derive(Debug, Default)]
@@ -86,32 +146,183 @@ impl Correlator {
         }
     }
 
-    /// Takes one kernel report. Returns the alert it causes, if any.
-    pub fn observe(&mut self, flow: Observation, now: Duration) -> Option<Alert> {
-        if !flow.is_dnat() || is_not_translated(&flow) {
+    /// Whether `observe` would alert on this report: the caller then looks
+    /// up the flow's siblings, which costs a conntrack query.
+    pub fn would_alert(&self, flow: &Observation, now: Duration) -> bool {
+        if !self.relevant(flow) {
+            return false;
+        }
+        self.due(flow, now).is_some()
+    }
+
+    fn relevant(&self, flow: &Observation) -> bool {
+        flow.local || (flow.is_dnat() && !is_not_translated(flow))
+    }
+
+    /// The alert `flow` is due for now, if any.
+    fn due(&self, flow: &Observation, now: Duration) -> Option<AlertState> {
+        let elapsed = |since: Duration| now.saturating_sub(since) >= self.config.remind_every;
+        let tracked = self.flows.get(&key_of(flow));
+        match (
+            tracked.and_then(|t| t.last_alert),
+            tracked.and_then(|t| t.checked),
+        ) {
+            (Some(last), _) => elapsed(last).then_some(AlertState::Reminder),
+            (None, checked) => (flow.failures() >= self.config.min_failures
+                && checked.is_none_or(elapsed))
+            .then_some(AlertState::Raised),
+        }
+    }
+
+    /// Takes one kernel report, with what the conntrack table shows of the
+    /// flow's siblings when the caller looked (see `would_alert`). Returns
+    /// the alert it causes, if any.
+    pub fn observe(
+        &mut self,
+        flow: Observation,
+        siblings: Option<&Siblings>,
+        now: Duration,
+    ) -> Option<Alert> {
+        if !self.relevant(&flow) {
             return None;
         }
-        let key = FlowKey {
-            netns: flow.netns,
-            ct: flow.ct,
-            orig: flow.orig,
-        };
-        let tracked = self.flows.entry(key).or_insert_with(|| Tracked {
+        let state = self.due(&flow, now);
+        let judged = state.and_then(|_| self.judge(&flow, siblings));
+        let tracked = self.flows.entry(key_of(&flow)).or_insert_with(|| Tracked {
             flow: flow.clone(),
             seen: now,
             last_alert: None,
+            checked: None,
+            judged: None,
         });
         tracked.flow = flow;
         tracked.seen = now;
-        let state = match tracked.last_alert {
-            None if tracked.flow.failures() >= self.config.min_failures => AlertState::Raised,
-            Some(last) if now.saturating_sub(last) >= self.config.remind_every => {
-                AlertState::Reminder
-            }
-            _ => return None,
-        };
+        let state = state?;
+        if judged.is_none() {
+            tracked.checked = Some(now);
+            return None;
+        }
         tracked.last_alert = Some(now);
-        Some(alert(state, &tracked.flow, now))
+        tracked.judged = judged;
+        Some(alert(state, tracked, None, now))
+    }
+
+    /// A refused datagram's flow is stale only when DNATed siblings show
+    /// that the destination is published elsewhere now.
+    fn judge_local(
+        flow: &Observation,
+        siblings: Option<&Siblings>,
+    ) -> Option<(Verdict, Vec<Backend>, Vec<String>)> {
+        let current: Vec<Backend> = siblings?.dnat_backends.keys().copied().collect();
+        if current.is_empty() {
+            return None;
+        }
+        let to: Vec<String> = current
+            .iter()
+            .map(|(a, p)| crate::report::addr_port(*a, *p))
+            .collect();
+        let evidence = format!(
+            "its conntrack entry has no NAT and delivers it to this host, which refuses it, \
+             while newer flows to {} are DNATed to {}",
+            crate::report::addr_port(flow.orig.dst, flow.orig.dport),
+            to.join(", ")
+        );
+        Some((Verdict::Bypass, current, vec![evidence]))
+    }
+
+    /// The verdict on `flow`, from its own evidence, the failing flows we
+    /// track, and its siblings in the conntrack table.
+    fn judge(
+        &self,
+        flow: &Observation,
+        siblings: Option<&Siblings>,
+    ) -> Option<(Verdict, Vec<Backend>, Vec<String>)> {
+        if flow.local {
+            return Self::judge_local(flow, siblings);
+        }
+        let stale_backend = flow.backend();
+        let service = |o: &Observation| (o.netns, o.orig.proto, o.orig.dst, o.orig.dport);
+        // Other flows to the same service that fail too, by backend.
+        let failing: BTreeSet<Backend> = self
+            .flows
+            .values()
+            .map(|t| &t.flow)
+            .filter(|o| service(o) == service(flow) && o.orig != flow.orig)
+            .map(Observation::backend)
+            .collect();
+        let service_name = format!(
+            "{}:{}",
+            crate::report::addr_port(flow.orig.dst, flow.orig.dport),
+            flow.orig.proto.name()
+        );
+        let current: Vec<Backend> = siblings
+            .map(|s| {
+                s.dnat_backends
+                    .keys()
+                    .filter(|b| **b != stale_backend && !failing.contains(b))
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !current.is_empty() {
+            let to: Vec<String> = current
+                .iter()
+                .map(|(a, p)| crate::report::addr_port(*a, *p))
+                .collect();
+            let evidence = format!(
+                "newer flows to {service_name} are DNATed to {}, not to {}",
+                to.join(", "),
+                crate::report::addr_port(stale_backend.0, stale_backend.1)
+            );
+            return Some((Verdict::Stale, current, vec![evidence]));
+        }
+        if failing.contains(&stale_backend) {
+            let evidence = format!(
+                "other flows to {service_name} fail at the same backend, and none goes elsewhere"
+            );
+            return Some((Verdict::BackendDown, vec![stale_backend], vec![evidence]));
+        }
+        if flow.neighbour_failed() {
+            let evidence = format!(
+                "the host no longer finds {} among its neighbours, yet the flow keeps coming",
+                flow.backend().0
+            );
+            return Some((Verdict::Stale, Vec::new(), vec![evidence]));
+        }
+        Some((Verdict::Unconfirmed, Vec::new(), Vec::new()))
+    }
+
+    /// Flows raised and not yet resolved, for the caller to check whether
+    /// their conntrack entries still exist.
+    pub fn raised_flows(&self) -> Vec<(u32, Tuple, Tuple)> {
+        let mut flows: Vec<(u32, Tuple, Tuple)> = self
+            .flows
+            .values()
+            .filter(|t| t.last_alert.is_some())
+            .map(|t| (t.flow.netns, t.flow.orig, t.flow.reply))
+            .collect();
+        flows.sort();
+        flows
+    }
+
+    /// The conntrack entry of a raised flow is gone: resolve it now.
+    pub fn entry_gone(&mut self, netns: u32, orig: &Tuple, now: Duration) -> Vec<Alert> {
+        let mut alerts = Vec::new();
+        self.flows.retain(|key, tracked| {
+            if key.netns != netns || key.orig != *orig {
+                return true;
+            }
+            if tracked.last_alert.is_some() {
+                alerts.push(alert(
+                    AlertState::Resolved,
+                    tracked,
+                    Some(Resolution::EntryGone),
+                    now,
+                ));
+            }
+            false
+        });
+        alerts
     }
 
     /// Advances the clock: resolves raised flows that stopped failing and
@@ -124,7 +335,12 @@ impl Correlator {
                 return true;
             }
             if tracked.last_alert.is_some() {
-                alerts.push(alert(AlertState::Resolved, &tracked.flow, now));
+                alerts.push(alert(
+                    AlertState::Resolved,
+                    tracked,
+                    Some(Resolution::FailuresStopped),
+                    now,
+                ));
             }
             false
         });
@@ -152,9 +368,32 @@ fn is_not_translated(flow: &Observation) -> bool {
     addr == flow.orig.dst && port == flow.orig.dport
 }
 
-fn alert(state: AlertState, flow: &Observation, now: Duration) -> Alert {
+fn key_of(flow: &Observation) -> FlowKey {
+    FlowKey {
+        netns: flow.netns,
+        ct: flow.ct,
+        orig: flow.orig,
+    }
+}
+
+fn alert(
+    state: AlertState,
+    tracked: &Tracked,
+    resolution: Option<Resolution>,
+    now: Duration,
+) -> Alert {
+    let (verdict, current_backends, evidence) =
+        tracked
+            .judged
+            .clone()
+            .unwrap_or((Verdict::Unconfirmed, Vec::new(), Vec::new()));
+    let flow = &tracked.flow;
     Alert {
         state,
+        verdict,
+        current_backends,
+        evidence,
+        resolution,
         flow: flow.clone(),
         at: now,
         failing_for: flow.last.saturating_sub(flow.first),
@@ -190,6 +429,7 @@ mod tests {
     /// pinned to 172.17.0.2:8888, with `failed` packets lost by `at`.
     fn stale(failed: u32, at: u64) -> Observation {
         Observation {
+            local: false,
             ct: CT,
             netns: NETNS,
             orig: udp("192.0.2.2", 40000, "192.0.2.1", 8888),
@@ -213,24 +453,57 @@ mod tests {
         alerts.iter().map(|a| a.state).collect()
     }
 
+    impl Correlator {
+        /// `observe` without sibling facts, as when conntrack cannot be read.
+        fn observe_plain(&mut self, flow: Observation, now: Duration) -> Option<Alert> {
+            self.observe(flow, None, now)
+        }
+    }
+
+    fn backend(s: &str) -> Backend {
+        (s.parse().unwrap(), 8888)
+    }
+
+    fn siblings(backends: &[(&str, u32)]) -> Siblings {
+        Siblings {
+            dnat_backends: backends.iter().map(|(b, n)| (backend(b), *n)).collect(),
+        }
+    }
+
+    /// Another flow to the same service, from `sport`, pinned to `to`.
+    fn sibling(sport: u16, to: &str, failed: u32, at: u64) -> Observation {
+        let mut flow = stale(failed, at);
+        flow.ct = CT + u64::from(sport);
+        flow.orig.sport = sport;
+        flow.reply = udp(to, 8888, "192.0.2.2", sport);
+        flow
+    }
+
     #[test]
     fn raises_once_enough_packets_failed() {
         let mut c = Correlator::new(Config::default());
-        assert_eq!(c.observe(stale(1, 10), secs(10)), None);
-        let alert = c.observe(stale(4, 11), secs(11)).expect("raised");
+        assert_eq!(c.observe_plain(stale(1, 10), secs(10)), None);
+        assert!(!c.would_alert(&stale(2, 10), secs(10)));
+        assert!(c.would_alert(&stale(4, 11), secs(11)));
+        let alert = c.observe_plain(stale(4, 11), secs(11)).expect("raised");
         assert_eq!(alert.state, AlertState::Raised);
+        assert!(!c.would_alert(&stale(14, 12), secs(12)));
         assert_eq!(alert.failing_for, secs(1));
-        assert_eq!(c.observe(stale(14, 12), secs(12)), None, "raised only once");
+        assert_eq!(
+            c.observe_plain(stale(14, 12), secs(12)),
+            None,
+            "raised only once"
+        );
         assert_eq!(c.raised(), 1);
     }
 
     #[test]
     fn reminds_at_a_bounded_rate_while_failing() {
         let mut c = Correlator::new(Config::default());
-        c.observe(stale(5, 11), secs(11)).expect("raised");
+        c.observe_plain(stale(5, 11), secs(11)).expect("raised");
         let mut reminders = 0;
         for t in 12..=131 {
-            if let Some(a) = c.observe(stale(t as u32 * 10, t), secs(t)) {
+            if let Some(a) = c.observe_plain(stale(t as u32 * 10, t), secs(t)) {
                 assert_eq!(a.state, AlertState::Reminder);
                 reminders += 1;
             }
@@ -242,10 +515,11 @@ mod tests {
     #[test]
     fn resolves_when_failures_stop() {
         let mut c = Correlator::new(Config::default());
-        c.observe(stale(5, 11), secs(11)).expect("raised");
+        c.observe_plain(stale(5, 11), secs(11)).expect("raised");
         assert!(c.tick(secs(40)).is_empty(), "quiet for 29 s only");
         let alerts = c.tick(secs(41));
         assert_eq!(states(&alerts), [AlertState::Resolved]);
+        assert_eq!(alerts[0].resolution, Some(Resolution::FailuresStopped));
         assert_eq!(alerts[0].flow.failures(), 5);
         assert_eq!(c.tracked(), 0);
         assert!(c.tick(secs(100)).is_empty(), "resolved once");
@@ -257,7 +531,7 @@ mod tests {
         let mut flow = stale(50, 20);
         flow.status = ct_status::CONFIRMED;
         flow.reply = udp("192.0.2.1", 8888, "192.0.2.2", 40000);
-        assert_eq!(c.observe(flow, secs(20)), None);
+        assert_eq!(c.observe(flow, None, secs(20)), None);
         assert_eq!(c.tracked(), 0);
     }
 
@@ -266,7 +540,7 @@ mod tests {
         let mut c = Correlator::new(Config::default());
         let mut flow = stale(50, 20);
         flow.reply = udp("192.0.2.1", 8888, "192.0.2.2", 40000);
-        assert_eq!(c.observe(flow, secs(20)), None);
+        assert_eq!(c.observe(flow, None, secs(20)), None);
     }
 
     #[test]
@@ -274,7 +548,7 @@ mod tests {
         // A rolling restart handled well: a packet or two fail, then the
         // entry goes away and nothing more fails.
         let mut c = Correlator::new(Config::default());
-        assert_eq!(c.observe(stale(2, 10), secs(10)), None);
+        assert_eq!(c.observe_plain(stale(2, 10), secs(10)), None);
         assert!(c.tick(secs(60)).is_empty());
         assert_eq!(c.tracked(), 0, "forgotten");
     }
@@ -282,12 +556,158 @@ mod tests {
     #[test]
     fn a_reused_conntrack_entry_is_a_new_flow() {
         let mut c = Correlator::new(Config::default());
-        c.observe(stale(5, 11), secs(11)).expect("raised");
+        c.observe_plain(stale(5, 11), secs(11)).expect("raised");
         let mut other = stale(5, 12);
         other.orig = udp("192.0.2.3", 40001, "192.0.2.1", 8888);
         other.reply = udp("172.17.0.2", 8888, "192.0.2.3", 40001);
-        let alert = c.observe(other, secs(12)).expect("raised too");
+        let alert = c.observe(other, None, secs(12)).expect("raised too");
         assert_eq!(alert.flow.orig.sport, 40001);
         assert_eq!(c.raised(), 2);
+    }
+
+    #[test]
+    fn resolves_at_once_when_the_entry_is_gone() {
+        let mut c = Correlator::new(Config::default());
+        c.observe_plain(stale(5, 11), secs(11)).expect("raised");
+        let flow = stale(5, 11);
+        assert_eq!(c.raised_flows(), [(NETNS, flow.orig, flow.reply)]);
+        assert!(
+            c.entry_gone(NETNS + 1, &flow.orig, secs(12)).is_empty(),
+            "other netns"
+        );
+        let alerts = c.entry_gone(NETNS, &flow.orig, secs(12));
+        assert_eq!(states(&alerts), [AlertState::Resolved]);
+        assert_eq!(alerts[0].resolution, Some(Resolution::EntryGone));
+        assert!(c.raised_flows().is_empty());
+    }
+
+    #[test]
+    fn stale_when_newer_flows_reach_another_backend() {
+        let mut c = Correlator::new(Config::default());
+        let view = siblings(&[("172.17.0.2", 1), ("172.18.0.2", 3)]);
+        let a = c
+            .observe(stale(5, 11), Some(&view), secs(11))
+            .expect("raised");
+        assert_eq!(a.verdict, Verdict::Stale);
+        assert_eq!(a.current_backends, [backend("172.18.0.2")]);
+        assert_eq!(
+            a.evidence,
+            [
+                "newer flows to 192.0.2.1:8888:udp are DNATed to 172.18.0.2:8888, not to 172.17.0.2:8888"
+            ]
+        );
+    }
+
+    #[test]
+    fn backend_down_when_every_flow_fails_at_the_same_backend() {
+        let mut c = Correlator::new(Config::default());
+        c.observe_plain(sibling(40001, "172.17.0.2", 1, 10), secs(10));
+        let view = siblings(&[("172.17.0.2", 2)]);
+        let a = c
+            .observe(stale(5, 11), Some(&view), secs(11))
+            .expect("raised");
+        assert_eq!(a.verdict, Verdict::BackendDown);
+        assert_eq!(a.current_backends, [backend("172.17.0.2")]);
+    }
+
+    #[test]
+    fn a_sibling_failing_elsewhere_is_no_current_backend() {
+        // Flows to two dead backends: neither is where the service works.
+        let mut c = Correlator::new(Config::default());
+        c.observe_plain(sibling(40001, "172.18.0.9", 1, 10), secs(10));
+        let view = siblings(&[("172.17.0.2", 1), ("172.18.0.9", 1)]);
+        let a = c
+            .observe(stale(5, 11), Some(&view), secs(11))
+            .expect("raised");
+        assert!(a.current_backends.is_empty());
+        assert_eq!(a.verdict, Verdict::Stale, "the neighbour evidence remains");
+    }
+
+    #[test]
+    fn stale_on_neighbour_evidence_alone() {
+        let mut c = Correlator::new(Config::default());
+        let a = c.observe_plain(stale(5, 11), secs(11)).expect("raised");
+        assert_eq!(a.verdict, Verdict::Stale);
+        assert!(a.evidence[0].contains("no longer finds 172.17.0.2 among its neighbours"));
+    }
+
+    #[test]
+    fn unconfirmed_without_siblings_or_neighbour_evidence() {
+        // Dropped by netfilter, no ICMP, nothing known of other flows.
+        let mut c = Correlator::new(Config::default());
+        let mut flow = stale(5, 11);
+        flow.icmp = None;
+        flow.drops = Some(DropEvidence {
+            reason: "NETFILTER_DROP".into(),
+            count: 5,
+        });
+        let a = c.observe_plain(flow.clone(), secs(11)).expect("raised");
+        assert_eq!(a.verdict, Verdict::Unconfirmed);
+        // A reminder re-judges with what is known by then.
+        let view = siblings(&[("172.18.0.2", 1)]);
+        flow.drops.as_mut().unwrap().count = 50;
+        let r = c.observe(flow, Some(&view), secs(71)).expect("reminder");
+        assert_eq!(r.state, AlertState::Reminder);
+        assert_eq!(r.verdict, Verdict::Stale);
+    }
+
+    /// A datagram stream that this host refuses: 198.51.100.2:40000 to the
+    /// host's 198.51.100.1:8888.
+    fn refused(count: u32, at: u64) -> Observation {
+        let host = udp("198.51.100.1", 8888, "198.51.100.2", 40000);
+        Observation {
+            local: true,
+            ct: 0,
+            netns: NETNS,
+            orig: udp("198.51.100.2", 40000, "198.51.100.1", 8888),
+            reply: host,
+            status: 0,
+            first: secs(10),
+            last: secs(at),
+            icmp: Some(IcmpEvidence {
+                icmp_type: 3,
+                code: 3,
+                count,
+            }),
+            drops: None,
+        }
+    }
+
+    #[test]
+    fn a_refused_flow_bypasses_a_dnat_that_newer_flows_take() {
+        let mut c = Correlator::new(Config::default());
+        let view = siblings(&[("172.18.0.2", 2)]);
+        assert!(c.would_alert(&refused(5, 11), secs(11)));
+        let a = c
+            .observe(refused(5, 11), Some(&view), secs(11))
+            .expect("raised");
+        assert_eq!(a.verdict, Verdict::Bypass);
+        assert_eq!(a.current_backends, [backend("172.18.0.2")]);
+        assert_eq!(a.flow.backend(), ("198.51.100.1".parse().unwrap(), 8888));
+        assert!(
+            a.evidence[0].contains("DNATed to 172.18.0.2:8888"),
+            "{:?}",
+            a.evidence
+        );
+    }
+
+    #[test]
+    fn a_refused_flow_without_any_dnat_is_quiet_and_rechecked_rarely() {
+        // Nothing publishes the port and nothing listens: no stale flow.
+        let mut c = Correlator::new(Config::default());
+        let none = Siblings::default();
+        assert_eq!(c.observe(refused(5, 11), Some(&none), secs(11)), None);
+        assert_eq!(c.observe(refused(9, 12), None, secs(12)), None);
+        assert!(
+            !c.would_alert(&refused(20, 30), secs(30)),
+            "the siblings are not looked up again before remind_every"
+        );
+        assert!(c.would_alert(&refused(80, 72), secs(72)));
+        // Published meanwhile: now it bypasses.
+        let view = siblings(&[("172.18.0.2", 1)]);
+        let a = c
+            .observe(refused(80, 72), Some(&view), secs(72))
+            .expect("raised");
+        assert_eq!(a.state, AlertState::Raised);
     }
 }

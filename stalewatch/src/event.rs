@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use stalewatch_common::{FlowEvent, TUPLE_SIZE, ct_status};
+use stalewatch_common::{FlowEvent, ICMP_DEST_UNREACH, LocalEvent, TUPLE_SIZE, ct_status};
 
 use crate::kernel::btf::{DropReasons, TupleLayout};
 
@@ -129,6 +129,10 @@ pub struct DropEvidence {
 /// the latest kernel report. Counters are cumulative since `first`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Observation {
+    /// Delivered to this host itself and refused (port unreachable), read
+    /// from the packet: the kernel had let go of the entry. Such a flow is
+    /// stale only if it bypasses a current DNAT, which its siblings tell.
+    pub local: bool,
     /// The conntrack entry's kernel address: identity only.
     pub ct: u64,
     pub netns: u32,
@@ -151,6 +155,7 @@ impl Observation {
         reasons: &DropReasons,
     ) -> Option<Observation> {
         Some(Observation {
+            local: false,
             ct: event.ct,
             netns: event.netns,
             orig: Tuple::decode(&event.orig, layout)?,
@@ -170,12 +175,59 @@ impl Observation {
         })
     }
 
+    /// A datagram this host refused: the flow as the packet shows it, and,
+    /// as its conntrack entry must have it, a reply from the host itself.
+    pub fn decode_local(event: &LocalEvent) -> Observation {
+        let proto = Proto(event.proto);
+        let src = IpAddr::V4(Ipv4Addr::from(event.saddr));
+        let dst = IpAddr::V4(Ipv4Addr::from(event.daddr));
+        let (sport, dport) = (
+            u16::from_be_bytes(event.sport),
+            u16::from_be_bytes(event.dport),
+        );
+        let tuple = |src, sport, dst, dport| Tuple {
+            family: Family::Ipv4,
+            proto,
+            src,
+            sport,
+            dst,
+            dport,
+        };
+        Observation {
+            local: true,
+            ct: 0,
+            netns: event.netns,
+            orig: tuple(src, sport, dst, dport),
+            reply: tuple(dst, dport, src, sport),
+            status: 0,
+            first: Duration::from_nanos(event.first_ns),
+            last: Duration::from_nanos(event.last_ns),
+            icmp: Some(IcmpEvidence {
+                icmp_type: ICMP_DEST_UNREACH as u8,
+                code: event.icmp_code,
+                count: event.count,
+            }),
+            drops: None,
+        }
+    }
+
     /// Packets lost. A packet that fails usually shows at both hooks (an
     /// ICMP error and a drop), so the larger count, not the sum.
     pub fn failures(&self) -> u32 {
         let icmp = self.icmp.map_or(0, |i| i.count);
         let drops = self.drops.as_ref().map_or(0, |d| d.count);
         icmp.max(drops)
+    }
+
+    /// Whether the kernel failed to resolve the backend as a neighbour:
+    /// the backend has left the link (IPv6 reports this as NOT_SPECIFIED).
+    pub fn neighbour_failed(&self) -> bool {
+        let by_drop = self.drops.as_ref().is_some_and(|d| {
+            d.reason.starts_with("NEIGH_")
+                || (d.reason == "NOT_SPECIFIED" && self.orig.family == Family::Ipv6)
+        });
+        let by_icmp = self.icmp.is_some_and(|i| i.code == 1);
+        by_drop || by_icmp
     }
 
     pub fn is_dnat(&self) -> bool {
@@ -232,6 +284,31 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_datagram_is_a_local_flow_replied_by_the_host() {
+        let event = LocalEvent {
+            kind: stalewatch_common::kind::LOCAL,
+            netns: 7,
+            first_ns: 1,
+            last_ns: 2,
+            count: 4,
+            proto: 17,
+            icmp_code: 3,
+            _pad: [0; 2],
+            saddr: [198, 51, 100, 2],
+            daddr: [198, 51, 100, 1],
+            sport: 40000u16.to_be_bytes(),
+            dport: 8888u16.to_be_bytes(),
+            _pad2: 0,
+        };
+        let obs = Observation::decode_local(&event);
+        assert!(obs.local && !obs.is_dnat());
+        assert_eq!(obs.orig, tuple("198.51.100.2", 40000, "198.51.100.1", 8888));
+        assert_eq!(obs.backend(), ("198.51.100.1".parse().unwrap(), 8888));
+        assert_eq!(obs.failures(), 4);
+        assert_eq!(obs.icmp.unwrap().code, 3);
+    }
+
+    #[test]
     fn unknown_family_is_rejected() {
         assert_eq!(Tuple::decode(&[0u8; TUPLE_SIZE], &TupleLayout::LINUX), None);
     }
@@ -240,6 +317,7 @@ mod tests {
     fn failures_count_packets_not_hooks() {
         let layout = TupleLayout::LINUX;
         let event = FlowEvent {
+            kind: stalewatch_common::kind::FLOW,
             ct: 0xffff_8880_0000_1000,
             first_ns: 1_000,
             last_ns: 2_000,

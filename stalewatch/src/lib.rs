@@ -8,6 +8,7 @@
 //! [`watch`] wires them together; [`netns`] names namespaces.
 
 pub mod cli;
+pub mod conntrack;
 pub mod correlate;
 pub mod error;
 pub mod event;

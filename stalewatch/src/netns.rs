@@ -18,9 +18,12 @@ pub struct NetnsInfo {
     pub inode: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// A process in the namespace, when it has no name.
+    /// A process that lives in the namespace, where one is visible.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// The container that process belongs to, from its cgroup.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
     /// The namespace stalewatch itself runs in (usually the host's).
     #[serde(skip)]
     pub is_own: bool,
@@ -43,7 +46,7 @@ pub fn describe(inode: u32) -> NetnsInfo {
         is_own: own_inode() == Some(inode),
         ..Default::default()
     };
-    for dir in NETNS_DIRS {
+    'dirs: for dir in NETNS_DIRS {
         let Ok(entries) = fs::read_dir(dir) else {
             continue;
         };
@@ -53,14 +56,45 @@ pub fn describe(inode: u32) -> NetnsInfo {
                 if *dir != NETNS_DIRS[0] {
                     info.path = Some(entry.path());
                 }
-                return info;
+                break 'dirs;
             }
         }
     }
     if !info.is_own {
         info.pid = pid_in(inode);
+        info.container_id = info.pid.and_then(container_of);
     }
     info
+}
+
+/// A path that opens the namespace (for conntrack queries), where one is
+/// known.
+pub fn path_of(info: &NetnsInfo) -> Option<PathBuf> {
+    if info.is_own {
+        return Some(PathBuf::from("/proc/self/ns/net"));
+    }
+    match (&info.name, &info.path, info.pid) {
+        (_, Some(path), _) => Some(path.clone()),
+        (Some(name), None, _) => Some(Path::new(NETNS_DIRS[0]).join(name)),
+        (None, None, Some(pid)) => Some(PathBuf::from(format!("/proc/{pid}/ns/net"))),
+        (None, None, None) => None,
+    }
+}
+
+/// The container id in a process's cgroup path (Docker, containerd and
+/// CRI-O name the cgroup after the 64-hex id), if it has one.
+fn container_of(pid: u32) -> Option<String> {
+    let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    container_id_in(&cgroup)
+}
+
+fn container_id_in(cgroup: &str) -> Option<String> {
+    cgroup.lines().find_map(|line| {
+        let path = line.rsplit(':').next()?;
+        path.split(['/', '-', '.'])
+            .find(|part| part.len() == 64 && part.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_owned)
+    })
 }
 
 /// The first process found whose network namespace is `inode`.
@@ -88,4 +122,19 @@ pub fn resolve(spec: &str) -> Result<u32, Error> {
         .iter()
         .find_map(|p| fs::metadata(p).ok().map(|m| m.ino() as u32))
         .ok_or_else(|| Error::NoNetns(spec.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_ids_come_from_cgroup_paths() {
+        let id = "4f1c2b7d9e0a4f1c2b7d9e0a4f1c2b7d9e0a4f1c2b7d9e0a4f1c2b7d9e0a1234";
+        let v1 = format!("12:pids:/docker/{id}\n11:memory:/docker/{id}\n");
+        assert_eq!(container_id_in(&v1).as_deref(), Some(id));
+        let systemd = format!("0::/system.slice/docker-{id}.scope\n");
+        assert_eq!(container_id_in(&systemd).as_deref(), Some(id));
+        assert_eq!(container_id_in("0::/user.slice/session-2.scope\n"), None);
+    }
 }

@@ -12,7 +12,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    correlate::{Alert, AlertState},
+    correlate::{Alert, AlertState, Resolution, Verdict},
     event::{DropEvidence, Family, IcmpEvidence, Proto, Tuple},
     netns::NetnsInfo,
 };
@@ -82,12 +82,20 @@ pub enum Record {
 #[derive(Debug, Serialize, PartialEq)]
 pub struct StaleFlow {
     pub state: AlertState,
+    pub verdict: Verdict,
     pub time: String,
     pub netns: NetnsInfo,
     pub family: Family,
     pub proto: Proto,
     pub orig: Endpoint,
     pub stale_backend: Backend,
+    /// Where the service sends new flows now, where known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_backend: Option<Backend>,
+    /// The facts behind the verdict.
+    pub evidence: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<Resolution>,
     pub failures: Failures,
     /// Why, in a sentence.
     pub cause: String,
@@ -100,13 +108,30 @@ impl StaleFlow {
         let flow = &alert.flow;
         let (addr, port) = flow.backend();
         let o = &flow.orig;
-        let cause = format!(
-            "its conntrack entry still sends it to {} which the host can no longer reach; \
-             NAT rules are not consulted again while the entry lives",
-            join_addr_port(addr, port)
-        );
+        let backend = addr_port(addr, port);
+        let cause = match alert.verdict {
+            Verdict::Bypass => format!(
+                "its conntrack entry was made while no DNAT existed: it delivers the flow to this \
+                 host ({backend}) and NAT rules are not consulted again while the entry lives"
+            ),
+            Verdict::BackendDown => format!(
+                "every flow to this service fails at {backend}: the backend is down, \
+                 deleting the entry alone will not help"
+            ),
+            Verdict::Stale | Verdict::Unconfirmed => format!(
+                "its conntrack entry still sends it to {backend}, which the host can no longer \
+                 reach; NAT rules are not consulted again while the entry lives"
+            ),
+        };
         StaleFlow {
             state: alert.state,
+            verdict: alert.verdict,
+            current_backend: alert
+                .current_backends
+                .first()
+                .map(|&(addr, port)| Backend { addr, port }),
+            evidence: alert.evidence.clone(),
+            resolution: alert.resolution,
             time: rfc3339(clock.wall_of(alert.at)),
             fix: fix_command(o, &netns),
             netns,
@@ -137,7 +162,7 @@ fn rfc3339(t: SystemTime) -> String {
 }
 
 /// `[addr]:port` for IPv6, `addr:port` for IPv4.
-fn join_addr_port(addr: IpAddr, port: u16) -> String {
+pub fn addr_port(addr: IpAddr, port: u16) -> String {
     match addr {
         IpAddr::V4(a) => format!("{a}:{port}"),
         IpAddr::V6(a) => format!("[{a}]:{port}"),
@@ -193,6 +218,15 @@ fn icmp_meaning(icmp: &IcmpEvidence) -> &'static str {
     }
 }
 
+/// `": a; b"`, or nothing for no items.
+fn colon_list(items: &[String]) -> String {
+    if items.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", items.join("; "))
+    }
+}
+
 /// Writes records to stdout in the chosen format, one flush per record so a
 /// pipeline sees each alert as it happens.
 pub struct Reporter<W: Write> {
@@ -230,25 +264,34 @@ pub fn text(record: &Record) -> String {
         }
         Record::StaleFlow(a) => {
             let o = &a.orig;
-            let ns = match &a.netns.name {
+            let mut ns = match &a.netns.name {
                 Some(name) => format!("netns {name}, inode {}", a.netns.inode),
                 None if a.netns.is_own => format!("host netns, inode {}", a.netns.inode),
                 None => format!("netns inode {}", a.netns.inode),
             };
-            let state = match a.state {
-                AlertState::Raised => "STALE FLOW",
-                AlertState::Reminder => "STALE FLOW (still failing)",
-                AlertState::Resolved => "RESOLVED",
+            if let Some(pid) = a.netns.pid {
+                let _ = write!(ns, ", pid {pid}");
+            }
+            if let Some(id) = &a.netns.container_id {
+                let _ = write!(ns, ", container {}", &id[..id.len().min(12)]);
+            }
+            let state = match (a.state, a.verdict) {
+                (AlertState::Resolved, _) => "RESOLVED",
+                (AlertState::Raised, Verdict::BackendDown) => "BACKEND DOWN",
+                (AlertState::Raised, Verdict::Bypass) => "STALE FLOW (bypasses DNAT)",
+                (AlertState::Reminder, Verdict::BackendDown) => "BACKEND DOWN (still failing)",
+                (AlertState::Raised, _) => "STALE FLOW",
+                (AlertState::Reminder, _) => "STALE FLOW (still failing)",
             };
             let _ = writeln!(
                 s,
                 "{} {state}  {} {} -> {}  ({ns})",
                 a.time,
                 a.proto.name(),
-                join_addr_port(o.src, o.sport),
-                join_addr_port(o.dst, o.dport),
+                addr_port(o.src, o.sport),
+                addr_port(o.dst, o.dport),
             );
-            let backend = join_addr_port(a.stale_backend.addr, a.stale_backend.port);
+            let backend = addr_port(a.stale_backend.addr, a.stale_backend.port);
             let f = &a.failures;
             let mut evidence = Vec::new();
             if let Some(icmp) = &f.icmp {
@@ -264,14 +307,36 @@ pub fn text(record: &Record) -> String {
                 evidence.push(format!("dropped {} x{}", drop.reason, drop.count));
             }
             if a.state == AlertState::Resolved {
+                let why = match a.resolution {
+                    Some(Resolution::EntryGone) => "its conntrack entry is gone",
+                    _ => "failures stopped",
+                };
                 let _ = writeln!(
                     s,
-                    "  was pinned to {backend}; no failure since {} ({} packets lost over {:.1}s)",
+                    "  was pinned to {backend}; {why} (last failure {}; {} packets lost over {:.1}s)",
                     f.last, f.packets, f.duration_s
                 );
                 return s;
             }
-            let _ = writeln!(s, "  pinned to  {backend} by its conntrack entry");
+            if a.verdict == Verdict::Bypass {
+                let _ = writeln!(
+                    s,
+                    "  pinned to  this host ({backend}) by its conntrack entry, without NAT"
+                );
+            } else {
+                let _ = writeln!(s, "  pinned to  {backend} by its conntrack entry");
+            }
+            if let Some(now) = &a.current_backend {
+                let now = addr_port(now.addr, now.port);
+                let _ = writeln!(s, "  now        {now} for new flows");
+            }
+            let verdict = match a.verdict {
+                Verdict::Stale => "stale",
+                Verdict::BackendDown => "backend down",
+                Verdict::Unconfirmed => "unconfirmed",
+                Verdict::Bypass => "bypass",
+            };
+            let _ = writeln!(s, "  verdict    {verdict}{}", colon_list(&a.evidence));
             let _ = writeln!(
                 s,
                 "  kernel     {} packets failed in {:.1}s: {}",
@@ -321,7 +386,15 @@ mod tests {
     fn alert() -> Alert {
         Alert {
             state: AlertState::Raised,
+            verdict: Verdict::Stale,
+            current_backends: vec![("172.18.0.2".parse().unwrap(), 8888)],
+            evidence: vec![
+                "newer flows to 192.0.2.1:8888:udp are DNATed to 172.18.0.2:8888, not to 172.17.0.2:8888"
+                    .into(),
+            ],
+            resolution: None,
             flow: Observation {
+                local: false,
                 ct: 1,
                 netns: 4026532100,
                 orig: udp("192.0.2.2", 40000, "192.0.2.1", 8888),
@@ -374,6 +447,12 @@ mod tests {
             v["stale_backend"],
             serde_json::json!({"addr":"172.17.0.2","port":8888})
         );
+        assert_eq!(v["verdict"], "stale");
+        assert_eq!(
+            v["current_backend"],
+            serde_json::json!({"addr":"172.18.0.2","port":8888})
+        );
+        assert!(v["resolution"].is_null());
         assert_eq!(v["failures"]["packets"], 12);
         assert_eq!(v["failures"]["icmp"]["code"], 1);
         assert_eq!(v["failures"]["drop"]["reason"], "NEIGH_FAILED");
@@ -423,6 +502,16 @@ mod tests {
         let t = text(&record);
         assert!(t.contains("STALE FLOW  udp 192.0.2.2:40000 -> 192.0.2.1:8888  (netns sw-router, inode 4026532100)"), "{t}");
         assert!(t.contains("pinned to  172.17.0.2:8888"), "{t}");
+        assert!(
+            t.contains("now        172.18.0.2:8888 for new flows"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "verdict    stale: newer flows to 192.0.2.1:8888:udp are DNATed to 172.18.0.2:8888"
+            ),
+            "{t}"
+        );
         assert!(t.contains("12 packets failed in 3.5s: ICMP host unreachable (type 3 code 1) sent x12, dropped NEIGH_FAILED x12"), "{t}");
         assert!(
             t.contains("fix        ip netns exec sw-router conntrack -D"),

@@ -17,8 +17,9 @@ use tokio::{
 
 use crate::{
     cli::WatchArgs,
-    correlate::{self, Alert, Correlator},
-    event::Observation,
+    conntrack,
+    correlate::{self, Alert, Correlator, Siblings},
+    event::{Observation, Tuple},
     kernel::{self, Probes},
     netns,
     report::{Clock, Record, Reporter, StaleFlow},
@@ -103,19 +104,42 @@ async fn event_loop<W: io::Write>(
                 let mut guard = guard?;
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
-                    let Some(raw) = kernel::read_event(&item) else { continue };
-                    let Some(flow) =
-                        Observation::decode(&raw, &layout.tuple, &layout.drop_reasons)
-                    else {
-                        continue;
+                    let flow = match kernel::read_event(&item) {
+                        Some(kernel::Record::Flow(raw)) => {
+                            Observation::decode(&raw, &layout.tuple, &layout.drop_reasons)
+                        }
+                        Some(kernel::Record::Local(raw)) => Some(Observation::decode_local(&raw)),
+                        None => None,
                     };
-                    if let Some(alert) = correlator.observe(flow, monotonic()) {
+                    let Some(flow) = flow else { continue };
+                    let now = monotonic();
+                    // Only flows about to be alerted cost conntrack queries:
+                    // is the entry still there (an orchestrator may have
+                    // cleaned it up already), and where do its siblings go?
+                    let mut siblings = None;
+                    if correlator.would_alert(&flow, now) {
+                        if entry_exists(flow.netns, &flow.orig, &flow.reply) == Some(false) {
+                            for alert in correlator.entry_gone(flow.netns, &flow.orig, now) {
+                                emit(&alert, &mut reporter)?;
+                            }
+                            continue;
+                        }
+                        siblings = siblings_of(&flow);
+                    }
+                    if let Some(alert) = correlator.observe(flow, siblings.as_ref(), now) {
                         emit(&alert, &mut reporter)?;
                     }
                 }
                 guard.clear_ready();
             }
             _ = ticker.tick() => {
+                for (netns, orig, reply) in correlator.raised_flows() {
+                    if entry_exists(netns, &orig, &reply) == Some(false) {
+                        for alert in correlator.entry_gone(netns, &orig, monotonic()) {
+                            emit(&alert, &mut reporter)?;
+                        }
+                    }
+                }
                 for alert in correlator.tick(monotonic()) {
                     emit(&alert, &mut reporter)?;
                 }
@@ -140,4 +164,43 @@ async fn event_loop<W: io::Write>(
         stats.failures, stats.events_sent, stats.events_lost
     );
     Ok(())
+}
+
+/// What the conntrack table of the flow's namespace shows of its siblings:
+/// the other DNATed entries to the same destination. `None` when the table
+/// cannot be read (the namespace cannot be entered, say).
+fn siblings_of(flow: &Observation) -> Option<Siblings> {
+    let path = netns::path_of(&netns::describe(flow.netns))?;
+    let filter = conntrack::Filter {
+        family: Some(flow.orig.family),
+        proto: Some(flow.orig.proto),
+        status: Some((
+            stalewatch_common::ct_status::DST_NAT,
+            stalewatch_common::ct_status::DST_NAT,
+        )),
+        orig_dst: Some((flow.orig.dst, flow.orig.dport)),
+    };
+    let entries = conntrack::dump(Some(&path), &filter)
+        .map_err(|e| log::warn!("reading conntrack for siblings: {e}"))
+        .ok()?;
+    let mut siblings = Siblings::default();
+    for entry in entries.iter().filter(|e| e.orig != flow.orig) {
+        *siblings
+            .dnat_backends
+            .entry((entry.reply.src, entry.reply.sport))
+            .or_default() += 1;
+    }
+    Some(siblings)
+}
+
+/// Whether the conntrack entry `orig`/`reply` still exists in namespace
+/// `netns`; `None` when that cannot be told. A live flow gets a new entry
+/// with the same original tuple at once when its entry is deleted: that one
+/// differs in its reply (the backend), and is not the stale entry.
+fn entry_exists(netns: u32, orig: &Tuple, reply: &Tuple) -> Option<bool> {
+    let path = netns::path_of(&netns::describe(netns))?;
+    conntrack::get(Some(&path), orig)
+        .map(|entry| entry.is_some_and(|e| e.reply == *reply))
+        .map_err(|e| log::warn!("looking up a conntrack entry: {e}"))
+        .ok()
 }

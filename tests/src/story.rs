@@ -362,3 +362,61 @@ fn attach(
     container.ip(&["route", "add", "default", "via", gateway])?;
     Ok(())
 }
+
+/// A smaller topology for the quiet cases: a router whose UDP port 8888 is
+/// DNATed to 198.18.0.77 on a bridge, where a backend lives only when asked
+/// for, and which also routes 198.18.0.0/24 to the producer without NAT.
+pub struct DeadEnd {
+    pub producer: Netns,
+    pub router: Netns,
+    pub backend: Option<Netns>,
+}
+
+pub const DEAD_END_BACKEND: &str = "198.18.0.77";
+
+impl DeadEnd {
+    pub fn build(live_backend: bool) -> anyhow::Result<DeadEnd> {
+        let producer = Netns::new("prod")?;
+        let router = Netns::new("router")?;
+        veth(&producer, "lan0", &router, "lan1")?;
+        add_addr(&producer, "lan0", V4.producer, 24)?;
+        producer.ip(&["route", "add", "198.18.0.0/24", "via", V4.router_lan])?;
+        add_addr(&router, "lan1", V4.router_lan, 24)?;
+        router.sysctl("net.ipv4.ip_forward=1")?;
+        router.ip(&["link", "add", "br0", "type", "bridge"])?;
+        router.ip(&["link", "set", "br0", "up"])?;
+        add_addr(&router, "br0", "198.18.0.1", 24)?;
+        let dnat = format!(
+            "-t nat -A PREROUTING -p udp --dport {SERVICE_PORT} -j DNAT --to-destination {DEAD_END_BACKEND}:{SERVICE_PORT}"
+        );
+        let mut ipt = vec!["iptables", "-w"];
+        ipt.extend(dnat.split_whitespace());
+        router.exec(&ipt)?;
+        let backend = if live_backend {
+            let ns = Netns::new("backend")?;
+            attach(
+                &router,
+                "br0",
+                &ns,
+                "vback",
+                (DEAD_END_BACKEND, 24, "198.18.0.1"),
+            )?;
+            Some(ns)
+        } else {
+            None
+        };
+        Ok(DeadEnd {
+            producer,
+            router,
+            backend,
+        })
+    }
+
+    pub fn service(&self) -> SocketAddr {
+        SocketAddr::new(parse(V4.router_lan), SERVICE_PORT)
+    }
+
+    pub fn producer_addr(&self, sport: u16) -> SocketAddr {
+        SocketAddr::new(parse(V4.producer), sport)
+    }
+}

@@ -2,16 +2,14 @@
 //! conntrack, real traffic, in namespaces of the test's own.
 
 use std::{
-    net::SocketAddr,
     thread,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use serde_json::Value;
 use stalewatch_tests::{
-    netns::{Netns, veth},
     sh,
-    story::{Family, Rules, Story, Variant},
+    story::{DEAD_END_BACKEND, DeadEnd, Family, Rules, Story, Variant},
     traffic::{Producer, Receiver},
     watcher::{Watcher, is_stale_flow},
 };
@@ -35,12 +33,16 @@ struct Expect {
     drop: &'static str,
     /// How long after the redeploy the first alert may take.
     raised_within: Duration,
+    /// Whether the new flow's entry is still there to show the current
+    /// backend when the alert comes (it expires 30 s after its last packet).
+    current_known: bool,
 }
 
 const NEIGHBOUR_V4: Expect = Expect {
     icmp: Some((3, 1)),
     drop: "NEIGH_FAILED",
     raised_within: Duration::from_secs(20),
+    current_known: true,
 };
 
 /// IPv6 neighbour discovery failures are dropped as NOT_SPECIFIED, and
@@ -49,6 +51,7 @@ const NEIGHBOUR_V6: Expect = Expect {
     icmp: None,
     drop: "NOT_SPECIFIED",
     raised_within: Duration::from_secs(20),
+    current_known: true,
 };
 
 /// The whole story for one variant: stream, redeploy, a new flow that
@@ -123,6 +126,14 @@ fn story(variant: Variant, expect: Expect) -> anyhow::Result<()> {
         }
         None => assert!(raised["failures"]["icmp"].is_null(), "{raised}"),
     }
+    assert_eq!(raised["verdict"], "stale", "{raised}");
+    if expect.current_known {
+        assert_eq!(
+            raised["current_backend"],
+            serde_json::json!({"addr": plan.new_backend, "port": 8888}),
+            "{raised}"
+        );
+    }
     let drop = &raised["failures"]["drop"];
     assert_eq!(drop["reason"], expect.drop, "{raised}");
     let delay = time(&raised["time"])
@@ -148,6 +159,7 @@ fn story(variant: Variant, expect: Expect) -> anyhow::Result<()> {
         .wait_for(secs(15), |v| is_stale_flow(v, "resolved", STALE_SPORT))
         .unwrap_or_else(|| panic!("not resolved; got {:?}", watcher.records()));
     assert_eq!(resolved["stale_backend"]["addr"], plan.old_backend);
+    assert_eq!(resolved["resolution"], "entry_gone", "{resolved}");
 
     fresh.stop();
     stream.stop();
@@ -210,6 +222,7 @@ fn silent_netfilter_drop() -> anyhow::Result<()> {
             icmp: None,
             drop: "NETFILTER_DROP",
             raised_within: secs(20),
+            current_known: true,
         },
     )
 }
@@ -226,6 +239,7 @@ fn late_failure() -> anyhow::Result<()> {
         variant,
         Expect {
             raised_within: secs(90),
+            current_known: false,
             ..NEIGHBOUR_V4
         },
     )
@@ -236,39 +250,11 @@ fn late_failure() -> anyhow::Result<()> {
 /// seen: only the NATed one is raised.
 #[test]
 fn failing_flow_without_nat_is_not_raised() -> anyhow::Result<()> {
-    let producer = Netns::new("prod")?;
-    let router = Netns::new("router")?;
-    veth(&producer, "lan0", &router, "lan1")?;
-    producer.ip(&["addr", "add", "192.0.2.2/24", "dev", "lan0"])?;
-    producer.ip(&["route", "add", "198.18.0.0/24", "via", "192.0.2.1"])?;
-    router.ip(&["addr", "add", "192.0.2.1/24", "dev", "lan1"])?;
-    router.sysctl("net.ipv4.ip_forward=1")?;
-    // An empty bridge: nothing answers ARP there.
-    router.ip(&["link", "add", "br0", "type", "bridge"])?;
-    router.ip(&["addr", "add", "198.18.0.1/24", "dev", "br0"])?;
-    router.ip(&["link", "set", "br0", "up"])?;
-    router.exec(&[
-        "iptables",
-        "-w",
-        "-t",
-        "nat",
-        "-A",
-        "PREROUTING",
-        "-p",
-        "udp",
-        "--dport",
-        "8888",
-        "-j",
-        "DNAT",
-        "--to-destination",
-        "198.18.0.77:8888",
-    ])?;
-    let watcher = Watcher::start(&["--netns", &router.name])?;
-
-    let plain_src: SocketAddr = "192.0.2.2:41000".parse()?;
+    let lan = DeadEnd::build(false)?;
+    let watcher = Watcher::start(&["--netns", &lan.router.name])?;
     let mut plain = Producer::start(
-        &producer,
-        plain_src,
+        &lan.producer,
+        lan.producer_addr(41000),
         "198.18.0.9:9999".parse()?,
         EVERY,
         300,
@@ -277,9 +263,9 @@ fn failing_flow_without_nat_is_not_raised() -> anyhow::Result<()> {
     // Give the un-NATed flow a head start, then fail a DNATed one.
     thread::sleep(secs(2));
     let mut natted = Producer::start(
-        &producer,
-        "192.0.2.2:41001".parse()?,
-        "192.0.2.1:8888".parse()?,
+        &lan.producer,
+        lan.producer_addr(41001),
+        lan.service(),
         EVERY,
         300,
         secs(30),
@@ -293,7 +279,7 @@ fn failing_flow_without_nat_is_not_raised() -> anyhow::Result<()> {
     thread::sleep(secs(2));
     assert!(
         plain.errors() > 0,
-        "the un-NATed flow failed too (ICMP errors seen by its sender)"
+        "the un-NATed flow failed too (its sender saw ICMP errors)"
     );
     plain.stop();
     natted.stop();
@@ -302,52 +288,116 @@ fn failing_flow_without_nat_is_not_raised() -> anyhow::Result<()> {
         !records.iter().any(|v| v["orig"]["sport"] == 41000),
         "no alert for the flow without NAT: {records:?}"
     );
-    assert_eq!(raised.unwrap()["stale_backend"]["addr"], "198.18.0.77");
+    assert_eq!(raised.unwrap()["stale_backend"]["addr"], DEAD_END_BACKEND);
     let (status, _) = watcher.stop()?;
     assert!(status.success());
+    Ok(())
+}
+
+/// Every flow to the service fails at the same backend: that backend is
+/// down, it is not a stale entry.
+#[test]
+fn backend_down_when_every_flow_fails_there() -> anyhow::Result<()> {
+    let lan = DeadEnd::build(false)?;
+    let watcher = Watcher::start(&["--netns", &lan.router.name])?;
+    let mut flows = Vec::new();
+    for sport in [43000, 43001] {
+        flows.push(Producer::start(
+            &lan.producer,
+            lan.producer_addr(sport),
+            lan.service(),
+            EVERY,
+            300,
+            secs(30),
+        )?);
+    }
+    for sport in [43000, 43001] {
+        let raised = watcher
+            .wait_for(secs(20), |v| {
+                v["type"] == "stale_flow" && v["orig"]["sport"] == sport
+            })
+            .unwrap_or_else(|| panic!("flow {sport} not raised: {:?}", watcher.records()));
+        assert_eq!(raised["state"], "raised");
+        assert_eq!(raised["verdict"], "backend_down", "{raised}");
+        assert_eq!(
+            raised["current_backend"]["addr"], DEAD_END_BACKEND,
+            "{raised}"
+        );
+    }
+    drop(flows);
+    watcher.stop()?;
+    Ok(())
+}
+
+/// A live backend with nothing on the port answers ICMP port unreachable
+/// itself: the router forwards it, generates nothing, and stays quiet.
+#[test]
+fn port_unreachable_from_a_live_backend_is_not_raised() -> anyhow::Result<()> {
+    let lan = DeadEnd::build(true)?;
+    let watcher = Watcher::start(&["--netns", &lan.router.name])?;
+    let mut flow = Producer::start(
+        &lan.producer,
+        lan.producer_addr(44000),
+        lan.service(),
+        EVERY,
+        80,
+        secs(10),
+    )?;
+    thread::sleep(secs(8));
+    assert!(
+        flow.errors() > 0,
+        "the sender saw the backend's port unreachable"
+    );
+    flow.stop();
+    assert!(watcher.records().is_empty(), "{:?}", watcher.records());
+    watcher.stop()?;
+    Ok(())
+}
+
+/// A rolling restart handled correctly: a burst of packets fails, then the
+/// orchestrator deletes the old entry, and the stream goes on to the new
+/// backend. Nothing is stale.
+#[test]
+fn a_failure_cleaned_up_by_the_orchestrator_stays_quiet() -> anyhow::Result<()> {
+    let mut story = Story::build(Variant::v4(Rules::Iptables))?;
+    let old_service = Receiver::start(story.old.as_ref().expect("old"), 8888)?;
+    let watcher = Watcher::start(&["--netns", &story.router.name])?;
+    let src = story.producer_addr(STALE_SPORT);
+    let mut stream = Producer::start(&story.producer, src, story.service(), EVERY, 300, secs(30))?;
+    assert!(old_service.wait_from(src, 5, secs(10)));
+    story.redeploy()?;
+    drop(old_service);
+    let new_service = Receiver::start(&story.new, 8888)?;
+    // The first failure reaches the sender as host unreachable.
+    let until = Instant::now() + secs(15);
+    while stream.errors() == 0 && Instant::now() < until {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(stream.errors() > 0, "the stream failed after the redeploy");
+    sh(&story.expected_fix("udp", STALE_SPORT))?;
+    assert!(
+        new_service.wait_from(src, 20, secs(10)),
+        "the stream moved on"
+    );
+    thread::sleep(secs(3));
+    stream.stop();
+    assert!(watcher.records().is_empty(), "{:?}", watcher.records());
+    watcher.stop()?;
     Ok(())
 }
 
 #[test]
 fn only_the_watched_namespace_is_reported() -> anyhow::Result<()> {
     // Two routers with the same failing DNAT; stalewatch watches one.
-    let mut routers = Vec::new();
-    for _ in 0..2 {
-        let producer = Netns::new("prod")?;
-        let router = Netns::new("router")?;
-        veth(&producer, "lan0", &router, "lan1")?;
-        producer.ip(&["addr", "add", "192.0.2.2/24", "dev", "lan0"])?;
-        router.ip(&["addr", "add", "192.0.2.1/24", "dev", "lan1"])?;
-        router.sysctl("net.ipv4.ip_forward=1")?;
-        router.ip(&["link", "add", "br0", "type", "bridge"])?;
-        router.ip(&["addr", "add", "198.18.0.1/24", "dev", "br0"])?;
-        router.ip(&["link", "set", "br0", "up"])?;
-        router.exec(&[
-            "iptables",
-            "-w",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-p",
-            "udp",
-            "--dport",
-            "8888",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            "198.18.0.77:8888",
-        ])?;
-        routers.push((producer, router));
-    }
-    let watched = routers[0].1.inode()?;
+    let lans = [DeadEnd::build(false)?, DeadEnd::build(false)?];
+    let watched = lans[0].router.inode()?;
     let watcher = Watcher::start(&["--netns", &watched.to_string()])?;
     let mut streams = Vec::new();
-    for (producer, _) in &routers {
+    for lan in &lans {
         streams.push(Producer::start(
-            producer,
-            "192.0.2.2:42000".parse()?,
-            "192.0.2.1:8888".parse()?,
+            &lan.producer,
+            lan.producer_addr(42000),
+            lan.service(),
             EVERY,
             200,
             secs(20),

@@ -69,6 +69,12 @@ impl TupleLayout {
 pub struct KernelLayout {
     pub skb_nfct: u64,
     pub skb_protocol: u64,
+    pub skb_head: u64,
+    pub skb_network_header: u64,
+    pub skb_transport_header: u64,
+    pub skb_dev: u64,
+    /// `net_device.nd_net.net`.
+    pub dev_net: u64,
     pub ct_status: u64,
     pub ct_tuple_orig: u64,
     pub ct_tuple_reply: u64,
@@ -155,11 +161,17 @@ impl KernelLayout {
         let (tuple_in_hash, _) = types.field("nf_conntrack_tuple_hash", &["tuple"])?;
         let (ct_net, _) = types.field("nf_conn", &["ct_net"])?;
         let (net_in_possible, _) = types.field("possible_net_t", &["net"])?;
+        let (dev_nd_net, _) = types.field("net_device", &["nd_net"])?;
         let field = |s: &str, path: &[&str]| types.field(s, path).map(|(off, _)| off);
 
         Ok(KernelLayout {
             skb_nfct: field("sk_buff", &["_nfct"])? as u64,
             skb_protocol: field("sk_buff", &["protocol"])? as u64,
+            skb_head: field("sk_buff", &["head"])? as u64,
+            skb_network_header: field("sk_buff", &["network_header"])? as u64,
+            skb_transport_header: field("sk_buff", &["transport_header"])? as u64,
+            skb_dev: field("sk_buff", &["dev"])? as u64,
+            dev_net: (dev_nd_net + net_in_possible) as u64,
             ct_status: field("nf_conn", &["status"])? as u64,
             ct_tuple_orig: (tuplehash + tuple_in_hash) as u64,
             ct_tuple_reply: (tuplehash + hash_size + tuple_in_hash) as u64,

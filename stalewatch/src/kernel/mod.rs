@@ -11,7 +11,7 @@ use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::BtfTracePoint,
 };
-use stalewatch_common::{globals, names, stat};
+use stalewatch_common::{FlowEvent, LocalEvent, globals, kind, names, stat};
 
 use self::btf::{KernelLayout, TRACEPOINTS};
 use crate::error::Error;
@@ -71,6 +71,19 @@ impl Probes {
             .override_global(globals::DROP_REASONS, &drop_reasons, true)
             .override_global(globals::DROP_REASONS_V6, &drop_reasons_v6, true)
             .override_global(globals::OFF_SKB_PROTOCOL, &layout.skb_protocol, true)
+            .override_global(globals::OFF_SKB_HEAD, &layout.skb_head, true)
+            .override_global(
+                globals::OFF_SKB_NETWORK_HEADER,
+                &layout.skb_network_header,
+                true,
+            )
+            .override_global(
+                globals::OFF_SKB_TRANSPORT_HEADER,
+                &layout.skb_transport_header,
+                true,
+            )
+            .override_global(globals::OFF_SKB_DEV, &layout.skb_dev, true)
+            .override_global(globals::OFF_DEV_NET, &layout.dev_net, true)
             .map_max_entries(names::MAP_FLOWS, options.max_flows)
             .load(OBJECT)
             .map_err(|e| kernel_error("loading the eBPF object", &e))?;
@@ -139,12 +152,28 @@ fn kernel_error(step: &str, err: &(dyn StdError + 'static)) -> Error {
     Error::Kernel(format!("{step}: {last}"))
 }
 
-/// Copies one ring buffer record into a [`FlowEvent`]; `None` for a record
-/// of another size (never sent by our programs).
-pub fn read_event(bytes: &[u8]) -> Option<stalewatch_common::FlowEvent> {
-    (bytes.len() == std::mem::size_of::<stalewatch_common::FlowEvent>()).then(|| {
-        // SAFETY: the length matches and FlowEvent is plain old data (any
-        // bit pattern is valid); read_unaligned copes with any alignment.
+/// A record from the ring buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Record {
+    Flow(FlowEvent),
+    Local(LocalEvent),
+}
+
+/// Copies one ring buffer record out by its kind; `None` for a record that
+/// our programs never send.
+pub fn read_event(bytes: &[u8]) -> Option<Record> {
+    let kind = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
+    match kind {
+        kind::FLOW => copy(bytes).map(Record::Flow),
+        kind::LOCAL => copy(bytes).map(Record::Local),
+        _ => None,
+    }
+}
+
+fn copy<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    (bytes.len() == std::mem::size_of::<T>()).then(|| {
+        // SAFETY: the length matches and T is plain old data (any bit
+        // pattern is valid); read_unaligned copes with any alignment.
         unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) }
     })
 }
