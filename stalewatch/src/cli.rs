@@ -22,6 +22,9 @@ pub enum Command {
     /// Watch the kernel for flows pinned to a backend by a stale conntrack
     /// entry, and alert on stdout until SIGINT or SIGTERM.
     Watch(WatchArgs),
+    /// Audit a conntrack table once, without eBPF: list the entries that are
+    /// stale right now. Exit status 0: none; 1: some; 2: error.
+    Check(crate::check::CheckArgs),
 }
 
 #[derive(Debug, Args)]
@@ -56,6 +59,16 @@ pub struct WatchArgs {
     /// evicted beyond that).
     #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_flows: u32,
+
+    /// How often to audit the conntrack table for flows that bypass a DNAT
+    /// without any packet failing (served by a proxy on the host); 0s: never.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub audit_every: Duration,
+
+    /// Delete the conntrack entry of every flow raised as stale or bypass,
+    /// and print each deletion. Without it nothing is ever changed.
+    #[arg(long)]
+    pub fix: bool,
 
     /// Kernel BTF to read types and tracepoints from.
     #[arg(long, default_value = DEFAULT_BTF, value_name = "PATH")]

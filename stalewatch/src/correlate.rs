@@ -152,7 +152,7 @@ impl Correlator {
         if !self.relevant(flow) {
             return false;
         }
-        self.due(flow, now).is_some()
+        self.due(flow, now, false).is_some()
     }
 
     fn relevant(&self, flow: &Observation) -> bool {
@@ -160,7 +160,7 @@ impl Correlator {
     }
 
     /// The alert `flow` is due for now, if any.
-    fn due(&self, flow: &Observation, now: Duration) -> Option<AlertState> {
+    fn due(&self, flow: &Observation, now: Duration, audited: bool) -> Option<AlertState> {
         let elapsed = |since: Duration| now.saturating_sub(since) >= self.config.remind_every;
         let tracked = self.flows.get(&key_of(flow));
         match (
@@ -168,7 +168,7 @@ impl Correlator {
             tracked.and_then(|t| t.checked),
         ) {
             (Some(last), _) => elapsed(last).then_some(AlertState::Reminder),
-            (None, checked) => (flow.failures() >= self.config.min_failures
+            (None, checked) => ((audited || flow.failures() >= self.config.min_failures)
                 && checked.is_none_or(elapsed))
             .then_some(AlertState::Raised),
         }
@@ -183,10 +183,32 @@ impl Correlator {
         siblings: Option<&Siblings>,
         now: Duration,
     ) -> Option<Alert> {
+        self.observe_inner(flow, siblings, now, false)
+    }
+
+    /// Takes a flow that the periodic conntrack audit found bypassing a
+    /// DNAT: no packet of it needs to fail (a proxy on the host may serve
+    /// it), so it is due at once. Its kernel counters, if any, are kept.
+    pub fn observe_audited(
+        &mut self,
+        flow: Observation,
+        siblings: &Siblings,
+        now: Duration,
+    ) -> Option<Alert> {
+        self.observe_inner(flow, Some(siblings), now, true)
+    }
+
+    fn observe_inner(
+        &mut self,
+        flow: Observation,
+        siblings: Option<&Siblings>,
+        now: Duration,
+        audited: bool,
+    ) -> Option<Alert> {
         if !self.relevant(&flow) {
             return None;
         }
-        let state = self.due(&flow, now);
+        let state = self.due(&flow, now, audited);
         let judged = state.and_then(|_| self.judge(&flow, siblings));
         let tracked = self.flows.entry(key_of(&flow)).or_insert_with(|| Tracked {
             flow: flow.clone(),
@@ -195,7 +217,9 @@ impl Correlator {
             checked: None,
             judged: None,
         });
-        tracked.flow = flow;
+        if !audited || tracked.flow.failures() == 0 {
+            tracked.flow = flow;
+        }
         tracked.seen = now;
         let state = state?;
         if judged.is_none() {
@@ -709,5 +733,27 @@ mod tests {
             .observe(refused(80, 72), Some(&view), secs(72))
             .expect("raised");
         assert_eq!(a.state, AlertState::Raised);
+    }
+
+    #[test]
+    fn an_audited_bypass_is_raised_without_failures_and_kept_fresh() {
+        let mut c = Correlator::new(Config::default());
+        let view = siblings(&[("172.18.0.2", 1)]);
+        let proxied = refused(0, 10);
+        let a = c
+            .observe_audited(proxied.clone(), &view, secs(10))
+            .expect("raised");
+        assert_eq!((a.state, a.verdict), (AlertState::Raised, Verdict::Bypass));
+        // Found again by the next audits: no new alert, and not resolved by
+        // silence while it is still there.
+        for t in [20, 30, 40] {
+            assert_eq!(c.observe_audited(proxied.clone(), &view, secs(t)), None);
+            assert!(c.tick(secs(t)).is_empty());
+        }
+        assert_eq!(
+            c.tick(secs(71)).len(),
+            1,
+            "resolved once the audits stop finding it"
+        );
     }
 }

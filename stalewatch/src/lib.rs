@@ -7,6 +7,8 @@
 //! [`correlate`] (pure detection) → [`report`] (text and JSON).
 //! [`watch`] wires them together; [`netns`] names namespaces.
 
+pub mod audit;
+pub mod check;
 pub mod cli;
 pub mod conntrack;
 pub mod correlate;

@@ -29,6 +29,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Watch(args) => stalewatch::watch::run(args),
+        Command::Check(args) => stalewatch::check::run(args),
     };
     match result {
         Ok(code) => code,

@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::error::Error;
+use crate::{audit::KnownFacts, error::Error};
 
 /// Where named namespaces are bind-mounted.
 pub const NETNS_DIRS: &[&str] = &["/run/netns", "/var/run/docker/netns"];
@@ -124,6 +124,61 @@ pub fn resolve(spec: &str) -> Result<u32, Error> {
         .ok_or_else(|| Error::NoNetns(spec.to_owned()))
 }
 
+/// Runs `f` on a short-lived thread inside the namespace at `path` (setns
+/// moves only the calling thread).
+pub fn in_netns<T: Send + 'static>(
+    path: &Path,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    let file = fs::File::open(path)?;
+    std::thread::spawn(move || {
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        f()
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("namespace thread panicked"))?
+}
+
+/// What the audit needs to know of a namespace: its own addresses, and the
+/// neighbours it failed to resolve (IPv4; the kernel's /proc view of the
+/// neighbour table holds no IPv6 entries).
+pub fn facts(path: &Path) -> std::io::Result<KnownFacts> {
+    in_netns(path, || {
+        let local = nix::ifaddrs::getifaddrs()?
+            .filter_map(|ifa| {
+                let addr = ifa.address?;
+                if let Some(v4) = addr.as_sockaddr_in() {
+                    Some(std::net::IpAddr::V4(v4.ip()))
+                } else {
+                    addr.as_sockaddr_in6()
+                        .map(|v6| std::net::IpAddr::V6(v6.ip()))
+                }
+            })
+            .collect();
+        // /proc/thread-self: this thread's namespace, not the process's.
+        let arp = fs::read_to_string("/proc/thread-self/net/arp")?;
+        Ok(KnownFacts {
+            local,
+            failed_neighbours: failed_in_arp_table(&arp),
+        })
+    })
+}
+
+/// IPv4 neighbours without a link-layer address (flags without ATF_COM):
+/// resolution failed or is failing.
+fn failed_in_arp_table(arp: &str) -> std::collections::HashSet<std::net::IpAddr> {
+    const ATF_COM: u32 = 0x2;
+    arp.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut cols = line.split_whitespace();
+            let addr = cols.next()?.parse().ok()?;
+            let flags = u32::from_str_radix(cols.nth(1)?.trim_start_matches("0x"), 16).ok()?;
+            (flags & ATF_COM == 0).then_some(addr)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,5 +191,16 @@ mod tests {
         let systemd = format!("0::/system.slice/docker-{id}.scope\n");
         assert_eq!(container_id_in(&systemd).as_deref(), Some(id));
         assert_eq!(container_id_in("0::/user.slice/session-2.scope\n"), None);
+    }
+
+    #[test]
+    fn failed_neighbours_are_the_incomplete_ones() {
+        let arp = "IP address       HW type     Flags       HW address            Mask     Device
+172.17.0.2       0x1         0x0         00:00:00:00:00:00     *        br-old
+172.18.0.2       0x1         0x2         6a:1f:00:aa:bb:cc     *        br-new
+";
+        let failed = failed_in_arp_table(arp);
+        assert_eq!(failed.len(), 1);
+        assert!(failed.contains(&"172.17.0.2".parse().unwrap()));
     }
 }

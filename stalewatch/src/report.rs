@@ -71,6 +71,10 @@ pub struct Failures {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Record {
     StaleFlow(Box<StaleFlow>),
+    /// A stale entry found by `stalewatch check`.
+    StaleEntry(Box<StaleEntry>),
+    /// A stale entry deleted by `--fix`.
+    EntryDeleted(Box<EntryDeleted>),
     /// Events the kernel could not hand over (ring buffer full).
     EventsLost {
         time: String,
@@ -101,6 +105,82 @@ pub struct StaleFlow {
     pub cause: String,
     /// The command that deletes exactly this entry.
     pub fix: String,
+}
+
+/// One finding of `stalewatch check`, with the same names as a stale flow.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct StaleEntry {
+    pub verdict: Verdict,
+    pub netns: NetnsInfo,
+    pub family: Family,
+    pub proto: Proto,
+    pub orig: Endpoint,
+    pub stale_backend: Backend,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_backend: Option<Backend>,
+    pub evidence: Vec<String>,
+    pub fix: String,
+}
+
+impl StaleEntry {
+    pub fn new(finding: &crate::audit::Finding, netns: NetnsInfo) -> Self {
+        let e = &finding.entry;
+        StaleEntry {
+            verdict: finding.verdict,
+            fix: fix_command(&e.orig, &netns),
+            netns,
+            family: e.orig.family,
+            proto: e.orig.proto,
+            orig: Endpoint::of(&e.orig),
+            stale_backend: Backend {
+                addr: e.reply.src,
+                port: e.reply.sport,
+            },
+            current_backend: finding
+                .current_backends
+                .first()
+                .map(|&(addr, port)| Backend { addr, port }),
+            evidence: finding.evidence.clone(),
+        }
+    }
+}
+
+/// A conntrack entry that `--fix` deleted.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct EntryDeleted {
+    pub time: String,
+    pub netns: NetnsInfo,
+    pub family: Family,
+    pub proto: Proto,
+    pub orig: Endpoint,
+    pub stale_backend: Backend,
+}
+
+impl EntryDeleted {
+    pub fn new(orig: &Tuple, reply: &Tuple, netns: NetnsInfo) -> Self {
+        EntryDeleted {
+            time: rfc3339(SystemTime::now()),
+            netns,
+            family: orig.family,
+            proto: orig.proto,
+            orig: Endpoint::of(orig),
+            stale_backend: Backend {
+                addr: reply.src,
+                port: reply.sport,
+            },
+        }
+    }
+}
+
+impl Endpoint {
+    fn of(t: &Tuple) -> Endpoint {
+        Endpoint {
+            src: t.src,
+            sport: t.sport,
+            dst: t.dst,
+            dport: t.dport,
+        }
+    }
 }
 
 impl StaleFlow {
@@ -137,12 +217,7 @@ impl StaleFlow {
             netns,
             family: o.family,
             proto: o.proto,
-            orig: Endpoint {
-                src: o.src,
-                sport: o.sport,
-                dst: o.dst,
-                dport: o.dport,
-            },
+            orig: Endpoint::of(o),
             stale_backend: Backend { addr, port },
             failures: Failures {
                 packets: flow.failures(),
@@ -218,6 +293,14 @@ fn icmp_meaning(icmp: &IcmpEvidence) -> &'static str {
     }
 }
 
+fn netns_label(ns: &NetnsInfo) -> String {
+    match &ns.name {
+        Some(name) => format!("netns {name}, inode {}", ns.inode),
+        None if ns.is_own => format!("host netns, inode {}", ns.inode),
+        None => format!("netns inode {}", ns.inode),
+    }
+}
+
 /// `": a; b"`, or nothing for no items.
 fn colon_list(items: &[String]) -> String {
     if items.is_empty() {
@@ -255,6 +338,43 @@ impl<W: Write> Reporter<W> {
 pub fn text(record: &Record) -> String {
     let mut s = String::new();
     match record {
+        Record::StaleEntry(e) => {
+            let o = &e.orig;
+            let verdict = match e.verdict {
+                Verdict::Bypass => "STALE ENTRY (bypasses DNAT)",
+                Verdict::BackendDown => "BACKEND DOWN",
+                _ => "STALE ENTRY",
+            };
+            let _ = writeln!(
+                s,
+                "{verdict}  {} {} -> {}  ({})",
+                e.proto.name(),
+                addr_port(o.src, o.sport),
+                addr_port(o.dst, o.dport),
+                netns_label(&e.netns),
+            );
+            let backend = addr_port(e.stale_backend.addr, e.stale_backend.port);
+            let _ = writeln!(s, "  pinned to  {backend}");
+            if let Some(now) = &e.current_backend {
+                let now = addr_port(now.addr, now.port);
+                let _ = writeln!(s, "  now        {now} for new flows");
+            }
+            let _ = writeln!(s, "  evidence   {}", e.evidence.join("; "));
+            let _ = writeln!(s, "  fix        {}", e.fix);
+        }
+        Record::EntryDeleted(d) => {
+            let o = &d.orig;
+            let _ = writeln!(
+                s,
+                "{} DELETED  {} {} -> {} pinned to {}  ({})",
+                d.time,
+                d.proto.name(),
+                addr_port(o.src, o.sport),
+                addr_port(o.dst, o.dport),
+                addr_port(d.stale_backend.addr, d.stale_backend.port),
+                netns_label(&d.netns),
+            );
+        }
         Record::EventsLost { time, count, total } => {
             let _ = writeln!(
                 s,
@@ -264,11 +384,7 @@ pub fn text(record: &Record) -> String {
         }
         Record::StaleFlow(a) => {
             let o = &a.orig;
-            let mut ns = match &a.netns.name {
-                Some(name) => format!("netns {name}, inode {}", a.netns.inode),
-                None if a.netns.is_own => format!("host netns, inode {}", a.netns.inode),
-                None => format!("netns inode {}", a.netns.inode),
-            };
+            let mut ns = netns_label(&a.netns);
             if let Some(pid) = a.netns.pid {
                 let _ = write!(ns, ", pid {pid}");
             }

@@ -1,8 +1,10 @@
 //! `stalewatch watch`: load the probes, stream kernel reports through the
-//! correlator, print alerts, and detach cleanly on SIGINT or SIGTERM.
+//! correlator, audit the conntrack table now and then for what no packet
+//! failure shows, print alerts, and detach cleanly on SIGINT or SIGTERM.
 
 use std::{
     io,
+    path::PathBuf,
     process::ExitCode,
     time::{Duration, SystemTime},
 };
@@ -10,23 +12,27 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use nix::time::{ClockId, clock_gettime};
+use stalewatch_common::ct_status;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
 };
 
 use crate::{
+    audit,
     cli::WatchArgs,
     conntrack,
-    correlate::{self, Alert, Correlator, Siblings},
+    correlate::{self, Alert, AlertState, Correlator, Siblings, Verdict},
     event::{Observation, Tuple},
     kernel::{self, Probes},
     netns,
-    report::{Clock, Record, Reporter, StaleFlow},
+    report::{Clock, EntryDeleted, Record, Reporter, StaleFlow},
 };
 
 pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
     let netns_filter = args.netns.as_deref().map(netns::resolve).transpose()?;
+    // The namespace the audit reads: the watched one, or our own.
+    let (_, audit_path) = crate::check::target(args.netns.as_deref())?;
     let options = kernel::Options {
         btf: args.btf.clone(),
         netns: netns_filter,
@@ -45,18 +51,17 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let config = correlate::Config {
-        min_failures: args.min_failures,
-        remind_every: args.remind_every,
-        resolve_after: args.resolve_after,
+    let session = Session {
+        correlator: Correlator::new(correlate::Config {
+            min_failures: args.min_failures,
+            remind_every: args.remind_every,
+            resolve_after: args.resolve_after,
+        }),
+        reporter: Reporter::new(args.format, io::stdout().lock()),
+        fix: args.fix,
+        audit_path,
     };
-    let reporter = Reporter::new(args.format, io::stdout().lock());
-    runtime.block_on(event_loop(
-        probes,
-        events,
-        Correlator::new(config),
-        reporter,
-    ))?;
+    runtime.block_on(session.run(probes, events, args.audit_every))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -73,97 +78,190 @@ fn clock() -> Clock {
     }
 }
 
-async fn event_loop<W: io::Write>(
-    probes: Probes,
-    events: RingBuf<MapData>,
-    mut correlator: Correlator,
-    mut reporter: Reporter<W>,
-) -> anyhow::Result<()> {
-    // SAFETY: the ring buffer owns its map fd, which stays open and
-    // unchanged until the AsyncFd (and with it the RingBuf) is dropped.
-    let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    let mut lost_reported = 0;
-    let layout = probes.layout.clone();
+struct Session<W: io::Write> {
+    correlator: Correlator,
+    reporter: Reporter<W>,
+    fix: bool,
+    audit_path: PathBuf,
+}
 
-    let emit = |alert: &Alert, reporter: &mut Reporter<W>| -> io::Result<()> {
-        let info = netns::describe(alert.flow.netns);
-        reporter.write(&Record::StaleFlow(Box::new(StaleFlow::new(
-            alert,
-            info,
-            &clock(),
-        ))))
-    };
+impl<W: io::Write> Session<W> {
+    async fn run(
+        mut self,
+        probes: Probes,
+        events: RingBuf<MapData>,
+        audit_every: Duration,
+    ) -> anyhow::Result<()> {
+        // SAFETY: the ring buffer owns its map fd, which stays open and
+        // unchanged until the AsyncFd (and with it the RingBuf) is dropped.
+        let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        // An interval of zero disables the audit.
+        let mut auditor = tokio::time::interval(audit_every.max(Duration::from_millis(100)));
+        let mut lost_reported = 0;
+        let layout = probes.layout.clone();
 
-    loop {
-        tokio::select! {
-            guard = events.readable_mut() => {
-                let mut guard = guard?;
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    let flow = match kernel::read_event(&item) {
-                        Some(kernel::Record::Flow(raw)) => {
-                            Observation::decode(&raw, &layout.tuple, &layout.drop_reasons)
-                        }
-                        Some(kernel::Record::Local(raw)) => Some(Observation::decode_local(&raw)),
-                        None => None,
-                    };
-                    let Some(flow) = flow else { continue };
-                    let now = monotonic();
-                    // Only flows about to be alerted cost conntrack queries:
-                    // is the entry still there (an orchestrator may have
-                    // cleaned it up already), and where do its siblings go?
-                    let mut siblings = None;
-                    if correlator.would_alert(&flow, now) {
-                        if entry_exists(flow.netns, &flow.orig, &flow.reply) == Some(false) {
-                            for alert in correlator.entry_gone(flow.netns, &flow.orig, now) {
-                                emit(&alert, &mut reporter)?;
+        loop {
+            tokio::select! {
+                guard = events.readable_mut() => {
+                    let mut guard = guard?;
+                    let ring = guard.get_inner_mut();
+                    while let Some(item) = ring.next() {
+                        let flow = match kernel::read_event(&item) {
+                            Some(kernel::Record::Flow(raw)) => {
+                                Observation::decode(&raw, &layout.tuple, &layout.drop_reasons)
                             }
-                            continue;
-                        }
-                        siblings = siblings_of(&flow);
-                    }
-                    if let Some(alert) = correlator.observe(flow, siblings.as_ref(), now) {
-                        emit(&alert, &mut reporter)?;
-                    }
-                }
-                guard.clear_ready();
-            }
-            _ = ticker.tick() => {
-                for (netns, orig, reply) in correlator.raised_flows() {
-                    if entry_exists(netns, &orig, &reply) == Some(false) {
-                        for alert in correlator.entry_gone(netns, &orig, monotonic()) {
-                            emit(&alert, &mut reporter)?;
+                            Some(kernel::Record::Local(raw)) => {
+                                Some(Observation::decode_local(&raw))
+                            }
+                            None => None,
+                        };
+                        if let Some(flow) = flow {
+                            self.observe(flow)?;
                         }
                     }
+                    guard.clear_ready();
                 }
-                for alert in correlator.tick(monotonic()) {
-                    emit(&alert, &mut reporter)?;
+                _ = ticker.tick() => {
+                    self.tick()?;
+                    let stats = probes.stats()?;
+                    if stats.events_lost > lost_reported {
+                        self.reporter.write(&Record::EventsLost {
+                            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+                            count: stats.events_lost - lost_reported,
+                            total: stats.events_lost,
+                        })?;
+                        lost_reported = stats.events_lost;
+                    }
                 }
-                let stats = probes.stats()?;
-                if stats.events_lost > lost_reported {
-                    reporter.write(&Record::EventsLost {
-                        time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-                        count: stats.events_lost - lost_reported,
-                        total: stats.events_lost,
-                    })?;
-                    lost_reported = stats.events_lost;
-                }
+                _ = auditor.tick(), if !audit_every.is_zero() => self.audit()?,
+                _ = sigint.recv() => break,
+                _ = sigterm.recv() => break,
             }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
         }
+        let stats = probes.stats()?;
+        drop(probes);
+        eprintln!(
+            "stalewatch: detached; {} failing packets of DNATed flows seen, {} kernel reports, {} lost",
+            stats.failures, stats.events_sent, stats.events_lost
+        );
+        Ok(())
     }
-    let stats = probes.stats()?;
-    drop(probes);
-    eprintln!(
-        "stalewatch: detached; {} failing packets of DNATed flows seen, {} kernel reports, {} lost",
-        stats.failures, stats.events_sent, stats.events_lost
-    );
-    Ok(())
+
+    /// One kernel report. Only flows about to be alerted cost conntrack
+    /// queries: is the entry still there (an orchestrator may have cleaned
+    /// it up already), and where do its siblings go?
+    fn observe(&mut self, flow: Observation) -> anyhow::Result<()> {
+        let now = monotonic();
+        let mut siblings = None;
+        if self.correlator.would_alert(&flow, now) {
+            if entry_exists(flow.netns, &flow.orig, &flow.reply) == Some(false) {
+                for alert in self.correlator.entry_gone(flow.netns, &flow.orig, now) {
+                    self.emit(&alert)?;
+                }
+                return Ok(());
+            }
+            siblings = siblings_of(&flow);
+        }
+        if let Some(alert) = self.correlator.observe(flow, siblings.as_ref(), now) {
+            self.emit(&alert)?;
+        }
+        Ok(())
+    }
+
+    /// Once a second: resolve raised flows whose entries are gone, and
+    /// those that stopped failing.
+    fn tick(&mut self) -> anyhow::Result<()> {
+        for (netns, orig, reply) in self.correlator.raised_flows() {
+            if entry_exists(netns, &orig, &reply) == Some(false) {
+                for alert in self.correlator.entry_gone(netns, &orig, monotonic()) {
+                    self.emit(&alert)?;
+                }
+            }
+        }
+        for alert in self.correlator.tick(monotonic()) {
+            self.emit(&alert)?;
+        }
+        Ok(())
+    }
+
+    /// Flows that bypass a DNAT while a proxy on the host serves them fail
+    /// no packet: only the conntrack table shows them.
+    fn audit(&mut self) -> anyhow::Result<()> {
+        let path = self.audit_path.clone();
+        let entries = match audit::read_table(&path) {
+            Ok(entries) => entries,
+            Err(e) => {
+                log::warn!("audit: {e}");
+                return Ok(());
+            }
+        };
+        let facts = netns::facts(&path).unwrap_or_default();
+        let Ok(inode) = std::fs::metadata(&path).map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        else {
+            return Ok(());
+        };
+        let now = monotonic();
+        for finding in audit::audit(&entries, &facts) {
+            if finding.verdict != Verdict::Bypass {
+                // Pinned entries fail packets: the kernel path has them.
+                continue;
+            }
+            let e = &finding.entry;
+            let flow = Observation {
+                local: true,
+                ct: 0,
+                netns: inode as u32,
+                orig: e.orig,
+                reply: e.reply,
+                status: e.status,
+                first: now,
+                last: now,
+                icmp: None,
+                drops: None,
+            };
+            let siblings = Siblings {
+                dnat_backends: finding.current_backends.iter().map(|b| (*b, 1)).collect(),
+            };
+            if let Some(alert) = self.correlator.observe_audited(flow, &siblings, now) {
+                self.emit(&alert)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Prints an alert, and with `--fix` deletes the entry of a flow raised
+    /// as stale or bypassing (never one whose backend is down).
+    fn emit(&mut self, alert: &Alert) -> anyhow::Result<()> {
+        let info = netns::describe(alert.flow.netns);
+        self.reporter
+            .write(&Record::StaleFlow(Box::new(StaleFlow::new(
+                alert,
+                info.clone(),
+                &clock(),
+            ))))?;
+        let fixable = matches!(alert.verdict, Verdict::Stale | Verdict::Bypass)
+            && alert.state != AlertState::Resolved;
+        if self.fix && fixable {
+            let flow = &alert.flow;
+            let Some(path) = netns::path_of(&info) else {
+                log::warn!("--fix: cannot enter network namespace {}", flow.netns);
+                return Ok(());
+            };
+            if conntrack::delete(Some(&path), &flow.orig)? {
+                self.reporter
+                    .write(&Record::EntryDeleted(Box::new(EntryDeleted::new(
+                        &flow.orig,
+                        &flow.reply,
+                        info,
+                    ))))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What the conntrack table of the flow's namespace shows of its siblings:
@@ -174,10 +272,7 @@ fn siblings_of(flow: &Observation) -> Option<Siblings> {
     let filter = conntrack::Filter {
         family: Some(flow.orig.family),
         proto: Some(flow.orig.proto),
-        status: Some((
-            stalewatch_common::ct_status::DST_NAT,
-            stalewatch_common::ct_status::DST_NAT,
-        )),
+        status: Some((ct_status::DST_NAT, ct_status::DST_NAT)),
         orig_dst: Some((flow.orig.dst, flow.orig.dport)),
     };
     let entries = conntrack::dump(Some(&path), &filter)

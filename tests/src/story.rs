@@ -219,6 +219,16 @@ impl Story {
             Rules::Iptables | Rules::IptablesLegacy => {
                 self.ipt_line("-t nat -N DOCKER")?;
                 self.ipt_line("-t nat -A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER")?;
+                // Docker masquerades what its networks send out. This rule
+                // also keeps conntrack on in the namespace when no DNAT is
+                // left (nft-backed NAT enables it only while a NAT rule
+                // exists), as on every Docker host.
+                for (net, bridge) in [(self.plan.old_gw, "br-old"), (self.plan.new_gw, "br-new")] {
+                    let prefix = if net.contains(':') { 64 } else { 16 };
+                    self.ipt_line(&format!(
+                        "-t nat -A POSTROUTING -s {net}/{prefix} ! -o {bridge} -j MASQUERADE"
+                    ))?;
+                }
                 for proto in ["udp", "tcp"] {
                     self.ipt_line(&format!(
                         "-t nat -A DOCKER ! -i br-old -p {proto} --dport {port} -j DNAT --to-destination {to}"
@@ -304,6 +314,34 @@ impl Story {
         if self.variant.forward_drop {
             self.ipt_line(&accept_rule("-D", "br-old", self.plan.old_backend))?;
             self.ipt_line(&accept_rule("-A", "br-new", self.plan.new_backend))?;
+        }
+        Ok(())
+    }
+
+    /// The redeploy as Docker does it: the old container's rules go and
+    /// its conntrack entries are deleted by its address; for `gap` no rule
+    /// publishes the port (a stream then makes an entry without NAT, to the
+    /// host itself); then the new container's rule comes.
+    pub fn redeploy_with_gap(&mut self, gap: std::time::Duration) -> anyhow::Result<()> {
+        assert_eq!(self.variant.rules, Rules::Iptables, "Docker's layout only");
+        self.ipt_line("-t nat -F DOCKER")?;
+        self.router
+            .exec(&["conntrack", "-D", "--reply-src", self.plan.old_backend])
+            .or_else(|e| {
+                // conntrack exits 1 when it deleted nothing.
+                if e.to_string().contains("0 flow entries") {
+                    Ok(String::new())
+                } else {
+                    Err(e)
+                }
+            })?;
+        self.old = None;
+        std::thread::sleep(gap);
+        let to = self.target(self.plan.new_backend);
+        for proto in ["udp", "tcp"] {
+            self.ipt_line(&format!(
+                "-t nat -A DOCKER ! -i br-new -p {proto} --dport {SERVICE_PORT} -j DNAT --to-destination {to}"
+            ))?;
         }
         Ok(())
     }
