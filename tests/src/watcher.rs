@@ -39,8 +39,11 @@ pub struct Watcher {
 impl Watcher {
     /// Starts `stalewatch watch --format json ARGS` and waits until it says
     /// it is attached.
+    /// With `STALEWATCH_ECHO=1` in the environment, what it prints is
+    /// echoed (run the tests with `--nocapture` to see the alerts).
     pub fn start(args: &[&str]) -> anyhow::Result<Watcher> {
-        Watcher::start_with("json", args, false)
+        let echo = std::env::var_os("STALEWATCH_ECHO").is_some_and(|v| v == "1");
+        Watcher::start_with("json", args, echo)
     }
 
     /// Starts `stalewatch watch --format FORMAT ARGS`, echoing what it
