@@ -119,6 +119,40 @@ pub struct LocalEvent {
 /// ICMP code "port unreachable".
 pub const ICMP_PORT_UNREACH: u32 = 3;
 
+/// The `FLOWS` map's value: the event userspace gets, and when it last got
+/// it. Shared so that userspace can size the map for counting its entries.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FlowState {
+    pub event: FlowEvent,
+    pub last_emit_ns: u64,
+}
+
+/// The `LOCALS` map's key: a flow as a refused datagram shows it.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct LocalKey {
+    pub netns: u32,
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub proto: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LocalState {
+    pub event: LocalEvent,
+    pub last_emit_ns: u64,
+}
+
+/// Slots of the `CAUSES` per-CPU array: failed packets by cause. A drop
+/// counts at its `enum skb_drop_reason` number, an ICMP destination
+/// unreachable at `CAUSE_ICMP + code`.
+pub const CAUSE_ICMP: u32 = DROP_REASON_MAX;
+pub const CAUSES: u32 = DROP_REASON_MAX + 16;
+
 /// Counters in the `STATS` per-CPU array, by index.
 pub mod stat {
     /// Events that did not fit in the ring buffer.
@@ -129,7 +163,11 @@ pub mod stat {
     pub const EVENTS_SENT: u32 = 2;
     /// Kernel reads that failed (a struct layout we did not expect).
     pub const READ_ERRORS: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// Entries inserted into `FLOWS` and `LOCALS` (never deleted: the
+    /// difference to their occupancy is what LRU evicted).
+    pub const FLOWS_INSERTED: u32 = 4;
+    pub const LOCALS_INSERTED: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// Names of the read-only globals that userspace sets from BTF at load time.
@@ -159,6 +197,7 @@ pub mod names {
     pub const MAP_EVENTS: &str = "EVENTS";
     pub const MAP_FLOWS: &str = "FLOWS";
     pub const MAP_LOCALS: &str = "LOCALS";
+    pub const MAP_CAUSES: &str = "CAUSES";
     pub const MAP_STATS: &str = "STATS";
 }
 
@@ -169,3 +208,15 @@ unsafe impl aya::Pod for FlowEvent {}
 #[cfg(feature = "user")]
 // SAFETY: as for FlowEvent.
 unsafe impl aya::Pod for LocalEvent {}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C) plain data, every bit pattern valid.
+unsafe impl aya::Pod for FlowState {}
+
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for LocalKey {}
+
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for LocalState {}

@@ -26,8 +26,9 @@ mod programs {
         programs::BtfTracePointContext,
     };
     use stalewatch_common::{
-        DROP_REASON_MAX, DROP_REASON_WORDS, ETH_P_IPV6_BE, FlowEvent, ICMP_DEST_UNREACH,
-        ICMP_PORT_UNREACH, LocalEvent, TUPLE_SIZE, ct_status, hook, kind, stat,
+        CAUSE_ICMP, CAUSES as CAUSE_SLOTS, DROP_REASON_MAX, DROP_REASON_WORDS, ETH_P_IPV6_BE,
+        FlowEvent, FlowState, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, LocalEvent, LocalKey,
+        LocalState, TUPLE_SIZE, ct_status, hook, kind, stat,
     };
 
     // Read-only globals, set by userspace from BTF (see stalewatch-common's
@@ -72,13 +73,6 @@ mod programs {
     #[unsafe(no_mangle)]
     static OFF_DEV_NET: u64 = 0;
 
-    /// Per conntrack entry: the event userspace gets, and when it last got it.
-    #[repr(C)]
-    struct FlowState {
-        event: FlowEvent,
-        last_emit_ns: u64,
-    }
-
     #[map(name = "EVENTS")]
     static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
@@ -88,30 +82,15 @@ mod programs {
     #[map(name = "FLOWS")]
     static FLOWS: LruHashMap<u64, FlowState> = LruHashMap::with_max_entries(65_536, 0);
 
-    /// A locally delivered flow that this host answers with port
-    /// unreachable: its conntrack entry is no longer on the packet.
-    #[repr(C)]
-    #[derive(Clone, Copy, PartialEq, Eq)]
-    struct LocalKey {
-        netns: u32,
-        saddr: [u8; 4],
-        daddr: [u8; 4],
-        sport: [u8; 2],
-        dport: [u8; 2],
-        proto: u32,
-    }
-
-    #[repr(C)]
-    struct LocalState {
-        event: LocalEvent,
-        last_emit_ns: u64,
-    }
-
     #[map(name = "LOCALS")]
     static LOCALS: LruHashMap<LocalKey, LocalState> = LruHashMap::with_max_entries(16_384, 0);
 
     #[map(name = "STATS")]
     static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+    /// Failed packets by cause (see stalewatch-common's `CAUSE_ICMP`).
+    #[map(name = "CAUSES")]
+    static CAUSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(CAUSE_SLOTS, 0);
 
     const NFCT_PTRMASK: u64 = !7;
 
@@ -124,7 +103,23 @@ mod programs {
 
     #[inline(always)]
     fn count(index: u32) {
-        if let Some(counter) = STATS.get_ptr_mut(index) {
+        count_in(&STATS, index);
+    }
+
+    /// Counts a failed packet by its cause: the drop reason, or the ICMP code.
+    #[inline(always)]
+    fn count_cause(hook_id: u8, icmp_code: u8, drop_reason: u32) {
+        let slot = if hook_id == hook::ICMP_SEND {
+            CAUSE_ICMP + u32::from(icmp_code & 15)
+        } else {
+            drop_reason
+        };
+        count_in(&CAUSES, slot);
+    }
+
+    #[inline(always)]
+    fn count_in(array: &PerCpuArray<u64>, index: u32) {
+        if let Some(counter) = array.get_ptr_mut(index) {
             // SAFETY: a per-CPU slot, only this CPU writes it.
             unsafe { *counter += 1 };
         }
@@ -194,6 +189,7 @@ mod programs {
             dport: [ports[2], ports[3]],
             proto: u32::from(ip[9]),
         };
+        count_cause(hook::ICMP_SEND, icmp_code, 0);
         // SAFETY: no preconditions.
         let now = unsafe { bpf_ktime_get_ns() };
         if let Some(state) = LOCALS.get_ptr_mut(&key) {
@@ -225,7 +221,9 @@ mod programs {
             },
             last_emit_ns: now,
         };
-        let _ = LOCALS.insert(&key, &state, BPF_ANY as u64);
+        if LOCALS.insert(&key, &state, BPF_ANY as u64).is_ok() {
+            count(stat::LOCALS_INSERTED);
+        }
         emit(&state.event);
         Ok(())
     }
@@ -275,6 +273,7 @@ mod programs {
             return Ok(true);
         }
         count(stat::FAILURES);
+        count_cause(hook_id, icmp_code, drop_reason);
 
         // SAFETY: no preconditions.
         let now = unsafe { bpf_ktime_get_ns() };
@@ -312,7 +311,9 @@ mod programs {
         };
         read_tuple(ct + global(&OFF_CT_TUPLE_REPLY), &mut state.event.reply)?;
         note(&mut state.event, hook_id, icmp_code, drop_reason);
-        if FLOWS.insert(&ct, &state, BPF_NOEXIST as u64).is_err() {
+        if FLOWS.insert(&ct, &state, BPF_NOEXIST as u64).is_ok() {
+            count(stat::FLOWS_INSERTED);
+        } else {
             // Another CPU inserted it first (or replaced a reused entry):
             // count on its copy, or overwrite a stale one.
             if let Some(existing) = FLOWS.get_ptr_mut(&ct) {

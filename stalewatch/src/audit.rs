@@ -179,18 +179,7 @@ fn list(backends: &[Backend]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Tuple;
-
-    fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Tuple {
-        Tuple {
-            family: Family::Ipv4,
-            proto: Proto::UDP,
-            src: src.parse().unwrap(),
-            sport,
-            dst: dst.parse().unwrap(),
-            dport,
-        }
-    }
+    use crate::event::udp;
 
     /// A flow from `sport` to the host's 198.51.100.1:8888, sent on to
     /// `to` (DNAT) or delivered to the host (`None`).

@@ -46,14 +46,21 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let (info, path) = target(args.netns.as_deref())?;
     let entries = audit::read_table(&path)?;
     let facts = netns::facts(&path).context("reading the namespace's addresses")?;
-    let findings = audit::audit(&entries, &facts);
+    let mut findings = audit::audit(&entries, &facts);
+    // Names containers where an engine answers; in the host's namespace it
+    // also tells the flows that Docker's own rules deliver to the host.
+    let engine = crate::docker::Engine::connect();
+    if let Some(engine) = engine.as_ref().filter(|_| info.is_own) {
+        engine.retain_stale(&mut findings);
+    }
     let mut reporter = Reporter::new(args.format, io::stdout().lock());
     let mut left = 0;
     for finding in &findings {
-        reporter.write(&Record::StaleEntry(Box::new(StaleEntry::new(
-            finding,
-            info.clone(),
-        ))))?;
+        let mut entry = StaleEntry::new(finding, info.clone());
+        if let Some(engine) = &engine {
+            engine.annotate_entry(&mut entry, &finding.entry.orig);
+        }
+        reporter.write(&Record::StaleEntry(Box::new(entry)))?;
         if !args.fix {
             left += 1;
             continue;

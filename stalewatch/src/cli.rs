@@ -70,9 +70,25 @@ pub struct WatchArgs {
     #[arg(long)]
     pub fix: bool,
 
+    /// Serve Prometheus/OpenMetrics metrics at http://ADDR/metrics. ADDR is
+    /// host:port, or a port alone for 127.0.0.1. Turns on the kernel's BPF
+    /// run-time statistics while stalewatch runs (a few ns per program run).
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    pub metrics: Option<std::net::SocketAddr>,
+
     /// Kernel BTF to read types and tracepoints from.
     #[arg(long, default_value = DEFAULT_BTF, value_name = "PATH")]
     pub btf: PathBuf,
+}
+
+/// `host:port`, or a bare port on localhost: metrics stay local unless the
+/// user names another address.
+fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse()
+        .map_err(|_| "expected host:port or a port, like 127.0.0.1:9464 or 9464".to_owned())
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

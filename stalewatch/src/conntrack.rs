@@ -96,14 +96,26 @@ impl Filter {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot enter network namespace {}: {}", .0.display(), .1)]
+    #[error("cannot enter network namespace {}: {}{}", .0.display(), .1, needs(.1, "CAP_SYS_ADMIN"))]
     Netns(PathBuf, io::Error),
     #[error("conntrack netlink socket: {0}")]
     Socket(io::Error),
-    #[error("conntrack {0} refused by the kernel: {1}")]
-    Kernel(&'static str, io::Error),
+    #[error(
+        "conntrack {what} refused by the kernel: {err}{}",
+        needs(err, "CAP_NET_ADMIN")
+    )]
+    Kernel { what: &'static str, err: io::Error },
     #[error("malformed conntrack netlink message: {0}")]
     Netlink(String),
+}
+
+/// The capability to name when the kernel said no.
+fn needs(err: &io::Error, capability: &str) -> String {
+    if err.kind() == io::ErrorKind::PermissionDenied {
+        format!(" (needs {capability})")
+    } else {
+        String::new()
+    }
 }
 
 /// Dumps the conntrack table of a network namespace: `netns` is an nsfs
@@ -224,7 +236,10 @@ enum Outcome {
 }
 
 fn refused(what: &'static str, errno: i32) -> Error {
-    Error::Kernel(what, io::Error::from_raw_os_error(errno))
+    Error::Kernel {
+        what,
+        err: io::Error::from_raw_os_error(errno),
+    }
 }
 
 fn malformed(e: DecodeError) -> Error {
@@ -243,6 +258,9 @@ fn open(netns: Option<&Path>) -> Result<Socket, Error> {
         return new_socket().map_err(Error::Socket);
     };
     let file = File::open(path).map_err(|e| Error::Netns(path.to_path_buf(), e))?;
+    if crate::netns::is_own(&file) {
+        return new_socket().map_err(Error::Socket);
+    }
     let path = path.to_path_buf();
     // setns moves only the calling thread, and a socket stays in the
     // namespace it was made in: a throwaway thread enters the namespace and
@@ -1046,7 +1064,7 @@ mod tests {
         }
         assert_eq!(
             refused("delete", libc::EPERM).to_string(),
-            "conntrack delete refused by the kernel: Operation not permitted (os error 1)"
+            "conntrack delete refused by the kernel: Operation not permitted (os error 1) (needs CAP_NET_ADMIN)"
         );
     }
 }

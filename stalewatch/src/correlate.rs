@@ -245,8 +245,13 @@ impl Correlator {
             .iter()
             .map(|(a, p)| crate::report::addr_port(*a, *p))
             .collect();
+        let taken = if flow.failures() > 0 {
+            "which refuses it"
+        } else {
+            "where something (a proxy) takes it"
+        };
         let evidence = format!(
-            "its conntrack entry has no NAT and delivers it to this host, which refuses it, \
+            "its conntrack entry has no NAT and delivers it to this host, {taken}, \
              while newer flows to {} are DNATed to {}",
             crate::report::addr_port(flow.orig.dst, flow.orig.dport),
             to.join(", ")
@@ -429,24 +434,13 @@ mod tests {
     use stalewatch_common::ct_status;
 
     use super::*;
-    use crate::event::{DropEvidence, Family, IcmpEvidence, Proto};
+    use crate::event::{DropEvidence, IcmpEvidence, udp};
 
     const NETNS: u32 = 4026532100;
     const CT: u64 = 0xffff_8880_1234_5000;
 
     fn secs(s: u64) -> Duration {
         Duration::from_secs(s)
-    }
-
-    fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Tuple {
-        Tuple {
-            family: Family::Ipv4,
-            proto: Proto::UDP,
-            src: src.parse().unwrap(),
-            sport,
-            dst: dst.parse().unwrap(),
-            dport,
-        }
     }
 
     /// A report on the story's stale flow: 192.0.2.2:40000 -> 192.0.2.1:8888

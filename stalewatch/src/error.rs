@@ -16,7 +16,7 @@ pub enum Error {
     #[error("unsupported kernel layout: {0}")]
     Layout(String),
     #[error(
-        "permission denied loading eBPF programs: run stalewatch as root (it needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)"
+        "permission denied loading eBPF programs: run stalewatch as root (it needs CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN)"
     )]
     NotPermitted,
     #[error(

@@ -240,25 +240,29 @@ impl Observation {
     }
 }
 
+/// A UDP tuple from text, for the unit tests of every stage.
+#[cfg(test)]
+pub(crate) fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Tuple {
+    let src: IpAddr = src.parse().expect("an address");
+    Tuple {
+        family: if src.is_ipv4() {
+            Family::Ipv4
+        } else {
+            Family::Ipv6
+        },
+        proto: Proto::UDP,
+        src,
+        sport,
+        dst: dst.parse().expect("an address"),
+        dport,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn tuple(src: &str, sport: u16, dst: &str, dport: u16) -> Tuple {
-        let src: IpAddr = src.parse().unwrap();
-        Tuple {
-            family: if src.is_ipv4() {
-                Family::Ipv4
-            } else {
-                Family::Ipv6
-            },
-            proto: Proto::UDP,
-            src,
-            sport,
-            dst: dst.parse().unwrap(),
-            dport,
-        }
-    }
+    use super::udp as tuple;
 
     #[test]
     fn ipv4_tuple_decodes_from_kernel_bytes() {

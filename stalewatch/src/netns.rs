@@ -24,6 +24,9 @@ pub struct NetnsInfo {
     /// The container that process belongs to, from its cgroup.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub container_id: Option<String>,
+    /// The container whose namespace this is, where a Docker engine tells.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<crate::docker::ContainerRef>,
     /// The namespace stalewatch itself runs in (usually the host's).
     #[serde(skip)]
     pub is_own: bool,
@@ -131,12 +134,21 @@ pub fn in_netns<T: Send + 'static>(
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {
     let file = fs::File::open(path)?;
+    let own = is_own(&file);
     std::thread::spawn(move || {
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        if !own {
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        }
         f()
     })
     .join()
     .map_err(|_| std::io::Error::other("namespace thread panicked"))?
+}
+
+/// Whether an opened namespace file is stalewatch's own namespace: entering
+/// that needs no setns, and so no CAP_SYS_ADMIN.
+pub fn is_own(file: &fs::File) -> bool {
+    file.metadata().map(|m| m.ino() as u32).ok() == own_inode()
 }
 
 /// What the audit needs to know of a namespace: its own addresses, and the

@@ -51,6 +51,19 @@ pub struct Endpoint {
 pub struct Backend {
     pub addr: IpAddr,
     pub port: u16,
+    /// The container with this address, where a Docker engine tells.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<crate::docker::ContainerRef>,
+}
+
+impl Backend {
+    pub fn at(addr: IpAddr, port: u16) -> Backend {
+        Backend {
+            addr,
+            port,
+            container: None,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -132,14 +145,11 @@ impl StaleEntry {
             family: e.orig.family,
             proto: e.orig.proto,
             orig: Endpoint::of(&e.orig),
-            stale_backend: Backend {
-                addr: e.reply.src,
-                port: e.reply.sport,
-            },
+            stale_backend: Backend::at(e.reply.src, e.reply.sport),
             current_backend: finding
                 .current_backends
                 .first()
-                .map(|&(addr, port)| Backend { addr, port }),
+                .map(|&(addr, port)| Backend::at(addr, port)),
             evidence: finding.evidence.clone(),
         }
     }
@@ -164,10 +174,7 @@ impl EntryDeleted {
             family: orig.family,
             proto: orig.proto,
             orig: Endpoint::of(orig),
-            stale_backend: Backend {
-                addr: reply.src,
-                port: reply.sport,
-            },
+            stale_backend: Backend::at(reply.src, reply.sport),
         }
     }
 }
@@ -209,7 +216,7 @@ impl StaleFlow {
             current_backend: alert
                 .current_backends
                 .first()
-                .map(|&(addr, port)| Backend { addr, port }),
+                .map(|&(addr, port)| Backend::at(addr, port)),
             evidence: alert.evidence.clone(),
             resolution: alert.resolution,
             time: rfc3339(clock.wall_of(alert.at)),
@@ -218,7 +225,7 @@ impl StaleFlow {
             family: o.family,
             proto: o.proto,
             orig: Endpoint::of(o),
-            stale_backend: Backend { addr, port },
+            stale_backend: Backend::at(addr, port),
             failures: Failures {
                 packets: flow.failures(),
                 first: rfc3339(clock.wall_of(flow.first)),
@@ -293,6 +300,16 @@ fn icmp_meaning(icmp: &IcmpEvidence) -> &'static str {
     }
 }
 
+/// `addr:port`, with the container's name where one is known.
+fn backend_label(b: &Backend) -> String {
+    let at = addr_port(b.addr, b.port);
+    match &b.container {
+        Some(c) if c.gone => format!("{at} (container {}, gone)", c.name),
+        Some(c) => format!("{at} (container {})", c.name),
+        None => at,
+    }
+}
+
 fn netns_label(ns: &NetnsInfo) -> String {
     match &ns.name {
         Some(name) => format!("netns {name}, inode {}", ns.inode),
@@ -353,11 +370,9 @@ pub fn text(record: &Record) -> String {
                 addr_port(o.dst, o.dport),
                 netns_label(&e.netns),
             );
-            let backend = addr_port(e.stale_backend.addr, e.stale_backend.port);
-            let _ = writeln!(s, "  pinned to  {backend}");
+            let _ = writeln!(s, "  pinned to  {}", backend_label(&e.stale_backend));
             if let Some(now) = &e.current_backend {
-                let now = addr_port(now.addr, now.port);
-                let _ = writeln!(s, "  now        {now} for new flows");
+                let _ = writeln!(s, "  now        {} for new flows", backend_label(now));
             }
             let _ = writeln!(s, "  evidence   {}", e.evidence.join("; "));
             let _ = writeln!(s, "  fix        {}", e.fix);
@@ -388,8 +403,14 @@ pub fn text(record: &Record) -> String {
             if let Some(pid) = a.netns.pid {
                 let _ = write!(ns, ", pid {pid}");
             }
-            if let Some(id) = &a.netns.container_id {
-                let _ = write!(ns, ", container {}", &id[..id.len().min(12)]);
+            match (&a.netns.container, &a.netns.container_id) {
+                (Some(c), _) => {
+                    let _ = write!(ns, ", container {}", c.name);
+                }
+                (None, Some(id)) => {
+                    let _ = write!(ns, ", container {}", &id[..id.len().min(12)]);
+                }
+                (None, None) => {}
             }
             let state = match (a.state, a.verdict) {
                 (AlertState::Resolved, _) => "RESOLVED",
@@ -407,7 +428,7 @@ pub fn text(record: &Record) -> String {
                 addr_port(o.src, o.sport),
                 addr_port(o.dst, o.dport),
             );
-            let backend = addr_port(a.stale_backend.addr, a.stale_backend.port);
+            let backend = backend_label(&a.stale_backend);
             let f = &a.failures;
             let mut evidence = Vec::new();
             if let Some(icmp) = &f.icmp {
@@ -443,8 +464,7 @@ pub fn text(record: &Record) -> String {
                 let _ = writeln!(s, "  pinned to  {backend} by its conntrack entry");
             }
             if let Some(now) = &a.current_backend {
-                let now = addr_port(now.addr, now.port);
-                let _ = writeln!(s, "  now        {now} for new flows");
+                let _ = writeln!(s, "  now        {} for new flows", backend_label(now));
             }
             let verdict = match a.verdict {
                 Verdict::Stale => "stale",
@@ -631,6 +651,37 @@ mod tests {
         assert!(t.contains("12 packets failed in 3.5s: ICMP host unreachable (type 3 code 1) sent x12, dropped NEIGH_FAILED x12"), "{t}");
         assert!(
             t.contains("fix        ip netns exec sw-router conntrack -D"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn containers_are_named_in_json_and_text() {
+        let mut flow = StaleFlow::new(&alert(), named("sw-router"), &clock());
+        let web = |gone| crate::docker::ContainerRef {
+            name: "web-1".into(),
+            id: "b147d4685a07".into(),
+            compose_project: Some("shop".into()),
+            compose_service: Some("web".into()),
+            gone,
+        };
+        flow.stale_backend.container = Some(web(true));
+        flow.current_backend.as_mut().unwrap().container = Some(web(false));
+        let record = Record::StaleFlow(Box::new(flow));
+        let v = serde_json::to_value(&record).unwrap();
+        assert_eq!(
+            v["current_backend"],
+            serde_json::json!({"addr": "172.18.0.2", "port": 8888, "container": {
+                "name": "web-1", "id": "b147d4685a07", "compose_project": "shop", "compose_service": "web"}})
+        );
+        assert_eq!(v["stale_backend"]["container"]["gone"], true);
+        let t = text(&record);
+        assert!(
+            t.contains("pinned to  172.17.0.2:8888 (container web-1, gone) by its conntrack entry"),
+            "{t}"
+        );
+        assert!(
+            t.contains("now        172.18.0.2:8888 (container web-1) for new flows"),
             "{t}"
         );
     }

@@ -18,13 +18,17 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
+use std::sync::{Arc, Mutex};
+
 use crate::{
     audit,
     cli::WatchArgs,
     conntrack,
     correlate::{self, Alert, AlertState, Correlator, Siblings, Verdict},
     event::{Observation, Tuple},
+    kernel::btf::DropReasons,
     kernel::{self, Probes},
+    metrics::Metrics,
     netns,
     report::{Clock, EntryDeleted, Record, Reporter, StaleFlow},
 };
@@ -39,6 +43,22 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         emit_interval: args.report_interval,
         max_flows: args.max_flows,
     };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    // Bad input first: nothing gets attached if the address is taken.
+    let listener = match args.metrics {
+        Some(addr) => {
+            let listener = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot serve metrics on {addr}"))?;
+            listener.set_nonblocking(true)?;
+            let _guard = runtime.enter();
+            Some((addr, tokio::net::TcpListener::from_std(listener)?))
+        }
+        None => None,
+    };
+
     let mut probes = Probes::load(&options)?;
     let events = probes.take_events()?;
     let scope = match (&args.netns, netns_filter) {
@@ -47,10 +67,19 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
     };
     eprintln!("stalewatch: attached to icmp:icmp_send and skb:kfree_skb; watching {scope}");
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let metrics = match listener {
+        Some((addr, listener)) => {
+            // Run counts and times of our programs: kept while this fd lives.
+            let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                .map_err(|e| log::warn!("BPF run-time statistics unavailable: {e}"))
+                .ok();
+            let metrics = Arc::new(Mutex::new(Metrics::new()));
+            runtime.spawn(crate::metrics::serve(listener, metrics.clone()));
+            eprintln!("stalewatch: metrics at http://{addr}/metrics");
+            Some((metrics, stats))
+        }
+        None => None,
+    };
     let session = Session {
         correlator: Correlator::new(correlate::Config {
             min_failures: args.min_failures,
@@ -60,6 +89,9 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         reporter: Reporter::new(args.format, io::stdout().lock()),
         fix: args.fix,
         audit_path,
+        engine: crate::docker::Engine::connect(),
+        metrics: metrics.as_ref().map(|(m, _)| m.clone()),
+        layout_reasons: probes.layout.drop_reasons.clone(),
     };
     runtime.block_on(session.run(probes, events, args.audit_every))?;
     Ok(ExitCode::SUCCESS)
@@ -83,6 +115,11 @@ struct Session<W: io::Write> {
     reporter: Reporter<W>,
     fix: bool,
     audit_path: PathBuf,
+    /// The Docker engine, where one answers: names containers in alerts.
+    engine: Option<crate::docker::Engine>,
+    metrics: Option<Arc<Mutex<Metrics>>>,
+    /// Drop reason names, for the metrics' cause labels.
+    layout_reasons: DropReasons,
 }
 
 impl<W: io::Write> Session<W> {
@@ -102,6 +139,7 @@ impl<W: io::Write> Session<W> {
         // An interval of zero disables the audit.
         let mut auditor = tokio::time::interval(audit_every.max(Duration::from_millis(100)));
         let mut lost_reported = 0;
+        let mut ticks = 0u64;
         let layout = probes.layout.clone();
 
         loop {
@@ -127,6 +165,11 @@ impl<W: io::Write> Session<W> {
                 }
                 _ = ticker.tick() => {
                     self.tick()?;
+                    ticks += 1;
+                    // Counting map entries walks the maps: every 5 s only.
+                    if ticks % 5 == 1 {
+                        self.refresh_metrics(&probes)?;
+                    }
                     let stats = probes.stats()?;
                     if stats.events_lost > lost_reported {
                         self.reporter.write(&Record::EventsLost {
@@ -164,10 +207,24 @@ impl<W: io::Write> Session<W> {
                 }
                 return Ok(());
             }
-            siblings = siblings_of(&flow);
+            // Refused by design: no DNATed sibling makes it a bypass.
+            siblings = siblings_of(&flow)
+                .filter(|_| !(flow.local && self.by_design(flow.netns, &flow.orig)));
         }
         if let Some(alert) = self.correlator.observe(flow, siblings.as_ref(), now) {
             self.emit(&alert)?;
+        }
+        Ok(())
+    }
+
+    fn refresh_metrics(&mut self, probes: &Probes) -> anyhow::Result<()> {
+        let Some(metrics) = &self.metrics else {
+            return Ok(());
+        };
+        let counters = probes.counters()?;
+        if let Ok(mut m) = metrics.lock() {
+            m.refresh(&counters, &self.layout_reasons);
+            m.flows(self.correlator.tracked(), self.correlator.raised());
         }
         Ok(())
     }
@@ -211,6 +268,9 @@ impl<W: io::Write> Session<W> {
                 continue;
             }
             let e = &finding.entry;
+            if self.by_design(inode as u32, &e.orig) {
+                continue;
+            }
             let flow = Observation {
                 local: true,
                 ct: 0,
@@ -233,16 +293,31 @@ impl<W: io::Write> Session<W> {
         Ok(())
     }
 
+    /// Whether Docker's own rules deliver `orig` to this host (a container
+    /// sending to a published port through a host address: its proxy serves
+    /// it), so that its entry without NAT is no bypass.
+    fn by_design(&self, netns: u32, orig: &Tuple) -> bool {
+        netns::own_inode() == Some(netns)
+            && self
+                .engine
+                .as_ref()
+                .is_some_and(|e| e.served_by_proxy(orig))
+    }
+
     /// Prints an alert, and with `--fix` deletes the entry of a flow raised
     /// as stale or bypassing (never one whose backend is down).
     fn emit(&mut self, alert: &Alert) -> anyhow::Result<()> {
+        if let Some(metrics) = &self.metrics
+            && let Ok(m) = metrics.lock()
+        {
+            m.alert(alert.state, alert.verdict);
+        }
         let info = netns::describe(alert.flow.netns);
-        self.reporter
-            .write(&Record::StaleFlow(Box::new(StaleFlow::new(
-                alert,
-                info.clone(),
-                &clock(),
-            ))))?;
+        let mut record = StaleFlow::new(alert, info.clone(), &clock());
+        if let Some(engine) = &self.engine {
+            engine.annotate_flow(&mut record, &alert.flow.orig);
+        }
+        self.reporter.write(&Record::StaleFlow(Box::new(record)))?;
         let fixable = matches!(alert.verdict, Verdict::Stale | Verdict::Bypass)
             && alert.state != AlertState::Resolved;
         if self.fix && fixable {

@@ -5,6 +5,8 @@
 //! Everything it creates is named with a per-process prefix and removed on
 //! drop, also when a test fails. It never configures the root namespace.
 
+pub mod bench;
+pub mod docker;
 pub mod netns;
 pub mod story;
 pub mod traffic;

@@ -154,14 +154,7 @@ impl Receiver {
 
     /// Waits until at least `n` datagrams came from `from`.
     pub fn wait_from(&self, from: SocketAddr, n: u64, limit: Duration) -> bool {
-        let until = Instant::now() + limit;
-        while Instant::now() < until {
-            if self.from(from) >= n {
-                return true;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        false
+        wait_until(limit, || self.from(from) >= n)
     }
 }
 
@@ -172,6 +165,18 @@ impl Drop for Receiver {
             let _ = t.join();
         }
     }
+}
+
+/// Polls `done` every 50 ms until it holds or `limit` has passed.
+fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        if done() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    false
 }
 
 /// IPv4 peers of a dual-stack socket show as `::ffff:a.b.c.d`.
@@ -361,14 +366,7 @@ impl TcpReceiver {
     }
 
     pub fn wait_bytes_from(&self, from: SocketAddr, n: u64, limit: Duration) -> bool {
-        let until = Instant::now() + limit;
-        while Instant::now() < until {
-            if self.bytes_from(from) >= n {
-                return true;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        false
+        wait_until(limit, || self.bytes_from(from) >= n)
     }
 }
 

@@ -49,14 +49,20 @@ impl Watcher {
     /// Starts `stalewatch watch --format FORMAT ARGS`, echoing what it
     /// prints when `echo` (for the demo).
     pub fn start_with(format: &str, args: &[&str], echo: bool) -> anyhow::Result<Watcher> {
-        let mut child = Command::new(binary())
-            .args(["watch", "--format", format])
-            .args(args)
+        let mut cmd = Command::new(binary());
+        cmd.args(["watch", "--format", format]).args(args);
+        Watcher::start_command(cmd, echo)
+    }
+
+    /// Starts a command that runs stalewatch watch in the foreground (in a
+    /// container, say) and waits until it says it is attached.
+    pub fn start_command(mut cmd: Command, echo: bool) -> anyhow::Result<Watcher> {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {}", binary().display()))?;
+            .with_context(|| format!("starting {:?}", cmd.get_program()))?;
         let lines = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let out = BufReader::new(child.stdout.take().context("stdout")?);
@@ -92,7 +98,16 @@ impl Watcher {
             }
             thread::sleep(Duration::from_millis(50));
         }
-        bail!("stalewatch did not attach within 30 s")
+        bail!(
+            "stalewatch did not attach within 30 s: {}",
+            watcher.stderr_text()
+        )
+    }
+
+    /// The process id of the command started (stalewatch itself when the
+    /// command execs it, as setpriv does).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn stderr_text(&self) -> String {

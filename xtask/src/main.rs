@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build | test | demo`.
+//! Project tasks: `cargo xtask setup | build | test | demo | bench`.
 //!
 //! `setup` installs everything a fresh Debian 12 machine lacks (see
 //! shared/docs/KERNEL_AND_TOOLCHAIN.md for why bpf-linker is built this way),
@@ -27,7 +27,17 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("nsenter", "util-linux"),
     ("sysctl", "procps"),
+    // A static busybox for the Docker tests' FROM-scratch image.
+    ("busybox", "busybox-static"),
+    // The packaging tests: a capability set under setpriv, the systemd
+    // unit checked offline, the Kubernetes validator in a virtualenv.
+    ("setpriv", "util-linux"),
+    ("systemd-analyze", "systemd"),
+    ("virtualenv", "python3-virtualenv"),
 ];
+
+/// What only the benchmark needs: its bpftrace column.
+const BENCH_TOOLS: &[(&str, &str)] = &[("bpftrace", "bpftrace")];
 
 #[derive(Parser)]
 #[command(about = "stalewatch project tasks")]
@@ -53,6 +63,12 @@ enum Verb {
     },
     /// Set up, build, then run stalewatch-demo with the given arguments (root).
     Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up (with bpftrace), build, then run stalewatch-bench with the
+    /// given arguments (root; see BENCHMARKS.md, or `stalewatch-bench --help`).
+    Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -111,6 +127,28 @@ fn run(cli: Cli) -> Result<()> {
             // Pass the demo's verdict through unchanged (128+N for a signal, as shells do).
             exit(st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)));
         }
+        Verb::Bench { args } => {
+            require_root("the benchmark needs root: run it as root")?;
+            setup()?;
+            install_missing(BENCH_TOOLS)?;
+            build(&root)?;
+            // The binaries are where this build put them: CARGO_TARGET_DIR
+            // (relative to the workspace root, where cargo ran) when set.
+            let target = env::var_os("CARGO_TARGET_DIR")
+                .map_or_else(|| root.join("target"), |dir| root.join(dir));
+            let bench = target.join("release/stalewatch-bench");
+            let command = std::iter::once("cargo xtask bench".to_owned())
+                .chain(args.iter().cloned())
+                .collect::<Vec<_>>()
+                .join(" ");
+            let st = Command::new(&bench)
+                .args(&args)
+                .env("STALEWATCH_BIN", target.join("release/stalewatch"))
+                .env("STALEWATCH_BENCH_COMMAND", command)
+                .status()
+                .with_context(|| format!("cannot run {}", bench.display()))?;
+            exit(st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)));
+        }
     }
 }
 
@@ -131,38 +169,7 @@ fn setup() -> Result<()> {
         .or_else(|| env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
         .context("neither CARGO_HOME nor HOME is set")?;
     fix_path(&cargo_home.join("bin"))?;
-
-    let missing: Vec<&str> = DEBIAN_TOOLS
-        .iter()
-        .filter(|(cmd, _)| find_in_path(cmd).is_none())
-        .map(|&(_, pkg)| pkg)
-        .collect();
-    if !missing.is_empty() {
-        require_root(&format!(
-            "setup needs root to apt-get install {}",
-            missing.join(" ")
-        ))?;
-        println!("setup: apt-get install {}", missing.join(" "));
-        let apt = |args: &[&str]| {
-            status(
-                Command::new("apt-get")
-                    .args(args)
-                    .env("DEBIAN_FRONTEND", "noninteractive"),
-            )
-        };
-        apt(&["update", "-qq"])?;
-        apt(&[
-            &["install", "-y", "-qq", "--no-install-recommends"],
-            &missing[..],
-        ]
-        .concat())?;
-        if let Some((cmd, pkg)) = DEBIAN_TOOLS
-            .iter()
-            .find(|(cmd, _)| find_in_path(cmd).is_none())
-        {
-            bail!("`{cmd}` still missing after installing {pkg}");
-        }
-    }
+    install_missing(DEBIAN_TOOLS)?;
 
     // RUSTUP_AUTO_INSTALL may be off, so `+nightly` alone would not install it.
     if !output("rustup", &["toolchain", "list"])?
@@ -209,6 +216,40 @@ fn setup() -> Result<()> {
     }
 
     println!("setup: toolchain ready");
+    Ok(())
+}
+
+/// apt-get installs the packages of the commands that are not on PATH.
+fn install_missing(tools: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(cmd, _)| find_in_path(cmd).is_none())
+        .map(|&(_, pkg)| pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    require_root(&format!(
+        "setup needs root to apt-get install {}",
+        missing.join(" ")
+    ))?;
+    println!("setup: apt-get install {}", missing.join(" "));
+    let apt = |args: &[&str]| {
+        status(
+            Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    apt(&["update", "-qq"])?;
+    apt(&[
+        &["install", "-y", "-qq", "--no-install-recommends"],
+        &missing[..],
+    ]
+    .concat())?;
+    if let Some((cmd, pkg)) = tools.iter().find(|(cmd, _)| find_in_path(cmd).is_none()) {
+        bail!("`{cmd}` still missing after installing {pkg}");
+    }
     Ok(())
 }
 

@@ -8,10 +8,12 @@ use std::{error::Error as StdError, io, path::PathBuf, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::BtfTracePoint,
 };
-use stalewatch_common::{FlowEvent, LocalEvent, globals, kind, names, stat};
+use stalewatch_common::{
+    FlowEvent, FlowState, LocalEvent, LocalKey, LocalState, globals, kind, names, stat,
+};
 
 use self::btf::{KernelLayout, TRACEPOINTS};
 use crate::error::Error;
@@ -40,6 +42,27 @@ pub struct Stats {
     pub events_sent: u64,
     pub failures: u64,
     pub read_errors: u64,
+    pub flows_inserted: u64,
+    pub locals_inserted: u64,
+}
+
+/// One program's run statistics (kept by the kernel while BPF stats are on).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProgramRuns {
+    pub name: String,
+    pub runs: u64,
+    pub run_time: std::time::Duration,
+}
+
+/// Everything the metrics read from the kernel side, cumulative.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub stats: Stats,
+    /// Failed packets by CAUSES slot.
+    pub causes: Vec<u64>,
+    pub flows_entries: u64,
+    pub locals_entries: u64,
+    pub programs: Vec<ProgramRuns>,
 }
 
 pub struct Probes {
@@ -131,6 +154,48 @@ impl Probes {
             events_sent: sum(stat::EVENTS_SENT)?,
             failures: sum(stat::FAILURES)?,
             read_errors: sum(stat::READ_ERRORS)?,
+            flows_inserted: sum(stat::FLOWS_INSERTED)?,
+            locals_inserted: sum(stat::LOCALS_INSERTED)?,
+        })
+    }
+
+    /// The counters for the metrics. Counting map entries walks the maps'
+    /// keys: done once per scrape interval, not per packet.
+    pub fn counters(&self) -> Result<Counters, Error> {
+        let map = |name: &str| {
+            self.ebpf
+                .map(name)
+                .ok_or_else(|| Error::Kernel(format!("{name} map missing")))
+        };
+        let causes: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map(names::MAP_CAUSES)?)
+            .map_err(|e| kernel_error("CAUSES", &e))?;
+        let causes = causes
+            .iter()
+            .map(|values| values.map(|v| v.iter().sum()))
+            .collect::<Result<Vec<u64>, _>>()
+            .map_err(|e| kernel_error("CAUSES", &e))?;
+        let flows: HashMap<&MapData, u64, FlowState> =
+            HashMap::try_from(map(names::MAP_FLOWS)?).map_err(|e| kernel_error("FLOWS", &e))?;
+        let locals: HashMap<&MapData, LocalKey, LocalState> =
+            HashMap::try_from(map(names::MAP_LOCALS)?).map_err(|e| kernel_error("LOCALS", &e))?;
+        let programs = self
+            .ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let info = program.info().ok()?;
+                Some(ProgramRuns {
+                    name: name.to_owned(),
+                    runs: info.run_count(),
+                    run_time: info.run_time(),
+                })
+            })
+            .collect();
+        Ok(Counters {
+            stats: self.stats()?,
+            causes,
+            flows_entries: flows.keys().filter(Result::is_ok).count() as u64,
+            locals_entries: locals.keys().filter(Result::is_ok).count() as u64,
+            programs,
         })
     }
 }

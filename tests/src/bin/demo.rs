@@ -1,6 +1,9 @@
 //! `cargo xtask demo`: the stale-conntrack story, live, in private network
 //! namespaces, with stalewatch watching. Removes everything it created, also
 //! on Ctrl-C.
+//!
+//! `cargo xtask demo --docker`: the story on the machine's Docker engine
+//! with docker-compose (see `stalewatch_tests::docker`).
 
 use std::{
     process::ExitCode,
@@ -12,6 +15,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use nix::sys::signal::{SigHandler, Signal, signal};
 use stalewatch_tests::{
+    docker::{self, Deployment},
     sh,
     story::{Rules, Story, V4, Variant},
     traffic::{Producer, Receiver},
@@ -47,9 +51,24 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    let with_docker = match std::env::args().skip(1).collect::<Vec<_>>().as_slice() {
+        [] => false,
+        [flag] if flag == "--docker" => true,
+        _ => {
+            eprintln!("usage: stalewatch-demo [--docker]");
+            return ExitCode::from(2);
+        }
+    };
+    if with_docker && let Some(why) = docker::no_engine() {
+        eprintln!(
+            "stalewatch-demo: --docker needs a Docker engine, and none answers here ({why}); \
+             `cargo xtask demo` shows the story in private namespaces instead"
+        );
+        return ExitCode::from(2);
+    }
     // SAFETY: the handler only stores to an atomic.
     let _ = unsafe { signal(Signal::SIGINT, SigHandler::Handler(on_interrupt)) };
-    match demo() {
+    match if with_docker { demo_docker() } else { demo() } {
         Ok(()) => {
             step("Done: every namespace, link and rule the demo created is gone");
             ExitCode::SUCCESS
@@ -161,6 +180,136 @@ fn demo() -> anyhow::Result<()> {
     if !status.success() {
         bail!("stalewatch exited {status}");
     }
+    Ok(())
+}
+
+/// The story on the real engine: a compose service redeployed under a
+/// stream, which then bypasses the new DNAT through docker-proxy.
+fn demo_docker() -> anyhow::Result<()> {
+    step(&format!(
+        "Docker engine {}: building a local image (FROM scratch: busybox-static and a UDP receiver that logs each sender)",
+        docker::engine_version()
+    ));
+    let mut d = Deployment::new()?;
+    let project = d.project.name.clone();
+    step(&format!(
+        "docker-compose -p {project} up: service web publishes 8888/udp, on the default bridge"
+    ));
+    d.project.up("compose-bridge.yml")?;
+    let old = d.project.container("web")?;
+    println!("    container {} at {}", old.name, old.ip);
+
+    step("Starting stalewatch on the host: stalewatch watch --audit-every 2s");
+    let watcher = Watcher::start_with(
+        "text",
+        &["--audit-every", "2s", "--resolve-after", "5s"],
+        true,
+    )?;
+    let stream_src = Deployment::producer(40000);
+    let mut stream = Producer::start(
+        &d.link.ns,
+        stream_src,
+        Deployment::service(),
+        Duration::from_millis(100),
+        1200,
+        Duration::from_secs(120),
+    )?;
+    step(&format!(
+        "A producer in namespace {} streams 10 datagrams a second from {stream_src} to {} (one veth to the host)",
+        d.link.ns.name,
+        Deployment::service()
+    ));
+    if !d
+        .project
+        .wait_from(&old, stream_src, 10, Duration::from_secs(10))
+    {
+        bail!("the stream did not reach {}", old.name);
+    }
+    println!(
+        "    {} logs {} datagrams from {stream_src}",
+        old.name,
+        d.project.from_ip(&old, stream_src.ip())
+    );
+
+    step("Redeploy: docker-compose up with the service on a network of its own");
+    let subnet = d.up_on_network()?;
+    let new = d.project.container("web")?;
+    println!(
+        "    container {} at {} (network {subnet})",
+        new.name, new.ip
+    );
+    let fresh_src = Deployment::producer(40001);
+    let mut fresh = Producer::start(
+        &d.link.ns,
+        fresh_src,
+        Deployment::service(),
+        Duration::from_millis(100),
+        300,
+        Duration::from_secs(30),
+    )?;
+    pause(Duration::from_secs(3))?;
+    println!(
+        "    a NEW flow from port 40001 reaches {} with its own address: {} datagrams from {fresh_src}",
+        new.name,
+        d.project
+            .sources(&new)
+            .get(&fresh_src)
+            .copied()
+            .unwrap_or(0)
+    );
+    println!(
+        "    the stream from port 40000 arrives too, but through docker-proxy: {} datagrams from the gateway {}, none from {stream_src}",
+        d.project.from_ip(&new, new.gateway),
+        new.gateway
+    );
+
+    step("Waiting for stalewatch (its conntrack audit runs every 2 s)");
+    let fix_line = poll_interruptible(Duration::from_secs(30), || {
+        watcher.wait_line(Duration::from_millis(200), |l| {
+            l.trim_start().starts_with("fix ") && l.contains("--sport 40000")
+        })
+    })?
+    .context("stalewatch raised no alert within 30 s")?;
+    let fix = fix_line
+        .trim_start()
+        .trim_start_matches("fix")
+        .trim()
+        .to_owned();
+
+    step(&format!("Applying the fix stalewatch printed: {fix}"));
+    sh(&fix)?;
+    if !d
+        .project
+        .wait_from(&new, stream_src, 10, Duration::from_secs(10))
+    {
+        bail!("the stream did not reach {} after the fix", new.name);
+    }
+    println!(
+        "    {} now sees the producer's own address: {} datagrams from {stream_src}",
+        new.name,
+        d.project
+            .sources(&new)
+            .get(&stream_src)
+            .copied()
+            .unwrap_or(0)
+    );
+
+    step("Waiting for stalewatch to resolve the alert");
+    poll_interruptible(Duration::from_secs(20), || {
+        watcher.wait_line(Duration::from_millis(200), |l| {
+            l.contains("RESOLVED") && l.contains(":40000 ->")
+        })
+    })?
+    .context("the alert was not resolved")?;
+    stream.stop();
+    fresh.stop();
+    let (status, _) = watcher.stop()?;
+    if !status.success() {
+        bail!("stalewatch exited {status}");
+    }
+    step(&format!(
+        "Removing the compose project {project}, its image, the veth and the namespace"
+    ));
     Ok(())
 }
 

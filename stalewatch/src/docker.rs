@@ -1,0 +1,542 @@
+//! The Docker engine, where one answers on its socket: which container an
+//! address or a network namespace belongs to, and which ports the engine
+//! publishes. Alerts name containers with it; without an engine everything
+//! works as before, with namespace inodes and names only.
+//!
+//! The Engine API client (bollard) is async; `watch` runs a current-thread
+//! runtime and `check` none. So [`Engine`] owns a small runtime of its own
+//! and drives it from a short-lived scoped thread: a runtime cannot be
+//! blocked on from inside another one, and a fresh thread is inside none.
+//! Lookups read a cached snapshot, fetched again at most every
+//! [`REFRESH`], and only when something asks.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::IpAddr,
+    os::unix::fs::MetadataExt as _,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bollard::{
+    Docker,
+    models::{ContainerSummary, PortSummaryTypeEnum},
+};
+use serde::Serialize;
+
+use crate::{
+    audit::Finding,
+    correlate::Verdict,
+    event::{Proto, Tuple},
+    netns::NetnsInfo,
+    report::{Backend, StaleEntry, StaleFlow, addr_port},
+};
+
+/// Where the engine answers.
+pub const SOCKET: &str = "/var/run/docker.sock";
+/// Least time between two snapshots of the engine.
+pub const REFRESH: Duration = Duration::from_secs(2);
+/// How long one exchange with the engine may take.
+const TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a removed container is remembered: a stale entry is pinned to a
+/// container that is gone, and its name is what tells a person which one.
+const REMEMBER_GONE: Duration = Duration::from_secs(600);
+
+const COMPOSE_PROJECT: &str = "com.docker.compose.project";
+const COMPOSE_SERVICE: &str = "com.docker.compose.service";
+
+/// A container, as alerts name it (the `container` object).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ContainerRef {
+    pub name: String,
+    /// The short id (12 hex digits), as `docker ps` shows it.
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compose_project: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compose_service: Option<String>,
+    /// The container no longer runs: it was seen earlier by this process.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub gone: bool,
+}
+
+/// A port the engine publishes on the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Published {
+    pub proto: Proto,
+    /// The host address it is bound to; `None` for every address.
+    pub host_ip: Option<IpAddr>,
+    pub host_port: u16,
+    pub container_port: u16,
+}
+
+/// What the engine tells of one running container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Container {
+    pub container: ContainerRef,
+    /// Its addresses on every network it is attached to.
+    pub ips: Vec<IpAddr>,
+    /// The inode of its network namespace (from SandboxKey).
+    pub netns: Option<u32>,
+    pub published: Vec<Published>,
+}
+
+impl Container {
+    /// From a `GET /containers/json` row and the container's SandboxKey
+    /// (only `GET /containers/{id}/json` has that).
+    pub fn from_summary(summary: &ContainerSummary, netns: Option<u32>) -> Option<Container> {
+        let id = summary.id.as_deref()?;
+        let name = summary
+            .names
+            .as_ref()
+            .and_then(|n| n.first())
+            .map_or(id, |n| n.trim_start_matches('/'));
+        let label = |key: &str| summary.labels.as_ref().and_then(|l| l.get(key)).cloned();
+        let mut ips: Vec<IpAddr> = summary
+            .network_settings
+            .iter()
+            .flat_map(|n| n.networks.iter().flatten())
+            .flat_map(|(_, ep)| [&ep.ip_address, &ep.global_ipv6_address])
+            .filter_map(|ip| ip.as_deref()?.parse().ok())
+            .collect();
+        ips.sort();
+        ips.dedup();
+        let mut published: Vec<Published> = summary
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| {
+                let proto = match p.typ? {
+                    PortSummaryTypeEnum::TCP => Proto::TCP,
+                    PortSummaryTypeEnum::UDP => Proto::UDP,
+                    PortSummaryTypeEnum::SCTP => Proto(132),
+                    PortSummaryTypeEnum::EMPTY => return None,
+                };
+                let host_ip =
+                    p.ip.as_deref()
+                        .and_then(|ip| ip.parse::<IpAddr>().ok())
+                        .filter(|ip| !ip.is_unspecified());
+                Some(Published {
+                    proto,
+                    host_ip,
+                    host_port: p.public_port?,
+                    container_port: p.private_port,
+                })
+            })
+            .collect();
+        // The engine lists a port once per address family it binds.
+        published.sort_by_key(|p| (p.proto, p.host_port, p.container_port, p.host_ip));
+        published.dedup();
+        Some(Container {
+            container: ContainerRef {
+                name: name.to_owned(),
+                id: id.chars().take(12).collect(),
+                compose_project: label(COMPOSE_PROJECT),
+                compose_service: label(COMPOSE_SERVICE),
+                gone: false,
+            },
+            ips,
+            netns,
+            published,
+        })
+    }
+}
+
+/// The engine's containers at one moment, with those seen earlier that are
+/// gone since.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub running: Vec<Container>,
+    /// Removed containers by address, with when they were last seen.
+    pub gone: HashMap<IpAddr, (ContainerRef, Instant)>,
+}
+
+impl Snapshot {
+    /// The next snapshot: `running` now, and whatever of `self` is gone.
+    fn next(&self, running: Vec<Container>, now: Instant) -> Snapshot {
+        let mut gone = self.gone.clone();
+        for old in &self.running {
+            if running.iter().all(|c| c.container.id != old.container.id) {
+                let container = ContainerRef {
+                    gone: true,
+                    ..old.container.clone()
+                };
+                for ip in &old.ips {
+                    gone.insert(*ip, (container.clone(), now));
+                }
+            }
+        }
+        gone.retain(|_, (_, seen)| now.duration_since(*seen) < REMEMBER_GONE);
+        Snapshot { running, gone }
+    }
+
+    /// The container with address `ip`: a running one, else one that had it
+    /// before it was removed.
+    pub fn by_ip(&self, ip: IpAddr) -> Option<ContainerRef> {
+        self.running
+            .iter()
+            .find(|c| c.ips.contains(&ip))
+            .map(|c| c.container.clone())
+            .or_else(|| self.gone.get(&ip).map(|(c, _)| c.clone()))
+    }
+
+    pub fn by_netns(&self, inode: u32) -> Option<ContainerRef> {
+        self.running
+            .iter()
+            .find(|c| c.netns == Some(inode))
+            .map(|c| c.container.clone())
+    }
+
+    /// Whether a running container has address `ip`.
+    pub fn is_container(&self, ip: IpAddr) -> bool {
+        self.running.iter().any(|c| c.ips.contains(&ip))
+    }
+
+    /// The running containers that publish `proto` port `port` on host
+    /// address `addr`, with their port inside.
+    pub fn publishers(&self, proto: Proto, addr: IpAddr, port: u16) -> Vec<(&Container, u16)> {
+        self.running
+            .iter()
+            .filter_map(|c| {
+                let p = c.published.iter().find(|p| {
+                    p.proto == proto && p.host_port == port && p.host_ip.is_none_or(|ip| ip == addr)
+                })?;
+                Some((c, p.container_port))
+            })
+            .collect()
+    }
+
+    /// Whether the engine's own rules deliver `orig` to the host by design:
+    /// it comes from a container, and Docker returns traffic that enters
+    /// from its bridges to the userland proxy instead of DNATing it. Such a
+    /// flow has no NAT however often its entry is deleted: it is no bypass.
+    pub fn served_by_proxy(&self, orig: &Tuple) -> bool {
+        self.is_container(orig.src)
+    }
+
+    /// Names the containers of an alert or a finding: its namespace, where
+    /// its entry sends it and where new flows go (addresses are the
+    /// engine's only in the host's namespace, where its bridges are), and
+    /// adds the engine's published port to the evidence of a bypass.
+    fn annotate(&self, a: Annotated<'_>) {
+        if a.netns.is_own {
+            for backend in std::iter::once(a.stale).chain(a.current.iter_mut()) {
+                backend.container = self.by_ip(backend.addr);
+            }
+        } else {
+            a.netns.container = self.by_netns(a.netns.inode);
+        }
+        if a.verdict != Verdict::Bypass || !a.netns.is_own {
+            return;
+        }
+        let current = a.current.as_ref().map(|b| b.addr);
+        for (c, port) in self.publishers(a.orig.proto, a.orig.dst, a.orig.dport) {
+            // The address new flows go to, where it is this container's.
+            let ip = current.filter(|ip| c.ips.contains(ip)).or_else(|| {
+                c.ips
+                    .iter()
+                    .copied()
+                    .find(|ip| ip.is_ipv4() == a.orig.dst.is_ipv4())
+            });
+            let at = ip.map_or(String::new(), |ip| format!(" at {}", addr_port(ip, port)));
+            a.evidence.push(format!(
+                "the engine publishes {}/{} on this host for container {}{at}",
+                a.orig.proto.name(),
+                a.orig.dport,
+                c.container.name
+            ));
+        }
+    }
+}
+
+/// The parts of an alert or a finding that name containers.
+struct Annotated<'a> {
+    verdict: Verdict,
+    orig: &'a Tuple,
+    netns: &'a mut NetnsInfo,
+    stale: &'a mut Backend,
+    current: &'a mut Option<Backend>,
+    evidence: &'a mut Vec<String>,
+}
+
+/// A connected engine, with its latest snapshot.
+pub struct Engine {
+    /// Always `Some` until dropped.
+    runtime: Option<tokio::runtime::Runtime>,
+    docker: Docker,
+    cache: Mutex<(Instant, Arc<Snapshot>)>,
+}
+
+impl Engine {
+    /// Connects to the engine on [`SOCKET`]; `None`, with one log line,
+    /// where none answers.
+    pub fn connect() -> Option<Engine> {
+        if !Path::new(SOCKET).exists() {
+            log::debug!("no Docker engine: {SOCKET} does not exist");
+            return None;
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| log::info!("no Docker engine: cannot start a runtime: {e}"))
+            .ok()?;
+        let docker = on_runtime(&runtime, async {
+            let docker =
+                Docker::connect_with_unix(SOCKET, TIMEOUT.as_secs(), bollard::API_DEFAULT_VERSION)?;
+            // Settles on the engine's own API version (1.41 for 20.10).
+            docker.negotiate_version().await
+        })
+        .map_err(|e| log::info!("no Docker engine on {SOCKET}: {e}"))
+        .ok()?;
+        let running = on_runtime(&runtime, fetch(&docker))
+            .map_err(|e| log::info!("no Docker engine on {SOCKET}: {e}"))
+            .ok()?;
+        log::info!(
+            "Docker engine on {SOCKET}: {} running containers",
+            running.len()
+        );
+        let snapshot = Snapshot::default().next(running, Instant::now());
+        Some(Engine {
+            runtime: Some(runtime),
+            docker,
+            cache: Mutex::new((Instant::now(), Arc::new(snapshot))),
+        })
+    }
+
+    /// The latest snapshot, fetched again when older than [`REFRESH`]. An
+    /// engine that stops answering leaves the previous one in place.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.0.elapsed() >= REFRESH {
+            let runtime = self.runtime.as_ref().expect("a runtime until dropped");
+            match on_runtime(runtime, fetch(&self.docker)) {
+                Ok(running) => cache.1 = Arc::new(cache.1.next(running, Instant::now())),
+                Err(e) => log::debug!("Docker engine: {e}"),
+            }
+            cache.0 = Instant::now();
+        }
+        cache.1.clone()
+    }
+
+    pub fn container_by_ip(&self, ip: IpAddr) -> Option<ContainerRef> {
+        self.snapshot().by_ip(ip)
+    }
+
+    pub fn container_by_netns(&self, inode: u32) -> Option<ContainerRef> {
+        self.snapshot().by_netns(inode)
+    }
+
+    /// See [`Snapshot::served_by_proxy`].
+    pub fn served_by_proxy(&self, orig: &Tuple) -> bool {
+        self.snapshot().served_by_proxy(orig)
+    }
+
+    /// Drops the findings that Docker's rules make by design.
+    pub fn retain_stale(&self, findings: &mut Vec<Finding>) {
+        let snapshot = self.snapshot();
+        findings
+            .retain(|f| f.verdict != Verdict::Bypass || !snapshot.served_by_proxy(&f.entry.orig));
+    }
+
+    /// Names the containers of an alert (see [`Snapshot::annotate`]).
+    pub fn annotate_flow(&self, f: &mut StaleFlow, orig: &Tuple) {
+        self.snapshot().annotate(Annotated {
+            verdict: f.verdict,
+            orig,
+            netns: &mut f.netns,
+            stale: &mut f.stale_backend,
+            current: &mut f.current_backend,
+            evidence: &mut f.evidence,
+        });
+    }
+
+    /// Names the containers of a finding of `check`.
+    pub fn annotate_entry(&self, e: &mut StaleEntry, orig: &Tuple) {
+        self.snapshot().annotate(Annotated {
+            verdict: e.verdict,
+            orig,
+            netns: &mut e.netns,
+            stale: &mut e.stale_backend,
+            current: &mut e.current_backend,
+            evidence: &mut e.evidence,
+        });
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // `watch` drops the engine inside its own runtime, where a blocking
+        // shutdown panics; nothing of ours is left running to wait for.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Runs `fut` to completion on `runtime`, from a thread of its own (the
+/// caller may be inside another runtime), within [`TIMEOUT`].
+fn on_runtime<T: Send>(
+    runtime: &tokio::runtime::Runtime,
+    fut: impl Future<Output = Result<T, bollard::errors::Error>> + Send,
+) -> Result<T, String> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            runtime.block_on(async {
+                match tokio::time::timeout(TIMEOUT, fut).await {
+                    Ok(result) => result.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("no answer within {TIMEOUT:?}")),
+                }
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| Err("the engine thread panicked".into()))
+    })
+}
+
+/// The running containers, with their network namespaces.
+async fn fetch(docker: &Docker) -> Result<Vec<Container>, bollard::errors::Error> {
+    let mut containers = Vec::new();
+    for summary in docker.list_containers(None).await? {
+        let Some(id) = summary.id.as_deref() else {
+            continue;
+        };
+        // A container may go away between the list and the inspect.
+        let sandbox = match docker.inspect_container(id, None).await {
+            Ok(inspect) => inspect.network_settings.and_then(|n| n.sandbox_key),
+            Err(e) => {
+                log::debug!("Docker engine: inspecting {id}: {e}");
+                None
+            }
+        };
+        let netns = sandbox
+            .filter(|key| !key.is_empty())
+            .and_then(|key| std::fs::metadata(key).ok())
+            .map(|m| m.ino() as u32);
+        containers.extend(Container::from_summary(&summary, netns));
+    }
+    Ok(containers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Family;
+
+    /// A row of `GET /containers/json` as engine 20.10 (API 1.41) sends it.
+    fn summary() -> ContainerSummary {
+        serde_json::from_value(serde_json::json!({
+            "Id": "b147d4685a07e1c3f0a2b4c6d8e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8",
+            "Names": ["/swd1_web_1"],
+            "Image": "swd1-udp",
+            "Labels": {
+                "com.docker.compose.project": "swd1",
+                "com.docker.compose.service": "web"
+            },
+            "State": "running",
+            "Ports": [
+                {"IP": "0.0.0.0", "PrivatePort": 8888, "PublicPort": 8888, "Type": "udp"},
+                {"IP": "::", "PrivatePort": 8888, "PublicPort": 8888, "Type": "udp"},
+                {"PrivatePort": 9000, "Type": "tcp"}
+            ],
+            "NetworkSettings": {"Networks": {
+                "swd1_svc": {"IPAddress": "172.18.0.2", "Gateway": "172.18.0.1", "GlobalIPv6Address": ""}
+            }}
+        }))
+        .expect("a container summary")
+    }
+
+    fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Tuple {
+        Tuple {
+            family: Family::Ipv4,
+            proto: Proto::UDP,
+            src: src.parse().unwrap(),
+            sport,
+            dst: dst.parse().unwrap(),
+            dport,
+        }
+    }
+
+    #[test]
+    fn a_summary_gives_name_short_id_compose_labels_addresses_and_ports() {
+        let c = Container::from_summary(&summary(), Some(4026532999)).unwrap();
+        assert_eq!(c.container.name, "swd1_web_1");
+        assert_eq!(c.container.id, "b147d4685a07");
+        assert_eq!(c.container.compose_project.as_deref(), Some("swd1"));
+        assert_eq!(c.container.compose_service.as_deref(), Some("web"));
+        assert_eq!(c.ips, ["172.18.0.2".parse::<IpAddr>().unwrap()]);
+        // Listed once per address family, published once; the unpublished
+        // port is not published.
+        assert_eq!(
+            c.published,
+            [Published {
+                proto: Proto::UDP,
+                host_ip: None,
+                host_port: 8888,
+                container_port: 8888
+            }]
+        );
+        let json = serde_json::to_value(&c.container).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"name": "swd1_web_1", "id": "b147d4685a07",
+                               "compose_project": "swd1", "compose_service": "web"})
+        );
+    }
+
+    #[test]
+    fn lookups_by_address_namespace_and_published_port() {
+        let c = Container::from_summary(&summary(), Some(4026532999)).unwrap();
+        let t0 = Instant::now();
+        let snap = Snapshot::default().next(vec![c], t0);
+        let ip = "172.18.0.2".parse().unwrap();
+        assert_eq!(snap.by_ip(ip).unwrap().name, "swd1_web_1");
+        assert_eq!(snap.by_netns(4026532999).unwrap().id, "b147d4685a07");
+        assert!(snap.by_netns(1).is_none());
+        let host = "198.51.100.1".parse().unwrap();
+        assert_eq!(snap.publishers(Proto::UDP, host, 8888).len(), 1);
+        assert!(snap.publishers(Proto::TCP, host, 8888).is_empty());
+        assert!(snap.publishers(Proto::UDP, host, 8889).is_empty());
+        // From a container (Docker returns it to the proxy) or from outside.
+        assert!(snap.served_by_proxy(&udp("172.18.0.2", 40000, "172.19.0.1", 8888)));
+        assert!(!snap.served_by_proxy(&udp("198.51.100.2", 40000, "198.51.100.1", 8888)));
+
+        // Removed: still named, as gone, for the entries pinned to it.
+        let later = snap.next(Vec::new(), t0);
+        let gone = later.by_ip(ip).unwrap();
+        assert!(gone.gone);
+        assert_eq!(serde_json::to_value(&gone).unwrap()["gone"], true);
+        assert!(!later.is_container(ip));
+        assert!(later.by_netns(4026532999).is_none());
+    }
+
+    #[test]
+    fn a_bypass_names_its_containers_and_the_published_port() {
+        let c = Container::from_summary(&summary(), None).unwrap();
+        let snap = Snapshot::default().next(vec![c], Instant::now());
+        let orig = udp("198.51.100.2", 40000, "198.51.100.1", 8888);
+        let mut netns = NetnsInfo {
+            inode: 1,
+            is_own: true,
+            ..Default::default()
+        };
+        let mut stale = Backend::at(orig.dst, 8888);
+        let mut current = Some(Backend::at("172.18.0.2".parse().unwrap(), 8888));
+        let mut evidence = vec!["newer flows ...".to_owned()];
+        snap.annotate(Annotated {
+            verdict: Verdict::Bypass,
+            orig: &orig,
+            netns: &mut netns,
+            stale: &mut stale,
+            current: &mut current,
+            evidence: &mut evidence,
+        });
+        assert!(stale.container.is_none(), "the host is no container");
+        assert_eq!(current.unwrap().container.unwrap().name, "swd1_web_1");
+        assert_eq!(
+            evidence[1],
+            "the engine publishes udp/8888 on this host for container swd1_web_1 at 172.18.0.2:8888"
+        );
+    }
+}

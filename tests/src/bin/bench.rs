@@ -1,0 +1,1461 @@
+//! `cargo xtask bench`: what stalewatch costs a forwarding host, next to
+//! what a bpftrace one-liner on the same tracepoints costs.
+//!
+//! A benchmark, not a test: it prints figures and never fails on timing.
+//! Every figure comes from runs taken alternately in one invocation
+//! (without, with stalewatch, with bpftrace; N times) and is reported as the
+//! median, with the median of the per-pair ratios. Everything runs in
+//! network namespaces named `swb<pid>-*`, removed at the end, also on
+//! Ctrl-C.
+
+use std::{
+    fmt::Write as _,
+    path::PathBuf,
+    process::ExitCode,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use nix::sys::signal::{SigHandler, Signal, signal};
+use stalewatch_tests::{
+    bench::{
+        self,
+        flood::{Flood, Sink, Spec},
+        procfs::{self, CpuSample, NetDev},
+        synthetic,
+        table::{self, Report, Row, median, quantile},
+        tools::{self, Alerts, ProgCost, Tool},
+        topo::{self, Topology},
+    },
+    run,
+};
+
+/// Heap counting for the synthetic correlator figure.
+#[global_allocator]
+static ALLOC: synthetic::Counting = synthetic::Counting;
+
+/// Real distinct flows the bench may create: the conntrack table is shared
+/// by the whole machine (262,144 entries here), so stay well below it.
+const MAX_REAL_FLOWS: u32 = 60_000;
+/// The conntrack table's size on the project's machines: the flow count the
+/// memory figure is given for.
+const CONNTRACK_MAX: u32 = 262_144;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "stalewatch-bench",
+    about = "Measures what stalewatch costs a forwarding host, next to a bpftrace one-liner (root)"
+)]
+struct Args {
+    /// Runs of figures 1-2; each is without, with stalewatch, with bpftrace
+    /// [default: 5; 1 with --quick]
+    #[arg(long)]
+    runs: Option<u32>,
+    /// Runs of figure 3 (longer each) [default: 3; 1 with --quick]
+    #[arg(long)]
+    stale_runs: Option<u32>,
+    /// A short run: one run per figure, short windows, 5,000 stale flows
+    #[arg(long)]
+    quick: bool,
+    /// Seconds measured per forwarding run, figures 1-2 [default: 1.5; 1 with --quick]
+    #[arg(long)]
+    window: Option<f64>,
+    /// Seconds measured per stale-flood run, figure 3 [default: 3; 2.5 with --quick]
+    #[arg(long)]
+    stale_window: Option<f64>,
+    /// Distinct failing flows of the many-flows load, at most 60,000
+    /// [default: 50,000; 5,000 with --quick; 10,000 for --soak]
+    #[arg(long)]
+    flows: Option<u32>,
+    /// Failing packets per second of the stale floods [default: 100,000;
+    /// 20,000 for --soak]
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Flows of the CPU load, figure 3a
+    #[arg(long, default_value_t = 1_000)]
+    cpu_flows: u32,
+    /// Leave out the bpftrace column
+    #[arg(long)]
+    no_bpftrace: bool,
+    /// Instead of the figures: steady stale flows for this many minutes,
+    /// sampling stalewatch's memory and CPU every 10 s
+    #[arg(long, value_name = "MINUTES")]
+    soak: Option<f64>,
+}
+
+/// The settings a run uses, defaults resolved.
+#[derive(Clone, Debug)]
+struct Settings {
+    runs: u32,
+    stale_runs: u32,
+    warmup: Duration,
+    window: Duration,
+    stale_window: Duration,
+    cost_window: Duration,
+    flows: u32,
+    rate: u64,
+    cpu_flows: u32,
+    bpftrace: bool,
+}
+
+fn settings(a: &Args, bpftrace: bool) -> anyhow::Result<Settings> {
+    let secs = |v: Option<f64>, normal: f64, quick: f64| -> anyhow::Result<Duration> {
+        let s = v.unwrap_or(if a.quick { quick } else { normal });
+        if !(0.2..=600.0).contains(&s) {
+            bail!("windows are 0.2 to 600 seconds, not {s}");
+        }
+        Ok(Duration::from_secs_f64(s))
+    };
+    let s = Settings {
+        runs: a.runs.unwrap_or(if a.quick { 1 } else { 5 }),
+        stale_runs: a.stale_runs.unwrap_or(if a.quick { 1 } else { 3 }),
+        warmup: Duration::from_millis(250),
+        window: secs(a.window, 1.5, 1.0)?,
+        stale_window: secs(a.stale_window, 3.0, 2.5)?,
+        cost_window: if a.quick {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs(1)
+        },
+        flows: a.flows.unwrap_or(match (a.soak, a.quick) {
+            (Some(_), _) => 10_000,
+            (None, true) => 5_000,
+            (None, false) => 50_000,
+        }),
+        rate: a
+            .rate
+            .unwrap_or(if a.soak.is_some() { 20_000 } else { 100_000 }),
+        cpu_flows: a.cpu_flows,
+        bpftrace,
+    };
+    for (what, n) in [("--runs", s.runs), ("--stale-runs", s.stale_runs)] {
+        if n == 0 || n > 100 {
+            bail!("{what} is 1 to 100, not {n}");
+        }
+    }
+    for (what, n) in [("--flows", s.flows), ("--cpu-flows", s.cpu_flows)] {
+        if n == 0 || n > MAX_REAL_FLOWS {
+            bail!(
+                "{what} is 1 to {MAX_REAL_FLOWS}: the conntrack table is shared by the whole machine"
+            );
+        }
+    }
+    if !(1_000..=2_000_000).contains(&s.rate) {
+        bail!("--rate is 1,000 to 2,000,000 packets per second");
+    }
+    Ok(s)
+}
+
+extern "C" fn on_signal(_: nix::libc::c_int) {
+    bench::INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "stalewatch-bench: must run as root (it builds network namespaces and loads eBPF)"
+        );
+        return ExitCode::from(2);
+    }
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        let _ = signal(Signal::SIGINT, SigHandler::Handler(on_signal));
+        let _ = signal(Signal::SIGTERM, SigHandler::Handler(on_signal));
+    }
+    match main_inner(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let text = format!("{e:#}").replace('\n', " ");
+            eprintln!("stalewatch-bench: {text}");
+            if bench::interrupted() {
+                ExitCode::from(130)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn main_inner(args: &Args) -> anyhow::Result<()> {
+    let bin = tools::stalewatch_binary()?;
+    for tool in ["ip", "iptables", "conntrack", "bpftool"] {
+        if run(&["sh", "-c", &format!("command -v {tool}")]).is_err() {
+            bail!("`{tool}` not found (cargo xtask setup installs it)");
+        }
+    }
+    let bpftrace = !args.no_bpftrace && tools::bpftrace_available();
+    let s = settings(args, bpftrace)?;
+    let started = Instant::now();
+    eprintln!(
+        "stalewatch-bench: building the topology ({})",
+        bench::prefix()
+    );
+    let mut ctx = Ctx::new(bin, s.clone())?;
+    if let Some(minutes) = args.soak {
+        return soak(&mut ctx, minutes);
+    }
+    let mut report = Report::default();
+    header(&mut report, &ctx)?;
+    if args.no_bpftrace {
+        report
+            .notes
+            .push("bpftrace: left out (--no-bpftrace)".to_owned());
+    } else if !bpftrace {
+        report.notes.push(
+            "bpftrace: not installed (apt-get install bpftrace, or run `cargo xtask bench`)"
+                .to_owned(),
+        );
+    }
+    figures(&mut ctx, &mut report)?;
+    drop(ctx);
+    report.notes.push(format!(
+        "total time {:.0} s; 1-minute load average at the end: {}; every namespace the bench created is removed",
+        started.elapsed().as_secs_f64(),
+        load_average()
+    ));
+    println!("{}", report.render());
+    Ok(())
+}
+
+/// The topology and the counters, alive for the whole bench. Fields drop in
+/// order: the sink and the counter files before the namespaces.
+struct Ctx {
+    sink: Sink,
+    router_dev: NetDev,
+    dest_dev: NetDev,
+    topo: Topology,
+    bin: PathBuf,
+    s: Settings,
+}
+
+impl Ctx {
+    fn new(bin: PathBuf, s: Settings) -> anyhow::Result<Ctx> {
+        let topo = Topology::build()?;
+        Ok(Ctx {
+            sink: Sink::start(&topo.dest, (topo::DEST, topo::HEALTHY_PORT).into())?,
+            router_dev: NetDev::open(&topo.router)?,
+            dest_dev: NetDev::open(&topo.dest)?,
+            topo,
+            bin,
+            s,
+        })
+    }
+}
+
+fn header(report: &mut Report, ctx: &Ctx) -> anyhow::Result<()> {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    let model = std::fs::read_to_string("/proc/cpuinfo")?
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let version = run(&[&ctx.bin.to_string_lossy(), "--version"]).unwrap_or_default();
+    let commit = run(&[
+        "git",
+        "-C",
+        env!("CARGO_MANIFEST_DIR"),
+        "describe",
+        "--always",
+        "--dirty",
+    ])
+    .unwrap_or_default();
+    let command = std::env::var("STALEWATCH_BENCH_COMMAND").unwrap_or_else(|_| {
+        std::env::args()
+            .map(|a| a.rsplit('/').next().unwrap_or(&a).to_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    });
+    let s = &ctx.s;
+    report.header = vec![
+        "stalewatch benchmark: medians of runs taken alternately (without / with stalewatch / with bpftrace)".to_owned(),
+        format!("machine  {cpus} CPUs, {model}, Linux {}", kernel.trim()),
+        format!(
+            "build    {} (source {})",
+            version.trim(),
+            if commit.trim().is_empty() { "unknown" } else { commit.trim() }
+        ),
+        format!("command  {command}"),
+        format!(
+            "runs     {} per figure 1-2, {} per figure 3; windows {:.1} s (figures 1-2), {:.1} s (figure 3), {:.1} s of BPF run stats; stale floods {} pps",
+            s.runs,
+            s.stale_runs,
+            s.window.as_secs_f64(),
+            s.stale_window.as_secs_f64(),
+            s.cost_window.as_secs_f64(),
+            s.rate
+        ),
+    ];
+    report.header.push(format!(
+        "load     1-minute load average at the start: {} (other work on the machine competes for the same CPUs)",
+        load_average()
+    ));
+    let irq_time = run(&[
+        "sh",
+        "-c",
+        "zcat /proc/config.gz 2>/dev/null | grep -c '^CONFIG_IRQ_TIME_ACCOUNTING=y'",
+    ])
+    .is_ok_and(|out| out.trim() != "0");
+    if irq_time {
+        report.notes.push(
+            "note: this kernel has IRQ_TIME_ACCOUNTING: softirq time is not the sender's, so CPU per packet undercounts the path"
+                .to_owned(),
+        );
+    }
+    let others = other_programs()?;
+    if others > 0 {
+        report.notes.push(format!(
+            "note: {others} BPF programs named kfree_skb/icmp_send from other processes were loaded when the bench started \
+             (other users' tools on the same tracepoints); they run in every column alike"
+        ));
+    }
+    Ok(())
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Programs named like ours that other processes hold (shared machine).
+fn other_programs() -> anyhow::Result<usize> {
+    let out = run(&["bpftool", "prog", "show", "-j"])?;
+    let all: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(all
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| matches!(p["name"].as_str(), Some("kfree_skb" | "icmp_send")))
+        .count())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Under {
+    Without,
+    Stalewatch,
+    Bpftrace,
+    /// Empty bpftrace programs on the same tracepoints: the floor.
+    Floor,
+}
+
+impl Under {
+    fn name(self) -> &'static str {
+        match self {
+            Under::Without => "without",
+            Under::Stalewatch => "stalewatch",
+            Under::Bpftrace => "bpftrace",
+            Under::Floor => "empty programs",
+        }
+    }
+}
+
+/// Where a load's packets are counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CountAt {
+    /// Arrivals at the destination: forwarded packets.
+    Destination,
+    /// Arrivals at the router: every one is dropped or fails there.
+    Router,
+}
+
+struct Load {
+    key: &'static str,
+    spec: Spec,
+    count_at: CountAt,
+    window: Duration,
+    runs: u32,
+    /// Also read the BPF run statistics after the window.
+    cost: bool,
+    /// Also measure empty programs on the same tracepoints.
+    floor: bool,
+    max_flows: u32,
+}
+
+/// One measured run.
+#[derive(Clone, Debug, Default)]
+struct RunResult {
+    pps: f64,
+    dest_pps: f64,
+    sink_pps: f64,
+    cpu_sched: f64,
+    cpu_stat: f64,
+    rss_kib: f64,
+    hwm_kib: f64,
+    idle_rss_kib: f64,
+    cost: Vec<ProgCost>,
+    alerts: Option<Alerts>,
+    reports: Option<u64>,
+    lost: Option<u64>,
+    bpftrace_maps: Vec<(String, u64)>,
+    flows_map_bytes: Option<u64>,
+    /// stalewatch's in-kernel counters: over the window (`kernel_secs`
+    /// long), and at its end.
+    kernel_window: Option<tools::KernelStats>,
+    kernel_secs: f64,
+    kernel_total: Option<tools::KernelStats>,
+    idle_hwm_kib: f64,
+    window_secs: f64,
+    /// CPU time of the sending thread per counted packet, ns: the whole
+    /// path's cost, softirq included; and how much of a core it got.
+    ns_per_packet: f64,
+    sender_share: f64,
+    /// From SIGINT to the tool's exit; killed when still running at 5 s.
+    exit_secs: f64,
+    killed: bool,
+    /// How it failed on its way out, if it did.
+    exit_failure: Option<String>,
+}
+
+impl RunResult {
+    fn ns(&self, prog: &str) -> f64 {
+        self.cost
+            .iter()
+            .find(|c| c.name == prog)
+            .map_or(f64::NAN, |c| c.ns_per_run)
+    }
+}
+
+fn measure(ctx: &mut Ctx, load: &Load, under: Under) -> anyhow::Result<RunResult> {
+    let s = ctx.s.clone();
+    let tool = match under {
+        Under::Without => None,
+        Under::Stalewatch => Some(Tool::stalewatch(
+            &ctx.bin,
+            &ctx.topo.router.name,
+            load.max_flows,
+            true,
+        )?),
+        Under::Bpftrace => Some(Tool::bpftrace(tools::BPFTRACE_SCRIPT)?),
+        Under::Floor => Some(Tool::bpftrace(tools::FLOOR_SCRIPT)?),
+    };
+    let pid = tool.as_ref().map(Tool::pid);
+    let mut r = RunResult::default();
+    if let Some(pid) = pid {
+        let (rss, hwm) = procfs::memory_kib(pid)?;
+        (r.idle_rss_kib, r.idle_hwm_kib) = (rss as f64, hwm as f64);
+    }
+    let cost_window = if load.cost && pid.is_some() {
+        s.cost_window
+    } else {
+        Duration::ZERO
+    };
+    let limit = s.warmup + load.window + cost_window + Duration::from_secs(3);
+    let mut spec = load.spec.clone();
+    spec.limit = limit;
+    // A count bound no run reaches unless something is wrong with time.
+    spec.max_packets = spec.rate.unwrap_or(5_000_000) * (limit.as_secs() + 1) * 2;
+    let mut flood = Flood::start(&ctx.topo.sender, spec)?;
+    bench::sleep(s.warmup)?;
+
+    let read = |ctx: &mut Ctx| -> anyhow::Result<(u64, u64, u64, Instant)> {
+        let router = ctx.router_dev.link(topo::ROUTER_IN)?.rx_packets;
+        let dest = ctx.dest_dev.link(topo::DEST_IN)?.rx_packets;
+        Ok((router, dest, ctx.sink.received(), Instant::now()))
+    };
+    let kernel = |pid: Option<u32>| -> anyhow::Result<Option<tools::KernelStats>> {
+        match pid {
+            Some(pid) if under == Under::Stalewatch => Ok(Some(tools::kernel_stats(pid)?)),
+            _ => Ok(None),
+        }
+    };
+    let k0 = (kernel(pid)?, Instant::now());
+    let sender0 = flood.cpu_ns();
+    let a = read(ctx)?;
+    let cpu0 = pid.map(CpuSample::take).transpose()?;
+    bench::sleep(load.window)?;
+    let b = read(ctx)?;
+    let sender1 = flood.cpu_ns();
+    let cpu1 = pid.map(CpuSample::take).transpose()?;
+    let k1 = (kernel(pid)?, Instant::now());
+    r.kernel_secs = k1.1.duration_since(k0.1).as_secs_f64();
+    if let (Some(k0), Some(k1)) = (k0.0, k1.0) {
+        r.kernel_window = Some(tools::KernelStats {
+            events_lost: k1.events_lost - k0.events_lost,
+            failures: k1.failures - k0.failures,
+            events_sent: k1.events_sent - k0.events_sent,
+        });
+        r.kernel_total = Some(k1);
+    }
+    if flood.finished() {
+        flood.stop()?;
+        bail!("the flood stopped before the window ended");
+    }
+    let secs = b.3.duration_since(a.3).as_secs_f64();
+    r.window_secs = secs;
+    let rate = |x: u64, y: u64| y.saturating_sub(x) as f64 / secs;
+    r.dest_pps = rate(a.1, b.1);
+    r.sink_pps = rate(a.2, b.2);
+    r.pps = match load.count_at {
+        CountAt::Destination => r.dest_pps,
+        CountAt::Router => rate(a.0, b.0),
+    };
+    if let (Some(c0), Some(c1)) = (sender0, sender1) {
+        let cpu = c1.saturating_sub(c0) as f64;
+        r.sender_share = 100.0 * cpu / 1e9 / secs;
+        r.ns_per_packet = if r.pps > 0.0 {
+            cpu / (r.pps * secs)
+        } else {
+            f64::NAN
+        };
+    }
+    if let (Some(c0), Some(c1)) = (cpu0, cpu1) {
+        (r.cpu_sched, r.cpu_stat) = c1.percent_since(&c0);
+    }
+    if let Some(pid) = pid {
+        let (rss, hwm) = procfs::memory_kib(pid)?;
+        (r.rss_kib, r.hwm_kib) = (rss as f64, hwm as f64);
+        if cost_window > Duration::ZERO {
+            r.cost = tools::prog_cost(pid, cost_window)?;
+        }
+        if under == Under::Stalewatch {
+            r.flows_map_bytes = tools::map_memory(pid)?
+                .into_iter()
+                .find(|(name, _, _)| name == "FLOWS")
+                .map(|(_, _, bytes)| bytes);
+        }
+    }
+    flood.stop()?;
+    if let Some(tool) = tool {
+        let stopped = tool.stop()?;
+        r.exit_secs = stopped.exit_secs;
+        r.killed = stopped.killed;
+        // A tool that is still busy 5 s after SIGINT, or that fails on its
+        // way out, is a finding to report with the figures it gave while
+        // it ran, not a reason to stop the bench.
+        if !stopped.killed && !stopped.status.success() {
+            let why = stopped
+                .stderr
+                .iter()
+                .find(|l| l.contains("panicked at") || l.contains("error"))
+                .or(stopped.stderr.last())
+                .cloned()
+                .unwrap_or_default();
+            r.exit_failure = Some(format!("{} ({})", stopped.status, why.trim()));
+        }
+        match under {
+            Under::Stalewatch => {
+                r.alerts = Some(tools::parse_alerts(&stopped.stdout));
+                if let Some((reports, lost)) = tools::parse_summary(&stopped.stderr) {
+                    r.reports = Some(reports);
+                    r.lost = Some(lost);
+                }
+            }
+            Under::Bpftrace => r.bpftrace_maps = tools::parse_bpftrace_maps(&stopped.stdout),
+            Under::Without | Under::Floor => {}
+        }
+    }
+    Ok(r)
+}
+
+/// Runs of one load: without, stalewatch, bpftrace; `runs` times.
+#[derive(Default)]
+struct Series {
+    without: Vec<RunResult>,
+    stalewatch: Vec<RunResult>,
+    bpftrace: Vec<RunResult>,
+    floor: Vec<RunResult>,
+}
+
+impl Series {
+    fn of(&self, under: Under) -> &[RunResult] {
+        match under {
+            Under::Without => &self.without,
+            Under::Stalewatch => &self.stalewatch,
+            Under::Bpftrace => &self.bpftrace,
+            Under::Floor => &self.floor,
+        }
+    }
+
+    fn values(&self, under: Under, f: impl Fn(&RunResult) -> f64) -> Vec<f64> {
+        self.of(under).iter().map(f).collect()
+    }
+}
+
+fn series(ctx: &mut Ctx, load: &Load) -> anyhow::Result<Series> {
+    let mut out = Series::default();
+    let mut unders = vec![Under::Without, Under::Stalewatch];
+    if ctx.s.bpftrace {
+        unders.push(Under::Bpftrace);
+        if load.floor {
+            unders.push(Under::Floor);
+        }
+    }
+    for i in 1..=load.runs {
+        for &under in &unders {
+            eprintln!(
+                "stalewatch-bench: {} run {i}/{}: {}",
+                load.key,
+                load.runs,
+                under.name()
+            );
+            let r = measure(ctx, load, under)?;
+            match under {
+                Under::Without => out.without.push(r),
+                Under::Stalewatch => out.stalewatch.push(r),
+                Under::Bpftrace => out.bpftrace.push(r),
+                Under::Floor => out.floor.push(r),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A throughput row: medians, and the median of per-run ratios to the run
+/// without a tool just before.
+fn ratio_row(
+    figure: &str,
+    s: &Series,
+    f: impl Fn(&RunResult) -> f64 + Copy,
+    target: Option<f64>,
+) -> Row {
+    let without = s.values(Under::Without, f);
+    let with = s.values(Under::Stalewatch, f);
+    let bt = s.values(Under::Bpftrace, f);
+    let ratio = table::ratio(&without, &with);
+    Row {
+        figure: figure.to_owned(),
+        without: table::cell(&without, table::pps),
+        with: table::cell(&with, table::pps),
+        ratio,
+        target: target.map_or_else(String::new, |t| format!("ratio >= {t}")),
+        met: target.zip(ratio).map(|(t, r)| r >= t),
+        bpftrace: table::cell(&bt, table::pps),
+        bpftrace_ratio: table::ratio(&without, &bt),
+    }
+}
+
+/// The path's CPU cost per packet, and the capacity ratio it implies
+/// (packets per CPU-second with the tool / without): unlike packets per
+/// second, it holds when other work on the machine takes the CPU away.
+fn cpu_row(figure: &str, s: &Series, target: Option<f64>) -> Row {
+    let f = |r: &RunResult| r.ns_per_packet;
+    let without = s.values(Under::Without, f);
+    let with = s.values(Under::Stalewatch, f);
+    let bt = s.values(Under::Bpftrace, f);
+    let ratio = table::ratio(&with, &without);
+    Row {
+        figure: figure.to_owned(),
+        without: table::cell(&without, table::ns),
+        with: table::cell(&with, table::ns),
+        ratio,
+        target: target.map_or_else(String::new, |t| format!("ratio >= {t}")),
+        met: target.zip(ratio).map(|(t, r)| r >= t),
+        bpftrace: table::cell(&bt, table::ns),
+        bpftrace_ratio: table::ratio(&bt, &without),
+    }
+}
+
+/// A row of the tools' own figures (no "without"), with an upper target.
+fn value_row(
+    figure: &str,
+    s: &Series,
+    f: impl Fn(&RunResult) -> f64 + Copy,
+    fmt: fn(f64) -> String,
+    at_most: Option<(f64, String)>,
+    bpftrace: bool,
+) -> Row {
+    let with = s.values(Under::Stalewatch, f);
+    let m = median(&with);
+    Row {
+        figure: figure.to_owned(),
+        without: String::new(),
+        with: m.map_or_else(|| "-".to_owned(), fmt),
+        target: at_most
+            .as_ref()
+            .map_or_else(String::new, |(_, t)| t.clone()),
+        met: at_most.as_ref().zip(m).map(|((limit, _), v)| v <= *limit),
+        bpftrace: if bpftrace {
+            table::cell(&s.values(Under::Bpftrace, f), fmt)
+        } else {
+            String::new()
+        },
+        ..Row::default()
+    }
+}
+
+fn detail(report: &mut Report, key: &str, what: &str, values: &[f64], fmt: fn(f64) -> String) {
+    let text: Vec<String> = values.iter().map(|v| fmt(*v)).collect();
+    report
+        .details
+        .push(format!("{key} {what}: {}", text.join(", ")));
+}
+
+fn figures(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
+    let s = ctx.s.clone();
+    let spec = |dst, dport, flows, first_sport, ttl, rate| Spec {
+        dst,
+        dport,
+        flows,
+        first_sport,
+        ttl,
+        rate,
+        limit: Duration::ZERO,
+        max_packets: 0,
+    };
+    let few = 64;
+
+    // 1. Healthy: DNATed, forwarded, delivered; neither hook fires.
+    let load = Load {
+        key: "1",
+        spec: spec(topo::ROUTER_LAN, topo::HEALTHY_PORT, few, 20_000, 64, None),
+        count_at: CountAt::Destination,
+        window: s.window,
+        runs: s.runs,
+        cost: false,
+        floor: false,
+        max_flows: 65_536,
+    };
+    let one = series(ctx, &load)?;
+    report.sections.push((
+        format!("1  healthy path: {few} flows DNATed to the destination's sink, nothing dropped, sender at full speed"),
+        vec![
+            ratio_row("forwarded packets per second", &one, |r| r.pps, Some(0.995)),
+            cpu_row("  CPU per forwarded packet (capacity ratio)", &one, Some(0.995)),
+        ],
+    ));
+    load_details(report, "1", "forwarded", &one);
+    let delivered: Vec<f64> = one
+        .without
+        .iter()
+        .chain(&one.stalewatch)
+        .chain(&one.bpftrace)
+        .map(|r| {
+            if r.dest_pps > 0.0 {
+                100.0 * r.sink_pps / r.dest_pps
+            } else {
+                f64::NAN
+            }
+        })
+        .collect();
+    detail(
+        report,
+        "1",
+        "share of arrivals the sink read (rest: socket buffer drops)",
+        &delivered,
+        table::percent,
+    );
+
+    // 2. Every packet dropped: the cost to traffic stalewatch is not about.
+    let two_a = Load {
+        key: "2a",
+        spec: spec(topo::DEST, topo::DROPPED_PORT, few, 20_000, 64, None),
+        count_at: CountAt::Router,
+        window: s.window,
+        runs: s.runs,
+        cost: true,
+        floor: false,
+        max_flows: 65_536,
+    };
+    // The healthy flood with TTL 1: DNATed, then dropped at forwarding.
+    let two_b = Load {
+        key: "2b",
+        spec: spec(topo::ROUTER_LAN, topo::HEALTHY_PORT, few, 20_000, 1, None),
+        count_at: CountAt::Router,
+        window: s.window,
+        runs: s.runs,
+        cost: true,
+        floor: true,
+        max_flows: 65_536,
+    };
+    for (load, title, early) in [
+        (
+            &two_a,
+            "2a every packet dropped by a FORWARD rule: NETFILTER_DROP is a failure reason, the entry is not DNATed (kfree_skb reads the conntrack entry, then exits)",
+            false,
+        ),
+        (
+            &two_b,
+            "2b every packet dropped at forwarding for TTL 1: IP_INHDR is not a failure reason, ICMP type 11 is not unreachable (both exit on the tracepoint's arguments)",
+            true,
+        ),
+    ] {
+        let series = series(ctx, load)?;
+        let mut rows = vec![
+            ratio_row("dropped packets per second", &series, |r| r.pps, Some(0.97)),
+            cpu_row(
+                "  CPU per dropped packet (capacity ratio)",
+                &series,
+                Some(0.97),
+            ),
+        ];
+        rows.push(value_row(
+            "  kfree_skb: ns per program run (kernel stats)",
+            &series,
+            |r| r.ns("kfree_skb"),
+            table::ns,
+            None,
+            s.bpftrace,
+        ));
+        if early {
+            rows.push(value_row(
+                "  icmp_send: ns per run (few runs: ICMP is rate-limited before the tracepoint)",
+                &series,
+                |r| r.ns("icmp_send"),
+                table::ns,
+                None,
+                s.bpftrace,
+            ));
+        }
+        if !series.floor.is_empty() {
+            // The kernel's run statistics cost two clock reads per run
+            // themselves: an empty program shows that floor, and the
+            // early exit's own cost is what lies above it.
+            let floor = |prog: &'static str| median(&series.values(Under::Floor, |r| r.ns(prog)));
+            let (kfree, icmp) = (floor("kfree_skb"), floor("icmp_send"));
+            let show = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), table::ns);
+            rows.push(Row {
+                figure: "  floor: empty programs there (bpftrace '{ }'), kfree_skb / icmp_send ns per run".to_owned(),
+                bpftrace: format!("{} / {}", show(kfree), show(icmp)),
+                bpftrace_ratio: table::ratio(
+                    &series.values(Under::Without, |r| r.pps),
+                    &series.values(Under::Floor, |r| r.pps),
+                ),
+                ..Row::default()
+            });
+            let net = |under: Under| {
+                median(&series.values(under, |r| r.ns("kfree_skb")))
+                    .zip(kfree)
+                    .map(|(v, f)| v - f)
+            };
+            let with = net(Under::Stalewatch);
+            // Below the floor is noise: the early exit costs no more than an
+            // empty program.
+            let above = |v: Option<f64>| match v {
+                Some(v) if v <= 0.0 => format!("0 (measured {v:.1} ns)"),
+                v => show(v),
+            };
+            rows.push(Row {
+                figure: "  kfree_skb early exit above the floor, ns per run".to_owned(),
+                with: above(with),
+                target: "<= 30 ns".to_owned(),
+                met: with.map(|v| v <= 30.0),
+                bpftrace: above(net(Under::Bpftrace)),
+                ..Row::default()
+            });
+        }
+        report.sections.push((title.to_owned(), rows));
+        load_details(report, load.key, "dropped", &series);
+        let reached = series.values(Under::Without, |r| r.dest_pps);
+        detail(
+            report,
+            load.key,
+            "pps still reaching the destination (expected 0)",
+            &reached,
+            table::pps,
+        );
+        cost_details(report, load.key, &series);
+    }
+
+    // 3. Stale floods: every packet fails, DNATed to an address nobody has.
+    let three_a = Load {
+        key: "3a",
+        spec: spec(
+            topo::ROUTER_LAN,
+            topo::STALE_PORT,
+            s.cpu_flows,
+            10_000,
+            64,
+            Some(s.rate),
+        ),
+        count_at: CountAt::Router,
+        window: s.stale_window,
+        runs: s.stale_runs,
+        cost: true,
+        floor: false,
+        max_flows: 65_536.max(s.cpu_flows),
+    };
+    let a = series(ctx, &three_a)?;
+    report.sections.push((
+        format!(
+            "3a stale flood: {} flows at {} failing pps, DNATed to {} on a bridge without ports (ARP fails: NEIGH_QUEUEFULL / NEIGH_FAILED, ICMP host unreachable)",
+            s.cpu_flows,
+            s.rate,
+            topo::STALE_BACKEND
+        ),
+        stale_rows(&a, &s, true, s.cpu_flows),
+    ));
+    stale_details(report, "3a", &a);
+
+    let three_b = Load {
+        key: "3b",
+        spec: spec(
+            topo::ROUTER_LAN,
+            topo::STALE_PORT,
+            s.flows,
+            10_000,
+            64,
+            Some(s.rate),
+        ),
+        count_at: CountAt::Router,
+        window: s.stale_window,
+        runs: s.stale_runs,
+        cost: false,
+        floor: false,
+        max_flows: 65_536.max(s.flows),
+    };
+    let b = series(ctx, &three_b)?;
+    let conntrack = ctx.topo.router_conntrack_count().unwrap_or(0);
+    let mut rows = stale_rows(&b, &s, false, s.flows);
+    rows.push(value_row(
+        "  kernel FLOWS map (bytes_memlock)",
+        &b,
+        |r| r.flows_map_bytes.map_or(f64::NAN, |v| v as f64),
+        table::mib,
+        None,
+        false,
+    ));
+    report.sections.push((
+        format!(
+            "3b stale flood: {} distinct flows at {} failing pps (router's conntrack entries at the end: {conntrack})",
+            s.flows, s.rate
+        ),
+        rows,
+    ));
+    stale_details(report, "3b", &b);
+
+    // 3c. Memory at the conntrack table's size, which the bench must not
+    // fill: extrapolated from 3b, and the correlator measured in process.
+    eprintln!("stalewatch-bench: 3c memory at {CONNTRACK_MAX} flows");
+    let idle = median(&b.values(Under::Stalewatch, |r| r.idle_rss_kib)).unwrap_or(f64::NAN);
+    let loaded = median(&b.values(Under::Stalewatch, |r| r.rss_kib)).unwrap_or(f64::NAN);
+    let per_flow = (loaded - idle) / f64::from(s.flows);
+    let extrapolated = idle + per_flow * f64::from(CONNTRACK_MAX);
+    let big = {
+        let tool = Tool::stalewatch(&ctx.bin, &ctx.topo.router.name, CONNTRACK_MAX, true)?;
+        let maps = tools::map_memory(tool.pid())?;
+        let _ = tool.stop()?;
+        maps.into_iter()
+            .find(|(name, _, _)| name == "FLOWS")
+            .map_or(f64::NAN, |(_, _, bytes)| bytes as f64)
+    };
+    let plain = |figure: String, value: String| Row {
+        figure,
+        with: value,
+        ..Row::default()
+    };
+    let mut rows = vec![
+        plain(
+            "stalewatch VmRSS, extrapolated linearly from 3b (measured)".to_owned(),
+            table::mib(extrapolated * 1024.0),
+        ),
+        plain(
+            format!(
+                "  per flow, from 3b: (VmRSS at the end - at start) / {}",
+                s.flows
+            ),
+            format!("{:.0} B", per_flow * 1024.0),
+        ),
+    ];
+    let budget = if s.runs == 1 {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_secs(10)
+    };
+    for flows in [s.flows, CONNTRACK_MAX] {
+        let c = synthetic::correlator(flows as usize, budget);
+        let how = if c.raised < c.flows {
+            format!(
+                "synthetic; extrapolated from {} raised in {} s",
+                c.raised,
+                budget.as_secs()
+            )
+        } else {
+            "synthetic, in process".to_owned()
+        };
+        rows.push(plain(
+            format!("correlator heap, {flows} flows raised ({how})"),
+            table::mib(c.raised_bytes),
+        ));
+        rows.push(plain(
+            format!("  correlator time per report at {flows} flows: first / raising"),
+            format!(
+                "{} / {}",
+                table::ns(c.ns_per_track),
+                table::ns(c.ns_per_raise)
+            ),
+        ));
+        report.details.push(format!(
+            "3c correlator at {flows} flows: heap {} tracked, {} raised ({}); {:.0} ns per first report, {:.0} ns per raising report",
+            table::mib(c.tracked_bytes as f64),
+            table::mib(c.raised_bytes),
+            how,
+            c.ns_per_track,
+            c.ns_per_raise
+        ));
+        bench::sleep(Duration::ZERO)?;
+    }
+    rows.push(plain(
+        format!("kernel FLOWS map at --max-flows {CONNTRACK_MAX} (bytes_memlock, measured)"),
+        table::mib(big),
+    ));
+    report.sections.push((
+        format!("3c memory at {CONNTRACK_MAX} distinct failing flows (the conntrack table's size; not created for real, see notes)"),
+        rows,
+    ));
+
+    report.notes.extend(
+        [
+            "how: a raw socket in the sender namespace sends UDP with sendmmsg (64 a batch) from 8 source addresses x consecutive ports;",
+            "     forwarded pps = the destination interface's rx counter; dropped/failing pps = the router's ingress rx counter (all of them drop);",
+            "     veth hands packets over inline, so the sender's thread does the router's and the destination's softirq work too, on one CPU;",
+            "     the tools run on the other one.",
+            "ratio: median with / median without (the per-run values also give the median of per-run ratios, run by run against the",
+            "     run without a tool just before it, which cancels slow drift on a shared machine).",
+            "CPU per packet: the sending thread's CPU time (/proc/self/task/<tid>/schedstat; softirq work included, as this kernel has no",
+            "     IRQ_TIME_ACCOUNTING) per counted packet. Its ratio (without / with) is the capacity ratio: it holds when other work",
+            "     on the machine takes the CPU away from the sender, which packets per second do not.",
+            "ns per run: run_time_ns / run_cnt from `bpftool prog show -j` for the programs the tool's process holds (found by its fds),",
+            "     over a separate window right after the throughput window, load still on; stats enabled with BPF_ENABLE_STATS (an fd,",
+            "     released at once), so kernel.bpf_stats_enabled is never changed and the throughput windows run without stats.",
+            "     The statistics cost two clock reads per run themselves: the floor row is an empty program on the same tracepoints.",
+            "CPU: % of one core from /proc/<pid>/task/*/schedstat over the window (/proc/<pid>/stat utime+stime in the per-run values).",
+            "latency: per raised flow, alert `time` - `failures.first` (first failure the kernel saw -> alert), and alert `time` - `failures.last`",
+            "     (the kernel report that crossed --min-failures 3 -> alert: stalewatch's own pipeline); both are CLOCK_MONOTONIC in the JSON.",
+            "reports sent/lost: stalewatch's own in-kernel STATS map, read with bpftool (a stalewatch that falls behind cannot print them).",
+            "3c: the bench never creates more than 60,000 real flows (the conntrack table is shared); the 262,144-flow memory is the 3b",
+            "     figure extrapolated, and stalewatch's own Correlator fed synthetic reports in this process (heap by a counting allocator).",
+        ]
+        .map(String::from),
+    );
+    Ok(())
+}
+
+fn cost_details(report: &mut Report, key: &str, s: &Series) {
+    for under in [Under::Stalewatch, Under::Bpftrace, Under::Floor] {
+        let mut line = String::new();
+        for r in s.of(under) {
+            for c in r.cost.iter().filter(|c| c.runs > 0) {
+                let _ = write!(line, "{} {:.1} ns x {}; ", c.name, c.ns_per_run, c.runs);
+            }
+        }
+        if !line.is_empty() {
+            report.details.push(format!(
+                "{key} program runs {}: {}",
+                under.name(),
+                line.trim_end()
+            ));
+        }
+    }
+    if let Some(r) = s.bpftrace.last() {
+        let maps: Vec<String> = r
+            .bpftrace_maps
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        report.details.push(format!(
+            "{key} bpftrace's counts (last run): {}",
+            maps.join(", ")
+        ));
+    }
+}
+
+fn alert_values(s: &Series, f: impl Fn(&Alerts) -> Option<f64>) -> Vec<f64> {
+    s.stalewatch
+        .iter()
+        .map(|r| r.alerts.as_ref().and_then(&f).unwrap_or(f64::NAN))
+        .collect()
+}
+
+fn stale_rows(s: &Series, st: &Settings, cost: bool, flows: u32) -> Vec<Row> {
+    let mut rows = vec![
+        ratio_row("failing packets per second", s, |r| r.pps, None),
+        cpu_row("  CPU per failing packet (capacity ratio)", s, None),
+    ];
+    rows.push(value_row(
+        "  userspace CPU, % of one core",
+        s,
+        |r| r.cpu_sched,
+        table::percent,
+        Some((1.0, "< 1%".to_owned())),
+        st.bpftrace,
+    ));
+    let rss = |under: Under| -> String {
+        let start = median(&s.values(under, |r| r.idle_rss_kib * 1024.0));
+        let end = median(&s.values(under, |r| r.rss_kib * 1024.0));
+        match (start, end) {
+            (Some(a), Some(b)) => format!("{} -> {}", table::mib(a), table::mib(b)),
+            _ => String::new(),
+        }
+    };
+    rows.push(Row {
+        figure: "  VmRSS at start -> at the end of the window".to_owned(),
+        with: rss(Under::Stalewatch),
+        bpftrace: rss(Under::Bpftrace),
+        ..Row::default()
+    });
+    if cost {
+        for prog in ["kfree_skb", "icmp_send"] {
+            rows.push(value_row(
+                &format!("  {prog}: ns per program run (kernel stats)"),
+                s,
+                move |r| r.ns(prog),
+                table::ns,
+                None,
+                st.bpftrace,
+            ));
+        }
+    }
+    let kernel = |f: fn(&tools::KernelStats) -> u64| {
+        move |r: &RunResult| {
+            r.kernel_window
+                .as_ref()
+                .map_or(f64::NAN, |k| f(k) as f64 / r.kernel_secs)
+        }
+    };
+    rows.push(value_row(
+        "  kernel reports sent per second (STATS map)",
+        s,
+        kernel(|k| k.events_sent),
+        table::count,
+        None,
+        false,
+    ));
+    rows.push(value_row(
+        "  kernel reports lost per second (ring buffer full)",
+        s,
+        kernel(|k| k.events_lost),
+        table::count,
+        None,
+        false,
+    ));
+    rows.push(value_row(
+        "  flows raised during the run",
+        s,
+        |r| r.alerts.as_ref().map_or(f64::NAN, |a| a.raised as f64),
+        table::count,
+        Some((f64::INFINITY, format!("of {flows} flows"))),
+        false,
+    ));
+    if let Some(row) = rows.last_mut() {
+        row.met = None;
+    }
+    for (label, q, target) in [
+        ("  first failure -> alert, median over flows", 0.5, true),
+        ("  first failure -> alert, p95 over flows", 0.95, false),
+        ("  first failure -> alert, max over flows", 1.0, false),
+        ("  kernel report -> alert (pipeline), median", 0.5, false),
+        ("  kernel report -> alert (pipeline), max", 1.0, false),
+    ] {
+        let pipeline = label.contains("pipeline");
+        let v = alert_values(s, |a| {
+            let values = if pipeline {
+                &a.report_to_alert
+            } else {
+                &a.first_to_alert
+            };
+            quantile(values, q)
+        });
+        let m = median(&v);
+        rows.push(Row {
+            figure: label.to_owned(),
+            with: m.map_or_else(|| "-".to_owned(), table::seconds),
+            target: if target {
+                "<= 1 s".to_owned()
+            } else {
+                String::new()
+            },
+            met: if target { m.map(|v| v <= 1.0) } else { None },
+            ..Row::default()
+        });
+    }
+    let killed = s.stalewatch.iter().filter(|r| r.killed).count();
+    rows.push(Row {
+        figure: "  exit after SIGINT, median".to_owned(),
+        with: if killed * 2 > s.stalewatch.len() {
+            format!("> 5 s ({killed} of {} killed)", s.stalewatch.len())
+        } else {
+            table::cell(
+                &s.values(Under::Stalewatch, |r| r.exit_secs),
+                table::seconds,
+            )
+        },
+        ..Row::default()
+    });
+    rows
+}
+
+/// Per run: the rate, the path's CPU per packet, and how much of a core
+/// the sender got (below 100%: other work on the machine took the rest).
+fn load_details(report: &mut Report, key: &str, what: &str, s: &Series) {
+    let failed: Vec<&String> = s
+        .stalewatch
+        .iter()
+        .filter_map(|r| r.exit_failure.as_ref())
+        .collect();
+    if let Some(first) = failed.first() {
+        report.details.push(format!(
+            "{key} stalewatch failed on its way out after SIGINT in {} of {} runs: {first}",
+            failed.len(),
+            s.stalewatch.len()
+        ));
+        report.notes.push(format!(
+            "note: stalewatch exited with an error after SIGINT in {} runs of figure {key} (see per-run values)",
+            failed.len()
+        ));
+    }
+    for under in [
+        Under::Without,
+        Under::Stalewatch,
+        Under::Bpftrace,
+        Under::Floor,
+    ] {
+        if s.of(under).is_empty() {
+            continue;
+        }
+        let pps = s.values(under, |r| r.pps);
+        let ns = s.values(under, |r| r.ns_per_packet);
+        let share = s.values(under, |r| r.sender_share);
+        let text: Vec<String> = (0..pps.len())
+            .map(|i| {
+                format!(
+                    "{} ({:.0} ns/pkt, sender {:.0}%)",
+                    table::pps(pps[i]),
+                    ns[i],
+                    share[i]
+                )
+            })
+            .collect();
+        report.details.push(format!(
+            "{key} {what} pps {}: {}",
+            under.name(),
+            text.join(", ")
+        ));
+    }
+    // The table's ratios are of medians; pairs taken side by side tell
+    // whether slow drift rather than the tool moved them.
+    let without = |f: fn(&RunResult) -> f64| s.values(Under::Without, f);
+    for under in [Under::Stalewatch, Under::Bpftrace, Under::Floor] {
+        if s.of(under).is_empty() {
+            continue;
+        }
+        let pps = table::paired_ratio(&without(|r| r.pps), &s.values(under, |r| r.pps));
+        let cpu = table::paired_ratio(
+            &s.values(under, |r| r.ns_per_packet),
+            &without(|r| r.ns_per_packet),
+        );
+        let show = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
+        report.details.push(format!(
+            "{key} median of per-run ratios, {} / without: pps {}, capacity {}",
+            under.name(),
+            show(pps),
+            show(cpu)
+        ));
+    }
+}
+
+fn stale_details(report: &mut Report, key: &str, s: &Series) {
+    load_details(report, key, "failing", s);
+    for under in [Under::Stalewatch, Under::Bpftrace] {
+        let sched = s.values(under, |r| r.cpu_sched);
+        let stat = s.values(under, |r| r.cpu_stat);
+        if !sched.is_empty() {
+            detail(
+                report,
+                key,
+                &format!("CPU {} (schedstat)", under.name()),
+                &sched,
+                table::percent,
+            );
+            detail(
+                report,
+                key,
+                &format!("CPU {} (stat utime+stime)", under.name()),
+                &stat,
+                table::percent,
+            );
+        }
+    }
+    let mem = |f: fn(&RunResult) -> f64| s.values(Under::Stalewatch, |r| f(r) * 1024.0);
+    detail(
+        report,
+        key,
+        "stalewatch VmRSS at start",
+        &mem(|r| r.idle_rss_kib),
+        table::mib,
+    );
+    detail(
+        report,
+        key,
+        "stalewatch VmHWM at start",
+        &mem(|r| r.idle_hwm_kib),
+        table::mib,
+    );
+    detail(
+        report,
+        key,
+        "stalewatch VmRSS at the end",
+        &mem(|r| r.rss_kib),
+        table::mib,
+    );
+    detail(
+        report,
+        key,
+        "stalewatch VmHWM at the end",
+        &mem(|r| r.hwm_kib),
+        table::mib,
+    );
+    let total = |f: fn(&tools::KernelStats) -> u64| {
+        s.values(Under::Stalewatch, move |r| {
+            r.kernel_total.as_ref().map_or(f64::NAN, |k| f(k) as f64)
+        })
+    };
+    detail(
+        report,
+        key,
+        "kernel reports sent, since start (STATS)",
+        &total(|k| k.events_sent),
+        table::count,
+    );
+    detail(
+        report,
+        key,
+        "kernel reports lost, since start (STATS)",
+        &total(|k| k.events_lost),
+        table::count,
+    );
+    detail(
+        report,
+        key,
+        "failing packets seen in the kernel, since start (STATS)",
+        &total(|k| k.failures),
+        table::count,
+    );
+    let lost = s.values(Under::Stalewatch, |r| {
+        r.alerts
+            .as_ref()
+            .map_or(f64::NAN, |a| a.lost_records as f64)
+    });
+    detail(
+        report,
+        key,
+        "lost reports stalewatch printed (events_lost records)",
+        &lost,
+        table::count,
+    );
+    let summary: Vec<String> = s
+        .stalewatch
+        .iter()
+        .map(|r| match (r.reports, r.lost) {
+            (Some(sent), Some(lost)) => format!("{sent} reports, {lost} lost"),
+            _ => "none (killed)".to_owned(),
+        })
+        .collect();
+    report.details.push(format!(
+        "{key} stalewatch exit summary: {}",
+        summary.join("; ")
+    ));
+    let exits: Vec<String> = s
+        .stalewatch
+        .iter()
+        .map(|r| {
+            if r.killed {
+                "still busy after 5 s, killed".to_owned()
+            } else if let Some(failure) = &r.exit_failure {
+                format!("failed: {failure}")
+            } else {
+                table::seconds(r.exit_secs)
+            }
+        })
+        .collect();
+    report.details.push(format!(
+        "{key} stalewatch exit after SIGINT: {}",
+        exits.join(", ")
+    ));
+    cost_details(report, key, s);
+}
+
+/// `--soak`: steady stale flows for minutes; stalewatch's memory and CPU
+/// sampled every 10 s, to show they stay flat.
+fn soak(ctx: &mut Ctx, minutes: f64) -> anyhow::Result<()> {
+    if !(0.1..=24.0 * 60.0).contains(&minutes) {
+        bail!("--soak is 0.1 to 1440 minutes");
+    }
+    let s = ctx.s.clone();
+    let total = Duration::from_secs_f64(minutes * 60.0);
+    println!(
+        "soak: {} flows at {} failing pps for {minutes} min; stalewatch watch --netns {} --max-flows {}",
+        s.flows,
+        s.rate,
+        ctx.topo.router.name,
+        65_536.max(s.flows)
+    );
+    let tool = Tool::stalewatch(&ctx.bin, &ctx.topo.router.name, 65_536.max(s.flows), false)?;
+    let pid = tool.pid();
+    let limit = total + Duration::from_secs(5);
+    let mut flood = Flood::start(
+        &ctx.topo.sender,
+        Spec {
+            dst: topo::ROUTER_LAN,
+            dport: topo::STALE_PORT,
+            flows: s.flows,
+            first_sport: 10_000,
+            ttl: 64,
+            rate: Some(s.rate),
+            limit,
+            max_packets: s.rate * (limit.as_secs() + 1),
+        },
+    )
+    .context("starting the flood")?;
+    // Lost reports come from the kernel's own counters: a stalewatch that
+    // falls behind may print its events_lost records late or never.
+    println!(
+        "{:>7}  {:>10}  {:>10}  {:>9}  {:>9}  {:>12}  {:>12}  {:>12}",
+        "time", "VmRSS", "VmHWM", "CPU", "fail pps", "reports/s", "lost/s", "stdout lines"
+    );
+    let started = Instant::now();
+    let mut cpu = CpuSample::take(pid)?;
+    let mut rx = ctx.router_dev.link(topo::ROUTER_IN)?.rx_packets;
+    let mut kernel = tools::kernel_stats(pid)?;
+    let mut rss_samples = Vec::new();
+    while started.elapsed() < total {
+        bench::sleep(Duration::from_secs(10).min(total.saturating_sub(started.elapsed())))?;
+        let now = CpuSample::take(pid)?;
+        let (pct, _) = now.percent_since(&cpu);
+        let wall = now.at.duration_since(cpu.at).as_secs_f64();
+        let rx_now = ctx.router_dev.link(topo::ROUTER_IN)?.rx_packets;
+        let (rss, hwm) = procfs::memory_kib(pid)?;
+        let kernel_now = tools::kernel_stats(pid)?;
+        let per_sec = |f: fn(&tools::KernelStats) -> u64| {
+            format!(
+                "{:.0}",
+                f(&kernel_now).saturating_sub(f(&kernel)) as f64 / wall
+            )
+        };
+        println!(
+            "{:>6.0}s  {:>10}  {:>10}  {:>9}  {:>9}  {:>12}  {:>12}  {:>12}",
+            started.elapsed().as_secs_f64(),
+            table::mib(rss as f64 * 1024.0),
+            table::mib(hwm as f64 * 1024.0),
+            table::percent(pct),
+            table::pps((rx_now - rx) as f64 / wall),
+            per_sec(|k| k.events_sent),
+            per_sec(|k| k.events_lost),
+            tool.stdout_lines(),
+        );
+        rss_samples.push(rss);
+        (cpu, rx, kernel) = (now, rx_now, kernel_now);
+        if flood.finished() {
+            break;
+        }
+    }
+    flood.stop()?;
+    let stopped = tool.stop()?;
+    if let (Some(first), Some(last)) = (rss_samples.first(), rss_samples.last()) {
+        println!(
+            "soak: VmRSS {} at the first sample, {} at the last; exit: {}",
+            table::mib(*first as f64 * 1024.0),
+            table::mib(*last as f64 * 1024.0),
+            if stopped.killed {
+                "still busy 5 s after SIGINT, killed"
+            } else {
+                stopped.stderr.last().map_or("", String::as_str)
+            }
+        );
+    }
+    Ok(())
+}

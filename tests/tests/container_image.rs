@@ -1,0 +1,289 @@
+//! The container image (packaging/container) run as the DaemonSet runs it
+//! (packaging/kubernetes/daemonset.yaml): host network and PID namespace,
+//! every capability dropped but the set, a read-only root, BTF and the
+//! netns directories mounted read-only with host-to-container propagation.
+//! Against a stale flow built in namespaces, the alert must come out of the
+//! container's stdout. Needs a Docker engine; without one it says so and
+//! passes. The manifests are checked offline by kubernetes-validate (from
+//! PyPI), which ships the Kubernetes schemas.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use stalewatch_tests::{
+    run,
+    story::{Rules, Story, Variant},
+    traffic::{Producer, Receiver},
+    watcher::{Watcher, binary, is_stale_flow},
+};
+
+const STALE_SPORT: u16 = 40000;
+const NEW_SPORT: u16 = 40001;
+const EVERY: Duration = Duration::from_millis(100);
+const VALIDATOR: &str = "kubernetes-validate==1.37.0";
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn packaging(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../packaging")
+        .join(path)
+}
+
+/// The capabilities the DaemonSet adds, from its `add: [...]` line.
+fn daemonset_caps() -> Vec<String> {
+    let manifest = std::fs::read_to_string(packaging("kubernetes/daemonset.yaml")).expect("read");
+    let line = manifest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("add:"))
+        .expect("the DaemonSet adds capabilities");
+    line.trim()
+        .trim_matches(['[', ']'])
+        .split(',')
+        .map(|c| c.trim().trim_matches('"').to_owned())
+        .collect()
+}
+
+/// Why the engine cannot be used, if it cannot.
+fn engine_missing() -> Option<String> {
+    match Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+    {
+        Err(e) => Some(format!("no docker command ({e})")),
+        Ok(out) if !out.status.success() => Some(format!(
+            "`docker info` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Ok(_) => None,
+    }
+}
+
+/// Removes the test's container and image, also when the test fails.
+struct Cleanup {
+    container: String,
+    image: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = run(&["docker", "rm", "-f", &self.container]);
+        let _ = run(&["docker", "rmi", "-f", &self.image]);
+    }
+}
+
+/// `docker run` with the DaemonSet's settings, for `ARGS...` (after the
+/// image, as the container's arguments).
+fn docker_run(name: &str, image: &str, caps: &[String], args: &[&str]) -> Command {
+    let mut cmd = Command::new("docker");
+    cmd.args(["run", "--rm", "--name", name])
+        .args(["--network", "host", "--pid", "host", "--read-only"])
+        .args(["--cap-drop", "ALL"]);
+    for cap in caps {
+        cmd.args(["--cap-add", cap]);
+    }
+    cmd.args(["-v", "/sys/kernel/btf:/sys/kernel/btf:ro"]);
+    for dir in ["/run/netns", "/var/run/docker/netns"] {
+        // HostToContainer is rslave, which the engine refuses where the
+        // host's mount does not propagate (on a host whose PID 1 is not
+        // systemd, / is private): there the mounts present at start only.
+        let options = if propagates(dir) { "ro,rslave" } else { "ro" };
+        cmd.args(["-v", &format!("{dir}:{dir}:{options}")]);
+    }
+    cmd.arg(image).args(args);
+    cmd
+}
+
+/// Whether the mount that holds `path` is shared or a slave on this host.
+fn propagates(path: &str) -> bool {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path));
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let point = Path::new(fields.get(4)?);
+            path.starts_with(point).then(|| {
+                let optional = fields[6..].iter().take_while(|f| **f != "-");
+                let propagates = optional
+                    .clone()
+                    .any(|f| f.starts_with("shared:") || f.starts_with("master:"));
+                (point.as_os_str().len(), propagates)
+            })
+        })
+        // The last of the longest: a later mount on the same point hides
+        // the earlier ones.
+        .max_by_key(|(len, _)| *len)
+        .is_some_and(|(_, propagates)| propagates)
+}
+
+#[test]
+fn the_image_raises_a_stale_flow_with_the_daemonsets_settings() -> anyhow::Result<()> {
+    if let Some(why) = engine_missing() {
+        eprintln!("skipped: the container image test needs a Docker engine: {why}");
+        return Ok(());
+    }
+    let id = std::process::id();
+    let cleanup = Cleanup {
+        container: format!("swimg{id}-run"),
+        image: format!("swimg{id}:test"),
+    };
+    // The static build when given, else the usual one with its libraries.
+    let bin = std::env::var_os("STALEWATCH_STATIC_BIN").map_or_else(binary, PathBuf::from);
+    eprintln!("building {} from {}", cleanup.image, bin.display());
+    let script = packaging("container/build.sh");
+    run(&[
+        "sh",
+        &script.to_string_lossy(),
+        &bin.to_string_lossy(),
+        &cleanup.image,
+    ])?;
+    let caps = daemonset_caps();
+
+    // The namespaces exist before the container starts: --netns resolves
+    // inside it even where the mounts cannot propagate.
+    let mut story = Story::build(Variant::v4(Rules::Iptables))?;
+    let router = story.router.name.clone();
+    // Without the capabilities it refuses at once, in one line.
+    let out = docker_run(&cleanup.container, &cleanup.image, &[], &[]).output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "no capabilities: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+
+    let old_service = Receiver::start(story.old.as_ref().expect("old"), 8888)?;
+    let cmd = docker_run(
+        &cleanup.container,
+        &cleanup.image,
+        &caps,
+        &[
+            "watch",
+            "--format",
+            "json",
+            "--netns",
+            &router,
+            "--resolve-after",
+            "4s",
+        ],
+    );
+    let watcher = Watcher::start_command(cmd, false)?;
+
+    let stale_src = story.producer_addr(STALE_SPORT);
+    let _stream = Producer::start(
+        &story.producer,
+        stale_src,
+        story.service(),
+        EVERY,
+        600,
+        secs(60),
+    )?;
+    assert!(
+        old_service.wait_from(stale_src, 5, secs(10)),
+        "stream reaches the old container"
+    );
+    story.redeploy()?;
+    drop(old_service);
+    let new_service = Receiver::start(&story.new, 8888)?;
+    let new_src = story.producer_addr(NEW_SPORT);
+    let _fresh = Producer::start(
+        &story.producer,
+        new_src,
+        story.service(),
+        EVERY,
+        300,
+        secs(30),
+    )?;
+    assert!(
+        new_service.wait_from(new_src, 5, secs(10)),
+        "a new flow reaches the new container"
+    );
+
+    let raised = watcher
+        .wait_for(secs(20), |v| is_stale_flow(v, "raised", STALE_SPORT))
+        .unwrap_or_else(|| panic!("no stale_flow from the container: {:?}", watcher.records()));
+    assert_eq!(raised["netns"]["name"], router.as_str(), "{raised}");
+    assert_eq!(raised["netns"]["inode"], story.router.inode()?, "{raised}");
+    assert_eq!(
+        raised["stale_backend"]["addr"], story.plan.old_backend,
+        "{raised}"
+    );
+    assert_eq!(
+        raised["current_backend"]["addr"], story.plan.new_backend,
+        "{raised}"
+    );
+    assert_eq!(
+        raised["fix"],
+        story.expected_fix("udp", STALE_SPORT),
+        "{raised}"
+    );
+    let log = watcher.stderr_text();
+    assert!(
+        !log.contains("not permitted") && !log.contains("WARN"),
+        "no permission problem inside the container: {log}"
+    );
+    // docker run passes SIGINT on: stalewatch detaches and exits 0.
+    let (status, _) = watcher.stop()?;
+    assert!(status.success(), "clean stop in the container: {status}");
+    drop(cleanup);
+    Ok(())
+}
+
+/// The validator, in a virtualenv of the test's own (made once, kept in
+/// the target directory). Debian's `virtualenv` (python3-virtualenv, which
+/// `cargo xtask setup` installs) works with the system's Python as it is.
+fn validator() -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kubernetes-validate-1.37.0");
+    let bin = venv.join("bin/kubernetes-validate");
+    if !bin.exists() {
+        run(&["virtualenv", "-q", &venv.to_string_lossy()]).expect("virtualenv");
+        let pip = venv.join("bin/pip");
+        run(&[&pip.to_string_lossy(), "install", "-q", VALIDATOR])
+            .expect("pip install kubernetes-validate");
+    }
+    bin
+}
+
+/// The DaemonSet against the schemas of the oldest and the newest
+/// Kubernetes that the validator ships, rejecting unknown fields; and a
+/// broken copy must fail, so the check is not a no-op.
+#[test]
+fn the_manifests_validate() -> anyhow::Result<()> {
+    let kv = validator();
+    let kv = kv.to_string_lossy();
+    let manifest = packaging("kubernetes/daemonset.yaml");
+    let manifest = manifest.to_string_lossy();
+    for version in ["1.25.0", "1.37.0"] {
+        run(&[&kv, "--strict", "--quiet", "-k", version, &manifest])?;
+    }
+    let text = std::fs::read_to_string(&*manifest)?;
+    let broken = text.replace("mountPropagation:", "mountPropagaton:");
+    assert_ne!(broken, text);
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("daemonset-broken-{}.yaml", std::process::id()));
+    std::fs::write(&path, broken)?;
+    let result = Command::new(&*kv)
+        .args(["--strict", "--quiet", &path.to_string_lossy()])
+        .output();
+    std::fs::remove_file(&path)?;
+    let result = result?;
+    // It reports on stdout.
+    let report = String::from_utf8_lossy(&result.stdout);
+    assert!(!result.status.success(), "a misspelt field fails: {report}");
+    assert!(report.contains("mountPropagaton"), "{report}");
+
+    // The DaemonSet grants what the systemd unit grants.
+    let unit = std::fs::read_to_string(packaging("systemd/stalewatch.service"))?;
+    let ambient: Vec<String> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("AmbientCapabilities="))
+        .expect("the unit grants ambient capabilities")
+        .split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_owned())
+        .collect();
+    assert_eq!(daemonset_caps(), ambient);
+    Ok(())
+}
