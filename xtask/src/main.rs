@@ -112,14 +112,17 @@ fn run(cli: Cli) -> Result<()> {
             cmd.current_dir(&root)
                 .args("test --release -p stalewatch-tests -- --test-threads=1".split(' '))
                 .args(&args)
-                .env("STALEWATCH_BIN", root.join("target/release/stalewatch"));
+                .env(
+                    "STALEWATCH_BIN",
+                    target_dir(&root).join("release/stalewatch"),
+                );
             status(&mut cmd)
         }
         Verb::Demo { args } => {
             require_root("the demo needs root: run it as root")?;
             setup()?;
             build(&root)?;
-            let demo = root.join("target/release/stalewatch-demo");
+            let demo = target_dir(&root).join("release/stalewatch-demo");
             let st = Command::new(&demo)
                 .args(&args)
                 .status()
@@ -132,10 +135,7 @@ fn run(cli: Cli) -> Result<()> {
             setup()?;
             install_missing(BENCH_TOOLS)?;
             build(&root)?;
-            // The binaries are where this build put them: CARGO_TARGET_DIR
-            // (relative to the workspace root, where cargo ran) when set.
-            let target = env::var_os("CARGO_TARGET_DIR")
-                .map_or_else(|| root.join("target"), |dir| root.join(dir));
+            let target = target_dir(&root);
             let bench = target.join("release/stalewatch-bench");
             let command = std::iter::once("cargo xtask bench".to_owned())
                 .chain(args.iter().cloned())
@@ -150,6 +150,12 @@ fn run(cli: Cli) -> Result<()> {
             exit(st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)));
         }
     }
+}
+
+/// Where the builds put the binaries: CARGO_TARGET_DIR (relative to the
+/// workspace root, where cargo ran) when set.
+fn target_dir(root: &Path) -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |dir| root.join(dir))
 }
 
 fn workspace_root() -> PathBuf {
