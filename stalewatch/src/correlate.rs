@@ -26,7 +26,7 @@
 //!   flow and stay quiet.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
     time::Duration,
 };
@@ -136,6 +136,16 @@ struct Tracked {
 pub struct Correlator {
     config: Config,
     flows: HashMap<FlowKey, Tracked>,
+    /// The tracked flows of each service, so that judging one flow looks at
+    /// its service's flows only, not at every flow.
+    by_service: HashMap<ServiceKey, HashSet<FlowKey>>,
+}
+
+/// A destination as a service: namespace, protocol, address and port.
+type ServiceKey = (u32, crate::event::Proto, IpAddr, u16);
+
+fn service_of(flow: &Observation) -> ServiceKey {
+    (flow.netns, flow.orig.proto, flow.orig.dst, flow.orig.dport)
 }
 
 impl Correlator {
@@ -143,7 +153,21 @@ impl Correlator {
         Correlator {
             config,
             flows: HashMap::new(),
+            by_service: HashMap::new(),
         }
+    }
+
+    /// Forgets a flow, and returns it.
+    fn forget(&mut self, key: &FlowKey) -> Option<Tracked> {
+        let tracked = self.flows.remove(key)?;
+        let service = service_of(&tracked.flow);
+        if let Some(keys) = self.by_service.get_mut(&service) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.by_service.remove(&service);
+            }
+        }
+        Some(tracked)
     }
 
     /// Whether `observe` would alert on this report: the caller then looks
@@ -210,7 +234,14 @@ impl Correlator {
         }
         let state = self.due(&flow, now, audited);
         let judged = state.and_then(|_| self.judge(&flow, siblings));
-        let tracked = self.flows.entry(key_of(&flow)).or_insert_with(|| Tracked {
+        let key = key_of(&flow);
+        if !self.flows.contains_key(&key) {
+            self.by_service
+                .entry(service_of(&flow))
+                .or_default()
+                .insert(key.clone());
+        }
+        let tracked = self.flows.entry(key).or_insert_with(|| Tracked {
             flow: flow.clone(),
             seen: now,
             last_alert: None,
@@ -270,13 +301,15 @@ impl Correlator {
             return Self::judge_local(flow, siblings);
         }
         let stale_backend = flow.backend();
-        let service = |o: &Observation| (o.netns, o.orig.proto, o.orig.dst, o.orig.dport);
         // Other flows to the same service that fail too, by backend.
         let failing: BTreeSet<Backend> = self
-            .flows
-            .values()
+            .by_service
+            .get(&service_of(flow))
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.flows.get(key))
             .map(|t| &t.flow)
-            .filter(|o| service(o) == service(flow) && o.orig != flow.orig)
+            .filter(|o| o.orig != flow.orig)
             .map(Observation::backend)
             .collect();
         let service_name = format!(
@@ -336,43 +369,52 @@ impl Correlator {
 
     /// The conntrack entry of a raised flow is gone: resolve it now.
     pub fn entry_gone(&mut self, netns: u32, orig: &Tuple, now: Duration) -> Vec<Alert> {
-        let mut alerts = Vec::new();
-        self.flows.retain(|key, tracked| {
-            if key.netns != netns || key.orig != *orig {
-                return true;
-            }
-            if tracked.last_alert.is_some() {
-                alerts.push(alert(
+        let service = (netns, orig.proto, orig.dst, orig.dport);
+        let keys: Vec<FlowKey> = self
+            .by_service
+            .get(&service)
+            .into_iter()
+            .flatten()
+            .filter(|key| key.orig == *orig)
+            .cloned()
+            .collect();
+        keys.iter()
+            .filter_map(|key| self.forget(key))
+            .filter(|tracked| tracked.last_alert.is_some())
+            .map(|tracked| {
+                alert(
                     AlertState::Resolved,
-                    tracked,
+                    &tracked,
                     Some(Resolution::EntryGone),
                     now,
-                ));
-            }
-            false
-        });
-        alerts
+                )
+            })
+            .collect()
     }
 
     /// Advances the clock: resolves raised flows that stopped failing and
     /// forgets quiet ones.
     pub fn tick(&mut self, now: Duration) -> Vec<Alert> {
         let quiet = self.config.resolve_after;
-        let mut alerts = Vec::new();
-        self.flows.retain(|_, tracked| {
-            if now.saturating_sub(tracked.seen) < quiet {
-                return true;
-            }
-            if tracked.last_alert.is_some() {
-                alerts.push(alert(
+        let idle: Vec<FlowKey> = self
+            .flows
+            .iter()
+            .filter(|(_, tracked)| now.saturating_sub(tracked.seen) >= quiet)
+            .map(|(key, _)| key.clone())
+            .collect();
+        let mut alerts: Vec<Alert> = idle
+            .iter()
+            .filter_map(|key| self.forget(key))
+            .filter(|tracked| tracked.last_alert.is_some())
+            .map(|tracked| {
+                alert(
                     AlertState::Resolved,
-                    tracked,
+                    &tracked,
                     Some(Resolution::FailuresStopped),
                     now,
-                ));
-            }
-            false
-        });
+                )
+            })
+            .collect();
         alerts.sort_by_key(|a| (a.flow.netns, a.flow.orig));
         alerts
     }

@@ -3,10 +3,13 @@
 //! failure shows, print alerts, and detach cleanly on SIGINT or SIGTERM.
 
 use std::{
+    collections::{HashMap, HashSet},
     io,
+    net::IpAddr,
     path::PathBuf,
     process::ExitCode,
-    time::{Duration, SystemTime},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
@@ -18,18 +21,16 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
-use std::sync::{Arc, Mutex};
-
 use crate::{
     audit,
     cli::WatchArgs,
     conntrack,
     correlate::{self, Alert, AlertState, Correlator, Siblings, Verdict},
-    event::{Observation, Tuple},
+    event::{Family, Observation, Proto, Tuple},
     kernel::btf::DropReasons,
     kernel::{self, Probes},
     metrics::Metrics,
-    netns,
+    netns::{self, NetnsInfo},
     report::{Clock, EntryDeleted, Record, Reporter, StaleFlow},
 };
 
@@ -92,6 +93,8 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         engine: crate::docker::Engine::connect(),
         metrics: metrics.as_ref().map(|(m, _)| m.clone()),
         layout_reasons: probes.layout.drop_reasons.clone(),
+        namespaces: HashMap::new(),
+        siblings: HashMap::new(),
     };
     runtime.block_on(session.run(probes, events, args.audit_every))?;
     Ok(ExitCode::SUCCESS)
@@ -120,7 +123,22 @@ struct Session<W: io::Write> {
     metrics: Option<Arc<Mutex<Metrics>>>,
     /// Drop reason names, for the metrics' cause labels.
     layout_reasons: DropReasons,
+    /// Namespaces by inode, looked up at most every NETNS_TTL: describing
+    /// one scans /proc.
+    namespaces: HashMap<u32, (NetnsInfo, Instant)>,
+    /// Siblings by service, read at most every SIBLINGS_TTL: a flood of
+    /// failing flows to one service costs one conntrack dump, not one each.
+    siblings: HashMap<ServiceKey, (Option<Siblings>, Instant)>,
 }
+
+type ServiceKey = (u32, Family, Proto, IpAddr, u16);
+
+const NETNS_TTL: Duration = Duration::from_secs(10);
+const SIBLINGS_TTL: Duration = Duration::from_secs(2);
+/// Reports handled before the loop looks at signals and timers again.
+const DRAIN_BATCH: usize = 256;
+/// Raised flows of one namespace checked one by one; beyond, one dump.
+const LOOKUPS_PER_NETNS: usize = 32;
 
 impl<W: io::Write> Session<W> {
     async fn run(
@@ -147,7 +165,10 @@ impl<W: io::Write> Session<W> {
                 guard = events.readable_mut() => {
                     let mut guard = guard?;
                     let ring = guard.get_inner_mut();
-                    while let Some(item) = ring.next() {
+                    let mut handled = 0;
+                    while handled < DRAIN_BATCH {
+                        let Some(item) = ring.next() else { break };
+                        handled += 1;
                         let flow = match kernel::read_event(&item) {
                             Some(kernel::Record::Flow(raw)) => {
                                 Observation::decode(&raw, &layout.tuple, &layout.drop_reasons)
@@ -161,7 +182,11 @@ impl<W: io::Write> Session<W> {
                             self.observe(flow)?;
                         }
                     }
-                    guard.clear_ready();
+                    // A full batch may have left reports behind: stay ready
+                    // so the loop comes back after a look at the signals.
+                    if handled < DRAIN_BATCH {
+                        guard.clear_ready();
+                    }
                 }
                 _ = ticker.tick() => {
                     self.tick()?;
@@ -201,14 +226,16 @@ impl<W: io::Write> Session<W> {
         let now = monotonic();
         let mut siblings = None;
         if self.correlator.would_alert(&flow, now) {
-            if entry_exists(flow.netns, &flow.orig, &flow.reply) == Some(false) {
+            let path = self.netns_path(flow.netns);
+            if entry_exists(path.as_deref(), &flow.orig, &flow.reply) == Some(false) {
                 for alert in self.correlator.entry_gone(flow.netns, &flow.orig, now) {
                     self.emit(&alert)?;
                 }
                 return Ok(());
             }
             // Refused by design: no DNATed sibling makes it a bypass.
-            siblings = siblings_of(&flow)
+            siblings = self
+                .siblings_of(&flow)
                 .filter(|_| !(flow.local && self.by_design(flow.netns, &flow.orig)));
         }
         if let Some(alert) = self.correlator.observe(flow, siblings.as_ref(), now) {
@@ -229,11 +256,96 @@ impl<W: io::Write> Session<W> {
         Ok(())
     }
 
+    fn netns_info(&mut self, inode: u32) -> NetnsInfo {
+        match self.namespaces.get(&inode) {
+            Some((info, at)) if at.elapsed() < NETNS_TTL => info.clone(),
+            _ => {
+                let info = netns::describe(inode);
+                self.namespaces
+                    .insert(inode, (info.clone(), Instant::now()));
+                info
+            }
+        }
+    }
+
+    fn netns_path(&mut self, inode: u32) -> Option<PathBuf> {
+        netns::path_of(&self.netns_info(inode))
+    }
+
+    /// What the conntrack table of the flow's namespace shows of its
+    /// siblings: the DNATed entries to the same destination (the flow's own
+    /// entry, if DNATed, goes to the stale backend, which the verdict sets
+    /// apart). `None` when the table cannot be read.
+    fn siblings_of(&mut self, flow: &Observation) -> Option<Siblings> {
+        let o = &flow.orig;
+        let key = (flow.netns, o.family, o.proto, o.dst, o.dport);
+        if let Some((siblings, at)) = self.siblings.get(&key)
+            && at.elapsed() < SIBLINGS_TTL
+        {
+            return siblings.clone();
+        }
+        let path = self.netns_path(flow.netns);
+        let filter = conntrack::Filter {
+            family: Some(o.family),
+            proto: Some(o.proto),
+            status: Some((ct_status::DST_NAT, ct_status::DST_NAT)),
+            orig_dst: Some((o.dst, o.dport)),
+        };
+        let siblings = path.and_then(|path| {
+            let entries = conntrack::dump(Some(&path), &filter)
+                .map_err(|e| log::warn!("reading conntrack for siblings: {e}"))
+                .ok()?;
+            let mut siblings = Siblings::default();
+            for entry in &entries {
+                *siblings
+                    .dnat_backends
+                    .entry((entry.reply.src, entry.reply.sport))
+                    .or_default() += 1;
+            }
+            Some(siblings)
+        });
+        self.siblings
+            .retain(|_, (_, at)| at.elapsed() < SIBLINGS_TTL);
+        self.siblings
+            .insert(key, (siblings.clone(), Instant::now()));
+        siblings
+    }
+
     /// Once a second: resolve raised flows whose entries are gone, and
     /// those that stopped failing.
     fn tick(&mut self) -> anyhow::Result<()> {
+        let mut by_netns: HashMap<u32, Vec<(Tuple, Tuple)>> = HashMap::new();
         for (netns, orig, reply) in self.correlator.raised_flows() {
-            if entry_exists(netns, &orig, &reply) == Some(false) {
+            by_netns.entry(netns).or_default().push((orig, reply));
+        }
+        for (netns, flows) in by_netns {
+            let path = self.netns_path(netns);
+            let gone: Vec<Tuple> = if flows.len() <= LOOKUPS_PER_NETNS {
+                flows
+                    .iter()
+                    .filter(|(orig, reply)| {
+                        entry_exists(path.as_deref(), orig, reply) == Some(false)
+                    })
+                    .map(|(orig, _)| *orig)
+                    .collect()
+            } else {
+                // Many raised flows: one dump of the table beats a lookup each.
+                let Some(table) = path.as_deref().and_then(|p| {
+                    conntrack::dump(Some(p), &conntrack::Filter::default())
+                        .map_err(|e| log::warn!("reading conntrack: {e}"))
+                        .ok()
+                }) else {
+                    continue;
+                };
+                let present: HashSet<(Tuple, Tuple)> =
+                    table.into_iter().map(|e| (e.orig, e.reply)).collect();
+                flows
+                    .iter()
+                    .filter(|flow| !present.contains(*flow))
+                    .map(|(orig, _)| *orig)
+                    .collect()
+            };
+            for orig in gone {
                 for alert in self.correlator.entry_gone(netns, &orig, monotonic()) {
                     self.emit(&alert)?;
                 }
@@ -312,7 +424,7 @@ impl<W: io::Write> Session<W> {
         {
             m.alert(alert.state, alert.verdict);
         }
-        let info = netns::describe(alert.flow.netns);
+        let info = self.netns_info(alert.flow.netns);
         let mut record = StaleFlow::new(alert, info.clone(), &clock());
         if let Some(engine) = &self.engine {
             engine.annotate_flow(&mut record, &alert.flow.orig);
@@ -339,37 +451,12 @@ impl<W: io::Write> Session<W> {
     }
 }
 
-/// What the conntrack table of the flow's namespace shows of its siblings:
-/// the other DNATed entries to the same destination. `None` when the table
-/// cannot be read (the namespace cannot be entered, say).
-fn siblings_of(flow: &Observation) -> Option<Siblings> {
-    let path = netns::path_of(&netns::describe(flow.netns))?;
-    let filter = conntrack::Filter {
-        family: Some(flow.orig.family),
-        proto: Some(flow.orig.proto),
-        status: Some((ct_status::DST_NAT, ct_status::DST_NAT)),
-        orig_dst: Some((flow.orig.dst, flow.orig.dport)),
-    };
-    let entries = conntrack::dump(Some(&path), &filter)
-        .map_err(|e| log::warn!("reading conntrack for siblings: {e}"))
-        .ok()?;
-    let mut siblings = Siblings::default();
-    for entry in entries.iter().filter(|e| e.orig != flow.orig) {
-        *siblings
-            .dnat_backends
-            .entry((entry.reply.src, entry.reply.sport))
-            .or_default() += 1;
-    }
-    Some(siblings)
-}
-
-/// Whether the conntrack entry `orig`/`reply` still exists in namespace
-/// `netns`; `None` when that cannot be told. A live flow gets a new entry
+/// Whether the conntrack entry `orig`/`reply` still exists in the namespace
+/// at `path`; `None` when that cannot be told. A live flow gets a new entry
 /// with the same original tuple at once when its entry is deleted: that one
 /// differs in its reply (the backend), and is not the stale entry.
-fn entry_exists(netns: u32, orig: &Tuple, reply: &Tuple) -> Option<bool> {
-    let path = netns::path_of(&netns::describe(netns))?;
-    conntrack::get(Some(&path), orig)
+fn entry_exists(path: Option<&std::path::Path>, orig: &Tuple, reply: &Tuple) -> Option<bool> {
+    conntrack::get(Some(path?), orig)
         .map(|entry| entry.is_some_and(|e| e.reply == *reply))
         .map_err(|e| log::warn!("looking up a conntrack entry: {e}"))
         .ok()
