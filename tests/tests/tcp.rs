@@ -64,6 +64,7 @@ fn tcp_story(fin: bool) -> anyhow::Result<()> {
         serde_json::json!({"addr": "172.17.0.2", "port": 8888})
     );
     assert_eq!(raised["failures"]["drop"]["reason"], "NEIGH_FAILED");
+    assert_eq!(raised["verdict"], "stale", "{raised}");
     let fix = raised["fix"].as_str().expect("fix");
     assert_eq!(fix, story.expected_fix("tcp", SPORT));
     assert!(client.written() > 0);
