@@ -138,7 +138,11 @@ pub struct Correlator {
     flows: HashMap<FlowKey, Tracked>,
     /// The tracked flows of each service, so that judging one flow looks at
     /// its service's flows only, not at every flow.
-    by_service: HashMap<ServiceKey, HashSet<FlowKey>>,
+    /// How many tracked flows of each service fail at each backend.
+    by_service: HashMap<ServiceKey, HashMap<Backend, u32>>,
+    /// The conntrack entries (by address) tracked for each original tuple:
+    /// an entry's address is reused by the kernel, a tuple rarely twice.
+    by_orig: HashMap<(u32, Tuple), HashSet<u64>>,
 }
 
 /// A destination as a service: namespace, protocol, address and port.
@@ -154,6 +158,7 @@ impl Correlator {
             config,
             flows: HashMap::new(),
             by_service: HashMap::new(),
+            by_orig: HashMap::new(),
         }
     }
 
@@ -161,10 +166,23 @@ impl Correlator {
     fn forget(&mut self, key: &FlowKey) -> Option<Tracked> {
         let tracked = self.flows.remove(key)?;
         let service = service_of(&tracked.flow);
-        if let Some(keys) = self.by_service.get_mut(&service) {
-            keys.remove(key);
-            if keys.is_empty() {
+        if let Some(backends) = self.by_service.get_mut(&service) {
+            let backend = tracked.flow.backend();
+            if let Some(n) = backends.get_mut(&backend) {
+                *n -= 1;
+                if *n == 0 {
+                    backends.remove(&backend);
+                }
+            }
+            if backends.is_empty() {
                 self.by_service.remove(&service);
+            }
+        }
+        let orig = (key.netns, key.orig);
+        if let Some(cts) = self.by_orig.get_mut(&orig) {
+            cts.remove(&key.ct);
+            if cts.is_empty() {
+                self.by_orig.remove(&orig);
             }
         }
         Some(tracked)
@@ -236,10 +254,12 @@ impl Correlator {
         let judged = state.and_then(|_| self.judge(&flow, siblings));
         let key = key_of(&flow);
         if !self.flows.contains_key(&key) {
-            self.by_service
-                .entry(service_of(&flow))
+            let backends = self.by_service.entry(service_of(&flow)).or_default();
+            *backends.entry(flow.backend()).or_default() += 1;
+            self.by_orig
+                .entry((key.netns, key.orig))
                 .or_default()
-                .insert(key.clone());
+                .insert(key.ct);
         }
         let tracked = self.flows.entry(key).or_insert_with(|| Tracked {
             flow: flow.clone(),
@@ -301,17 +321,20 @@ impl Correlator {
             return Self::judge_local(flow, siblings);
         }
         let stale_backend = flow.backend();
-        // Other flows to the same service that fail too, by backend.
+        // Other flows to the same service that fail too, by backend: the
+        // counts include this flow itself once it is tracked.
+        let own = u32::from(self.flows.contains_key(&key_of(flow)));
         let failing: BTreeSet<Backend> = self
             .by_service
             .get(&service_of(flow))
-            .into_iter()
-            .flatten()
-            .filter_map(|key| self.flows.get(key))
-            .map(|t| &t.flow)
-            .filter(|o| o.orig != flow.orig)
-            .map(Observation::backend)
-            .collect();
+            .map(|backends| {
+                backends
+                    .iter()
+                    .filter(|(b, n)| **n > if **b == stale_backend { own } else { 0 })
+                    .map(|(b, _)| *b)
+                    .collect()
+            })
+            .unwrap_or_default();
         let service_name = format!(
             "{}:{}",
             crate::report::addr_port(flow.orig.dst, flow.orig.dport),
@@ -369,14 +392,16 @@ impl Correlator {
 
     /// The conntrack entry of a raised flow is gone: resolve it now.
     pub fn entry_gone(&mut self, netns: u32, orig: &Tuple, now: Duration) -> Vec<Alert> {
-        let service = (netns, orig.proto, orig.dst, orig.dport);
         let keys: Vec<FlowKey> = self
-            .by_service
-            .get(&service)
+            .by_orig
+            .get(&(netns, *orig))
             .into_iter()
             .flatten()
-            .filter(|key| key.orig == *orig)
-            .cloned()
+            .map(|&ct| FlowKey {
+                netns,
+                ct,
+                orig: *orig,
+            })
             .collect();
         keys.iter()
             .filter_map(|key| self.forget(key))
