@@ -61,6 +61,17 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
     };
 
     let mut probes = Probes::load(&options)?;
+    // The audit needs the conntrack table (CAP_NET_ADMIN, and CAP_SYS_ADMIN
+    // to enter another namespace): say so now, not every audit interval (the
+    // programs detach as `probes` drops).
+    if !args.audit_every.is_zero() {
+        audit::read_table(&audit_path).with_context(|| {
+            format!(
+                "cannot audit {} (--audit-every 0s skips the audit)",
+                audit_path.display()
+            )
+        })?;
+    }
     let events = probes.take_events()?;
     let scope = match (&args.netns, netns_filter) {
         (Some(name), Some(inode)) => format!("network namespace {name} (inode {inode})"),

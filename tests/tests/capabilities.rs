@@ -372,9 +372,21 @@ fn bpf_and_perfmon_load_but_enter_no_namespace() -> anyhow::Result<()> {
     let bin = NobodysBinary::new();
     let ns = Netns::new("caps")?;
     let narrow = ["bpf", "perfmon", "net_admin", "sys_ptrace"];
-    let watcher = bin.watch(&narrow, &["--netns", &ns.name])?;
+    // Without the audit, which reads the namespace's table, watch attaches.
+    let watcher = bin.watch(&narrow, &["--netns", &ns.name, "--audit-every", "0s"])?;
     let (status, _) = watcher.stop()?;
     assert!(status.success(), "attached and stopped cleanly: {status}");
+    // With it, watch says at start that it cannot enter the namespace.
+    let (code, _, err) = bin.run(
+        &narrow,
+        &["watch", "--format", "json", "--netns", &ns.name],
+        secs(20),
+    );
+    assert_eq!(code, 2, "{err:?}");
+    assert!(
+        err.len() == 1 && err[0].contains("cannot enter network namespace"),
+        "{err:?}"
+    );
 
     let (code, _, err) = bin.run(
         &narrow,
