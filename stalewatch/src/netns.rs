@@ -121,10 +121,21 @@ pub fn resolve(spec: &str) -> Result<u32, Error> {
     } else {
         NETNS_DIRS.iter().map(|d| Path::new(d).join(spec)).collect()
     };
-    candidates
-        .iter()
-        .find_map(|p| fs::metadata(p).ok().map(|m| m.ino() as u32))
-        .ok_or_else(|| Error::NoNetns(spec.to_owned()))
+    let mut denied = false;
+    for path in &candidates {
+        match fs::metadata(path) {
+            Ok(meta) => return Ok(meta.ino() as u32),
+            Err(e) => denied |= e.kind() == std::io::ErrorKind::PermissionDenied,
+        }
+    }
+    Err(if denied {
+        Error::Kernel(format!(
+            "permission denied reading network namespace '{spec}' (another process's \
+             namespace needs CAP_SYS_PTRACE)"
+        ))
+    } else {
+        Error::NoNetns(spec.to_owned())
+    })
 }
 
 /// Runs `f` on a short-lived thread inside the namespace at `path` (setns
