@@ -458,3 +458,65 @@ impl DeadEnd {
         SocketAddr::new(parse(V4.producer), sport)
     }
 }
+
+/// The story played out to the point where the bug shows: what keeps
+/// running, for the caller to assert on and stop.
+pub struct Played {
+    /// The never-pausing stream, now pinned by its stale entry.
+    pub stream: crate::traffic::Producer,
+    /// A new flow, DNATed to the new container.
+    pub fresh: crate::traffic::Producer,
+    pub new_service: crate::traffic::Receiver,
+}
+
+impl Story {
+    /// Streams UDP every 100 ms from `stale_sport` until it reaches
+    /// `old_service`, redeploys, and starts a new flow from `new_sport` that
+    /// reaches the new container. Panics, like a failed assertion, when the
+    /// traffic does not get through.
+    pub fn play(
+        &mut self,
+        old_service: crate::traffic::Receiver,
+        stale_sport: u16,
+        new_sport: u16,
+    ) -> anyhow::Result<Played> {
+        use std::time::Duration;
+
+        use crate::traffic::{Producer, Receiver};
+        let every = Duration::from_millis(100);
+        let stale_src = self.producer_addr(stale_sport);
+        let stream = Producer::start(
+            &self.producer,
+            stale_src,
+            self.service(),
+            every,
+            1500,
+            Duration::from_secs(150),
+        )?;
+        assert!(
+            old_service.wait_from(stale_src, 5, Duration::from_secs(10)),
+            "the stream reaches the old container before the redeploy"
+        );
+        self.redeploy()?;
+        drop(old_service);
+        let new_service = Receiver::start(&self.new, SERVICE_PORT)?;
+        let new_src = self.producer_addr(new_sport);
+        let fresh = Producer::start(
+            &self.producer,
+            new_src,
+            self.service(),
+            every,
+            30,
+            Duration::from_secs(10),
+        )?;
+        assert!(
+            new_service.wait_from(new_src, 5, Duration::from_secs(10)),
+            "a new flow reaches the new container"
+        );
+        Ok(Played {
+            stream,
+            fresh,
+            new_service,
+        })
+    }
+}

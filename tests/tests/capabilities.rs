@@ -21,7 +21,7 @@ use serde_json::Value;
 use stalewatch_tests::{
     netns::Netns,
     story::{Rules, Story, Variant},
-    traffic::{Producer, Receiver},
+    traffic::Receiver,
     watcher::{Watcher, binary, is_stale_flow},
 };
 
@@ -43,7 +43,6 @@ const CAPS: [(&str, u32); 3] = [
 const UID: &str = "65534";
 const STALE_SPORT: u16 = 40000;
 const NEW_SPORT: u16 = 40001;
-const EVERY: Duration = Duration::from_millis(100);
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
@@ -230,35 +229,7 @@ fn the_set_is_enough_as_nobody() -> anyhow::Result<()> {
     let want: u64 = CAPS.iter().map(|(_, bit)| 1u64 << bit).sum();
     assert_eq!(caps, want, "effective capabilities are exactly the set");
 
-    let stale_src = story.producer_addr(STALE_SPORT);
-    let _stream = Producer::start(
-        &story.producer,
-        stale_src,
-        story.service(),
-        EVERY,
-        600,
-        secs(60),
-    )?;
-    assert!(
-        old_service.wait_from(stale_src, 5, secs(10)),
-        "stream reaches the old container"
-    );
-    story.redeploy()?;
-    drop(old_service);
-    let new_service = Receiver::start(&story.new, 8888)?;
-    let new_src = story.producer_addr(NEW_SPORT);
-    let _fresh = Producer::start(
-        &story.producer,
-        new_src,
-        story.service(),
-        EVERY,
-        300,
-        secs(30),
-    )?;
-    assert!(
-        new_service.wait_from(new_src, 5, secs(10)),
-        "a new flow reaches the new container"
-    );
+    let _played = story.play(old_service, STALE_SPORT, NEW_SPORT)?;
 
     let raised = watcher
         .wait_for(secs(20), |v| is_stale_flow(v, "raised", STALE_SPORT))

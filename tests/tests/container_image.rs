@@ -16,13 +16,12 @@ use std::{
 use stalewatch_tests::{
     run,
     story::{Rules, Story, Variant},
-    traffic::{Producer, Receiver},
+    traffic::Receiver,
     watcher::{Watcher, binary, is_stale_flow},
 };
 
 const STALE_SPORT: u16 = 40000;
 const NEW_SPORT: u16 = 40001;
-const EVERY: Duration = Duration::from_millis(100);
 const VALIDATOR: &str = "kubernetes-validate==1.37.0";
 
 fn secs(s: u64) -> Duration {
@@ -172,35 +171,7 @@ fn the_image_raises_a_stale_flow_with_the_daemonsets_settings() -> anyhow::Resul
     );
     let watcher = Watcher::start_command(cmd, false)?;
 
-    let stale_src = story.producer_addr(STALE_SPORT);
-    let _stream = Producer::start(
-        &story.producer,
-        stale_src,
-        story.service(),
-        EVERY,
-        600,
-        secs(60),
-    )?;
-    assert!(
-        old_service.wait_from(stale_src, 5, secs(10)),
-        "stream reaches the old container"
-    );
-    story.redeploy()?;
-    drop(old_service);
-    let new_service = Receiver::start(&story.new, 8888)?;
-    let new_src = story.producer_addr(NEW_SPORT);
-    let _fresh = Producer::start(
-        &story.producer,
-        new_src,
-        story.service(),
-        EVERY,
-        300,
-        secs(30),
-    )?;
-    assert!(
-        new_service.wait_from(new_src, 5, secs(10)),
-        "a new flow reaches the new container"
-    );
+    let _played = story.play(old_service, STALE_SPORT, NEW_SPORT)?;
 
     let raised = watcher
         .wait_for(secs(20), |v| is_stale_flow(v, "raised", STALE_SPORT))

@@ -9,7 +9,7 @@ use std::{
 use serde_json::Value;
 use stalewatch_tests::{
     sh,
-    story::{DEAD_END_BACKEND, DeadEnd, Family, Rules, Story, Variant},
+    story::{DEAD_END_BACKEND, DeadEnd, Family, Played, Rules, Story, Variant},
     traffic::{Producer, Receiver},
     watcher::{Watcher, is_stale_flow},
 };
@@ -64,37 +64,12 @@ fn story(variant: Variant, expect: Expect) -> anyhow::Result<()> {
     let watcher = Watcher::start(&["--netns", &story.router.name, "--resolve-after", "4s"])?;
 
     let stale_src = story.producer_addr(STALE_SPORT);
-    let mut stream = Producer::start(
-        &story.producer,
-        stale_src,
-        story.service(),
-        EVERY,
-        1500,
-        secs(150),
-    )?;
-    assert!(
-        old_service.wait_from(stale_src, 5, secs(10)),
-        "the stream reaches the old container before the redeploy"
-    );
-
-    story.redeploy()?;
-    drop(old_service);
-    let new_service = Receiver::start(&story.new, 8888)?;
-
-    // A new flow is DNATed to the new container by the new rule.
-    let new_src = story.producer_addr(NEW_SPORT);
-    let mut fresh = Producer::start(
-        &story.producer,
-        new_src,
-        story.service(),
-        EVERY,
-        30,
-        secs(10),
-    )?;
-    assert!(
-        new_service.wait_from(new_src, 5, secs(10)),
-        "a new flow reaches the new container"
-    );
+    // The redeploy, and a new flow DNATed to the new container.
+    let Played {
+        mut stream,
+        mut fresh,
+        new_service,
+    } = story.play(old_service, STALE_SPORT, NEW_SPORT)?;
 
     let raised = watcher
         .wait_for(expect.raised_within, |v| {
