@@ -48,6 +48,15 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    // Handlers first: a signal that comes while we load must not kill us
+    // with the programs attached half-way.
+    let signals = {
+        let _guard = runtime.enter();
+        (
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+        )
+    };
     // Bad input first: nothing gets attached if the address is taken.
     let listener = match args.metrics {
         Some(addr) => {
@@ -77,7 +86,6 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         (Some(name), Some(inode)) => format!("network namespace {name} (inode {inode})"),
         _ => "every network namespace".to_owned(),
     };
-    eprintln!("stalewatch: attached to icmp:icmp_send and skb:kfree_skb; watching {scope}");
 
     let metrics = match listener {
         Some((addr, listener)) => {
@@ -107,7 +115,10 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         namespaces: HashMap::new(),
         siblings: HashMap::new(),
     };
-    runtime.block_on(session.run(probes, events, args.audit_every))?;
+    // Said last, once SIGINT and SIGTERM are handled: whoever waits for
+    // this line may stop us at once.
+    eprintln!("stalewatch: attached to icmp:icmp_send and skb:kfree_skb; watching {scope}");
+    runtime.block_on(session.run(probes, events, signals, args.audit_every))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -156,14 +167,13 @@ impl<W: io::Write> Session<W> {
         mut self,
         probes: Probes,
         events: RingBuf<MapData>,
+        (mut sigint, mut sigterm): (tokio::signal::unix::Signal, tokio::signal::unix::Signal),
         audit_every: Duration,
     ) -> anyhow::Result<()> {
         // SAFETY: the ring buffer owns its map fd, which stays open and
         // unchanged until the AsyncFd (and with it the RingBuf) is dropped.
         let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
             .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
-        let mut sigint = signal(SignalKind::interrupt())?;
-        let mut sigterm = signal(SignalKind::terminate())?;
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         // An interval of zero disables the audit.
         let mut auditor = tokio::time::interval(audit_every.max(Duration::from_millis(100)));
