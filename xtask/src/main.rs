@@ -27,6 +27,8 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("nsenter", "util-linux"),
     ("sysctl", "procps"),
+    // The metrics test scrapes with a real HTTP client.
+    ("curl", "curl"),
     // A static busybox for the Docker tests' FROM-scratch image.
     ("busybox", "busybox-static"),
     // The packaging tests: a capability set under setpriv, the systemd
