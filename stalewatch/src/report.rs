@@ -494,23 +494,7 @@ mod tests {
     use stalewatch_common::ct_status;
 
     use super::*;
-    use crate::event::Observation;
-
-    fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Tuple {
-        let src: IpAddr = src.parse().unwrap();
-        Tuple {
-            family: if src.is_ipv4() {
-                Family::Ipv4
-            } else {
-                Family::Ipv6
-            },
-            proto: Proto::UDP,
-            src,
-            sport,
-            dst: dst.parse().unwrap(),
-            dport,
-        }
-    }
+    use crate::event::{Observation, udp};
 
     fn clock() -> Clock {
         Clock {

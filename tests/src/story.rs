@@ -520,3 +520,30 @@ impl Story {
         })
     }
 }
+
+impl Story {
+    /// Asserts what every raised alert of this story says: the router's
+    /// namespace, the old backend it is pinned to, the new one, the fix.
+    pub fn assert_raised(&self, raised: &serde_json::Value, stale_sport: u16) {
+        assert_eq!(
+            raised["netns"]["name"],
+            self.router.name.as_str(),
+            "{raised}"
+        );
+        let inode = self.router.inode().expect("router inode");
+        assert_eq!(raised["netns"]["inode"], inode, "{raised}");
+        assert_eq!(
+            raised["stale_backend"]["addr"], self.plan.old_backend,
+            "{raised}"
+        );
+        assert_eq!(
+            raised["current_backend"]["addr"], self.plan.new_backend,
+            "{raised}"
+        );
+        assert_eq!(
+            raised["fix"],
+            self.expected_fix("udp", stale_sport),
+            "{raised}"
+        );
+    }
+}

@@ -234,23 +234,9 @@ fn the_set_is_enough_as_nobody() -> anyhow::Result<()> {
     let raised = watcher
         .wait_for(secs(20), |v| is_stale_flow(v, "raised", STALE_SPORT))
         .unwrap_or_else(|| panic!("no stale_flow raised as nobody: {:?}", watcher.records()));
-    assert_eq!(raised["netns"]["name"], router.as_str(), "{raised}");
-    assert_eq!(raised["netns"]["inode"], story.router.inode()?, "{raised}");
-    assert_eq!(
-        raised["stale_backend"]["addr"], story.plan.old_backend,
-        "{raised}"
-    );
-    // Only a conntrack dump in the router's namespace (setns + ctnetlink)
-    // knows where new flows go.
-    assert_eq!(
-        raised["current_backend"]["addr"], story.plan.new_backend,
-        "{raised}"
-    );
-    assert_eq!(
-        raised["fix"],
-        story.expected_fix("udp", STALE_SPORT),
-        "{raised}"
-    );
+    // Its current backend: only a conntrack dump in the router's namespace
+    // (setns + ctnetlink) knows where new flows go.
+    story.assert_raised(&raised, STALE_SPORT);
     let log = watcher.stderr_text();
     assert!(
         !log.contains("not permitted") && !log.contains("denied") && !log.contains("WARN"),

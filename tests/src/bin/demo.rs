@@ -148,17 +148,7 @@ fn demo() -> anyhow::Result<()> {
     fresh.stop();
 
     step("Waiting for stalewatch (the kernel gives up on ARP for the old address after about 3 s)");
-    let fix_line = poll_interruptible(Duration::from_secs(30), || {
-        watcher.wait_line(Duration::from_millis(200), |l| {
-            l.trim_start().starts_with("fix ")
-        })
-    })?
-    .context("stalewatch raised no alert within 30 s")?;
-    let fix = fix_line
-        .trim_start()
-        .trim_start_matches("fix")
-        .trim()
-        .to_owned();
+    let fix = fix_command(&watcher, "")?;
 
     step(&format!("Applying the fix stalewatch printed: {fix}"));
     sh(&fix)?;
@@ -264,17 +254,7 @@ fn demo_docker() -> anyhow::Result<()> {
     );
 
     step("Waiting for stalewatch (its conntrack audit runs every 2 s)");
-    let fix_line = poll_interruptible(Duration::from_secs(30), || {
-        watcher.wait_line(Duration::from_millis(200), |l| {
-            l.trim_start().starts_with("fix ") && l.contains("--sport 40000")
-        })
-    })?
-    .context("stalewatch raised no alert within 30 s")?;
-    let fix = fix_line
-        .trim_start()
-        .trim_start_matches("fix")
-        .trim()
-        .to_owned();
+    let fix = fix_command(&watcher, "--sport 40000")?;
 
     step(&format!("Applying the fix stalewatch printed: {fix}"));
     sh(&fix)?;
@@ -328,4 +308,20 @@ fn poll_interruptible<T>(
         }
     }
     Ok(None)
+}
+
+/// Waits for stalewatch's text alert and returns the fix command it prints
+/// (on a `fix` line that contains `must_contain`).
+fn fix_command(watcher: &Watcher, must_contain: &str) -> anyhow::Result<String> {
+    let line = poll_interruptible(Duration::from_secs(30), || {
+        watcher.wait_line(Duration::from_millis(200), |l| {
+            l.trim_start().starts_with("fix ") && l.contains(must_contain)
+        })
+    })?
+    .context("stalewatch raised no alert within 30 s")?;
+    Ok(line
+        .trim_start()
+        .trim_start_matches("fix")
+        .trim()
+        .to_owned())
 }
