@@ -52,8 +52,11 @@ pub mod kind {
 }
 
 /// One failing conntrack entry as the kernel last saw it. Sent on the first
-/// failure of an entry, then at most once per `EMIT_INTERVAL_NS` while it
-/// keeps failing: counters are cumulative since the first failure.
+/// failure of an entry, on the first failure once it has failed
+/// `MIN_FAILURES` packets over at least `GRACE_NS` (so that userspace can
+/// alert at once), then at most once per
+/// `EMIT_INTERVAL_NS` while it keeps failing: counters are cumulative since
+/// the first failure. Between reports userspace reads the `FLOWS` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowEvent {
@@ -81,6 +84,9 @@ pub struct FlowEvent {
     /// The hook of the last failure (`hook::*`).
     pub last_hook: u8,
     pub _pad: u8,
+    /// Keeps the tuples 8-byte aligned: the kernel side compares and copies
+    /// them as five u64 words.
+    pub _pad2: u32,
     /// Raw `tuplehash[IP_CT_DIR_ORIGINAL].tuple`: what the sender addressed.
     pub orig: [u8; TUPLE_SIZE],
     /// Raw `tuplehash[IP_CT_DIR_REPLY].tuple`: its source is the backend the
@@ -88,11 +94,27 @@ pub struct FlowEvent {
     pub reply: [u8; TUPLE_SIZE],
 }
 
+/// The tuples are copied and compared as u64 words in the kernel.
+const _: () = assert!(
+    core::mem::offset_of!(FlowEvent, orig) % 8 == 0
+        && core::mem::offset_of!(FlowEvent, reply) % 8 == 0
+        && TUPLE_SIZE == TUPLE_WORDS * 8
+);
+
+/// u64 words of a tuple.
+pub const TUPLE_WORDS: usize = 5;
+
+/// u64 words of `struct nf_conn` the kernel side reads in one go on a
+/// failing packet: both tuples and the namespace pointer, which sit
+/// together (`tuplehash[]` then `status` then `ct_net`).
+pub const CT_CHUNK_WORDS: usize = 16;
+
 /// Datagrams this host answered with ICMP port unreachable, by flow: the
 /// packet was delivered to the host itself and no socket took it. The kernel
 /// has let go of the conntrack entry by then, so the flow comes from the
 /// packet's own headers. IPv4 (the icmp_send tracepoint is IPv4 only).
-/// Sent like [`FlowEvent`]: first failure, then at most once per interval.
+/// Sent like [`FlowEvent`]: first failure, `MIN_FAILURES`, then at most once
+/// per interval.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LocalEvent {
@@ -120,12 +142,19 @@ pub struct LocalEvent {
 pub const ICMP_PORT_UNREACH: u32 = 3;
 
 /// The `FLOWS` map's value: the event userspace gets, and when it last got
-/// it. Shared so that userspace can size the map for counting its entries.
+/// it. Userspace reads it on demand for the flows it has raised.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct FlowState {
     pub event: FlowEvent,
     pub last_emit_ns: u64,
+    /// `nf_conn.ct_net` when the entry was first seen: with the original
+    /// tuple, tells a reused `nf_conn` from the same entry.
+    pub net: u64,
+    /// Whether the report that lets userspace raise the entry went out
+    /// (`MIN_FAILURES` failures over at least `GRACE_NS`).
+    pub reported: u32,
+    pub _pad: u32,
 }
 
 /// The `LOCALS` map's key: a flow as a refused datagram shows it.
@@ -145,6 +174,9 @@ pub struct LocalKey {
 pub struct LocalState {
     pub event: LocalEvent,
     pub last_emit_ns: u64,
+    /// As in [`FlowState`].
+    pub reported: u32,
+    pub _pad: u32,
 }
 
 /// Slots of the `CAUSES` per-CPU array: failed packets by cause. A drop
@@ -174,9 +206,12 @@ pub mod stat {
 pub mod globals {
     pub const OFF_SKB_NFCT: &str = "OFF_SKB_NFCT";
     pub const OFF_CT_STATUS: &str = "OFF_CT_STATUS";
-    pub const OFF_CT_TUPLE_ORIG: &str = "OFF_CT_TUPLE_ORIG";
-    pub const OFF_CT_TUPLE_REPLY: &str = "OFF_CT_TUPLE_REPLY";
-    pub const OFF_CT_NET: &str = "OFF_CT_NET";
+    pub const OFF_CT_CHUNK: &str = "OFF_CT_CHUNK";
+    pub const CHUNK_ORIG: &str = "CHUNK_ORIG";
+    pub const CHUNK_REPLY: &str = "CHUNK_REPLY";
+    pub const CHUNK_NET: &str = "CHUNK_NET";
+    pub const MIN_FAILURES: &str = "MIN_FAILURES";
+    pub const GRACE_NS: &str = "GRACE_NS";
     pub const OFF_NET_NS_INUM: &str = "OFF_NET_NS_INUM";
     pub const NETNS_FILTER: &str = "NETNS_FILTER";
     pub const EMIT_INTERVAL_NS: &str = "EMIT_INTERVAL_NS";

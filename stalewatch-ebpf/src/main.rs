@@ -5,9 +5,14 @@
 //! `skb:kfree_skb` (the packet is dropped, with a reason). Both hand the
 //! packet to [`record_failure`], which keeps only packets whose conntrack
 //! entry was DNATed, aggregates failures per entry in the `FLOWS` map and
-//! tells userspace about an entry on its first failure and then at most once
-//! per `EMIT_INTERVAL_NS`: userspace work grows with failing flows, not with
-//! failing packets.
+//! tells userspace about an entry on its first failure, on the failure that
+//! reaches `MIN_FAILURES`, and then at most once per `EMIT_INTERVAL_NS`:
+//! userspace work grows with failing flows, not with failing packets, and
+//! between reports userspace reads the counters from the map.
+//!
+//! A failing packet of a known entry costs three kernel reads (the packet's
+//! conntrack pointer, the entry's status, then its tuples and namespace in
+//! one read) and one map lookup.
 //!
 //! No CO-RE here: every struct offset is a read-only global that userspace
 //! resolves from the running kernel's BTF before loading.
@@ -26,9 +31,9 @@ mod programs {
         programs::BtfTracePointContext,
     };
     use stalewatch_common::{
-        CAUSE_ICMP, CAUSES as CAUSE_SLOTS, DROP_REASON_MAX, DROP_REASON_WORDS, ETH_P_IPV6_BE,
-        FlowEvent, FlowState, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, LocalEvent, LocalKey,
-        LocalState, TUPLE_SIZE, ct_status, hook, kind, stat,
+        CAUSE_ICMP, CAUSES as CAUSE_SLOTS, CT_CHUNK_WORDS, DROP_REASON_MAX, DROP_REASON_WORDS,
+        ETH_P_IPV6_BE, FlowEvent, FlowState, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, LocalEvent,
+        LocalKey, LocalState, TUPLE_SIZE, TUPLE_WORDS, ct_status, hook, kind, stat,
     };
 
     // Read-only globals, set by userspace from BTF (see stalewatch-common's
@@ -38,12 +43,16 @@ mod programs {
     static OFF_SKB_NFCT: u64 = 0;
     #[unsafe(no_mangle)]
     static OFF_CT_STATUS: u64 = 0;
+    /// Where the chunk of `nf_conn` read on a failing packet starts, and
+    /// where in it (in u64 words) the tuples and the namespace pointer are.
     #[unsafe(no_mangle)]
-    static OFF_CT_TUPLE_ORIG: u64 = 0;
+    static OFF_CT_CHUNK: u64 = 0;
     #[unsafe(no_mangle)]
-    static OFF_CT_TUPLE_REPLY: u64 = 0;
+    static CHUNK_ORIG: u32 = 0;
     #[unsafe(no_mangle)]
-    static OFF_CT_NET: u64 = 0;
+    static CHUNK_REPLY: u32 = 0;
+    #[unsafe(no_mangle)]
+    static CHUNK_NET: u32 = 0;
     #[unsafe(no_mangle)]
     static OFF_NET_NS_INUM: u64 = 0;
     /// Only this network namespace (inode), or every namespace when 0.
@@ -51,6 +60,14 @@ mod programs {
     static NETNS_FILTER: u32 = 0;
     #[unsafe(no_mangle)]
     static EMIT_INTERVAL_NS: u64 = 1_000_000_000;
+    /// Failed packets at which an entry is reported at once, whatever the
+    /// interval: userspace raises it on that report...
+    #[unsafe(no_mangle)]
+    static MIN_FAILURES: u32 = 3;
+    /// ... over at least this long: a burst that an orchestrator cleans up
+    /// at once is no stale flow.
+    #[unsafe(no_mangle)]
+    static GRACE_NS: u64 = 500_000_000;
     /// Bitmap of the `enum skb_drop_reason` values that count as a failure.
     #[unsafe(no_mangle)]
     static DROP_REASONS: [u64; DROP_REASON_WORDS] = [0; DROP_REASON_WORDS];
@@ -73,8 +90,10 @@ mod programs {
     #[unsafe(no_mangle)]
     static OFF_DEV_NET: u64 = 0;
 
+    /// 2 MiB: room for about 14,000 reports, so that a burst of new failing
+    /// flows (two reports each within milliseconds) waits for userspace.
     #[map(name = "EVENTS")]
-    static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+    static EVENTS: RingBuf = RingBuf::with_byte_size(2 * 1024 * 1024, 0);
 
     /// Failing entries by `struct nf_conn *`. LRU: a flood of distinct failing
     /// flows evicts the oldest instead of failing inserts. Userspace may
@@ -131,11 +150,58 @@ mod programs {
         unsafe { bpf_probe_read_kernel(addr as *const T) }.map_err(|_| count(stat::READ_ERRORS))
     }
 
+    /// The tuples and namespace pointer of one `nf_conn`, read at once.
+    struct Chunk([u64; CT_CHUNK_WORDS]);
+
+    impl Chunk {
+        #[inline(always)]
+        fn read(ct: u64) -> Result<Chunk, ()> {
+            let mut chunk = Chunk([0; CT_CHUNK_WORDS]);
+            // SAFETY: as in `read`; the buffer is plain u64s.
+            let bytes = unsafe {
+                core::slice::from_raw_parts_mut(
+                    chunk.0.as_mut_ptr().cast::<u8>(),
+                    CT_CHUNK_WORDS * 8,
+                )
+            };
+            // SAFETY: as in `read`.
+            unsafe { bpf_probe_read_kernel_buf((ct + global(&OFF_CT_CHUNK)) as *const u8, bytes) }
+                .map_err(|_| count(stat::READ_ERRORS))?;
+            Ok(chunk)
+        }
+
+        /// The tuple at word `at`. Userspace checked that every index fits;
+        /// the bound here is for the verifier.
+        #[inline(always)]
+        fn tuple(&self, at: u32) -> Result<[u64; TUPLE_WORDS], ()> {
+            let at = at as usize;
+            if at > CT_CHUNK_WORDS - TUPLE_WORDS {
+                return Err(());
+            }
+            let w = &self.0;
+            Ok([w[at], w[at + 1], w[at + 2], w[at + 3], w[at + 4]])
+        }
+
+        #[inline(always)]
+        fn word(&self, at: u32) -> Result<u64, ()> {
+            self.0.get(at as usize).copied().ok_or(())
+        }
+    }
+
+    /// Word by word, without branches (an array `==` may become a byte
+    /// loop or a bcmp call on this target).
     #[inline(always)]
-    fn read_tuple(addr: u64, out: &mut [u8; TUPLE_SIZE]) -> Result<(), ()> {
-        // SAFETY: as in `read`.
-        unsafe { bpf_probe_read_kernel_buf(addr as *const u8, out) }
-            .map_err(|_| count(stat::READ_ERRORS))
+    fn same(a: &[u64; TUPLE_WORDS], b: &[u64; TUPLE_WORDS]) -> bool {
+        (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) == 0
+    }
+
+    /// A tuple field of an event as the u64 words it is compared and
+    /// copied as (it sits 8-byte aligned: see stalewatch-common).
+    #[inline(always)]
+    fn words(tuple: &mut [u8; TUPLE_SIZE]) -> &mut [u64; TUPLE_WORDS] {
+        // SAFETY: FlowEvent keeps its tuples 8-byte aligned (asserted in
+        // stalewatch-common) and every bit pattern is a valid u64.
+        unsafe { &mut *tuple.as_mut_ptr().cast::<[u64; TUPLE_WORDS]>() }
     }
 
     #[btf_tracepoint(function = "icmp_send")]
@@ -197,7 +263,13 @@ mod programs {
             let state = unsafe { &mut *state };
             state.event.count = state.event.count.wrapping_add(1);
             state.event.last_ns = now;
-            if now.wrapping_sub(state.last_emit_ns) >= global(&EMIT_INTERVAL_NS) {
+            if due(
+                &mut state.reported,
+                state.event.count,
+                state.event.first_ns,
+                state.last_emit_ns,
+                now,
+            ) {
                 state.last_emit_ns = now;
                 emit(&state.event);
             }
@@ -220,6 +292,8 @@ mod programs {
                 _pad2: 0,
             },
             last_emit_ns: now,
+            reported: 0,
+            _pad: 0,
         };
         if LOCALS.insert(&key, &state, BPF_ANY as u64).is_ok() {
             count(stat::LOCALS_INSERTED);
@@ -266,7 +340,31 @@ mod programs {
         if status & ct_status::DST_NAT == 0 {
             return Ok(true);
         }
-        let net: u64 = read(ct + global(&OFF_CT_NET))?;
+        let chunk = Chunk::read(ct)?;
+        let orig = chunk.tuple(global(&CHUNK_ORIG))?;
+        let reply = chunk.tuple(global(&CHUNK_REPLY))?;
+        let net = chunk.word(global(&CHUNK_NET))?;
+        // SAFETY: no preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+
+        // A known entry: it passed the namespace filter when first seen.
+        // Another flow in a reused nf_conn differs in its tuples (a flow
+        // re-created after its entry was deleted goes to another backend)
+        // or its namespace.
+        if let Some(state) = FLOWS.get_ptr_mut(&ct) {
+            // SAFETY: a value of our own map, alive while the program runs.
+            let state = unsafe { &mut *state };
+            if state.net == net
+                && same(words(&mut state.event.orig), &orig)
+                && same(words(&mut state.event.reply), &reply)
+            {
+                count(stat::FAILURES);
+                count_cause(hook_id, icmp_code, drop_reason);
+                update(state, now, status, hook_id, icmp_code, drop_reason);
+                return Ok(true);
+            }
+        }
+
         let netns: u32 = read(net + global(&OFF_NET_NS_INUM))?;
         let filter = global(&NETNS_FILTER);
         if filter != 0 && filter != netns {
@@ -274,21 +372,6 @@ mod programs {
         }
         count(stat::FAILURES);
         count_cause(hook_id, icmp_code, drop_reason);
-
-        // SAFETY: no preconditions.
-        let now = unsafe { bpf_ktime_get_ns() };
-        let mut orig = [0u8; TUPLE_SIZE];
-        read_tuple(ct + global(&OFF_CT_TUPLE_ORIG), &mut orig)?;
-
-        if let Some(state) = FLOWS.get_ptr_mut(&ct) {
-            // SAFETY: a value of our own map, alive while the program runs.
-            let state = unsafe { &mut *state };
-            if state.event.orig == orig {
-                return update(state, now, status, hook_id, icmp_code, drop_reason).map(|()| true);
-            }
-            // The kernel reused the nf_conn for another flow: start over.
-        }
-
         let mut state = FlowState {
             event: FlowEvent {
                 kind: kind::FLOW,
@@ -304,24 +387,32 @@ mod programs {
                 icmp_code: 0,
                 last_hook: hook_id,
                 _pad: 0,
-                orig,
+                _pad2: 0,
+                orig: [0; TUPLE_SIZE],
                 reply: [0; TUPLE_SIZE],
             },
             last_emit_ns: now,
+            net,
+            reported: 0,
+            _pad: 0,
         };
-        read_tuple(ct + global(&OFF_CT_TUPLE_REPLY), &mut state.event.reply)?;
+        *words(&mut state.event.orig) = orig;
+        *words(&mut state.event.reply) = reply;
         note(&mut state.event, hook_id, icmp_code, drop_reason);
         if FLOWS.insert(&ct, &state, BPF_NOEXIST as u64).is_ok() {
             count(stat::FLOWS_INSERTED);
         } else {
-            // Another CPU inserted it first (or replaced a reused entry):
+            // Another CPU inserted it first (or the nf_conn was reused):
             // count on its copy, or overwrite a stale one.
             if let Some(existing) = FLOWS.get_ptr_mut(&ct) {
                 // SAFETY: as above.
                 let existing = unsafe { &mut *existing };
-                if existing.event.orig == orig {
-                    return update(existing, now, status, hook_id, icmp_code, drop_reason)
-                        .map(|()| true);
+                if existing.net == net
+                    && same(words(&mut existing.event.orig), &orig)
+                    && same(words(&mut existing.event.reply), &reply)
+                {
+                    update(existing, now, status, hook_id, icmp_code, drop_reason);
+                    return Ok(true);
                 }
             }
             FLOWS
@@ -353,7 +444,7 @@ mod programs {
         hook_id: u8,
         icmp_code: u8,
         drop_reason: u32,
-    ) -> Result<(), ()> {
+    ) {
         // Plain increments: the BPF target has no atomics in Rust's core,
         // and one flow's packets are handled by one CPU at a time in
         // practice (RSS and conntrack keep a flow on its queue), so a lost
@@ -367,14 +458,37 @@ mod programs {
             event.drop_count = event.drop_count.wrapping_add(1);
             event.drop_reason = drop_reason;
         }
+        // Userspace counts a flow's failed packets as the larger of the two
+        // counts: a packet often shows at both hooks.
+        let failures = event.icmp_count.max(event.drop_count);
         event.last_ns = now;
         event.status = status;
         event.last_hook = hook_id;
-        if now.wrapping_sub(state.last_emit_ns) >= global(&EMIT_INTERVAL_NS) {
+        if due(
+            &mut state.reported,
+            failures,
+            event.first_ns,
+            state.last_emit_ns,
+            now,
+        ) {
             state.last_emit_ns = now;
             emit(&state.event);
         }
-        Ok(())
+    }
+
+    /// Whether an entry that just failed again is reported now: once when
+    /// it has failed `MIN_FAILURES` packets over at least `GRACE_NS` (the
+    /// report userspace raises it on), else once per `EMIT_INTERVAL_NS`.
+    #[inline(always)]
+    fn due(reported: &mut u32, failures: u32, first_ns: u64, last_emit_ns: u64, now: u64) -> bool {
+        if *reported == 0
+            && failures >= global(&MIN_FAILURES)
+            && now.wrapping_sub(first_ns) >= global(&GRACE_NS)
+        {
+            *reported = 1;
+            return true;
+        }
+        now.wrapping_sub(last_emit_ns) >= global(&EMIT_INTERVAL_NS)
     }
 
     #[inline(always)]

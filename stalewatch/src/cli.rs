@@ -42,6 +42,11 @@ pub struct WatchArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub min_failures: u32,
 
+    /// ... over at least this long: a flow whose entry an orchestrator
+    /// deletes within it (a rolling restart done right) is not raised.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    pub grace: Duration,
+
     /// Time between reminders for a flow that keeps failing.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub remind_every: Duration,
@@ -50,9 +55,11 @@ pub struct WatchArgs {
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub resolve_after: Duration,
 
-    /// Least time between two kernel reports on one failing flow: bounds
-    /// userspace work per flow however many packets fail.
-    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    /// Least time between two kernel reports on one failing flow (besides
+    /// its first failure and the one that reaches --min-failures, reported
+    /// at once): bounds userspace work per flow however many packets fail.
+    /// Must be shorter than --resolve-after.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub report_interval: Duration,
 
     /// Failing flows the kernel tracks at once (least recently failing are

@@ -5,7 +5,7 @@
 //! CLOCK_MONOTONIC as a `Duration`, the clock the kernel stamps events with.
 //!
 //! A flow is raised when its DNATed conntrack entry has failed at least
-//! `min_failures` packets: the entry pins the flow to a backend the host can
+//! `min_failures` packets over at least `grace`: the entry pins the flow to a backend the host can
 //! no longer deliver to, while the NAT rules are never consulted again for
 //! it. While it keeps failing, a reminder goes out every `remind_every`. It
 //! is resolved when its entry is gone (deleted or expired) or when no
@@ -35,8 +35,10 @@ use crate::event::{Observation, Tuple};
 
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Failed packets before a flow is raised.
+    /// Failed packets before a flow is raised...
     pub min_failures: u32,
+    /// ... from its first failure to its latest at least this far apart.
+    pub grace: Duration,
     /// Interval between reminders for a flow that keeps failing.
     pub remind_every: Duration,
     /// Quiet time after which a raised flow is resolved (and an unraised one
@@ -48,6 +50,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             min_failures: 3,
+            grace: Duration::from_millis(500),
             remind_every: Duration::from_secs(60),
             resolve_after: Duration::from_secs(30),
         }
@@ -109,6 +112,20 @@ pub struct Alert {
     /// How long the flow has failed so far: from its first failure to its
     /// latest one.
     pub failing_for: Duration,
+}
+
+/// A raised flow, as [`Correlator::raised_flows`] lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RaisedFlow {
+    pub netns: u32,
+    pub orig: Tuple,
+    pub reply: Tuple,
+    /// The conntrack entry's address (0 for a flow seen as refused
+    /// datagrams, or found by the audit).
+    pub ct: u64,
+    pub local: bool,
+    /// Its latest failure known (monotonic).
+    pub last: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -210,7 +227,9 @@ impl Correlator {
             tracked.and_then(|t| t.checked),
         ) {
             (Some(last), _) => elapsed(last).then_some(AlertState::Reminder),
-            (None, checked) => ((audited || flow.failures() >= self.config.min_failures)
+            (None, checked) => ((audited
+                || (flow.failures() >= self.config.min_failures
+                    && flow.last.saturating_sub(flow.first) >= self.config.grace))
                 && checked.is_none_or(elapsed))
             .then_some(AlertState::Raised),
         }
@@ -377,14 +396,22 @@ impl Correlator {
         Some((Verdict::Unconfirmed, Vec::new(), Vec::new()))
     }
 
-    /// Flows raised and not yet resolved, for the caller to check whether
-    /// their conntrack entries still exist.
-    pub fn raised_flows(&self) -> Vec<(u32, Tuple, Tuple)> {
-        let mut flows: Vec<(u32, Tuple, Tuple)> = self
+    /// Flows raised and not yet resolved, for the caller to refresh from
+    /// the kernel's counters, or to check whether their conntrack entries
+    /// still exist.
+    pub fn raised_flows(&self) -> Vec<RaisedFlow> {
+        let mut flows: Vec<RaisedFlow> = self
             .flows
             .values()
             .filter(|t| t.last_alert.is_some())
-            .map(|t| (t.flow.netns, t.flow.orig, t.flow.reply))
+            .map(|t| RaisedFlow {
+                netns: t.flow.netns,
+                orig: t.flow.orig,
+                reply: t.flow.reply,
+                ct: t.flow.ct,
+                local: t.flow.local,
+                last: t.flow.last,
+            })
             .collect();
         flows.sort();
         flows
@@ -565,6 +592,19 @@ mod tests {
     }
 
     #[test]
+    fn a_burst_shorter_than_the_grace_is_not_raised() {
+        let mut c = Correlator::new(Config::default());
+        let mut burst = stale(40, 10);
+        burst.last = burst.first + Duration::from_millis(499);
+        assert!(!c.would_alert(&burst, burst.last));
+        assert_eq!(c.observe_plain(burst.clone(), burst.last), None);
+        burst.last = burst.first + Duration::from_millis(500);
+        assert!(c.would_alert(&burst, burst.last));
+        let alert = c.observe_plain(burst.clone(), burst.last).expect("raised");
+        assert_eq!(alert.failing_for, Duration::from_millis(500));
+    }
+
+    #[test]
     fn raises_once_enough_packets_failed() {
         let mut c = Correlator::new(Config::default());
         assert_eq!(c.observe_plain(stale(1, 10), secs(10)), None);
@@ -655,7 +695,14 @@ mod tests {
         let mut c = Correlator::new(Config::default());
         c.observe_plain(stale(5, 11), secs(11)).expect("raised");
         let flow = stale(5, 11);
-        assert_eq!(c.raised_flows(), [(NETNS, flow.orig, flow.reply)]);
+        let raised = c.raised_flows();
+        assert_eq!(
+            raised
+                .iter()
+                .map(|r| (r.netns, r.orig, r.reply, r.ct, r.last))
+                .collect::<Vec<_>>(),
+            [(NETNS, flow.orig, flow.reply, CT, flow.last)]
+        );
         assert!(
             c.entry_gone(NETNS + 1, &flow.orig, secs(12)).is_empty(),
             "other netns"

@@ -334,6 +334,7 @@ mod tests {
             icmp_code: 1,
             last_hook: 2,
             _pad: 0,
+            _pad2: 0,
             orig: tuple("192.0.2.2", 40000, "192.0.2.1", 8888).encode(&layout),
             reply: tuple("172.17.0.2", 8888, "192.0.2.2", 40000).encode(&layout),
         };

@@ -15,7 +15,7 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use nix::time::{ClockId, clock_gettime};
-use stalewatch_common::ct_status;
+use stalewatch_common::{LocalKey, ct_status};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -25,7 +25,7 @@ use crate::{
     audit,
     cli::WatchArgs,
     conntrack,
-    correlate::{self, Alert, AlertState, Correlator, Siblings, Verdict},
+    correlate::{self, Alert, AlertState, Correlator, RaisedFlow, Siblings, Verdict},
     event::{Family, Observation, Proto, Tuple},
     kernel::btf::DropReasons,
     kernel::{self, Probes},
@@ -35,6 +35,13 @@ use crate::{
 };
 
 pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
+    if args.report_interval >= args.resolve_after {
+        anyhow::bail!(
+            "--report-interval ({}) must be shorter than --resolve-after ({}): a flow that keeps failing would be resolved between its reports",
+            humantime::format_duration(args.report_interval),
+            humantime::format_duration(args.resolve_after)
+        );
+    }
     let netns_filter = args.netns.as_deref().map(netns::resolve).transpose()?;
     // The namespace the audit reads: the watched one, or our own.
     let (_, audit_path) = crate::check::target(args.netns.as_deref())?;
@@ -42,6 +49,8 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         btf: args.btf.clone(),
         netns: netns_filter,
         emit_interval: args.report_interval,
+        min_failures: args.min_failures,
+        grace: args.grace,
         max_flows: args.max_flows,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -103,6 +112,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
     let session = Session {
         correlator: Correlator::new(correlate::Config {
             min_failures: args.min_failures,
+            grace: args.grace,
             remind_every: args.remind_every,
             resolve_after: args.resolve_after,
         }),
@@ -210,7 +220,7 @@ impl<W: io::Write> Session<W> {
                     }
                 }
                 _ = ticker.tick() => {
-                    self.tick()?;
+                    self.tick(&probes)?;
                     ticks += 1;
                     // Counting map entries walks the maps: every 5 s only.
                     if ticks % 5 == 1 {
@@ -332,39 +342,25 @@ impl<W: io::Write> Session<W> {
         siblings
     }
 
-    /// Once a second: resolve raised flows whose entries are gone, and
-    /// those that stopped failing.
-    fn tick(&mut self) -> anyhow::Result<()> {
-        let mut by_netns: HashMap<u32, Vec<(Tuple, Tuple)>> = HashMap::new();
-        for (netns, orig, reply) in self.correlator.raised_flows() {
-            by_netns.entry(netns).or_default().push((orig, reply));
+    /// Once a second: bring raised flows up to date from the kernel's
+    /// maps (a flow whose entry failed a packet since the last look still
+    /// has that entry: no conntrack query), resolve those whose entries are
+    /// gone, and those that stopped failing.
+    fn tick(&mut self, probes: &Probes) -> anyhow::Result<()> {
+        let mut stalled: HashMap<u32, Vec<(Tuple, Tuple)>> = HashMap::new();
+        for flow in self.correlator.raised_flows() {
+            match fresh_report(probes, &flow) {
+                Some(fresh) if fresh.last > flow.last => self.observe(fresh)?,
+                _ => stalled
+                    .entry(flow.netns)
+                    .or_default()
+                    .push((flow.orig, flow.reply)),
+            }
         }
-        for (netns, flows) in by_netns {
+        for (netns, flows) in stalled {
             let path = self.netns_path(netns);
-            let gone: Vec<Tuple> = if flows.len() <= LOOKUPS_PER_NETNS {
-                flows
-                    .iter()
-                    .filter(|(orig, reply)| {
-                        entry_exists(path.as_deref(), orig, reply) == Some(false)
-                    })
-                    .map(|(orig, _)| *orig)
-                    .collect()
-            } else {
-                // Many raised flows: one dump of the table beats a lookup each.
-                let Some(table) = path.as_deref().and_then(|p| {
-                    conntrack::dump(Some(p), &conntrack::Filter::default())
-                        .map_err(|e| log::warn!("reading conntrack: {e}"))
-                        .ok()
-                }) else {
-                    continue;
-                };
-                let present: HashSet<(Tuple, Tuple)> =
-                    table.into_iter().map(|e| (e.orig, e.reply)).collect();
-                flows
-                    .iter()
-                    .filter(|flow| !present.contains(*flow))
-                    .map(|(orig, _)| *orig)
-                    .collect()
+            let Some(gone) = path.as_deref().and_then(|p| missing_entries(p, &flows)) else {
+                continue;
             };
             for orig in gone {
                 for alert in self.correlator.entry_gone(netns, &orig, monotonic()) {
@@ -470,6 +466,73 @@ impl<W: io::Write> Session<W> {
         }
         Ok(())
     }
+}
+
+/// The kernel's latest on a raised flow, from the `FLOWS` map (or `LOCALS`
+/// for refused datagrams): `None` when the kernel no longer holds it, or
+/// holds another flow in a reused entry.
+fn fresh_report(probes: &Probes, flow: &RaisedFlow) -> Option<Observation> {
+    let layout = &probes.layout;
+    let fresh = if flow.local {
+        let key = local_key(flow)?;
+        let event = probes
+            .local(&key)
+            .map_err(|e| log::warn!("reading LOCALS: {e}"))
+            .ok()??;
+        Observation::decode_local(&event)
+    } else if flow.ct != 0 {
+        let event = probes
+            .flow(flow.ct)
+            .map_err(|e| log::warn!("reading FLOWS: {e}"))
+            .ok()??;
+        Observation::decode(&event, &layout.tuple, &layout.drop_reasons)?
+    } else {
+        return None;
+    };
+    (fresh.netns == flow.netns && fresh.orig == flow.orig && fresh.reply == flow.reply)
+        .then_some(fresh)
+}
+
+/// The `LOCALS` key of a flow seen as refused datagrams (IPv4 only).
+fn local_key(flow: &RaisedFlow) -> Option<LocalKey> {
+    let (IpAddr::V4(src), IpAddr::V4(dst)) = (flow.orig.src, flow.orig.dst) else {
+        return None;
+    };
+    Some(LocalKey {
+        netns: flow.netns,
+        saddr: src.octets(),
+        daddr: dst.octets(),
+        sport: flow.orig.sport.to_be_bytes(),
+        dport: flow.orig.dport.to_be_bytes(),
+        proto: u32::from(flow.orig.proto.0),
+    })
+}
+
+/// Which of `flows` (original and reply tuples) no longer have their
+/// conntrack entry in the namespace at `path`; `None` when the table
+/// cannot be read.
+fn missing_entries(path: &std::path::Path, flows: &[(Tuple, Tuple)]) -> Option<Vec<Tuple>> {
+    if flows.len() <= LOOKUPS_PER_NETNS {
+        return Some(
+            flows
+                .iter()
+                .filter(|(orig, reply)| entry_exists(Some(path), orig, reply) == Some(false))
+                .map(|(orig, _)| *orig)
+                .collect(),
+        );
+    }
+    // Many: one dump of the table beats a lookup each.
+    let table = conntrack::dump(Some(path), &conntrack::Filter::default())
+        .map_err(|e| log::warn!("reading conntrack: {e}"))
+        .ok()?;
+    let present: HashSet<(Tuple, Tuple)> = table.into_iter().map(|e| (e.orig, e.reply)).collect();
+    Some(
+        flows
+            .iter()
+            .filter(|flow| !present.contains(*flow))
+            .map(|(orig, _)| *orig)
+            .collect(),
+    )
 }
 
 /// Whether the conntrack entry `orig`/`reply` still exists in the namespace

@@ -9,7 +9,9 @@
 use std::{collections::HashMap, path::Path};
 
 use btf_rs::{Btf, BtfType, Type};
-use stalewatch_common::{DROP_REASON_MAX, DROP_REASON_WORDS, TUPLE_SIZE};
+use stalewatch_common::{
+    CT_CHUNK_WORDS, DROP_REASON_MAX, DROP_REASON_WORDS, TUPLE_SIZE, TUPLE_WORDS,
+};
 
 use crate::error::Error;
 
@@ -79,9 +81,46 @@ pub struct KernelLayout {
     pub ct_tuple_orig: u64,
     pub ct_tuple_reply: u64,
     pub ct_net: u64,
+    /// The three above, as one read.
+    pub ct_chunk: CtChunk,
     pub net_ns_inum: u64,
     pub tuple: TupleLayout,
     pub drop_reasons: DropReasons,
+}
+
+/// Where the kernel side reads both tuples and the namespace pointer of an
+/// `nf_conn` in one go: the offset of the read, and where each field sits
+/// in it, in u64 words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtChunk {
+    pub start: u64,
+    pub orig: u32,
+    pub reply: u32,
+    pub net: u32,
+}
+
+impl CtChunk {
+    /// From the fields' offsets in `nf_conn`. They sit together and 8-byte
+    /// aligned on every kernel stalewatch knows; another layout is refused.
+    pub fn new(orig: u64, reply: u64, net: u64) -> Result<CtChunk, Error> {
+        let start = orig.min(reply).min(net);
+        let word = |name: &str, offset: u64, words: usize| -> Result<u32, Error> {
+            let rel = offset - start;
+            if rel % 8 != 0 || rel / 8 + words as u64 > CT_CHUNK_WORDS as u64 {
+                return Err(Error::Layout(format!(
+                    "nf_conn.{name} at byte {offset} is not within {} aligned bytes of byte {start}",
+                    CT_CHUNK_WORDS * 8
+                )));
+            }
+            Ok((rel / 8) as u32)
+        };
+        Ok(CtChunk {
+            start,
+            orig: word("tuplehash[0].tuple", orig, TUPLE_WORDS)?,
+            reply: word("tuplehash[1].tuple", reply, TUPLE_WORDS)?,
+            net: word("ct_net", net, 1)?,
+        })
+    }
 }
 
 /// `enum skb_drop_reason`, by number, as this kernel numbers it.
@@ -163,6 +202,9 @@ impl KernelLayout {
         let (net_in_possible, _) = types.field("possible_net_t", &["net"])?;
         let (dev_nd_net, _) = types.field("net_device", &["nd_net"])?;
         let field = |s: &str, path: &[&str]| types.field(s, path).map(|(off, _)| off);
+        let ct_tuple_orig = (tuplehash + tuple_in_hash) as u64;
+        let ct_tuple_reply = (tuplehash + hash_size + tuple_in_hash) as u64;
+        let ct_net = (ct_net + net_in_possible) as u64;
 
         Ok(KernelLayout {
             skb_nfct: field("sk_buff", &["_nfct"])? as u64,
@@ -173,9 +215,10 @@ impl KernelLayout {
             skb_dev: field("sk_buff", &["dev"])? as u64,
             dev_net: (dev_nd_net + net_in_possible) as u64,
             ct_status: field("nf_conn", &["status"])? as u64,
-            ct_tuple_orig: (tuplehash + tuple_in_hash) as u64,
-            ct_tuple_reply: (tuplehash + hash_size + tuple_in_hash) as u64,
-            ct_net: (ct_net + net_in_possible) as u64,
+            ct_tuple_orig,
+            ct_tuple_reply,
+            ct_net,
+            ct_chunk: CtChunk::new(ct_tuple_orig, ct_tuple_reply, ct_net)?,
             net_ns_inum: field("net", &["ns", "inum"])? as u64,
             tuple: TupleLayout {
                 src_addr: field("nf_conntrack_tuple", &["src", "u3"])?,
@@ -319,5 +362,25 @@ mod tests {
         assert_eq!(bitmap[0], 1 << 12 | 1 << 58);
         assert_eq!(reasons.failure_bitmap_v6()[0], 1 << 2);
         assert_eq!(bitmap[1], 0, "TCP_CSUM is not a delivery failure");
+    }
+
+    #[test]
+    fn the_chunk_holds_both_tuples_and_the_namespace() {
+        // Linux 6.18: tuplehash at 16 (56 bytes each, tuple 16 in),
+        // status at 128, ct_net at 136.
+        let chunk = CtChunk::new(32, 88, 136).unwrap();
+        assert_eq!(
+            chunk,
+            CtChunk {
+                start: 32,
+                orig: 0,
+                reply: 7,
+                net: 13
+            }
+        );
+        // Misaligned, or too far apart for one read: refused, not misread.
+        assert!(CtChunk::new(32, 84, 136).is_err());
+        assert!(CtChunk::new(32, 88, 160).is_err());
+        assert!(CtChunk::new(0, 200, 8).is_err());
     }
 }

@@ -31,6 +31,10 @@ pub struct Options {
     pub netns: Option<u32>,
     /// Least time between two reports on one failing entry.
     pub emit_interval: Duration,
+    /// Failures at which an entry is reported at once...
+    pub min_failures: u32,
+    /// ... once it has failed for this long.
+    pub grace: Duration,
     /// Failing entries the kernel tracks at once (LRU beyond that).
     pub max_flows: u32,
 }
@@ -81,13 +85,17 @@ impl Probes {
         let drop_reasons_v6 = layout.drop_reasons.failure_bitmap_v6();
         let netns = options.netns.unwrap_or(0);
         let interval = options.emit_interval.as_nanos() as u64;
+        let grace = options.grace.as_nanos() as u64;
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global(globals::OFF_SKB_NFCT, &layout.skb_nfct, true)
             .override_global(globals::OFF_CT_STATUS, &layout.ct_status, true)
-            .override_global(globals::OFF_CT_TUPLE_ORIG, &layout.ct_tuple_orig, true)
-            .override_global(globals::OFF_CT_TUPLE_REPLY, &layout.ct_tuple_reply, true)
-            .override_global(globals::OFF_CT_NET, &layout.ct_net, true)
+            .override_global(globals::OFF_CT_CHUNK, &layout.ct_chunk.start, true)
+            .override_global(globals::CHUNK_ORIG, &layout.ct_chunk.orig, true)
+            .override_global(globals::CHUNK_REPLY, &layout.ct_chunk.reply, true)
+            .override_global(globals::CHUNK_NET, &layout.ct_chunk.net, true)
+            .override_global(globals::MIN_FAILURES, &options.min_failures, true)
+            .override_global(globals::GRACE_NS, &grace, true)
             .override_global(globals::OFF_NET_NS_INUM, &layout.net_ns_inum, true)
             .override_global(globals::NETNS_FILTER, &netns, true)
             .override_global(globals::EMIT_INTERVAL_NS, &interval, true)
@@ -157,6 +165,37 @@ impl Probes {
             flows_inserted: sum(stat::FLOWS_INSERTED)?,
             locals_inserted: sum(stat::LOCALS_INSERTED)?,
         })
+    }
+
+    /// What the kernel holds now on the failing entry `ct`: its report,
+    /// as fresh as its last failing packet. `None` once LRU evicted it.
+    pub fn flow(&self, ct: u64) -> Result<Option<FlowEvent>, Error> {
+        let map = self
+            .ebpf
+            .map(names::MAP_FLOWS)
+            .ok_or_else(|| Error::Kernel("FLOWS map missing".into()))?;
+        let flows: HashMap<&MapData, u64, FlowState> =
+            HashMap::try_from(map).map_err(|e| kernel_error("FLOWS", &e))?;
+        match flows.get(&ct, 0) {
+            Ok(state) => Ok(Some(state.event)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(kernel_error("FLOWS", &e)),
+        }
+    }
+
+    /// What the kernel holds now on the refused datagrams of one flow.
+    pub fn local(&self, key: &LocalKey) -> Result<Option<LocalEvent>, Error> {
+        let map = self
+            .ebpf
+            .map(names::MAP_LOCALS)
+            .ok_or_else(|| Error::Kernel("LOCALS map missing".into()))?;
+        let locals: HashMap<&MapData, LocalKey, LocalState> =
+            HashMap::try_from(map).map_err(|e| kernel_error("LOCALS", &e))?;
+        match locals.get(key, 0) {
+            Ok(state) => Ok(Some(state.event)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(kernel_error("LOCALS", &e)),
+        }
     }
 
     /// The counters for the metrics. Counting map entries walks the maps'

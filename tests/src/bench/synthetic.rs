@@ -92,7 +92,8 @@ fn report(i: u32, failures: u32, at: Duration) -> Observation {
         reply: udp(backend, 7777, src, sport),
         // CONFIRMED | DST_NAT
         status: (1 << 3) | (1 << 5),
-        first: at,
+        // Failing for a second: past the grace of a raise.
+        first: at.saturating_sub(Duration::from_secs(1)),
         last: at,
         icmp: None,
         drops: Some(DropEvidence {

@@ -1407,13 +1407,19 @@ fn soak(ctx: &mut Ctx, minutes: f64) -> anyhow::Result<()> {
         "{:>7}  {:>10}  {:>10}  {:>9}  {:>9}  {:>12}  {:>12}  {:>12}",
         "time", "VmRSS", "VmHWM", "CPU", "fail pps", "reports/s", "lost/s", "stdout lines"
     );
+    println!("         (and kernel ns per run of each program over the last 2 s of each sample)");
     let started = Instant::now();
     let mut cpu = CpuSample::take(pid)?;
     let mut rx = ctx.router_dev.link(topo::ROUTER_IN)?.rx_packets;
     let mut kernel = tools::kernel_stats(pid)?;
     let mut rss_samples = Vec::new();
     while started.elapsed() < total {
-        bench::sleep(Duration::from_secs(10).min(total.saturating_sub(started.elapsed())))?;
+        let left = Duration::from_secs(10).min(total.saturating_sub(started.elapsed()));
+        let cost_window = Duration::from_secs(2).min(left / 2);
+        bench::sleep(left - cost_window)?;
+        // The run statistics cost two clock reads per run: on only for the
+        // end of each sample, and the CPU figure includes that window.
+        let cost = tools::prog_cost(pid, cost_window)?;
         let now = CpuSample::take(pid)?;
         let (pct, _) = now.percent_since(&cpu);
         let wall = now.at.duration_since(cpu.at).as_secs_f64();
@@ -1437,6 +1443,11 @@ fn soak(ctx: &mut Ctx, minutes: f64) -> anyhow::Result<()> {
             per_sec(|k| k.events_lost),
             tool.stdout_lines(),
         );
+        let costs: Vec<String> = cost
+            .iter()
+            .map(|c| format!("{} {:.0} ns x {}", c.name, c.ns_per_run, c.runs))
+            .collect();
+        println!("{:>7}  {}", "", costs.join(", "));
         rss_samples.push(rss);
         (cpu, rx, kernel) = (now, rx_now, kernel_now);
         if flood.finished() {
