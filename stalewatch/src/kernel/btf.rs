@@ -106,7 +106,7 @@ impl CtChunk {
         let start = orig.min(reply).min(net);
         let word = |name: &str, offset: u64, words: usize| -> Result<u32, Error> {
             let rel = offset - start;
-            if rel % 8 != 0 || rel / 8 + words as u64 > CT_CHUNK_WORDS as u64 {
+            if !rel.is_multiple_of(8) || rel / 8 + words as u64 > CT_CHUNK_WORDS as u64 {
                 return Err(Error::Layout(format!(
                     "nf_conn.{name} at byte {offset} is not within {} aligned bytes of byte {start}",
                     CT_CHUNK_WORDS * 8
