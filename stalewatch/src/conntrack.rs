@@ -121,64 +121,106 @@ fn needs(err: &io::Error, capability: &str) -> String {
 /// Dumps the conntrack table of a network namespace: `netns` is an nsfs
 /// path (/run/netns/NAME, /proc/PID/ns/net, ...) or `None` for our own.
 pub fn dump(netns: Option<&Path>, filter: &Filter) -> Result<Vec<Entry>, Error> {
-    let Some(family) = filter.dump_family() else {
-        return Ok(Vec::new());
-    };
-    let sock = open(netns)?;
-    let mut entries = Vec::new();
-    let (attrs, cta_filter) = dump_attributes(filter, family);
-    let asked_kernel = !attrs.is_empty() || cta_filter.is_some();
-    let mut keep = |e: Entry| {
-        if filter.matches(&e) {
-            entries.push(e);
-        }
-    };
-    let mut outcome = dump_on(&sock, 1, family, attrs, cta_filter, &mut keep)?;
-    // A kernel that cannot parse a filter refuses the dump before sending
-    // anything: ask again for the whole family and filter here alone.
-    if asked_kernel && matches!(outcome, Outcome::Errno(libc::EINVAL | libc::EOPNOTSUPP)) {
-        entries.clear();
-        let mut keep = |e: Entry| {
-            if filter.matches(&e) {
-                entries.push(e);
-            }
-        };
-        outcome = dump_on(&sock, 2, family, vec![], None, &mut keep)?;
-    }
-    match outcome {
-        Outcome::Done => Ok(entries),
-        Outcome::Errno(errno) => Err(refused("dump", errno)),
-    }
+    Conn::open(netns)?.dump(filter)
 }
 
 /// Looks up the entry whose original tuple is `orig`.
 pub fn get(netns: Option<&Path>, orig: &Tuple) -> Result<Option<Entry>, Error> {
-    let sock = open(netns)?;
-    let mut buf = Vec::with_capacity(SMALL_RECV_BUF);
-    let request = ConntrackMessage::Get(vec![ConntrackAttribute::CtaTupleOrig(tuple_nlas(orig))]);
-    send(&sock, 1, NLM_F_ACK, Some(orig.family), request, None)?;
-    let mut found = None;
-    match receive(&sock, 1, &mut buf, &mut |e| found = Some(e))? {
-        Outcome::Done => Ok(found),
-        Outcome::Errno(libc::ENOENT) => Ok(None),
-        Outcome::Errno(errno) => Err(refused("get", errno)),
-    }
+    Conn::open(netns)?.get(orig)
 }
 
 /// Deletes exactly the entry whose original tuple is `orig`: `Ok(false)`
 /// when there is no such entry.
 pub fn delete(netns: Option<&Path>, orig: &Tuple) -> Result<bool, Error> {
-    let sock = open(netns)?;
-    let mut buf = Vec::with_capacity(SMALL_RECV_BUF);
-    // Never send a delete without a tuple: the kernel reads that as a flush
-    // of the whole table.
-    let request =
-        ConntrackMessage::Delete(vec![ConntrackAttribute::CtaTupleOrig(tuple_nlas(orig))]);
-    send(&sock, 1, NLM_F_ACK, Some(orig.family), request, None)?;
-    match receive(&sock, 1, &mut buf, &mut |_| {})? {
-        Outcome::Done => Ok(true),
-        Outcome::Errno(libc::ENOENT) => Ok(false),
-        Outcome::Errno(errno) => Err(refused("delete", errno)),
+    Conn::open(netns)?.delete(orig)
+}
+
+/// A ctnetlink socket in one namespace, for several requests in a row
+/// (opening one in another namespace costs a thread). Replies are matched
+/// to requests by sequence number. Hold it briefly: an open socket keeps
+/// its namespace alive after the namespace is deleted.
+pub struct Conn {
+    sock: Socket,
+    seq: std::cell::Cell<u32>,
+}
+
+impl Conn {
+    /// `netns` as for [`dump`].
+    pub fn open(netns: Option<&Path>) -> Result<Conn, Error> {
+        Ok(Conn {
+            sock: open(netns)?,
+            seq: std::cell::Cell::new(0),
+        })
+    }
+
+    fn next_seq(&self) -> u32 {
+        let seq = self.seq.get().wrapping_add(1).max(1);
+        self.seq.set(seq);
+        seq
+    }
+
+    /// As [`dump`].
+    pub fn dump(&self, filter: &Filter) -> Result<Vec<Entry>, Error> {
+        let Some(family) = filter.dump_family() else {
+            return Ok(Vec::new());
+        };
+        let mut entries = Vec::new();
+        let (attrs, cta_filter) = dump_attributes(filter, family);
+        let asked_kernel = !attrs.is_empty() || cta_filter.is_some();
+        let mut keep = |e: Entry| {
+            if filter.matches(&e) {
+                entries.push(e);
+            }
+        };
+        let seq = self.next_seq();
+        let mut outcome = dump_on(&self.sock, seq, family, attrs, cta_filter, &mut keep)?;
+        // A kernel that cannot parse a filter refuses the dump before sending
+        // anything: ask again for the whole family and filter here alone.
+        if asked_kernel && matches!(outcome, Outcome::Errno(libc::EINVAL | libc::EOPNOTSUPP)) {
+            entries.clear();
+            let mut keep = |e: Entry| {
+                if filter.matches(&e) {
+                    entries.push(e);
+                }
+            };
+            let seq = self.next_seq();
+            outcome = dump_on(&self.sock, seq, family, vec![], None, &mut keep)?;
+        }
+        match outcome {
+            Outcome::Done => Ok(entries),
+            Outcome::Errno(errno) => Err(refused("dump", errno)),
+        }
+    }
+
+    /// As [`get`].
+    pub fn get(&self, orig: &Tuple) -> Result<Option<Entry>, Error> {
+        let mut buf = Vec::with_capacity(SMALL_RECV_BUF);
+        let request =
+            ConntrackMessage::Get(vec![ConntrackAttribute::CtaTupleOrig(tuple_nlas(orig))]);
+        let seq = self.next_seq();
+        send(&self.sock, seq, NLM_F_ACK, Some(orig.family), request, None)?;
+        let mut found = None;
+        match receive(&self.sock, seq, &mut buf, &mut |e| found = Some(e))? {
+            Outcome::Done => Ok(found),
+            Outcome::Errno(libc::ENOENT) => Ok(None),
+            Outcome::Errno(errno) => Err(refused("get", errno)),
+        }
+    }
+
+    /// As [`delete`].
+    pub fn delete(&self, orig: &Tuple) -> Result<bool, Error> {
+        let mut buf = Vec::with_capacity(SMALL_RECV_BUF);
+        // Never send a delete without a tuple: the kernel reads that as a
+        // flush of the whole table.
+        let request =
+            ConntrackMessage::Delete(vec![ConntrackAttribute::CtaTupleOrig(tuple_nlas(orig))]);
+        let seq = self.next_seq();
+        send(&self.sock, seq, NLM_F_ACK, Some(orig.family), request, None)?;
+        match receive(&self.sock, seq, &mut buf, &mut |_| {})? {
+            Outcome::Done => Ok(true),
+            Outcome::Errno(libc::ENOENT) => Ok(false),
+            Outcome::Errno(errno) => Err(refused("delete", errno)),
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::{
     net::IpAddr,
     path::PathBuf,
     process::ExitCode,
+    rc::Rc,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
@@ -124,6 +125,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         layout_reasons: probes.layout.drop_reasons.clone(),
         namespaces: HashMap::new(),
         siblings: HashMap::new(),
+        conns: HashMap::new(),
     };
     // Said last, once SIGINT and SIGTERM are handled: whoever waits for
     // this line may stop us at once.
@@ -161,6 +163,10 @@ struct Session<W: io::Write> {
     /// Siblings by service, read at most every SIBLINGS_TTL: a flood of
     /// failing flows to one service costs one conntrack dump, not one each.
     siblings: HashMap<ServiceKey, (Option<Siblings>, Instant)>,
+    /// Conntrack sockets by namespace, for one round of the loop (a batch
+    /// of reports, a tick), then closed: a socket keeps a deleted
+    /// namespace alive.
+    conns: HashMap<PathBuf, Rc<conntrack::Conn>>,
 }
 
 type ServiceKey = (u32, Family, Proto, IpAddr, u16);
@@ -240,6 +246,7 @@ impl<W: io::Write> Session<W> {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
             }
+            self.conns.clear();
         }
         let stats = probes.stats()?;
         drop(probes);
@@ -257,8 +264,7 @@ impl<W: io::Write> Session<W> {
         let now = monotonic();
         let mut siblings = None;
         if self.correlator.would_alert(&flow, now) {
-            let path = self.netns_path(flow.netns);
-            if entry_exists(path.as_deref(), &flow.orig, &flow.reply) == Some(false) {
+            if self.entry_exists(flow.netns, &flow.orig, &flow.reply) == Some(false) {
                 for alert in self.correlator.entry_gone(flow.netns, &flow.orig, now) {
                     self.emit(&alert)?;
                 }
@@ -303,6 +309,26 @@ impl<W: io::Write> Session<W> {
         netns::path_of(&self.netns_info(inode))
     }
 
+    /// A conntrack socket in the namespace at `path`, opened once per round.
+    fn conn(&mut self, path: &std::path::Path) -> Option<Rc<conntrack::Conn>> {
+        if let Some(conn) = self.conns.get(path) {
+            return Some(conn.clone());
+        }
+        let conn = conntrack::Conn::open(Some(path))
+            .map_err(|e| log::warn!("conntrack in {}: {e}", path.display()))
+            .ok()?;
+        let conn = Rc::new(conn);
+        self.conns.insert(path.to_owned(), conn.clone());
+        Some(conn)
+    }
+
+    /// Whether the conntrack entry of a flow still exists (see the free
+    /// function); `None` when that cannot be told.
+    fn entry_exists(&mut self, netns: u32, orig: &Tuple, reply: &Tuple) -> Option<bool> {
+        let path = self.netns_path(netns)?;
+        entry_exists(&*self.conn(&path)?, orig, reply)
+    }
+
     /// What the conntrack table of the flow's namespace shows of its
     /// siblings: the DNATed entries to the same destination (the flow's own
     /// entry, if DNATed, goes to the stale backend, which the verdict sets
@@ -323,7 +349,9 @@ impl<W: io::Write> Session<W> {
             orig_dst: Some((o.dst, o.dport)),
         };
         let siblings = path.and_then(|path| {
-            let entries = conntrack::dump(Some(&path), &filter)
+            let entries = self
+                .conn(&path)?
+                .dump(&filter)
                 .map_err(|e| log::warn!("reading conntrack for siblings: {e}"))
                 .ok()?;
             let mut siblings = Siblings::default();
@@ -358,8 +386,8 @@ impl<W: io::Write> Session<W> {
             }
         }
         for (netns, flows) in stalled {
-            let path = self.netns_path(netns);
-            let Some(gone) = path.as_deref().and_then(|p| missing_entries(p, &flows)) else {
+            let conn = self.netns_path(netns).and_then(|p| self.conn(&p));
+            let Some(gone) = conn.and_then(|c| missing_entries(&c, &flows)) else {
                 continue;
             };
             for orig in gone {
@@ -455,7 +483,10 @@ impl<W: io::Write> Session<W> {
                 log::warn!("--fix: cannot enter network namespace {}", flow.netns);
                 return Ok(());
             };
-            if conntrack::delete(Some(&path), &flow.orig)? {
+            let Some(conn) = self.conn(&path) else {
+                return Ok(());
+            };
+            if conn.delete(&flow.orig)? {
                 self.reporter
                     .write(&Record::EntryDeleted(Box::new(EntryDeleted::new(
                         &flow.orig,
@@ -509,20 +540,21 @@ fn local_key(flow: &RaisedFlow) -> Option<LocalKey> {
 }
 
 /// Which of `flows` (original and reply tuples) no longer have their
-/// conntrack entry in the namespace at `path`; `None` when the table
+/// conntrack entry in the namespace of `conn`; `None` when the table
 /// cannot be read.
-fn missing_entries(path: &std::path::Path, flows: &[(Tuple, Tuple)]) -> Option<Vec<Tuple>> {
+fn missing_entries(conn: &conntrack::Conn, flows: &[(Tuple, Tuple)]) -> Option<Vec<Tuple>> {
     if flows.len() <= LOOKUPS_PER_NETNS {
         return Some(
             flows
                 .iter()
-                .filter(|(orig, reply)| entry_exists(Some(path), orig, reply) == Some(false))
+                .filter(|(orig, reply)| entry_exists(conn, orig, reply) == Some(false))
                 .map(|(orig, _)| *orig)
                 .collect(),
         );
     }
     // Many: one dump of the table beats a lookup each.
-    let table = conntrack::dump(Some(path), &conntrack::Filter::default())
+    let table = conn
+        .dump(&conntrack::Filter::default())
         .map_err(|e| log::warn!("reading conntrack: {e}"))
         .ok()?;
     let present: HashSet<(Tuple, Tuple)> = table.into_iter().map(|e| (e.orig, e.reply)).collect();
@@ -539,8 +571,8 @@ fn missing_entries(path: &std::path::Path, flows: &[(Tuple, Tuple)]) -> Option<V
 /// at `path`; `None` when that cannot be told. A live flow gets a new entry
 /// with the same original tuple at once when its entry is deleted: that one
 /// differs in its reply (the backend), and is not the stale entry.
-fn entry_exists(path: Option<&std::path::Path>, orig: &Tuple, reply: &Tuple) -> Option<bool> {
-    conntrack::get(Some(path?), orig)
+fn entry_exists(conn: &conntrack::Conn, orig: &Tuple, reply: &Tuple) -> Option<bool> {
+    conn.get(orig)
         .map(|entry| entry.is_some_and(|e| e.reply == *reply))
         .map_err(|e| log::warn!("looking up a conntrack entry: {e}"))
         .ok()

@@ -382,12 +382,47 @@ fn the_unit_grants_the_set_and_verifies() -> anyhow::Result<()> {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("unit-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let copy = dir.join("stalewatch.service");
-    std::fs::write(
-        &copy,
-        unit.replace("/usr/bin/stalewatch", &binary().to_string_lossy()),
-    )?;
+    let bin = binary().to_string_lossy().into_owned();
+    std::fs::write(&copy, unit.replace("/usr/bin/stalewatch", &bin))?;
+    // The optional drop-ins (engine socket, metrics), next to it as
+    // systemd would find them.
+    let drop_ins = source.with_extension("service.d");
+    std::fs::create_dir_all(dir.join("stalewatch.service.d"))?;
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&drop_ins)? {
+        let path = entry?.path();
+        let name = path.file_name().expect("a name").to_owned();
+        let text = std::fs::read_to_string(&path)?.replace("/usr/bin/stalewatch", &bin);
+        // What the metrics drop-in starts is a command line stalewatch
+        // takes (it stops at the namespace that does not exist).
+        if let Some(exec) = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("ExecStart="))
+            .last()
+        {
+            let mut words = exec.split_whitespace();
+            let out = Command::new(words.next().expect("a binary"))
+                .args(words)
+                .args(["--netns", "swcaps-no-such-netns"])
+                .output()?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.code() == Some(2) && err.contains("swcaps-no-such-netns"),
+                "{exec}: {err}"
+            );
+        }
+        std::fs::write(dir.join("stalewatch.service.d").join(&name), text)?;
+        names.push(name.to_string_lossy().into_owned());
+    }
+    names.sort();
+    assert_eq!(names, ["docker.conf", "metrics.conf"]);
     let verify = Command::new("systemd-analyze")
         .args(["verify", &copy.to_string_lossy()])
+        .output();
+    // At debug level it also lists the drop-ins it loaded.
+    let loaded = Command::new("systemd-analyze")
+        .args(["verify", &copy.to_string_lossy()])
+        .env("SYSTEMD_LOG_LEVEL", "debug")
         .output();
     let security = Command::new("systemd-analyze")
         .args(["security", "--offline=true", &copy.to_string_lossy()])
@@ -399,6 +434,18 @@ fn the_unit_grants_the_set_and_verifies() -> anyhow::Result<()> {
         "systemd-analyze verify: {}",
         String::from_utf8_lossy(&verify.stderr)
     );
+    let loaded = loaded?;
+    let log = String::from_utf8_lossy(&loaded.stdout).into_owned()
+        + &String::from_utf8_lossy(&loaded.stderr);
+    for name in &names {
+        assert!(
+            log.contains(&format!(
+                "DropIn Path: {}",
+                dir.join("stalewatch.service.d").join(name).display()
+            )),
+            "{name} not loaded"
+        );
+    }
     // The exposure score systemd gives the sandbox (0 best, 10 worst).
     let security = String::from_utf8_lossy(&security?.stdout).into_owned();
     let score: f64 = security

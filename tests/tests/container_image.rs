@@ -155,6 +155,9 @@ fn the_image_raises_a_stale_flow_with_the_daemonsets_settings() -> anyhow::Resul
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
 
     let old_service = Receiver::start(story.old.as_ref().expect("old"), 8888)?;
+    // Metrics as the DaemonSet serves them, on the host's loopback here
+    // (the DaemonSet binds the node's address).
+    let metrics = format!("127.0.0.1:{}", 30_000 + id % 10_000);
     let cmd = docker_run(
         &cleanup.container,
         &cleanup.image,
@@ -167,6 +170,8 @@ fn the_image_raises_a_stale_flow_with_the_daemonsets_settings() -> anyhow::Resul
             &router,
             "--resolve-after",
             "4s",
+            "--metrics",
+            &metrics,
         ],
     );
     let watcher = Watcher::start_command(cmd, false)?;
@@ -181,6 +186,16 @@ fn the_image_raises_a_stale_flow_with_the_daemonsets_settings() -> anyhow::Resul
     assert!(
         !log.contains("not permitted") && !log.contains("WARN"),
         "no permission problem inside the container: {log}"
+    );
+    // The DaemonSet's liveness probe and Prometheus read this.
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5", "-w", "\n%{http_code}"])
+        .arg(format!("http://{metrics}/metrics"))
+        .output()?;
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        body.ends_with("\n200") && body.contains("stalewatch_bpf_program_runs_total"),
+        "metrics from the container: {body}"
     );
     // docker run passes SIGINT on: stalewatch detaches and exits 0.
     let (status, _) = watcher.stop()?;
