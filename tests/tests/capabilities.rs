@@ -397,8 +397,8 @@ fn the_unit_grants_the_set_and_verifies() -> anyhow::Result<()> {
         // takes (it stops at the namespace that does not exist).
         if let Some(exec) = text
             .lines()
-            .filter_map(|l| l.strip_prefix("ExecStart="))
-            .last()
+            .rev()
+            .find_map(|l| l.strip_prefix("ExecStart=").filter(|e| !e.is_empty()))
         {
             let mut words = exec.split_whitespace();
             let out = Command::new(words.next().expect("a binary"))
