@@ -55,11 +55,11 @@ pub struct WatchArgs {
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub resolve_after: Duration,
 
-    /// Least time between two kernel reports on one failing flow (besides
-    /// its first failure and the one that reaches --min-failures, reported
-    /// at once): bounds userspace work per flow however many packets fail.
-    /// Must be shorter than --resolve-after.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    /// Least time between two kernel reports on one failing flow, besides
+    /// its first failure and the one that lets it be raised (reported at
+    /// once). Raised flows are read from the kernel's map every second
+    /// instead, so this only bounds the reports of flows not raised.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub report_interval: Duration,
 
     /// Failing flows the kernel tracks at once (least recently failing are

@@ -26,12 +26,15 @@
 //!   flow and stay quiet.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     time::Duration,
 };
 
-use crate::event::{Observation, Tuple};
+// A fast hash, seeded per process: the keys come from the network.
+use foldhash::HashMap;
+
+use crate::event::{DropEvidence, IcmpEvidence, Observation, Tuple};
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -114,6 +117,19 @@ pub struct Alert {
     pub failing_for: Duration,
 }
 
+/// A raised flow's counters as the kernel's map holds them between its
+/// reports (see [`Correlator::refresh`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Refresh<'a> {
+    pub netns: u32,
+    pub ct: u64,
+    pub orig: Tuple,
+    pub last: Duration,
+    pub icmp: Option<IcmpEvidence>,
+    pub drop_count: u32,
+    pub drop_reason: &'a str,
+}
+
 /// A raised flow, as [`Correlator::raised_flows`] lists it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RaisedFlow {
@@ -159,7 +175,8 @@ pub struct Correlator {
     by_service: HashMap<ServiceKey, HashMap<Backend, u32>>,
     /// The conntrack entries (by address) tracked for each original tuple:
     /// an entry's address is reused by the kernel, a tuple rarely twice.
-    by_orig: HashMap<(u32, Tuple), HashSet<u64>>,
+    /// Almost always one: a Vec of one costs less than a set.
+    by_orig: HashMap<(u32, Tuple), Vec<u64>>,
 }
 
 /// A destination as a service: namespace, protocol, address and port.
@@ -173,9 +190,9 @@ impl Correlator {
     pub fn new(config: Config) -> Self {
         Correlator {
             config,
-            flows: HashMap::new(),
-            by_service: HashMap::new(),
-            by_orig: HashMap::new(),
+            flows: HashMap::default(),
+            by_service: HashMap::default(),
+            by_orig: HashMap::default(),
         }
     }
 
@@ -197,7 +214,7 @@ impl Correlator {
         }
         let orig = (key.netns, key.orig);
         if let Some(cts) = self.by_orig.get_mut(&orig) {
-            cts.remove(&key.ct);
+            cts.retain(|ct| *ct != key.ct);
             if cts.is_empty() {
                 self.by_orig.remove(&orig);
             }
@@ -278,7 +295,7 @@ impl Correlator {
             self.by_orig
                 .entry((key.netns, key.orig))
                 .or_default()
-                .insert(key.ct);
+                .push(key.ct);
         }
         let tracked = self.flows.entry(key).or_insert_with(|| Tracked {
             flow: flow.clone(),
@@ -415,6 +432,52 @@ impl Correlator {
             .collect();
         flows.sort();
         flows
+    }
+
+    /// Brings a raised flow's counters up to date from the kernel (its map,
+    /// or a report), at no cost beyond the update: a flow that keeps
+    /// failing stays raised. `None` when the flow is not raised (the caller
+    /// passes the full report to [`Correlator::observe`]); else whether its
+    /// reminder is due (then the caller does the same).
+    pub fn refresh(&mut self, r: &Refresh<'_>, now: Duration) -> Option<bool> {
+        let key = FlowKey {
+            netns: r.netns,
+            ct: r.ct,
+            orig: r.orig,
+        };
+        let t = self
+            .flows
+            .get_mut(&key)
+            .filter(|t| t.last_alert.is_some())?;
+        if r.last <= t.flow.last {
+            return Some(false);
+        }
+        let flow = &mut t.flow;
+        flow.last = r.last;
+        if r.icmp.is_some() {
+            flow.icmp = r.icmp;
+        }
+        if r.drop_count > 0 {
+            match &mut flow.drops {
+                Some(d) => {
+                    d.count = r.drop_count;
+                    if d.reason != r.drop_reason {
+                        r.drop_reason.clone_into(&mut d.reason);
+                    }
+                }
+                None => {
+                    flow.drops = Some(DropEvidence {
+                        reason: r.drop_reason.to_owned(),
+                        count: r.drop_count,
+                    })
+                }
+            }
+        }
+        t.seen = now;
+        Some(
+            t.last_alert
+                .is_some_and(|at| now.saturating_sub(at) >= self.config.remind_every),
+        )
     }
 
     /// The conntrack entry of a raised flow is gone: resolve it now.
@@ -688,6 +751,45 @@ mod tests {
         let alert = c.observe(other, None, secs(12)).expect("raised too");
         assert_eq!(alert.flow.orig.sport, 40001);
         assert_eq!(c.raised(), 2);
+    }
+
+    #[test]
+    fn refreshed_counters_keep_a_flow_raised_and_bring_its_reminder() {
+        let mut c = Correlator::new(Config::default());
+        c.observe_plain(stale(5, 11), secs(11)).expect("raised");
+        let flow = stale(5, 11);
+        let refresh = |failed: u32, at: u64| Refresh {
+            netns: NETNS,
+            ct: CT,
+            orig: flow.orig,
+            last: secs(at),
+            icmp: None,
+            drop_count: failed,
+            drop_reason: "NEIGH_FAILED",
+        };
+        // Failing on, with no kernel report: never resolved as stopped.
+        for at in (12..71).step_by(10) {
+            assert_eq!(c.refresh(&refresh(at as u32, at), secs(at)), Some(false));
+            assert!(c.tick(secs(at)).is_empty());
+        }
+        // Nothing newer than what it has: nothing changes.
+        assert_eq!(c.refresh(&refresh(1, 11), secs(71)), Some(false));
+        // A minute after the raise, the caller is told the reminder is due,
+        // and the reminder carries the refreshed counters.
+        assert_eq!(c.refresh(&refresh(71, 71), secs(71)), Some(true));
+        let mut report = stale(71, 71);
+        report.drops.as_mut().unwrap().count = 71;
+        let alert = c.observe_plain(report, secs(71)).expect("reminder");
+        assert_eq!(alert.state, AlertState::Reminder);
+        assert_eq!(alert.flow.failures(), 71);
+        // Another entry's counters change nothing here.
+        let mut other = refresh(99, 80);
+        other.ct = CT + 1;
+        assert_eq!(c.refresh(&other, secs(80)), None, "not raised");
+        // Silence: resolved after resolve_after.
+        let alerts = c.tick(secs(71 + 30));
+        assert_eq!(states(&alerts), [AlertState::Resolved]);
+        assert_eq!(alerts[0].resolution, Some(Resolution::FailuresStopped));
     }
 
     #[test]

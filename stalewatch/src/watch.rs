@@ -36,13 +36,6 @@ use crate::{
 };
 
 pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
-    if args.report_interval >= args.resolve_after {
-        anyhow::bail!(
-            "--report-interval ({}) must be shorter than --resolve-after ({}): a flow that keeps failing would be resolved between its reports",
-            humantime::format_duration(args.report_interval),
-            humantime::format_duration(args.resolve_after)
-        );
-    }
     let netns_filter = args.netns.as_deref().map(netns::resolve).transpose()?;
     // The namespace the audit reads: the watched one, or our own.
     let (_, audit_path) = crate::check::target(args.netns.as_deref())?;
@@ -175,6 +168,11 @@ const NETNS_TTL: Duration = Duration::from_secs(10);
 const SIBLINGS_TTL: Duration = Duration::from_secs(2);
 /// Reports handled before the loop looks at signals and timers again.
 const DRAIN_BATCH: usize = 256;
+/// A raised flow is looked up in conntrack only once it has failed no
+/// packet for this long (the kernel's map shows its failures).
+const QUIET_BEFORE_LOOKUP: Duration = Duration::from_millis(1500);
+/// A report younger than this is taken as proof that its entry exists.
+const FRESH_REPORT: Duration = Duration::from_millis(250);
 /// Raised flows of one namespace checked one by one; beyond, one dump.
 const LOOKUPS_PER_NETNS: usize = 32;
 
@@ -207,6 +205,14 @@ impl<W: io::Write> Session<W> {
                         let Some(item) = ring.next() else { break };
                         handled += 1;
                         let flow = match kernel::read_event(&item) {
+                            // A raised flow's report only updates its
+                            // counters, unless its reminder is due.
+                            Some(kernel::Record::Flow(raw))
+                                if refresh(&mut self.correlator, raw.ct, &raw, &layout, monotonic())
+                                    == Some(false) =>
+                            {
+                                None
+                            }
                             Some(kernel::Record::Flow(raw)) => {
                                 Observation::decode(&raw, &layout.tuple, &layout.drop_reasons)
                             }
@@ -264,7 +270,11 @@ impl<W: io::Write> Session<W> {
         let now = monotonic();
         let mut siblings = None;
         if self.correlator.would_alert(&flow, now) {
-            if self.entry_exists(flow.netns, &flow.orig, &flow.reply) == Some(false) {
+            // A report of a failure that just happened needs no lookup: the
+            // failing packet carried the entry.
+            if now.saturating_sub(flow.last) >= FRESH_REPORT
+                && self.entry_exists(flow.netns, &flow.orig, &flow.reply) == Some(false)
+            {
                 for alert in self.correlator.entry_gone(flow.netns, &flow.orig, now) {
                     self.emit(&alert)?;
                 }
@@ -375,10 +385,22 @@ impl<W: io::Write> Session<W> {
     /// has that entry: no conntrack query), resolve those whose entries are
     /// gone, and those that stopped failing.
     fn tick(&mut self, probes: &Probes) -> anyhow::Result<()> {
+        let raised = self.correlator.raised_flows();
+        let mut fresh = vec![false; raised.len()];
+        let due = self.refresh_from_kernel(probes, &raised, &mut fresh)?;
+        for flow in due {
+            self.observe(flow)?;
+        }
         let mut stalled: HashMap<u32, Vec<(Tuple, Tuple)>> = HashMap::new();
-        for flow in self.correlator.raised_flows() {
-            match fresh_report(probes, &flow) {
-                Some(fresh) if fresh.last > flow.last => self.observe(fresh)?,
+        let now = monotonic();
+        for (flow, _) in raised.iter().zip(&fresh).filter(|(_, fresh)| !**fresh) {
+            // It failed a packet a moment ago: its entry was there then.
+            if now.saturating_sub(flow.last) < QUIET_BEFORE_LOOKUP {
+                continue;
+            }
+            // Refused datagrams are few: looked up one by one.
+            match fresh_local(probes, flow) {
+                Some(report) if report.last > flow.last => self.observe(report)?,
                 _ => stalled
                     .entry(flow.netns)
                     .or_default()
@@ -400,6 +422,57 @@ impl<W: io::Write> Session<W> {
             self.emit(&alert)?;
         }
         Ok(())
+    }
+
+    /// Brings raised flows up to date from one pass over the kernel's
+    /// `FLOWS` map, and marks in `fresh` those that failed a packet since
+    /// the last look: their entries exist (that packet carried it). Returns
+    /// the full reports of the flows whose reminder is due.
+    fn refresh_from_kernel(
+        &mut self,
+        probes: &Probes,
+        raised: &[RaisedFlow],
+        fresh: &mut [bool],
+    ) -> anyhow::Result<Vec<Observation>> {
+        let by_ct: foldhash::HashMap<u64, usize> = raised
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| !f.local && f.ct != 0)
+            .map(|(i, f)| (f.ct, i))
+            .collect();
+        let mut due = Vec::new();
+        if by_ct.is_empty() {
+            return Ok(due);
+        }
+        let layout = &probes.layout;
+        let now = monotonic();
+        let correlator = &mut self.correlator;
+        let read = probes.each_flow(|ct, event| {
+            let Some(&i) = by_ct.get(&ct) else {
+                return;
+            };
+            let flow = &raised[i];
+            let last = Duration::from_nanos(event.last_ns);
+            if event.netns != flow.netns || last <= flow.last {
+                return;
+            }
+            let decode = |raw| crate::event::Tuple::decode(raw, &layout.tuple);
+            if decode(&event.orig) != Some(flow.orig) || decode(&event.reply) != Some(flow.reply) {
+                // Another flow in a reused entry.
+                return;
+            }
+            fresh[i] = true;
+            if refresh(correlator, ct, event, layout, now) == Some(true)
+                && let Some(report) =
+                    Observation::decode(event, &layout.tuple, &layout.drop_reasons)
+            {
+                due.push(report);
+            }
+        });
+        if let Err(e) = read {
+            log::warn!("{e}");
+        }
+        Ok(due)
     }
 
     /// Flows that bypass a DNAT while a proxy on the host serves them fail
@@ -499,27 +572,52 @@ impl<W: io::Write> Session<W> {
     }
 }
 
-/// The kernel's latest on a raised flow, from the `FLOWS` map (or `LOCALS`
-/// for refused datagrams): `None` when the kernel no longer holds it, or
-/// holds another flow in a reused entry.
-fn fresh_report(probes: &Probes, flow: &RaisedFlow) -> Option<Observation> {
-    let layout = &probes.layout;
-    let fresh = if flow.local {
-        let key = local_key(flow)?;
-        let event = probes
-            .local(&key)
-            .map_err(|e| log::warn!("reading LOCALS: {e}"))
-            .ok()??;
-        Observation::decode_local(&event)
-    } else if flow.ct != 0 {
-        let event = probes
-            .flow(flow.ct)
-            .map_err(|e| log::warn!("reading FLOWS: {e}"))
-            .ok()??;
-        Observation::decode(&event, &layout.tuple, &layout.drop_reasons)?
-    } else {
-        return None;
+/// Brings a raised flow up to date from the kernel's report or map entry
+/// on `nf_conn` `ct` (see [`Correlator::refresh`]): `None` when the flow is
+/// not raised, else whether its reminder is due.
+fn refresh(
+    correlator: &mut Correlator,
+    ct: u64,
+    event: &stalewatch_common::FlowEvent,
+    layout: &kernel::btf::KernelLayout,
+    now: Duration,
+) -> Option<bool> {
+    let orig = Tuple::decode(&event.orig, &layout.tuple)?;
+    let reason = event.drop_reason;
+    let number;
+    let update = correlate::Refresh {
+        netns: event.netns,
+        ct,
+        orig,
+        last: Duration::from_nanos(event.last_ns),
+        icmp: (event.icmp_count > 0).then_some(crate::event::IcmpEvidence {
+            icmp_type: event.icmp_type,
+            code: event.icmp_code,
+            count: event.icmp_count,
+        }),
+        drop_count: event.drop_count,
+        drop_reason: match layout.drop_reasons.lookup(reason) {
+            Some(name) => name,
+            None => {
+                number = reason.to_string();
+                &number
+            }
+        },
     };
+    correlator.refresh(&update, now)
+}
+
+/// The kernel's latest on a raised flow of refused datagrams, from the
+/// `LOCALS` map: `None` when the kernel no longer holds it.
+fn fresh_local(probes: &Probes, flow: &RaisedFlow) -> Option<Observation> {
+    if !flow.local {
+        return None;
+    }
+    let event = probes
+        .local(&local_key(flow)?)
+        .map_err(|e| log::warn!("reading LOCALS: {e}"))
+        .ok()??;
+    let fresh = Observation::decode_local(&event);
     (fresh.netns == flow.netns && fresh.orig == flow.orig && fresh.reply == flow.reply)
         .then_some(fresh)
 }

@@ -151,6 +151,11 @@ impl DropReasons {
     }
 
     /// The reason's name, or its number when this kernel has no name for it.
+    /// The name of a reason, if this kernel has one by that number.
+    pub fn lookup(&self, value: u32) -> Option<&str> {
+        self.names.get(&value).map(String::as_str)
+    }
+
     pub fn name(&self, value: u32) -> String {
         self.names
             .get(&value)

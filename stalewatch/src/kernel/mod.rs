@@ -15,6 +15,8 @@ use stalewatch_common::{
     FlowEvent, FlowState, LocalEvent, LocalKey, LocalState, globals, kind, names, stat,
 };
 
+use nix::libc;
+
 use self::btf::{KernelLayout, TRACEPOINTS};
 use crate::error::Error;
 
@@ -167,19 +169,64 @@ impl Probes {
         })
     }
 
-    /// What the kernel holds now on the failing entry `ct`: its report,
-    /// as fresh as its last failing packet. `None` once LRU evicted it.
-    pub fn flow(&self, ct: u64) -> Result<Option<FlowEvent>, Error> {
-        let map = self
-            .ebpf
-            .map(names::MAP_FLOWS)
-            .ok_or_else(|| Error::Kernel("FLOWS map missing".into()))?;
-        let flows: HashMap<&MapData, u64, FlowState> =
-            HashMap::try_from(map).map_err(|e| kernel_error("FLOWS", &e))?;
-        match flows.get(&ct, 0) {
-            Ok(state) => Ok(Some(state.event)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(kernel_error("FLOWS", &e)),
+    /// Every entry of the `FLOWS` map, read in batches of a few thousand
+    /// per system call (`BPF_MAP_LOOKUP_BATCH`): how the watch loop brings
+    /// many raised flows up to date at once. `f` gets each entry's key (the
+    /// `nf_conn` address) and report.
+    pub fn each_flow(&self, mut f: impl FnMut(u64, &FlowEvent)) -> Result<(), Error> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        const BATCH: usize = 4096;
+        let fd = match self.ebpf.map(names::MAP_FLOWS) {
+            Some(aya::maps::Map::LruHashMap(data) | aya::maps::Map::HashMap(data)) => {
+                data.fd().as_fd().as_raw_fd()
+            }
+            _ => return Err(Error::Kernel("FLOWS map missing".into())),
+        };
+        let mut keys = vec![0u64; BATCH];
+        let mut values: Vec<std::mem::MaybeUninit<FlowState>> = Vec::with_capacity(BATCH);
+        values.resize_with(BATCH, std::mem::MaybeUninit::uninit);
+        // Hash maps take a bucket index as the batch token.
+        let (mut token_in, mut token_out) = (0u32, 0u32);
+        let mut first = true;
+        loop {
+            let mut attr = BatchAttr {
+                in_batch: if first { 0 } else { &raw const token_in as u64 },
+                out_batch: &raw mut token_out as u64,
+                keys: keys.as_mut_ptr() as u64,
+                values: values.as_mut_ptr() as u64,
+                count: BATCH as u32,
+                map_fd: fd as u32,
+                elem_flags: 0,
+                flags: 0,
+            };
+            // SAFETY: BPF_MAP_LOOKUP_BATCH writes at most `count` keys and
+            // values into the buffers, sized for BATCH of each, and one
+            // u32 token; `attr` is the kernel's layout for this command.
+            let ret = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_MAP_LOOKUP_BATCH,
+                    &raw mut attr,
+                    std::mem::size_of::<BatchAttr>() as u32,
+                )
+            };
+            let err = (ret < 0).then(io::Error::last_os_error);
+            let done = match &err {
+                None => false,
+                // The last batch: what it holds is valid.
+                Some(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+                Some(e) => return Err(kernel_error("reading FLOWS", e)),
+            };
+            for i in 0..(attr.count as usize).min(BATCH) {
+                // SAFETY: the kernel filled the first `count` values.
+                let state = unsafe { values[i].assume_init_ref() };
+                f(keys[i], &state.event);
+            }
+            if done {
+                return Ok(());
+            }
+            token_in = token_out;
+            first = false;
         }
     }
 
@@ -237,6 +284,22 @@ impl Probes {
             programs,
         })
     }
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` (include/uapi/linux/bpf.h).
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// `union bpf_attr` for the batch commands.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
 }
 
 /// One line for a kernel error: permission problems get their own message,
