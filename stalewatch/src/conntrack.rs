@@ -1300,6 +1300,20 @@ mod kernel_tests {
         assert!(!delete(ns.path(), &a).unwrap());
         assert!(!delete(ns.path(), &missing).unwrap());
         assert_eq!(dumped(Filter::default()), [b, c]);
+
+        // One socket for many requests, as the watch loop holds it: each
+        // reply goes to its own request, a refused one included.
+        let conn = Conn::open(ns.path()).unwrap();
+        for _ in 0..3 {
+            assert_eq!(conn.get(&b).unwrap().map(|e| e.orig), Some(b));
+            assert_eq!(conn.get(&missing).unwrap(), None);
+            assert_eq!(origs(&conn.dump(&status(dnat, dnat)).unwrap()), [b]);
+            assert_eq!(origs(&conn.dump(&Filter::default()).unwrap()), [b, c]);
+        }
+        assert!(conn.delete(&b).unwrap());
+        assert!(!conn.delete(&b).unwrap());
+        assert_eq!(conn.get(&b).unwrap(), None);
+        assert_eq!(origs(&conn.dump(&Filter::default()).unwrap()), [c]);
     }
 
     /// What the kernel itself returns for a filter, before the check here.

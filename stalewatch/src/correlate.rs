@@ -28,6 +28,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
     time::Duration,
 };
 
@@ -119,15 +120,16 @@ pub struct Alert {
 
 /// A raised flow's counters as the kernel's map holds them between its
 /// reports (see [`Correlator::refresh`]).
-#[derive(Clone, Copy, Debug)]
-pub struct Refresh<'a> {
+#[derive(Clone, Debug)]
+pub struct Refresh {
     pub netns: u32,
     pub ct: u64,
     pub orig: Tuple,
+    pub reply: Tuple,
     pub last: Duration,
     pub icmp: Option<IcmpEvidence>,
     pub drop_count: u32,
-    pub drop_reason: &'a str,
+    pub drop_reason: Arc<str>,
 }
 
 /// A raised flow, as [`Correlator::raised_flows`] lists it.
@@ -143,6 +145,9 @@ pub struct RaisedFlow {
     /// Its latest failure known (monotonic).
     pub last: Duration,
 }
+
+/// A verdict, the service's current backends, and the evidence in words.
+type Judgement = (Verdict, Vec<Backend>, Vec<String>);
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct FlowKey {
@@ -162,7 +167,8 @@ struct Tracked {
     /// make it stale (a refused datagram with no DNAT beside it).
     checked: Option<Duration>,
     /// The verdict of the latest alert.
-    judged: Option<(Verdict, Vec<Backend>, Vec<String>)>,
+    /// Shared by the flows of a service judged alike (see `judgements`).
+    judged: Option<Arc<Judgement>>,
 }
 
 #[derive(Debug, Default)]
@@ -177,6 +183,9 @@ pub struct Correlator {
     /// an entry's address is reused by the kernel, a tuple rarely twice.
     /// Almost always one: a Vec of one costs less than a set.
     by_orig: HashMap<(u32, Tuple), Vec<u64>>,
+    /// The latest judgement of each service, for flows judged alike to
+    /// share.
+    judgements: HashMap<ServiceKey, Arc<Judgement>>,
 }
 
 /// A destination as a service: namespace, protocol, address and port.
@@ -193,6 +202,21 @@ impl Correlator {
             flows: HashMap::default(),
             by_service: HashMap::default(),
             by_orig: HashMap::default(),
+            judgements: HashMap::default(),
+        }
+    }
+
+    /// The verdict, backends and evidence of a judgement, shared with the
+    /// latest flow of the same service judged alike: a flood of flows to
+    /// one service keeps one copy of its words, not one per flow.
+    fn shared(&mut self, service: ServiceKey, judgement: Judgement) -> Arc<Judgement> {
+        match self.judgements.get(&service) {
+            Some(known) if **known == judgement => known.clone(),
+            _ => {
+                let shared = Arc::new(judgement);
+                self.judgements.insert(service, shared.clone());
+                shared
+            }
         }
     }
 
@@ -210,6 +234,7 @@ impl Correlator {
             }
             if backends.is_empty() {
                 self.by_service.remove(&service);
+                self.judgements.remove(&service);
             }
         }
         let orig = (key.netns, key.orig);
@@ -287,7 +312,9 @@ impl Correlator {
             return None;
         }
         let state = self.due(&flow, now, audited);
-        let judged = state.and_then(|_| self.judge(&flow, siblings));
+        let judged = state
+            .and_then(|_| self.judge(&flow, siblings))
+            .map(|j| self.shared(service_of(&flow), j));
         let key = key_of(&flow);
         if !self.flows.contains_key(&key) {
             let backends = self.by_service.entry(service_of(&flow)).or_default();
@@ -413,14 +440,14 @@ impl Correlator {
         Some((Verdict::Unconfirmed, Vec::new(), Vec::new()))
     }
 
-    /// Flows raised and not yet resolved, for the caller to refresh from
-    /// the kernel's counters, or to check whether their conntrack entries
+    /// Flows raised and not yet resolved that have failed no packet for
+    /// `quiet`, for the caller to check whether their conntrack entries
     /// still exist.
-    pub fn raised_flows(&self) -> Vec<RaisedFlow> {
+    pub fn quiet_raised(&self, now: Duration, quiet: Duration) -> Vec<RaisedFlow> {
         let mut flows: Vec<RaisedFlow> = self
             .flows
             .values()
-            .filter(|t| t.last_alert.is_some())
+            .filter(|t| t.last_alert.is_some() && now.saturating_sub(t.flow.last) >= quiet)
             .map(|t| RaisedFlow {
                 netns: t.flow.netns,
                 orig: t.flow.orig,
@@ -439,7 +466,7 @@ impl Correlator {
     /// failing stays raised. `None` when the flow is not raised (the caller
     /// passes the full report to [`Correlator::observe`]); else whether its
     /// reminder is due (then the caller does the same).
-    pub fn refresh(&mut self, r: &Refresh<'_>, now: Duration) -> Option<bool> {
+    pub fn refresh(&mut self, r: &Refresh, now: Duration) -> Option<bool> {
         let key = FlowKey {
             netns: r.netns,
             ct: r.ct,
@@ -449,7 +476,8 @@ impl Correlator {
             .flows
             .get_mut(&key)
             .filter(|t| t.last_alert.is_some())?;
-        if r.last <= t.flow.last {
+        // Nothing new, or another entry in a reused nf_conn.
+        if r.last <= t.flow.last || r.reply != t.flow.reply {
             return Some(false);
         }
         let flow = &mut t.flow;
@@ -462,12 +490,12 @@ impl Correlator {
                 Some(d) => {
                     d.count = r.drop_count;
                     if d.reason != r.drop_reason {
-                        r.drop_reason.clone_into(&mut d.reason);
+                        d.reason = r.drop_reason.clone();
                     }
                 }
                 None => {
                     flow.drops = Some(DropEvidence {
-                        reason: r.drop_reason.to_owned(),
+                        reason: r.drop_reason.clone(),
                         count: r.drop_count,
                     })
                 }
@@ -568,11 +596,10 @@ fn alert(
     resolution: Option<Resolution>,
     now: Duration,
 ) -> Alert {
-    let (verdict, current_backends, evidence) =
-        tracked
-            .judged
-            .clone()
-            .unwrap_or((Verdict::Unconfirmed, Vec::new(), Vec::new()));
+    let (verdict, current_backends, evidence) = match &tracked.judged {
+        Some(j) => (j.0, j.1.clone(), j.2.clone()),
+        None => (Verdict::Unconfirmed, Vec::new(), Vec::new()),
+    };
     let flow = &tracked.flow;
     Alert {
         state,
@@ -762,10 +789,11 @@ mod tests {
             netns: NETNS,
             ct: CT,
             orig: flow.orig,
+            reply: flow.reply,
             last: secs(at),
             icmp: None,
             drop_count: failed,
-            drop_reason: "NEIGH_FAILED",
+            drop_reason: "NEIGH_FAILED".into(),
         };
         // Failing on, with no kernel report: never resolved as stopped.
         for at in (12..71).step_by(10) {
@@ -786,6 +814,9 @@ mod tests {
         let mut other = refresh(99, 80);
         other.ct = CT + 1;
         assert_eq!(c.refresh(&other, secs(80)), None, "not raised");
+        let mut reused = refresh(99, 80);
+        reused.reply = udp("172.17.0.3", 8888, "192.0.2.2", 40000);
+        assert_eq!(c.refresh(&reused, secs(80)), Some(false), "another entry");
         // Silence: resolved after resolve_after.
         let alerts = c.tick(secs(71 + 30));
         assert_eq!(states(&alerts), [AlertState::Resolved]);
@@ -797,7 +828,11 @@ mod tests {
         let mut c = Correlator::new(Config::default());
         c.observe_plain(stale(5, 11), secs(11)).expect("raised");
         let flow = stale(5, 11);
-        let raised = c.raised_flows();
+        assert!(
+            c.quiet_raised(secs(12), secs(2)).is_empty(),
+            "failed 1 s ago"
+        );
+        let raised = c.quiet_raised(secs(12), secs(1));
         assert_eq!(
             raised
                 .iter()
@@ -812,7 +847,7 @@ mod tests {
         let alerts = c.entry_gone(NETNS, &flow.orig, secs(12));
         assert_eq!(states(&alerts), [AlertState::Resolved]);
         assert_eq!(alerts[0].resolution, Some(Resolution::EntryGone));
-        assert!(c.raised_flows().is_empty());
+        assert!(c.quiet_raised(secs(99), secs(1)).is_empty());
     }
 
     #[test]

@@ -121,7 +121,8 @@ pub struct IcmpEvidence {
 /// What the drop path saw for a flow.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct DropEvidence {
-    pub reason: String,
+    /// Shared with the kernel layout's table of names: no copy per flow.
+    pub reason: std::sync::Arc<str>,
     pub count: u32,
 }
 
@@ -224,7 +225,7 @@ impl Observation {
     pub fn neighbour_failed(&self) -> bool {
         let by_drop = self.drops.as_ref().is_some_and(|d| {
             d.reason.starts_with("NEIGH_")
-                || (d.reason == "NOT_SPECIFIED" && self.orig.family == Family::Ipv6)
+                || (&*d.reason == "NOT_SPECIFIED" && self.orig.family == Family::Ipv6)
         });
         let by_icmp = self.icmp.is_some_and(|i| i.code == 1);
         by_drop || by_icmp
@@ -343,7 +344,7 @@ mod tests {
         assert_eq!(obs.failures(), 9);
         assert!(obs.is_dnat());
         assert_eq!(obs.backend(), ("172.17.0.2".parse().unwrap(), 8888));
-        assert_eq!(obs.drops.unwrap().reason, "NEIGH_FAILED");
+        assert_eq!(&*obs.drops.unwrap().reason, "NEIGH_FAILED");
         assert_eq!(
             obs.icmp,
             Some(IcmpEvidence {

@@ -385,21 +385,17 @@ impl<W: io::Write> Session<W> {
     /// has that entry: no conntrack query), resolve those whose entries are
     /// gone, and those that stopped failing.
     fn tick(&mut self, probes: &Probes) -> anyhow::Result<()> {
-        let raised = self.correlator.raised_flows();
-        let mut fresh = vec![false; raised.len()];
-        let due = self.refresh_from_kernel(probes, &raised, &mut fresh)?;
-        for flow in due {
-            self.observe(flow)?;
+        for report in self.refresh_from_kernel(probes) {
+            self.observe(report)?;
         }
         let mut stalled: HashMap<u32, Vec<(Tuple, Tuple)>> = HashMap::new();
-        let now = monotonic();
-        for (flow, _) in raised.iter().zip(&fresh).filter(|(_, fresh)| !**fresh) {
-            // It failed a packet a moment ago: its entry was there then.
-            if now.saturating_sub(flow.last) < QUIET_BEFORE_LOOKUP {
-                continue;
-            }
+        // Those that failed a packet a moment ago had their entry then.
+        for flow in self
+            .correlator
+            .quiet_raised(monotonic(), QUIET_BEFORE_LOOKUP)
+        {
             // Refused datagrams are few: looked up one by one.
-            match fresh_local(probes, flow) {
+            match fresh_local(probes, &flow) {
                 Some(report) if report.last > flow.last => self.observe(report)?,
                 _ => stalled
                     .entry(flow.netns)
@@ -425,43 +421,17 @@ impl<W: io::Write> Session<W> {
     }
 
     /// Brings raised flows up to date from one pass over the kernel's
-    /// `FLOWS` map, and marks in `fresh` those that failed a packet since
-    /// the last look: their entries exist (that packet carried it). Returns
-    /// the full reports of the flows whose reminder is due.
-    fn refresh_from_kernel(
-        &mut self,
-        probes: &Probes,
-        raised: &[RaisedFlow],
-        fresh: &mut [bool],
-    ) -> anyhow::Result<Vec<Observation>> {
-        let by_ct: foldhash::HashMap<u64, usize> = raised
-            .iter()
-            .enumerate()
-            .filter(|(_, f)| !f.local && f.ct != 0)
-            .map(|(i, f)| (f.ct, i))
-            .collect();
+    /// `FLOWS` map. Returns the full reports of the flows whose reminder is
+    /// due.
+    fn refresh_from_kernel(&mut self, probes: &Probes) -> Vec<Observation> {
         let mut due = Vec::new();
-        if by_ct.is_empty() {
-            return Ok(due);
+        if self.correlator.raised() == 0 {
+            return due;
         }
         let layout = &probes.layout;
         let now = monotonic();
         let correlator = &mut self.correlator;
         let read = probes.each_flow(|ct, event| {
-            let Some(&i) = by_ct.get(&ct) else {
-                return;
-            };
-            let flow = &raised[i];
-            let last = Duration::from_nanos(event.last_ns);
-            if event.netns != flow.netns || last <= flow.last {
-                return;
-            }
-            let decode = |raw| crate::event::Tuple::decode(raw, &layout.tuple);
-            if decode(&event.orig) != Some(flow.orig) || decode(&event.reply) != Some(flow.reply) {
-                // Another flow in a reused entry.
-                return;
-            }
-            fresh[i] = true;
             if refresh(correlator, ct, event, layout, now) == Some(true)
                 && let Some(report) =
                     Observation::decode(event, &layout.tuple, &layout.drop_reasons)
@@ -472,7 +442,7 @@ impl<W: io::Write> Session<W> {
         if let Err(e) = read {
             log::warn!("{e}");
         }
-        Ok(due)
+        due
     }
 
     /// Flows that bypass a DNAT while a proxy on the host serves them fail
@@ -583,12 +553,12 @@ fn refresh(
     now: Duration,
 ) -> Option<bool> {
     let orig = Tuple::decode(&event.orig, &layout.tuple)?;
-    let reason = event.drop_reason;
-    let number;
+    let reply = Tuple::decode(&event.reply, &layout.tuple)?;
     let update = correlate::Refresh {
         netns: event.netns,
         ct,
         orig,
+        reply,
         last: Duration::from_nanos(event.last_ns),
         icmp: (event.icmp_count > 0).then_some(crate::event::IcmpEvidence {
             icmp_type: event.icmp_type,
@@ -596,13 +566,7 @@ fn refresh(
             count: event.icmp_count,
         }),
         drop_count: event.drop_count,
-        drop_reason: match layout.drop_reasons.lookup(reason) {
-            Some(name) => name,
-            None => {
-                number = reason.to_string();
-                &number
-            }
-        },
+        drop_reason: layout.drop_reasons.name(event.drop_reason),
     };
     correlator.refresh(&update, now)
 }

@@ -6,7 +6,7 @@
 //! Nothing here is hard-coded from one kernel: a field that a kernel lacks
 //! fails at start-up with its name, instead of reading garbage later.
 
-use std::{collections::HashMap, path::Path};
+use std::{collections::HashMap, path::Path, sync::Arc};
 
 use btf_rs::{Btf, BtfType, Type};
 use stalewatch_common::{
@@ -126,7 +126,7 @@ impl CtChunk {
 /// `enum skb_drop_reason`, by number, as this kernel numbers it.
 #[derive(Clone, Debug, Default)]
 pub struct DropReasons {
-    names: HashMap<u32, String>,
+    names: HashMap<u32, Arc<str>>,
     failure_bitmap: [u64; DROP_REASON_WORDS],
     failure_bitmap_v6: [u64; DROP_REASON_WORDS],
 }
@@ -145,22 +145,18 @@ impl DropReasons {
                     reasons.failure_bitmap_v6[word] |= bit;
                 }
             }
-            reasons.names.insert(value, name.to_owned());
+            reasons.names.insert(value, Arc::from(name));
         }
         reasons
     }
 
     /// The reason's name, or its number when this kernel has no name for it.
     /// The name of a reason, if this kernel has one by that number.
-    pub fn lookup(&self, value: u32) -> Option<&str> {
-        self.names.get(&value).map(String::as_str)
-    }
-
-    pub fn name(&self, value: u32) -> String {
+    pub fn name(&self, value: u32) -> Arc<str> {
         self.names
             .get(&value)
             .cloned()
-            .unwrap_or_else(|| value.to_string())
+            .unwrap_or_else(|| Arc::from(value.to_string()))
     }
 
     /// The bitmap the kfree_skb program filters on.
@@ -361,8 +357,8 @@ mod tests {
             ("SKB_DROP_REASON_NEIGH_FAILED", 58),
             ("SKB_DROP_REASON_TCP_CSUM", 70),
         ]);
-        assert_eq!(reasons.name(58), "NEIGH_FAILED");
-        assert_eq!(reasons.name(999), "999");
+        assert_eq!(&*reasons.name(58), "NEIGH_FAILED");
+        assert_eq!(&*reasons.name(999), "999");
         let bitmap = reasons.failure_bitmap();
         assert_eq!(bitmap[0], 1 << 12 | 1 << 58);
         assert_eq!(reasons.failure_bitmap_v6()[0], 1 << 2);
