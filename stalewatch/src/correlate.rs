@@ -34,6 +34,7 @@ use std::{
 
 // A fast hash, seeded per process: the keys come from the network.
 use foldhash::HashMap;
+use indexmap::IndexMap;
 
 use crate::event::{DropEvidence, IcmpEvidence, Observation, Tuple};
 
@@ -174,15 +175,16 @@ struct Tracked {
 #[derive(Debug, Default)]
 pub struct Correlator {
     config: Config,
-    flows: HashMap<FlowKey, Tracked>,
+    /// Entries in one dense Vec, the hash table holding only indices: at
+    /// hundreds of thousands of flows a plain hash map leaves up to half
+    /// its (large) slots empty.
+    flows: IndexMap<FlowKey, Tracked, foldhash::fast::RandomState>,
     /// The tracked flows of each service, so that judging one flow looks at
     /// its service's flows only, not at every flow.
     /// How many tracked flows of each service fail at each backend.
     by_service: HashMap<ServiceKey, HashMap<Backend, u32>>,
     /// The conntrack entries (by address) tracked for each original tuple:
     /// an entry's address is reused by the kernel, a tuple rarely twice.
-    /// Almost always one: a Vec of one costs less than a set.
-    by_orig: HashMap<(u32, Tuple), Vec<u64>>,
     /// The latest judgement of each service, for flows judged alike to
     /// share.
     judgements: HashMap<ServiceKey, Arc<Judgement>>,
@@ -199,9 +201,8 @@ impl Correlator {
     pub fn new(config: Config) -> Self {
         Correlator {
             config,
-            flows: HashMap::default(),
+            flows: IndexMap::default(),
             by_service: HashMap::default(),
-            by_orig: HashMap::default(),
             judgements: HashMap::default(),
         }
     }
@@ -222,7 +223,7 @@ impl Correlator {
 
     /// Forgets a flow, and returns it.
     fn forget(&mut self, key: &FlowKey) -> Option<Tracked> {
-        let tracked = self.flows.remove(key)?;
+        let tracked = self.flows.swap_remove(key)?;
         let service = service_of(&tracked.flow);
         if let Some(backends) = self.by_service.get_mut(&service) {
             let backend = tracked.flow.backend();
@@ -235,13 +236,6 @@ impl Correlator {
             if backends.is_empty() {
                 self.by_service.remove(&service);
                 self.judgements.remove(&service);
-            }
-        }
-        let orig = (key.netns, key.orig);
-        if let Some(cts) = self.by_orig.get_mut(&orig) {
-            cts.retain(|ct| *ct != key.ct);
-            if cts.is_empty() {
-                self.by_orig.remove(&orig);
             }
         }
         Some(tracked)
@@ -319,10 +313,6 @@ impl Correlator {
         if !self.flows.contains_key(&key) {
             let backends = self.by_service.entry(service_of(&flow)).or_default();
             *backends.entry(flow.backend()).or_default() += 1;
-            self.by_orig
-                .entry((key.netns, key.orig))
-                .or_default()
-                .push(key.ct);
         }
         let tracked = self.flows.entry(key).or_insert_with(|| Tracked {
             flow: flow.clone(),
@@ -508,21 +498,21 @@ impl Correlator {
         )
     }
 
-    /// The conntrack entry of a raised flow is gone: resolve it now.
-    pub fn entry_gone(&mut self, netns: u32, orig: &Tuple, now: Duration) -> Vec<Alert> {
-        let keys: Vec<FlowKey> = self
-            .by_orig
-            .get(&(netns, *orig))
-            .into_iter()
-            .flatten()
-            .map(|&ct| FlowKey {
-                netns,
-                ct,
-                orig: *orig,
-            })
-            .collect();
-        keys.iter()
-            .filter_map(|key| self.forget(key))
+    /// The conntrack entry of a flow (`nf_conn` `ct`, original tuple
+    /// `orig`) is gone: forget it, and resolve it if it was raised.
+    pub fn entry_gone(
+        &mut self,
+        netns: u32,
+        ct: u64,
+        orig: &Tuple,
+        now: Duration,
+    ) -> Option<Alert> {
+        let key = FlowKey {
+            netns,
+            ct,
+            orig: *orig,
+        };
+        self.forget(&key)
             .filter(|tracked| tracked.last_alert.is_some())
             .map(|tracked| {
                 alert(
@@ -532,7 +522,6 @@ impl Correlator {
                     now,
                 )
             })
-            .collect()
     }
 
     /// Advances the clock: resolves raised flows that stopped failing and
@@ -841,10 +830,17 @@ mod tests {
             [(NETNS, flow.orig, flow.reply, CT, flow.last)]
         );
         assert!(
-            c.entry_gone(NETNS + 1, &flow.orig, secs(12)).is_empty(),
+            c.entry_gone(NETNS + 1, CT, &flow.orig, secs(12)).is_none(),
             "other netns"
         );
-        let alerts = c.entry_gone(NETNS, &flow.orig, secs(12));
+        assert!(
+            c.entry_gone(NETNS, CT + 1, &flow.orig, secs(12)).is_none(),
+            "another entry"
+        );
+        let alerts: Vec<Alert> = c
+            .entry_gone(NETNS, CT, &flow.orig, secs(12))
+            .into_iter()
+            .collect();
         assert_eq!(states(&alerts), [AlertState::Resolved]);
         assert_eq!(alerts[0].resolution, Some(Resolution::EntryGone));
         assert!(c.quiet_raised(secs(99), secs(1)).is_empty());

@@ -85,6 +85,9 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         })?;
     }
     let events = probes.take_events()?;
+    // Parsing the kernel's BTF (twice: offsets, then the loader) peaks at
+    // tens of MiB, all freed by now.
+    release_free_memory();
     let scope = match (&args.netns, netns_filter) {
         (Some(name), Some(inode)) => format!("network namespace {name} (inode {inode})"),
         _ => "every network namespace".to_owned(),
@@ -125,6 +128,17 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
     eprintln!("stalewatch: attached to icmp:icmp_send and skb:kfree_skb; watching {scope}");
     runtime.block_on(session.run(probes, events, signals, args.audit_every))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Hands free heap memory back to the system: big transient buffers (BTF
+/// parsing, conntrack dumps of large tables) would otherwise stay resident
+/// for good in glibc's arenas. A no-op with other C libraries.
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: no preconditions; it only releases free heap memory.
+    unsafe {
+        nix::libc::malloc_trim(0);
+    }
 }
 
 fn monotonic() -> Duration {
@@ -237,6 +251,9 @@ impl<W: io::Write> Session<W> {
                     // Counting map entries walks the maps: every 5 s only.
                     if ticks % 5 == 1 {
                         self.refresh_metrics(&probes)?;
+                        // Raising many flows at once leaves big buffers
+                        // (conntrack dumps) freed behind.
+                        release_free_memory();
                     }
                     let stats = probes.stats()?;
                     if stats.events_lost > lost_reported {
@@ -248,7 +265,11 @@ impl<W: io::Write> Session<W> {
                         lost_reported = stats.events_lost;
                     }
                 }
-                _ = auditor.tick(), if !audit_every.is_zero() => self.audit()?,
+                _ = auditor.tick(), if !audit_every.is_zero() => {
+                    self.audit()?;
+                    // The audit's dump was the largest buffer of the round.
+                    release_free_memory();
+                }
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
             }
@@ -275,7 +296,10 @@ impl<W: io::Write> Session<W> {
             if now.saturating_sub(flow.last) >= FRESH_REPORT
                 && self.entry_exists(flow.netns, &flow.orig, &flow.reply) == Some(false)
             {
-                for alert in self.correlator.entry_gone(flow.netns, &flow.orig, now) {
+                if let Some(alert) = self
+                    .correlator
+                    .entry_gone(flow.netns, flow.ct, &flow.orig, now)
+                {
                     self.emit(&alert)?;
                 }
                 return Ok(());
@@ -388,7 +412,7 @@ impl<W: io::Write> Session<W> {
         for report in self.refresh_from_kernel(probes) {
             self.observe(report)?;
         }
-        let mut stalled: HashMap<u32, Vec<(Tuple, Tuple)>> = HashMap::new();
+        let mut stalled: HashMap<u32, Vec<RaisedFlow>> = HashMap::new();
         // Those that failed a packet a moment ago had their entry then.
         for flow in self
             .correlator
@@ -397,10 +421,7 @@ impl<W: io::Write> Session<W> {
             // Refused datagrams are few: looked up one by one.
             match fresh_local(probes, &flow) {
                 Some(report) if report.last > flow.last => self.observe(report)?,
-                _ => stalled
-                    .entry(flow.netns)
-                    .or_default()
-                    .push((flow.orig, flow.reply)),
+                _ => stalled.entry(flow.netns).or_default().push(flow),
             }
         }
         for (netns, flows) in stalled {
@@ -408,8 +429,11 @@ impl<W: io::Write> Session<W> {
             let Some(gone) = conn.and_then(|c| missing_entries(&c, &flows)) else {
                 continue;
             };
-            for orig in gone {
-                for alert in self.correlator.entry_gone(netns, &orig, monotonic()) {
+            for flow in gone {
+                let alert = self
+                    .correlator
+                    .entry_gone(netns, flow.ct, &flow.orig, monotonic());
+                if let Some(alert) = alert {
                     self.emit(&alert)?;
                 }
             }
@@ -604,13 +628,13 @@ fn local_key(flow: &RaisedFlow) -> Option<LocalKey> {
 /// Which of `flows` (original and reply tuples) no longer have their
 /// conntrack entry in the namespace of `conn`; `None` when the table
 /// cannot be read.
-fn missing_entries(conn: &conntrack::Conn, flows: &[(Tuple, Tuple)]) -> Option<Vec<Tuple>> {
+fn missing_entries(conn: &conntrack::Conn, flows: &[RaisedFlow]) -> Option<Vec<RaisedFlow>> {
     if flows.len() <= LOOKUPS_PER_NETNS {
         return Some(
             flows
                 .iter()
-                .filter(|(orig, reply)| entry_exists(conn, orig, reply) == Some(false))
-                .map(|(orig, _)| *orig)
+                .filter(|f| entry_exists(conn, &f.orig, &f.reply) == Some(false))
+                .copied()
                 .collect(),
         );
     }
@@ -623,8 +647,8 @@ fn missing_entries(conn: &conntrack::Conn, flows: &[(Tuple, Tuple)]) -> Option<V
     Some(
         flows
             .iter()
-            .filter(|flow| !present.contains(*flow))
-            .map(|(orig, _)| *orig)
+            .filter(|f| !present.contains(&(f.orig, f.reply)))
+            .copied()
             .collect(),
     )
 }
