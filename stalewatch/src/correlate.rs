@@ -313,6 +313,13 @@ impl Correlator {
         if !self.flows.contains_key(&key) {
             let backends = self.by_service.entry(service_of(&flow)).or_default();
             *backends.entry(flow.backend()).or_default() += 1;
+            // Left to itself, IndexMap grows its entries to what its index
+            // table can hold (7/8 of a power of two): up to 1.75 times the
+            // entries in use. Doubling exactly keeps it at most twice, and
+            // exactly the flows at a power of two.
+            if self.flows.len() == self.flows.capacity() {
+                self.flows.reserve_exact(self.flows.len().max(64));
+            }
         }
         let tracked = self.flows.entry(key).or_insert_with(|| Tracked {
             flow: flow.clone(),
