@@ -204,6 +204,13 @@ mod tests {
         }
     }
 
+    /// The host, which failed to resolve `backend` as a neighbour.
+    fn vanished(backend: &str) -> KnownFacts {
+        let mut facts = host();
+        facts.failed_neighbours.insert(backend.parse().unwrap());
+        facts
+    }
+
     #[test]
     fn an_entry_without_nat_beside_dnated_siblings_bypasses() {
         let entries = [
@@ -242,10 +249,7 @@ mod tests {
 
     #[test]
     fn pinned_to_a_vanished_backend_is_stale_when_another_is_current() {
-        let mut facts = host();
-        facts
-            .failed_neighbours
-            .insert("172.17.0.2".parse().unwrap());
+        let facts = vanished("172.17.0.2");
         let entries = [
             entry(40000, Some("172.17.0.2")),
             entry(40001, Some("172.18.0.2")),
@@ -272,10 +276,7 @@ mod tests {
 
     #[test]
     fn every_entry_at_a_vanished_backend_is_backend_down() {
-        let mut facts = host();
-        facts
-            .failed_neighbours
-            .insert("172.17.0.2".parse().unwrap());
+        let facts = vanished("172.17.0.2");
         let entries = [
             entry(40000, Some("172.17.0.2")),
             entry(40001, Some("172.17.0.2")),

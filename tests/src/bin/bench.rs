@@ -624,40 +624,46 @@ fn ratio_row(
     f: impl Fn(&RunResult) -> f64 + Copy,
     target: Option<f64>,
 ) -> Row {
-    let without = s.values(Under::Without, f);
-    let with = s.values(Under::Stalewatch, f);
-    let bt = s.values(Under::Bpftrace, f);
-    let ratio = table::ratio(&without, &with);
-    Row {
-        figure: figure.to_owned(),
-        without: table::cell(&without, table::pps),
-        with: table::cell(&with, table::pps),
-        ratio,
-        target: target.map_or_else(String::new, |t| format!("ratio >= {t}")),
-        met: target.zip(ratio).map(|(t, r)| r >= t),
-        bpftrace: table::cell(&bt, table::pps),
-        bpftrace_ratio: table::ratio(&without, &bt),
-    }
+    compare_row(figure, s, f, table::pps, false, target)
 }
 
 /// The path's CPU cost per packet, and the capacity ratio it implies
 /// (packets per CPU-second with the tool / without): unlike packets per
 /// second, it holds when other work on the machine takes the CPU away.
 fn cpu_row(figure: &str, s: &Series, target: Option<f64>) -> Row {
-    let f = |r: &RunResult| r.ns_per_packet;
+    compare_row(figure, s, |r| r.ns_per_packet, table::ns, true, target)
+}
+
+/// A figure of each column and the tool's ratio to "without", inverted
+/// where lower is better (a cost), so that a ratio above 1 is always a gain.
+fn compare_row(
+    figure: &str,
+    s: &Series,
+    f: impl Fn(&RunResult) -> f64 + Copy,
+    show: fn(f64) -> String,
+    cost: bool,
+    target: Option<f64>,
+) -> Row {
     let without = s.values(Under::Without, f);
     let with = s.values(Under::Stalewatch, f);
     let bt = s.values(Under::Bpftrace, f);
-    let ratio = table::ratio(&with, &without);
+    let ratio_of = |tool: &[f64]| {
+        if cost {
+            table::ratio(tool, &without)
+        } else {
+            table::ratio(&without, tool)
+        }
+    };
+    let ratio = ratio_of(&with);
     Row {
         figure: figure.to_owned(),
-        without: table::cell(&without, table::ns),
-        with: table::cell(&with, table::ns),
+        without: table::cell(&without, show),
+        with: table::cell(&with, show),
         ratio,
         target: target.map_or_else(String::new, |t| format!("ratio >= {t}")),
         met: target.zip(ratio).map(|(t, r)| r >= t),
-        bpftrace: table::cell(&bt, table::ns),
-        bpftrace_ratio: table::ratio(&bt, &without),
+        bpftrace: table::cell(&bt, show),
+        bpftrace_ratio: ratio_of(&bt),
     }
 }
 
