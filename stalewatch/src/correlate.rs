@@ -150,26 +150,86 @@ pub struct RaisedFlow {
 /// A verdict, the service's current backends, and the evidence in words.
 type Judgement = (Verdict, Vec<Backend>, Vec<String>);
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+/// A tracked conntrack entry: its namespace and `nf_conn` address (see
+/// [`entry_id`]). A reused address with another flow in it means the old
+/// entry is gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct FlowKey {
     netns: u32,
-    ct: u64,
-    orig: Tuple,
+    id: u64,
 }
 
+/// `Tracked` times (monotonic, ns) that have not happened.
+const NEVER: u64 = u64::MAX;
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(NEVER - 1)
+}
+
+/// What the correlator keeps of a flow, compact: at hundreds of thousands
+/// of flows every byte here is a quarter of a MiB. Times are monotonic
+/// nanoseconds, the drop reason an index into the correlator's names.
 #[derive(Debug)]
 struct Tracked {
-    flow: Observation,
-    /// When the latest report arrived (monotonic); the kernel reports a
-    /// failing flow at least once a second, so silence means no failures.
-    seen: Duration,
-    last_alert: Option<Duration>,
-    /// When an unraised flow's siblings were last looked at and did not
-    /// make it stale (a refused datagram with no DNAT beside it).
-    checked: Option<Duration>,
-    /// The verdict of the latest alert.
-    /// Shared by the flows of a service judged alike (see `judgements`).
+    orig: Tuple,
+    reply: Tuple,
+    /// First and latest failure.
+    first: u64,
+    last: u64,
+    /// When the latest report arrived.
+    seen: u64,
+    /// Raised: its latest alert. Not raised: when its siblings were last
+    /// looked at and did not make it stale (a refused datagram with no DNAT
+    /// beside it), or NEVER. One field for both: a flow is raised for good.
+    mark: u64,
+    status: u32,
+    icmp_count: u32,
+    drop_count: u32,
+    reason: u16,
+    icmp_type: u8,
+    icmp_code: u8,
+    local: bool,
+    raised: bool,
+    /// The verdict of the latest alert, shared by the flows of a service
+    /// judged alike (see `judgements`).
     judged: Option<Arc<Judgement>>,
+}
+
+impl Tracked {
+    fn raised(&self) -> bool {
+        self.raised
+    }
+
+    /// As [`Observation::failures`].
+    fn failures(&self) -> u32 {
+        self.icmp_count.max(self.drop_count)
+    }
+
+    fn is(&self, flow: &Observation) -> bool {
+        self.orig == flow.orig && self.reply == flow.reply
+    }
+
+    fn backend(&self) -> Backend {
+        (self.reply.src, self.reply.sport)
+    }
+
+    /// Takes the kernel's facts of `flow` (the alert state stays).
+    fn set_facts(&mut self, flow: &Observation, reason: u16) {
+        self.orig = flow.orig;
+        self.reply = flow.reply;
+        self.first = nanos(flow.first);
+        self.last = nanos(flow.last);
+        self.status = flow.status;
+        let icmp = flow.icmp.unwrap_or(IcmpEvidence {
+            icmp_type: 0,
+            code: 0,
+            count: 0,
+        });
+        (self.icmp_type, self.icmp_code, self.icmp_count) = (icmp.icmp_type, icmp.code, icmp.count);
+        self.drop_count = flow.drops.as_ref().map_or(0, |d| d.count);
+        self.reason = reason;
+        self.local = flow.local;
+    }
 }
 
 #[derive(Debug, Default)]
@@ -188,6 +248,9 @@ pub struct Correlator {
     /// The latest judgement of each service, for flows judged alike to
     /// share.
     judgements: HashMap<ServiceKey, Arc<Judgement>>,
+    /// Drop reason names, by the index flows keep (0: none).
+    reasons: Vec<Arc<str>>,
+    reason_ids: HashMap<Arc<str>, u16>,
 }
 
 /// A destination as a service: namespace, protocol, address and port.
@@ -204,7 +267,102 @@ impl Correlator {
             flows: IndexMap::default(),
             by_service: HashMap::default(),
             judgements: HashMap::default(),
+            reasons: vec![Arc::from("")],
+            reason_ids: HashMap::default(),
         }
+    }
+
+    /// The index of a flow's drop reason (0 for none).
+    fn reason_id(&mut self, flow: &Observation) -> u16 {
+        flow.drops.as_ref().map_or(0, |d| self.intern(&d.reason))
+    }
+
+    /// The index of a drop reason's name (0, no name, past 65,535 names).
+    fn intern(&mut self, name: &Arc<str>) -> u16 {
+        if let Some(id) = self.reason_ids.get(name) {
+            return *id;
+        }
+        let Ok(id) = u16::try_from(self.reasons.len()) else {
+            return 0;
+        };
+        self.reasons.push(name.clone());
+        self.reason_ids.insert(name.clone(), id);
+        id
+    }
+
+    /// The flow tracked under `flow`'s entry, if it is that flow.
+    fn tracked_as(&self, flow: &Observation) -> Option<&Tracked> {
+        self.flows.get(&key_of(flow)).filter(|t| t.is(flow))
+    }
+
+    /// The flow as a report, from what is kept of it.
+    fn observation(&self, key: &FlowKey, t: &Tracked) -> Observation {
+        Observation {
+            local: t.local,
+            ct: ct_of(key),
+            netns: key.netns,
+            orig: t.orig,
+            reply: t.reply,
+            status: t.status,
+            first: Duration::from_nanos(t.first),
+            last: Duration::from_nanos(t.last),
+            icmp: (t.icmp_count > 0).then_some(IcmpEvidence {
+                icmp_type: t.icmp_type,
+                code: t.icmp_code,
+                count: t.icmp_count,
+            }),
+            drops: (t.drop_count > 0).then(|| DropEvidence {
+                reason: self.reasons[usize::from(t.reason)].clone(),
+                count: t.drop_count,
+            }),
+        }
+    }
+
+    fn alert(
+        &self,
+        state: AlertState,
+        key: &FlowKey,
+        tracked: &Tracked,
+        resolution: Option<Resolution>,
+        now: Duration,
+    ) -> Alert {
+        let (verdict, current_backends, evidence) = match &tracked.judged {
+            Some(j) => (j.0, j.1.clone(), j.2.clone()),
+            None => (Verdict::Unconfirmed, Vec::new(), Vec::new()),
+        };
+        let flow = self.observation(key, tracked);
+        Alert {
+            state,
+            verdict,
+            current_backends,
+            evidence,
+            resolution,
+            at: now,
+            failing_for: flow.last.saturating_sub(flow.first),
+            flow,
+        }
+    }
+
+    /// A report whose entry (`nf_conn` address) the correlator tracks with
+    /// another flow in it: the kernel reused the address, so the old entry
+    /// is gone. Forgets the old flow, and resolves it if it was raised.
+    /// Call before [`Correlator::observe`], which otherwise forgets it
+    /// silently.
+    pub fn displaced(&mut self, flow: &Observation, now: Duration) -> Option<Alert> {
+        let key = key_of(flow);
+        if self.flows.get(&key)?.is(flow) {
+            return None;
+        }
+        let old = self.forget(&key)?;
+        old.raised().then(|| {
+            self.alert(
+                AlertState::Resolved,
+                &key,
+                &old,
+                Some(Resolution::EntryGone),
+                now,
+            )
+        })
     }
 
     /// The verdict, backends and evidence of a judgement, shared with the
@@ -224,9 +382,14 @@ impl Correlator {
     /// Forgets a flow, and returns it.
     fn forget(&mut self, key: &FlowKey) -> Option<Tracked> {
         let tracked = self.flows.swap_remove(key)?;
-        let service = service_of(&tracked.flow);
+        let service = (
+            key.netns,
+            tracked.orig.proto,
+            tracked.orig.dst,
+            tracked.orig.dport,
+        );
         if let Some(backends) = self.by_service.get_mut(&service) {
-            let backend = tracked.flow.backend();
+            let backend = tracked.backend();
             if let Some(n) = backends.get_mut(&backend) {
                 *n -= 1;
                 if *n == 0 {
@@ -257,10 +420,11 @@ impl Correlator {
     /// The alert `flow` is due for now, if any.
     fn due(&self, flow: &Observation, now: Duration, audited: bool) -> Option<AlertState> {
         let elapsed = |since: Duration| now.saturating_sub(since) >= self.config.remind_every;
-        let tracked = self.flows.get(&key_of(flow));
+        let tracked = self.tracked_as(flow);
+        let at = |ns: u64| (ns != NEVER).then(|| Duration::from_nanos(ns));
         match (
-            tracked.and_then(|t| t.last_alert),
-            tracked.and_then(|t| t.checked),
+            tracked.filter(|t| t.raised).and_then(|t| at(t.mark)),
+            tracked.filter(|t| !t.raised).and_then(|t| at(t.mark)),
         ) {
             (Some(last), _) => elapsed(last).then_some(AlertState::Reminder),
             (None, checked) => ((audited
@@ -305,11 +469,16 @@ impl Correlator {
         if !self.relevant(&flow) {
             return None;
         }
+        let key = key_of(&flow);
+        // Another flow in a reused entry: the old one is gone.
+        if self.flows.get(&key).is_some_and(|t| !t.is(&flow)) {
+            self.forget(&key);
+        }
         let state = self.due(&flow, now, audited);
         let judged = state
             .and_then(|_| self.judge(&flow, siblings))
             .map(|j| self.shared(service_of(&flow), j));
-        let key = key_of(&flow);
+        let reason = self.reason_id(&flow);
         if !self.flows.contains_key(&key) {
             let backends = self.by_service.entry(service_of(&flow)).or_default();
             *backends.entry(flow.backend()).or_default() += 1;
@@ -320,26 +489,41 @@ impl Correlator {
             if self.flows.len() == self.flows.capacity() {
                 self.flows.reserve_exact(self.flows.len().max(64));
             }
+            let mut fresh = Tracked {
+                orig: flow.orig,
+                reply: flow.reply,
+                first: 0,
+                last: 0,
+                seen: 0,
+                mark: NEVER,
+                status: 0,
+                icmp_count: 0,
+                drop_count: 0,
+                reason: 0,
+                icmp_type: 0,
+                icmp_code: 0,
+                local: false,
+                raised: false,
+                judged: None,
+            };
+            fresh.set_facts(&flow, reason);
+            self.flows.insert(key, fresh);
         }
-        let tracked = self.flows.entry(key).or_insert_with(|| Tracked {
-            flow: flow.clone(),
-            seen: now,
-            last_alert: None,
-            checked: None,
-            judged: None,
-        });
-        if !audited || tracked.flow.failures() == 0 {
-            tracked.flow = flow;
+        let tracked = self.flows.get_mut(&key)?;
+        if !audited || tracked.failures() == 0 {
+            tracked.set_facts(&flow, reason);
         }
-        tracked.seen = now;
+        tracked.seen = nanos(now);
         let state = state?;
         if judged.is_none() {
-            tracked.checked = Some(now);
+            tracked.mark = nanos(now);
             return None;
         }
-        tracked.last_alert = Some(now);
+        tracked.mark = nanos(now);
+        tracked.raised = true;
         tracked.judged = judged;
-        Some(alert(state, tracked, None, now))
+        let tracked = self.flows.get(&key)?;
+        Some(self.alert(state, &key, tracked, None, now))
     }
 
     /// A refused datagram's flow is stale only when DNATed siblings show
@@ -383,7 +567,7 @@ impl Correlator {
         let stale_backend = flow.backend();
         // Other flows to the same service that fail too, by backend: the
         // counts include this flow itself once it is tracked.
-        let own = u32::from(self.flows.contains_key(&key_of(flow)));
+        let own = u32::from(self.tracked_as(flow).is_some());
         let failing: BTreeSet<Backend> = self
             .by_service
             .get(&service_of(flow))
@@ -441,17 +625,18 @@ impl Correlator {
     /// `quiet`, for the caller to check whether their conntrack entries
     /// still exist.
     pub fn quiet_raised(&self, now: Duration, quiet: Duration) -> Vec<RaisedFlow> {
+        let (now, quiet) = (nanos(now), nanos(quiet));
         let mut flows: Vec<RaisedFlow> = self
             .flows
-            .values()
-            .filter(|t| t.last_alert.is_some() && now.saturating_sub(t.flow.last) >= quiet)
-            .map(|t| RaisedFlow {
-                netns: t.flow.netns,
-                orig: t.flow.orig,
-                reply: t.flow.reply,
-                ct: t.flow.ct,
-                local: t.flow.local,
-                last: t.flow.last,
+            .iter()
+            .filter(|(_, t)| t.raised() && now.saturating_sub(t.last) >= quiet)
+            .map(|(key, t)| RaisedFlow {
+                netns: key.netns,
+                orig: t.orig,
+                reply: t.reply,
+                ct: ct_of(key),
+                local: t.local,
+                last: Duration::from_nanos(t.last),
             })
             .collect();
         flows.sort();
@@ -460,49 +645,40 @@ impl Correlator {
 
     /// Brings a raised flow's counters up to date from the kernel (its map,
     /// or a report), at no cost beyond the update: a flow that keeps
-    /// failing stays raised. `None` when the flow is not raised (the caller
-    /// passes the full report to [`Correlator::observe`]); else whether its
-    /// reminder is due (then the caller does the same).
+    /// failing stays raised. `None` when the flow is not raised, or its
+    /// entry now holds another flow (the caller passes the full report to
+    /// [`Correlator::observe`]); else whether its reminder is due (then the
+    /// caller does the same).
     pub fn refresh(&mut self, r: &Refresh, now: Duration) -> Option<bool> {
         let key = FlowKey {
             netns: r.netns,
-            ct: r.ct,
-            orig: r.orig,
+            id: entry_id(r.ct, &r.orig),
         };
-        let t = self
+        // Another flow in a reused entry is not this raised flow.
+        let known = self
             .flows
-            .get_mut(&key)
-            .filter(|t| t.last_alert.is_some())?;
-        // Nothing new, or another entry in a reused nf_conn.
-        if r.last <= t.flow.last || r.reply != t.flow.reply {
+            .get(&key)
+            .filter(|t| t.raised() && t.orig == r.orig && t.reply == r.reply)?;
+        if nanos(r.last) <= known.last {
             return Some(false);
         }
-        let flow = &mut t.flow;
-        flow.last = r.last;
-        if r.icmp.is_some() {
-            flow.icmp = r.icmp;
+        let reason = if r.drop_count > 0 {
+            self.intern(&r.drop_reason)
+        } else {
+            0
+        };
+        let remind_every = nanos(self.config.remind_every);
+        let t = self.flows.get_mut(&key)?;
+        t.last = nanos(r.last);
+        if let Some(icmp) = r.icmp {
+            (t.icmp_type, t.icmp_code, t.icmp_count) = (icmp.icmp_type, icmp.code, icmp.count);
         }
         if r.drop_count > 0 {
-            match &mut flow.drops {
-                Some(d) => {
-                    d.count = r.drop_count;
-                    if d.reason != r.drop_reason {
-                        d.reason = r.drop_reason.clone();
-                    }
-                }
-                None => {
-                    flow.drops = Some(DropEvidence {
-                        reason: r.drop_reason.clone(),
-                        count: r.drop_count,
-                    })
-                }
-            }
+            t.drop_count = r.drop_count;
+            t.reason = reason;
         }
-        t.seen = now;
-        Some(
-            t.last_alert
-                .is_some_and(|at| now.saturating_sub(at) >= self.config.remind_every),
-        )
+        t.seen = nanos(now);
+        Some(nanos(now).saturating_sub(t.mark) >= remind_every)
     }
 
     /// The conntrack entry of a flow (`nf_conn` `ct`, original tuple
@@ -516,44 +692,45 @@ impl Correlator {
     ) -> Option<Alert> {
         let key = FlowKey {
             netns,
-            ct,
-            orig: *orig,
+            id: entry_id(ct, orig),
         };
-        self.forget(&key)
-            .filter(|tracked| tracked.last_alert.is_some())
-            .map(|tracked| {
-                alert(
-                    AlertState::Resolved,
-                    &tracked,
-                    Some(Resolution::EntryGone),
-                    now,
-                )
-            })
+        if self.flows.get(&key)?.orig != *orig {
+            return None;
+        }
+        let gone = self.forget(&key)?;
+        gone.raised().then(|| {
+            self.alert(
+                AlertState::Resolved,
+                &key,
+                &gone,
+                Some(Resolution::EntryGone),
+                now,
+            )
+        })
     }
 
     /// Advances the clock: resolves raised flows that stopped failing and
     /// forgets quiet ones.
     pub fn tick(&mut self, now: Duration) -> Vec<Alert> {
-        let quiet = self.config.resolve_after;
+        let quiet = nanos(self.config.resolve_after);
         let idle: Vec<FlowKey> = self
             .flows
             .iter()
-            .filter(|(_, tracked)| now.saturating_sub(tracked.seen) >= quiet)
-            .map(|(key, _)| key.clone())
+            .filter(|(_, tracked)| nanos(now).saturating_sub(tracked.seen) >= quiet)
+            .map(|(key, _)| *key)
             .collect();
-        let mut alerts: Vec<Alert> = idle
-            .iter()
-            .filter_map(|key| self.forget(key))
-            .filter(|tracked| tracked.last_alert.is_some())
-            .map(|tracked| {
-                alert(
+        let mut alerts = Vec::new();
+        for key in idle {
+            if let Some(gone) = self.forget(&key).filter(Tracked::raised) {
+                alerts.push(self.alert(
                     AlertState::Resolved,
-                    &tracked,
+                    &key,
+                    &gone,
                     Some(Resolution::FailuresStopped),
                     now,
-                )
-            })
-            .collect();
+                ));
+            }
+        }
         alerts.sort_by_key(|a| (a.flow.netns, a.flow.orig));
         alerts
     }
@@ -565,10 +742,7 @@ impl Correlator {
 
     /// Flows raised and not yet resolved.
     pub fn raised(&self) -> usize {
-        self.flows
-            .values()
-            .filter(|t| t.last_alert.is_some())
-            .count()
+        self.flows.values().filter(|t| t.raised()).count()
     }
 }
 
@@ -581,32 +755,25 @@ fn is_not_translated(flow: &Observation) -> bool {
 fn key_of(flow: &Observation) -> FlowKey {
     FlowKey {
         netns: flow.netns,
-        ct: flow.ct,
-        orig: flow.orig,
+        id: entry_id(flow.ct, &flow.orig),
     }
 }
 
-fn alert(
-    state: AlertState,
-    tracked: &Tracked,
-    resolution: Option<Resolution>,
-    now: Duration,
-) -> Alert {
-    let (verdict, current_backends, evidence) = match &tracked.judged {
-        Some(j) => (j.0, j.1.clone(), j.2.clone()),
-        None => (Verdict::Unconfirmed, Vec::new(), Vec::new()),
-    };
-    let flow = &tracked.flow;
-    Alert {
-        state,
-        verdict,
-        current_backends,
-        evidence,
-        resolution,
-        flow: flow.clone(),
-        at: now,
-        failing_for: flow.last.saturating_sub(flow.first),
+/// The entry's `nf_conn` address, or for a flow known without one (refused
+/// datagrams, the audit) a stand-in made from its original tuple: odd, so
+/// never an `nf_conn` address (those are 8-byte aligned).
+fn entry_id(ct: u64, orig: &Tuple) -> u64 {
+    if ct != 0 {
+        return ct;
     }
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::hash::DefaultHasher::new();
+    orig.hash(&mut h);
+    h.finish() | 1
+}
+
+fn ct_of(key: &FlowKey) -> u64 {
+    if key.id & 1 == 1 { 0 } else { key.id }
 }
 
 #[cfg(test)]
@@ -765,15 +932,45 @@ mod tests {
     }
 
     #[test]
-    fn a_reused_conntrack_entry_is_a_new_flow() {
+    fn a_reused_conntrack_entry_is_a_new_flow_and_the_old_one_is_gone() {
         let mut c = Correlator::new(Config::default());
         c.observe_plain(stale(5, 11), secs(11)).expect("raised");
         let mut other = stale(5, 12);
         other.orig = udp("192.0.2.3", 40001, "192.0.2.1", 8888);
         other.reply = udp("172.17.0.2", 8888, "192.0.2.3", 40001);
-        let alert = c.observe(other, None, secs(12)).expect("raised too");
+        // The same nf_conn address with another flow in it: the kernel
+        // freed the old entry.
+        let gone = c.displaced(&other, secs(12)).expect("the old one resolved");
+        assert_eq!(gone.state, AlertState::Resolved);
+        assert_eq!(gone.resolution, Some(Resolution::EntryGone));
+        assert_eq!(gone.flow.orig.sport, 40000);
+        assert_eq!(c.displaced(&other, secs(12)), None, "once");
+        let alert = c.observe(other.clone(), None, secs(12)).expect("raised");
         assert_eq!(alert.flow.orig.sport, 40001);
-        assert_eq!(c.raised(), 2);
+        assert_eq!(c.raised(), 1);
+        // Without the caller asking first, the old one goes silently.
+        let mut third = other;
+        third.reply = udp("172.17.0.9", 8888, "192.0.2.3", 40001);
+        c.observe_plain(third, secs(13)).expect("raised");
+        assert_eq!((c.raised(), c.tracked()), (1, 1));
+    }
+
+    #[test]
+    fn a_flow_read_back_is_the_flow_reported() {
+        // What the correlator keeps is compact; the alert's flow must be
+        // the report, field for field.
+        let mut c = Correlator::new(Config::default());
+        let mut flow = stale(7, 11);
+        flow.icmp = None;
+        flow.status |= ct_status::ASSURED;
+        let alert = c.observe_plain(flow.clone(), secs(11)).expect("raised");
+        assert_eq!(alert.flow, flow);
+        let mut local = refused(4, 12);
+        local.first = secs(11);
+        c.observe_plain(local.clone(), secs(12));
+        let key = key_of(&local);
+        assert_eq!(ct_of(&key), 0, "a stand-in id is never an address");
+        assert_eq!(c.observation(&key, &c.flows[&key]), local);
     }
 
     #[test]
@@ -812,7 +1009,11 @@ mod tests {
         assert_eq!(c.refresh(&other, secs(80)), None, "not raised");
         let mut reused = refresh(99, 80);
         reused.reply = udp("172.17.0.3", 8888, "192.0.2.2", 40000);
-        assert_eq!(c.refresh(&reused, secs(80)), Some(false), "another entry");
+        assert_eq!(
+            c.refresh(&reused, secs(80)),
+            None,
+            "another flow in the entry"
+        );
         // Silence: resolved after resolve_after.
         let alerts = c.tick(secs(71 + 30));
         assert_eq!(states(&alerts), [AlertState::Resolved]);

@@ -289,6 +289,10 @@ impl<W: io::Write> Session<W> {
     /// it up already), and where do its siblings go?
     fn observe(&mut self, flow: Observation) -> anyhow::Result<()> {
         let now = monotonic();
+        // The kernel reused a tracked entry's address: that entry is gone.
+        if let Some(alert) = self.correlator.displaced(&flow, now) {
+            self.emit(&alert)?;
+        }
         let mut siblings = None;
         if self.correlator.would_alert(&flow, now) {
             // A report of a failure that just happened needs no lookup: the
