@@ -205,8 +205,12 @@ impl Tracked {
         self.icmp_count.max(self.drop_count)
     }
 
+    /// Whether `flow` is this flow. An entry's address is reused by the
+    /// kernel for other flows, or for the same flow to another backend; a
+    /// flow known without an address (refused datagrams, the audit) is
+    /// its original tuple, whatever reply each source derived.
     fn is(&self, flow: &Observation) -> bool {
-        self.orig == flow.orig && self.reply == flow.reply
+        self.orig == flow.orig && (flow.ct == 0 || self.reply == flow.reply)
     }
 
     fn backend(&self) -> Backend {
@@ -1199,8 +1203,15 @@ mod tests {
             assert_eq!(c.observe_audited(proxied.clone(), &view, secs(t)), None);
             assert!(c.tick(secs(t)).is_empty());
         }
+        // The same flow as the refused datagrams show it (their reply is
+        // derived, not read): still the same flow, no new alert.
+        let mut refused_now = refused(3, 45);
+        refused_now.reply.sport = 1;
+        assert_eq!(c.displaced(&refused_now, secs(45)), None);
+        assert_eq!(c.observe_plain(refused_now, secs(45)), None);
+        assert_eq!(c.tracked(), 1);
         assert_eq!(
-            c.tick(secs(71)).len(),
+            c.tick(secs(76)).len(),
             1,
             "resolved once the audits stop finding it"
         );
