@@ -94,6 +94,47 @@ pub fn read_table(netns: &std::path::Path) -> Result<Vec<Entry>, crate::conntrac
     Ok(entries)
 }
 
+/// Reads what a bypass needs, and no more: the entries without NAT that
+/// deliver to this host, and only if there are any, the DNATed entries to
+/// their destinations. The watch loop's periodic audit looks for nothing
+/// else (pinned entries fail packets, which the kernel path sees), and on
+/// a host with many DNATed flows reading them all every interval costs.
+pub fn read_bypass_candidates(
+    netns: &std::path::Path,
+    facts: &impl Facts,
+) -> Result<Vec<Entry>, crate::conntrack::Error> {
+    use crate::conntrack::{Conn, Filter};
+    /// Destinations asked one by one; beyond, one dump of every DNAT.
+    const BY_DESTINATION: usize = 16;
+    let conn = Conn::open(Some(netns))?;
+    let plain = conn.dump(&Filter {
+        status: Some((0, ct_status::DST_NAT)),
+        ..Filter::default()
+    })?;
+    let mut entries: Vec<Entry> = plain
+        .into_iter()
+        .filter(|e| e.reply.src == e.orig.dst && facts.is_local(e.orig.dst))
+        .collect();
+    let destinations: BTreeSet<(crate::event::Family, crate::event::Proto, IpAddr, u16)> = entries
+        .iter()
+        .map(|e| (e.orig.family, e.orig.proto, e.orig.dst, e.orig.dport))
+        .collect();
+    let dnat = |family, proto, orig_dst| Filter {
+        family,
+        proto,
+        status: Some((ct_status::DST_NAT, ct_status::DST_NAT)),
+        orig_dst,
+    };
+    if destinations.len() > BY_DESTINATION {
+        entries.extend(conn.dump(&dnat(None, None, None))?);
+    } else {
+        for (family, proto, addr, port) in destinations {
+            entries.extend(conn.dump(&dnat(Some(family), Some(proto), Some((addr, port))))?);
+        }
+    }
+    Ok(entries)
+}
+
 /// Finds the stale entries among `entries`, in a stable order.
 pub fn audit(entries: &[Entry], facts: &impl Facts) -> Vec<Finding> {
     // Where each service sends its DNATed entries.

@@ -115,6 +115,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         }),
         reporter: Reporter::new(args.format, io::stdout().lock()),
         fix: args.fix,
+        resolve_after: args.resolve_after,
         audit_path,
         engine: crate::docker::Engine::connect(),
         metrics: metrics.as_ref().map(|(m, _)| m.clone()),
@@ -158,6 +159,7 @@ struct Session<W: io::Write> {
     correlator: Correlator,
     reporter: Reporter<W>,
     fix: bool,
+    resolve_after: Duration,
     audit_path: PathBuf,
     /// The Docker engine, where one answers: names containers in alerts.
     engine: Option<crate::docker::Engine>,
@@ -185,6 +187,17 @@ const DRAIN_BATCH: usize = 256;
 /// A raised flow is looked up in conntrack only once it has failed no
 /// packet for this long (the kernel's map shows its failures).
 const QUIET_BEFORE_LOOKUP: Duration = Duration::from_millis(1500);
+/// Raised flows refreshed from the kernel per second, at most: beyond, each
+/// is refreshed less often (every 5 s at 50,000), so that their cost does
+/// not grow with their number; a quarter of --resolve-after at the most.
+const REFRESHED_PER_SECOND: usize = 10_000;
+
+/// Every how many ticks raised flows are refreshed from the kernel's map.
+fn refresh_every(raised: usize, resolve_after: Duration) -> u64 {
+    let by_count = (raised / REFRESHED_PER_SECOND) as u64;
+    by_count.min(resolve_after.as_secs() / 4).max(1)
+}
+
 /// A report younger than this is taken as proof that its entry exists.
 const FRESH_REPORT: Duration = Duration::from_millis(250);
 /// Raised flows of one namespace checked one by one; beyond, one dump.
@@ -246,7 +259,7 @@ impl<W: io::Write> Session<W> {
                     }
                 }
                 _ = ticker.tick() => {
-                    self.tick(&probes)?;
+                    self.tick(&probes, ticks)?;
                     ticks += 1;
                     // Counting map entries walks the maps: every 5 s only.
                     if ticks % 5 == 1 {
@@ -412,16 +425,19 @@ impl<W: io::Write> Session<W> {
     /// maps (a flow whose entry failed a packet since the last look still
     /// has that entry: no conntrack query), resolve those whose entries are
     /// gone, and those that stopped failing.
-    fn tick(&mut self, probes: &Probes) -> anyhow::Result<()> {
-        for report in self.refresh_from_kernel(probes) {
-            self.observe(report)?;
+    fn tick(&mut self, probes: &Probes, ticks: u64) -> anyhow::Result<()> {
+        let raised = self.correlator.raised();
+        let every = refresh_every(raised, self.resolve_after);
+        if raised > 0 && ticks.is_multiple_of(every) {
+            for report in self.refresh_from_kernel(probes) {
+                self.observe(report)?;
+            }
         }
         let mut stalled: HashMap<u32, Vec<RaisedFlow>> = HashMap::new();
-        // Those that failed a packet a moment ago had their entry then.
-        for flow in self
-            .correlator
-            .quiet_raised(monotonic(), QUIET_BEFORE_LOOKUP)
-        {
+        // Those that failed a packet a moment before their last refresh had
+        // their entry then.
+        let quiet = QUIET_BEFORE_LOOKUP + Duration::from_secs(every - 1);
+        for flow in self.correlator.quiet_raised(monotonic(), quiet) {
             // Refused datagrams are few: looked up one by one.
             match fresh_local(probes, &flow) {
                 Some(report) if report.last > flow.last => self.observe(report)?,
@@ -453,9 +469,6 @@ impl<W: io::Write> Session<W> {
     /// due.
     fn refresh_from_kernel(&mut self, probes: &Probes) -> Vec<Observation> {
         let mut due = Vec::new();
-        if self.correlator.raised() == 0 {
-            return due;
-        }
         let layout = &probes.layout;
         let now = monotonic();
         let correlator = &mut self.correlator;
@@ -477,14 +490,14 @@ impl<W: io::Write> Session<W> {
     /// no packet: only the conntrack table shows them.
     fn audit(&mut self) -> anyhow::Result<()> {
         let path = self.audit_path.clone();
-        let entries = match audit::read_table(&path) {
+        let facts = netns::facts(&path).unwrap_or_default();
+        let entries = match audit::read_bypass_candidates(&path, &facts) {
             Ok(entries) => entries,
             Err(e) => {
                 log::warn!("audit: {e}");
                 return Ok(());
             }
         };
-        let facts = netns::facts(&path).unwrap_or_default();
         let Ok(inode) = std::fs::metadata(&path).map(|m| std::os::unix::fs::MetadataExt::ino(&m))
         else {
             return Ok(());
@@ -666,4 +679,21 @@ fn entry_exists(conn: &conntrack::Conn, orig: &Tuple, reply: &Tuple) -> Option<b
         .map(|entry| entry.is_some_and(|e| e.reply == *reply))
         .map_err(|e| log::warn!("looking up a conntrack entry: {e}"))
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raised_flows_are_refreshed_less_often_as_they_grow() {
+        let default = Duration::from_secs(30);
+        assert_eq!(refresh_every(0, default), 1);
+        assert_eq!(refresh_every(1_000, default), 1);
+        assert_eq!(refresh_every(19_999, default), 1);
+        assert_eq!(refresh_every(50_000, default), 5);
+        // Never so rarely that a flow failing on looks silent.
+        assert_eq!(refresh_every(262_144, default), 7);
+        assert_eq!(refresh_every(262_144, Duration::from_secs(4)), 1);
+    }
 }
