@@ -310,11 +310,7 @@ impl Correlator {
             status: t.status,
             first: Duration::from_nanos(t.first),
             last: Duration::from_nanos(t.last),
-            icmp: (t.icmp_count > 0).then_some(IcmpEvidence {
-                icmp_type: t.icmp_type,
-                code: t.icmp_code,
-                count: t.icmp_count,
-            }),
+            icmp: IcmpEvidence::of(t.icmp_type, t.icmp_code, t.icmp_count),
             drops: (t.drop_count > 0).then(|| DropEvidence {
                 reason: self.reasons[usize::from(t.reason)].clone(),
                 count: t.drop_count,

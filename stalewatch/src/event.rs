@@ -118,6 +118,17 @@ pub struct IcmpEvidence {
     pub count: u32,
 }
 
+impl IcmpEvidence {
+    /// From the kernel's counters: none when no message was sent.
+    pub fn of(icmp_type: u8, code: u8, count: u32) -> Option<IcmpEvidence> {
+        (count > 0).then_some(IcmpEvidence {
+            icmp_type,
+            code,
+            count,
+        })
+    }
+}
+
 /// What the drop path saw for a flow.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct DropEvidence {
@@ -164,11 +175,7 @@ impl Observation {
             status: event.status,
             first: Duration::from_nanos(event.first_ns),
             last: Duration::from_nanos(event.last_ns),
-            icmp: (event.icmp_count > 0).then_some(IcmpEvidence {
-                icmp_type: event.icmp_type,
-                code: event.icmp_code,
-                count: event.icmp_count,
-            }),
+            icmp: IcmpEvidence::of(event.icmp_type, event.icmp_code, event.icmp_count),
             drops: (event.drop_count > 0).then(|| DropEvidence {
                 reason: reasons.name(event.drop_reason),
                 count: event.drop_count,

@@ -601,11 +601,7 @@ fn refresh(
         orig,
         reply,
         last: Duration::from_nanos(event.last_ns),
-        icmp: (event.icmp_count > 0).then_some(crate::event::IcmpEvidence {
-            icmp_type: event.icmp_type,
-            code: event.icmp_code,
-            count: event.icmp_count,
-        }),
+        icmp: crate::event::IcmpEvidence::of(event.icmp_type, event.icmp_code, event.icmp_count),
         drop_count: event.drop_count,
         drop_reason: layout.drop_reasons.name(event.drop_reason),
     };
