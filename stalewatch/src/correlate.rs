@@ -119,20 +119,6 @@ pub struct Alert {
     pub failing_for: Duration,
 }
 
-/// A raised flow's counters as the kernel's map holds them between its
-/// reports (see [`Correlator::refresh`]).
-#[derive(Clone, Debug)]
-pub struct Refresh {
-    pub netns: u32,
-    pub ct: u64,
-    pub orig: Tuple,
-    pub reply: Tuple,
-    pub last: Duration,
-    pub icmp: Option<IcmpEvidence>,
-    pub drop_count: u32,
-    pub drop_reason: Arc<str>,
-}
-
 /// A raised flow, as [`Correlator::raised_flows`] lists it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RaisedFlow {
@@ -649,34 +635,17 @@ impl Correlator {
     /// entry now holds another flow (the caller passes the full report to
     /// [`Correlator::observe`]); else whether its reminder is due (then the
     /// caller does the same).
-    pub fn refresh(&mut self, r: &Refresh, now: Duration) -> Option<bool> {
-        let key = FlowKey {
-            netns: r.netns,
-            id: entry_id(r.ct, &r.orig),
-        };
+    pub fn refresh(&mut self, flow: &Observation, now: Duration) -> Option<bool> {
+        let key = key_of(flow);
         // Another flow in a reused entry is not this raised flow.
-        let known = self
-            .flows
-            .get(&key)
-            .filter(|t| t.raised() && t.orig == r.orig && t.reply == r.reply)?;
-        if nanos(r.last) <= known.last {
+        let known = self.flows.get(&key).filter(|t| t.raised() && t.is(flow))?;
+        if nanos(flow.last) <= known.last {
             return Some(false);
         }
-        let reason = if r.drop_count > 0 {
-            self.intern(&r.drop_reason)
-        } else {
-            0
-        };
+        let reason = self.reason_id(flow);
         let remind_every = nanos(self.config.remind_every);
         let t = self.flows.get_mut(&key)?;
-        t.last = nanos(r.last);
-        if let Some(icmp) = r.icmp {
-            (t.icmp_type, t.icmp_code, t.icmp_count) = (icmp.icmp_type, icmp.code, icmp.count);
-        }
-        if r.drop_count > 0 {
-            t.drop_count = r.drop_count;
-            t.reason = reason;
-        }
+        t.set_facts(flow, reason);
         t.seen = nanos(now);
         Some(nanos(now).saturating_sub(t.mark) >= remind_every)
     }
@@ -977,16 +946,10 @@ mod tests {
     fn refreshed_counters_keep_a_flow_raised_and_bring_its_reminder() {
         let mut c = Correlator::new(Config::default());
         c.observe_plain(stale(5, 11), secs(11)).expect("raised");
-        let flow = stale(5, 11);
-        let refresh = |failed: u32, at: u64| Refresh {
-            netns: NETNS,
-            ct: CT,
-            orig: flow.orig,
-            reply: flow.reply,
-            last: secs(at),
+        // What the kernel's map holds: drops counted, no ICMP sent.
+        let refresh = |failed: u32, at: u64| Observation {
             icmp: None,
-            drop_count: failed,
-            drop_reason: "NEIGH_FAILED".into(),
+            ..stale(failed, at)
         };
         // Failing on, with no kernel report: never resolved as stopped.
         for at in (12..71).step_by(10) {

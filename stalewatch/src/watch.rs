@@ -234,14 +234,11 @@ impl<W: io::Write> Session<W> {
                         let flow = match kernel::read_event(&item) {
                             // A raised flow's report only updates its
                             // counters, unless its reminder is due.
-                            Some(kernel::Record::Flow(raw))
-                                if refresh(&mut self.correlator, raw.ct, &raw, &layout, monotonic())
-                                    == Some(false) =>
-                            {
-                                None
-                            }
                             Some(kernel::Record::Flow(raw)) => {
                                 Observation::decode(&raw, &layout.tuple, &layout.drop_reasons)
+                                    .filter(|f| {
+                                        self.correlator.refresh(f, monotonic()) != Some(false)
+                                    })
                             }
                             Some(kernel::Record::Local(raw)) => {
                                 Some(Observation::decode_local(&raw))
@@ -472,10 +469,9 @@ impl<W: io::Write> Session<W> {
         let layout = &probes.layout;
         let now = monotonic();
         let correlator = &mut self.correlator;
-        let read = probes.each_flow(|ct, event| {
-            if refresh(correlator, ct, event, layout, now) == Some(true)
-                && let Some(report) =
-                    Observation::decode(event, &layout.tuple, &layout.drop_reasons)
+        let read = probes.each_flow(|event| {
+            if let Some(report) = Observation::decode(event, &layout.tuple, &layout.drop_reasons)
+                && correlator.refresh(&report, now) == Some(true)
             {
                 due.push(report);
             }
@@ -581,31 +577,6 @@ impl<W: io::Write> Session<W> {
         }
         Ok(())
     }
-}
-
-/// Brings a raised flow up to date from the kernel's report or map entry
-/// on `nf_conn` `ct` (see [`Correlator::refresh`]): `None` when the flow is
-/// not raised, else whether its reminder is due.
-fn refresh(
-    correlator: &mut Correlator,
-    ct: u64,
-    event: &stalewatch_common::FlowEvent,
-    layout: &kernel::btf::KernelLayout,
-    now: Duration,
-) -> Option<bool> {
-    let orig = Tuple::decode(&event.orig, &layout.tuple)?;
-    let reply = Tuple::decode(&event.reply, &layout.tuple)?;
-    let update = correlate::Refresh {
-        netns: event.netns,
-        ct,
-        orig,
-        reply,
-        last: Duration::from_nanos(event.last_ns),
-        icmp: crate::event::IcmpEvidence::of(event.icmp_type, event.icmp_code, event.icmp_count),
-        drop_count: event.drop_count,
-        drop_reason: layout.drop_reasons.name(event.drop_reason),
-    };
-    correlator.refresh(&update, now)
 }
 
 /// The kernel's latest on a raised flow of refused datagrams, from the

@@ -171,9 +171,9 @@ impl Probes {
 
     /// Every entry of the `FLOWS` map, read in batches of a few thousand
     /// per system call (`BPF_MAP_LOOKUP_BATCH`): how the watch loop brings
-    /// many raised flows up to date at once. `f` gets each entry's key (the
-    /// `nf_conn` address) and report.
-    pub fn each_flow(&self, mut f: impl FnMut(u64, &FlowEvent)) -> Result<(), Error> {
+    /// many raised flows up to date at once. `f` gets each entry's report
+    /// (its key, the `nf_conn` address, is the report's `ct`).
+    pub fn each_flow(&self, mut f: impl FnMut(&FlowEvent)) -> Result<(), Error> {
         use std::os::fd::{AsFd as _, AsRawFd as _};
         const BATCH: usize = 4096;
         let fd = match self.ebpf.map(names::MAP_FLOWS) {
@@ -217,10 +217,10 @@ impl Probes {
                 Some(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
                 Some(e) => return Err(kernel_error("reading FLOWS", e)),
             };
-            for i in 0..(attr.count as usize).min(BATCH) {
+            for value in &values[..(attr.count as usize).min(BATCH)] {
                 // SAFETY: the kernel filled the first `count` values.
-                let state = unsafe { values[i].assume_init_ref() };
-                f(keys[i], &state.event);
+                let state = unsafe { value.assume_init_ref() };
+                f(&state.event);
             }
             if done {
                 return Ok(());

@@ -400,8 +400,8 @@ pub fn prog_cost(pid: u32, window: Duration) -> anyhow::Result<Vec<ProgCost>> {
         .collect())
 }
 
-/// Kernel memory of the maps a process holds: (name, max_entries, bytes).
-pub fn map_memory(pid: u32) -> anyhow::Result<Vec<(String, u64, u64)>> {
+/// bpftool's descriptions of the maps process `pid` holds.
+fn maps_of(pid: u32) -> anyhow::Result<Vec<serde_json::Value>> {
     let ids = procfs::bpf_ids(pid, "map_id");
     let all = bpftool_json(&["map", "show"])?;
     Ok(all
@@ -413,6 +413,14 @@ pub fn map_memory(pid: u32) -> anyhow::Result<Vec<(String, u64, u64)>> {
                 .as_u64()
                 .is_some_and(|id| ids.contains(&(id as u32)))
         })
+        .cloned()
+        .collect())
+}
+
+/// Kernel memory of the maps a process holds: (name, max_entries, bytes).
+pub fn map_memory(pid: u32) -> anyhow::Result<Vec<(String, u64, u64)>> {
+    Ok(maps_of(pid)?
+        .iter()
         .map(|m| {
             (
                 m["name"].as_str().unwrap_or("?").to_owned(),
@@ -443,17 +451,8 @@ fn hex_bytes(v: &serde_json::Value) -> u64 {
 }
 
 pub fn kernel_stats(pid: u32) -> anyhow::Result<KernelStats> {
-    let ids = procfs::bpf_ids(pid, "map_id");
-    let all = bpftool_json(&["map", "show"])?;
-    let id = all
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|m| {
-            m["id"]
-                .as_u64()
-                .is_some_and(|id| ids.contains(&(id as u32)))
-        })
+    let id = maps_of(pid)?
+        .iter()
         .find(|m| m["name"] == "STATS")
         .and_then(|m| m["id"].as_u64())
         .context("stalewatch holds no STATS map")?;

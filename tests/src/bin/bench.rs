@@ -667,6 +667,50 @@ fn compare_row(
     }
 }
 
+/// A load's traffic; `measure` sets its limits.
+fn spec(
+    dst: std::net::Ipv4Addr,
+    dport: u16,
+    flows: u32,
+    first_sport: u16,
+    ttl: u8,
+    rate: Option<u64>,
+) -> Spec {
+    Spec {
+        dst,
+        dport,
+        flows,
+        first_sport,
+        ttl,
+        rate,
+        limit: Duration::ZERO,
+        max_packets: 0,
+    }
+}
+
+/// A stale flood of `flows` flows to the stale backend at the set rate,
+/// measured while raising and steady.
+fn stale_load(key: &'static str, flows: u32, cost: bool, s: &Settings) -> Load {
+    Load {
+        key,
+        spec: spec(
+            topo::ROUTER_LAN,
+            topo::STALE_PORT,
+            flows,
+            10_000,
+            64,
+            Some(s.rate),
+        ),
+        count_at: CountAt::Router,
+        window: s.stale_window,
+        runs: s.stale_runs,
+        cost,
+        floor: false,
+        max_flows: 65_536.max(flows),
+        steady: s.stale_window,
+    }
+}
+
 /// A row of the tools' own figures (no "without"), with an upper target.
 fn value_row(
     figure: &str,
@@ -704,16 +748,6 @@ fn detail(report: &mut Report, key: &str, what: &str, values: &[f64], fmt: fn(f6
 
 fn figures(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
     let s = ctx.s.clone();
-    let spec = |dst, dport, flows, first_sport, ttl, rate| Spec {
-        dst,
-        dport,
-        flows,
-        first_sport,
-        ttl,
-        rate,
-        limit: Duration::ZERO,
-        max_packets: 0,
-    };
     let few = 64;
 
     // 1. Healthy: DNATed, forwarded, delivered; neither hook fires.
@@ -872,24 +906,7 @@ fn figures(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
     }
 
     // 3. Stale floods: every packet fails, DNATed to an address nobody has.
-    let three_a = Load {
-        key: "3a",
-        spec: spec(
-            topo::ROUTER_LAN,
-            topo::STALE_PORT,
-            s.cpu_flows,
-            10_000,
-            64,
-            Some(s.rate),
-        ),
-        count_at: CountAt::Router,
-        window: s.stale_window,
-        runs: s.stale_runs,
-        cost: true,
-        floor: false,
-        max_flows: 65_536.max(s.cpu_flows),
-        steady: s.stale_window,
-    };
+    let three_a = stale_load("3a", s.cpu_flows, true, &s);
     let a = series(ctx, &three_a)?;
     report.sections.push((
         format!(
@@ -902,24 +919,7 @@ fn figures(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
     ));
     stale_details(report, "3a", &a);
 
-    let three_b = Load {
-        key: "3b",
-        spec: spec(
-            topo::ROUTER_LAN,
-            topo::STALE_PORT,
-            s.flows,
-            10_000,
-            64,
-            Some(s.rate),
-        ),
-        count_at: CountAt::Router,
-        window: s.stale_window,
-        runs: s.stale_runs,
-        cost: false,
-        floor: false,
-        max_flows: 65_536.max(s.flows),
-        steady: s.stale_window,
-    };
+    let three_b = stale_load("3b", s.flows, false, &s);
     let b = series(ctx, &three_b)?;
     let conntrack = ctx.topo.router_conntrack_count().unwrap_or(0);
     let mut rows = stale_rows(&b, &s, false, s.flows);
