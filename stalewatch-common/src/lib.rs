@@ -215,6 +215,7 @@ pub mod globals {
     pub const OFF_NET_NS_INUM: &str = "OFF_NET_NS_INUM";
     pub const NETNS_FILTER: &str = "NETNS_FILTER";
     pub const EMIT_INTERVAL_NS: &str = "EMIT_INTERVAL_NS";
+    pub const REPORTED_INTERVAL_NS: &str = "REPORTED_INTERVAL_NS";
     pub const DROP_REASONS: &str = "DROP_REASONS";
     pub const DROP_REASONS_V6: &str = "DROP_REASONS_V6";
     pub const OFF_SKB_PROTOCOL: &str = "OFF_SKB_PROTOCOL";

@@ -6,9 +6,11 @@
 //! packet to [`record_failure`], which keeps only packets whose conntrack
 //! entry was DNATed, aggregates failures per entry in the `FLOWS` map and
 //! tells userspace about an entry on its first failure, on the failure that
-//! reaches `MIN_FAILURES`, and then at most once per `EMIT_INTERVAL_NS`:
-//! userspace work grows with failing flows, not with failing packets, and
-//! between reports userspace reads the counters from the map.
+//! reaches `MIN_FAILURES`, and then at most once per `EMIT_INTERVAL_NS`
+//! (`REPORTED_INTERVAL_NS` once reported): userspace work grows with
+//! failing flows, not with failing packets, and between reports userspace
+//! reads the counters from the map. Only the report that lets an entry be
+//! raised wakes userspace at once; the others wait for its next look.
 //!
 //! A failing packet of a known entry costs three kernel reads (the packet's
 //! conntrack pointer, the entry's status, then its tuples and namespace in
@@ -24,7 +26,9 @@ mod programs {
     use core::ptr::read_volatile;
 
     use aya_ebpf::{
-        bindings::{BPF_ANY, BPF_NOEXIST},
+        bindings::{
+            BPF_ANY, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        },
         helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
         macros::{btf_tracepoint, map},
         maps::{LruHashMap, PerCpuArray, RingBuf},
@@ -60,6 +64,11 @@ mod programs {
     static NETNS_FILTER: u32 = 0;
     #[unsafe(no_mangle)]
     static EMIT_INTERVAL_NS: u64 = 1_000_000_000;
+    /// The same for an entry already reported at `MIN_FAILURES`: userspace
+    /// reads raised entries from the map, so these reports only let it look
+    /// again at entries it did not raise.
+    #[unsafe(no_mangle)]
+    static REPORTED_INTERVAL_NS: u64 = 60_000_000_000;
     /// Failed packets at which an entry is reported at once, whatever the
     /// interval: userspace raises it on that report...
     #[unsafe(no_mangle)]
@@ -93,7 +102,11 @@ mod programs {
     /// 2 MiB: room for about 14,000 reports, so that a burst of new failing
     /// flows (two reports each within milliseconds) waits for userspace.
     #[map(name = "EVENTS")]
-    static EVENTS: RingBuf = RingBuf::with_byte_size(2 * 1024 * 1024, 0);
+    static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+    const EVENTS_BYTES: u32 = 2 * 1024 * 1024;
+    /// Reports waiting beyond this wake userspace whatever their kind: a
+    /// burst of reports that wake no one must not fill the ring buffer.
+    const WAKE_AT_BYTES: u64 = EVENTS_BYTES as u64 / 8;
 
     /// Failing entries by `struct nf_conn *`. LRU: a flood of distinct failing
     /// flows evicts the oldest instead of failing inserts. Userspace may
@@ -274,7 +287,7 @@ mod programs {
             let state = unsafe { &mut *state };
             state.event.count = state.event.count.wrapping_add(1);
             state.event.last_ns = now;
-            if due(
+            if let Some(wakeup) = due(
                 &mut state.reported,
                 state.event.count,
                 state.event.first_ns,
@@ -282,7 +295,7 @@ mod programs {
                 now,
             ) {
                 state.last_emit_ns = now;
-                emit(&state.event);
+                emit(&state.event, wakeup);
             }
             return Ok(());
         }
@@ -309,7 +322,7 @@ mod programs {
         if LOCALS.insert(&key, &state, BPF_ANY as u64).is_ok() {
             count(stat::LOCALS_INSERTED);
         }
-        emit(&state.event);
+        emit(&state.event, FIRST);
         Ok(())
     }
 
@@ -429,7 +442,7 @@ mod programs {
                 .insert(&ct, &state, BPF_ANY as u64)
                 .map_err(|_| count(stat::READ_ERRORS))?;
         }
-        emit(&state.event);
+        emit(&state.event, FIRST);
         Ok(true)
     }
 
@@ -474,7 +487,7 @@ mod programs {
         event.last_ns = now;
         event.status = status;
         event.last_hook = hook_id;
-        if due(
+        if let Some(wakeup) = due(
             &mut state.reported,
             failures,
             event.first_ns,
@@ -482,28 +495,52 @@ mod programs {
             now,
         ) {
             state.last_emit_ns = now;
-            emit(&state.event);
+            emit(&state.event, wakeup);
         }
     }
 
-    /// Whether an entry that just failed again is reported now: once when
-    /// it has failed `MIN_FAILURES` packets over at least `GRACE_NS` (the
-    /// report userspace raises it on), else once per `EMIT_INTERVAL_NS`.
+    /// A first failure wakes userspace only if it was idle (the ring
+    /// buffer's default): nothing can be raised before `GRACE_NS` anyway.
+    const FIRST: u64 = 0;
+
+    /// Whether an entry that just failed again is reported now, and with
+    /// which ring buffer wakeup flag. The report of its `MIN_FAILURES`th
+    /// failure over at least `GRACE_NS` is the one userspace raises it on:
+    /// sent at once, waking userspace whatever is queued before it. Others
+    /// (at most one per `EMIT_INTERVAL_NS`, or `REPORTED_INTERVAL_NS` after
+    /// that one) wake no one: userspace drains them every second, so that
+    /// thousands of failing flows do not cost thousands of wakeups.
     #[inline(always)]
-    fn due(reported: &mut u32, failures: u32, first_ns: u64, last_emit_ns: u64, now: u64) -> bool {
-        if *reported == 0
-            && failures >= global(&MIN_FAILURES)
-            && now.wrapping_sub(first_ns) >= global(&GRACE_NS)
+    fn due(
+        reported: &mut u32,
+        failures: u32,
+        first_ns: u64,
+        last_emit_ns: u64,
+        now: u64,
+    ) -> Option<u64> {
+        let interval = if *reported == 0 {
+            if failures >= global(&MIN_FAILURES) && now.wrapping_sub(first_ns) >= global(&GRACE_NS)
+            {
+                *reported = 1;
+                return Some(BPF_RB_FORCE_WAKEUP as u64);
+            }
+            global(&EMIT_INTERVAL_NS)
+        } else {
+            global(&REPORTED_INTERVAL_NS)
+        };
+        (now.wrapping_sub(last_emit_ns) >= interval).then_some(BPF_RB_NO_WAKEUP as u64)
+    }
+
+    #[inline(always)]
+    fn emit<T>(event: &T, wakeup: u64) {
+        let wakeup = if wakeup == BPF_RB_NO_WAKEUP as u64
+            && EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKE_AT_BYTES
         {
-            *reported = 1;
-            return true;
-        }
-        now.wrapping_sub(last_emit_ns) >= global(&EMIT_INTERVAL_NS)
-    }
-
-    #[inline(always)]
-    fn emit<T>(event: &T) {
-        if EVENTS.output::<T>(event, 0).is_ok() {
+            BPF_RB_FORCE_WAKEUP as u64
+        } else {
+            wakeup
+        };
+        if EVENTS.output::<T>(event, wakeup).is_ok() {
             count(stat::EVENTS_SENT);
         } else {
             count(stat::EVENTS_LOST);

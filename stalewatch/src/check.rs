@@ -77,6 +77,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
             log::info!("entry already gone: {:?}", e.orig);
         }
     }
+    reporter.flush()?;
     eprintln!(
         "stalewatch: {} conntrack entries checked, {} stale{}",
         entries.len(),

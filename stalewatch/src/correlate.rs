@@ -70,7 +70,7 @@ pub enum AlertState {
     Resolved,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
     Stale,
@@ -144,6 +144,11 @@ struct FlowKey {
     netns: u32,
     id: u64,
 }
+
+/// How much earlier than `remind_every` a reminder may go out: flows raised
+/// within a second of each other (one tick of the watch loop) are reminded
+/// of together, and so can be told of in one record.
+const REMIND_SLACK: Duration = Duration::from_secs(1);
 
 /// `Tracked` times (monotonic, ns) that have not happened.
 const NEVER: u64 = u64::MAX;
@@ -393,10 +398,15 @@ impl Correlator {
     /// Whether `observe` would alert on this report: the caller then looks
     /// up the flow's siblings, which costs a conntrack query.
     pub fn would_alert(&self, flow: &Observation, now: Duration) -> bool {
+        self.alert_due(flow, now).is_some()
+    }
+
+    /// The alert `observe` would give on this report, if any.
+    pub fn alert_due(&self, flow: &Observation, now: Duration) -> Option<AlertState> {
         if !self.relevant(flow) {
-            return false;
+            return None;
         }
-        self.due(flow, now, false).is_some()
+        self.due(flow, now, false)
     }
 
     fn relevant(&self, flow: &Observation) -> bool {
@@ -405,7 +415,8 @@ impl Correlator {
 
     /// The alert `flow` is due for now, if any.
     fn due(&self, flow: &Observation, now: Duration, audited: bool) -> Option<AlertState> {
-        let elapsed = |since: Duration| now.saturating_sub(since) >= self.config.remind_every;
+        let elapsed =
+            |since: Duration| now.saturating_sub(since) + REMIND_SLACK >= self.config.remind_every;
         let tracked = self.tracked_as(flow);
         let at = |ns: u64| (ns != NEVER).then(|| Duration::from_nanos(ns));
         match (
@@ -636,18 +647,25 @@ impl Correlator {
     /// [`Correlator::observe`]); else whether its reminder is due (then the
     /// caller does the same).
     pub fn refresh(&mut self, flow: &Observation, now: Duration) -> Option<bool> {
-        let key = key_of(flow);
+        // One hash lookup: the whole map is refreshed every few seconds.
+        let at = self.flows.get_index_of(&key_of(flow))?;
+        let known = &self.flows[at];
         // Another flow in a reused entry is not this raised flow.
-        let known = self.flows.get(&key).filter(|t| t.raised() && t.is(flow))?;
+        if !(known.raised() && known.is(flow)) {
+            return None;
+        }
         if nanos(flow.last) <= known.last {
             return Some(false);
         }
-        let reason = self.reason_id(flow);
+        let reason = match &flow.drops {
+            Some(d) if *self.reasons[usize::from(known.reason)] == *d.reason => known.reason,
+            _ => self.reason_id(flow),
+        };
         let remind_every = nanos(self.config.remind_every);
-        let t = self.flows.get_mut(&key)?;
+        let t = &mut self.flows[at];
         t.set_facts(flow, reason);
         t.seen = nanos(now);
-        Some(nanos(now).saturating_sub(t.mark) >= remind_every)
+        Some(nanos(now).saturating_sub(t.mark) + nanos(REMIND_SLACK) >= remind_every)
     }
 
     /// The conntrack entry of a flow (`nf_conn` `ct`, original tuple

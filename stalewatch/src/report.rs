@@ -3,6 +3,7 @@
 //! from the same record, so they cannot disagree.
 
 use std::{
+    collections::HashMap,
     fmt::Write as _,
     io::{self, Write},
     net::IpAddr,
@@ -84,6 +85,8 @@ pub struct Failures {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Record {
     StaleFlow(Box<StaleFlow>),
+    /// Reminders of several flows of one service, pinned alike.
+    StaleService(Box<StaleService>),
     /// A stale entry found by `stalewatch check`.
     StaleEntry(Box<StaleEntry>),
     /// A stale entry deleted by `--fix`.
@@ -118,6 +121,143 @@ pub struct StaleFlow {
     pub cause: String,
     /// The command that deletes exactly this entry.
     pub fix: String,
+}
+
+/// The reminders of several flows of one service that fail alike (same
+/// namespace, verdict and stale backend), in one record: the thousands of
+/// flows one redeploy can pin make one line a reminder interval, not
+/// thousands. The fields are a stale flow's, but for the destination
+/// (`service`), the count of `flows`, their summed failures, and a fix
+/// that deletes every entry of the service pinned to the stale backend.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct StaleService {
+    pub state: AlertState,
+    pub verdict: Verdict,
+    pub time: String,
+    pub netns: NetnsInfo,
+    pub family: Family,
+    pub proto: Proto,
+    pub service: Service,
+    /// The flows reminded of in this record.
+    pub flows: u32,
+    pub stale_backend: Backend,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_backend: Option<Backend>,
+    pub evidence: Vec<String>,
+    pub failures: ServiceFailures,
+    /// Why, in a sentence (of each flow).
+    pub cause: String,
+    pub fix: String,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Service {
+    pub dst: IpAddr,
+    pub dport: u16,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct ServiceFailures {
+    /// Packets lost by these flows since their first failures.
+    pub packets: u64,
+    /// The earliest first failure and the latest failure of any of them.
+    pub first: String,
+    pub last: String,
+}
+
+impl StaleService {
+    /// The record of a group of reminders, from the record of one of its
+    /// flows (named and annotated as any flow is).
+    pub fn of(one: StaleFlow, group: &ReminderGroup, orig: &Tuple, clock: &Clock) -> Self {
+        StaleService {
+            state: one.state,
+            verdict: one.verdict,
+            time: one.time,
+            fix: service_fix_command(orig, &one.stale_backend, &one.netns),
+            netns: one.netns,
+            family: one.family,
+            proto: one.proto,
+            service: Service {
+                dst: orig.dst,
+                dport: orig.dport,
+            },
+            flows: group.flows,
+            stale_backend: one.stale_backend,
+            current_backend: one.current_backend,
+            evidence: one.evidence,
+            failures: ServiceFailures {
+                packets: group.packets,
+                first: rfc3339(clock.wall_of(group.first)),
+                last: rfc3339(clock.wall_of(group.last)),
+            },
+            cause: one.cause,
+        }
+    }
+}
+
+/// Reminders gathered over one round of the watch loop, grouped by
+/// namespace, service, verdict and stale backend.
+#[derive(Debug, Default)]
+pub struct Reminders {
+    groups: HashMap<ReminderKey, ReminderGroup>,
+}
+
+type ReminderKey = (u32, Family, Proto, IpAddr, u16, Verdict, IpAddr, u16);
+
+/// Reminders of flows that fail alike: the first one, and the sums.
+#[derive(Debug)]
+pub struct ReminderGroup {
+    pub alert: Alert,
+    pub flows: u32,
+    pub packets: u64,
+    /// The earliest first failure and the latest failure (monotonic).
+    pub first: Duration,
+    pub last: Duration,
+}
+
+impl Reminders {
+    pub fn add(&mut self, alert: &Alert) {
+        let f = &alert.flow;
+        let (addr, port) = f.backend();
+        let key = (
+            f.netns,
+            f.orig.family,
+            f.orig.proto,
+            f.orig.dst,
+            f.orig.dport,
+            alert.verdict,
+            addr,
+            port,
+        );
+        let packets = u64::from(f.failures());
+        match self.groups.get_mut(&key) {
+            Some(g) => {
+                g.flows += 1;
+                g.packets += packets;
+                g.first = g.first.min(f.first);
+                g.last = g.last.max(f.last);
+            }
+            None => {
+                self.groups.insert(
+                    key,
+                    ReminderGroup {
+                        alert: alert.clone(),
+                        flows: 1,
+                        packets,
+                        first: f.first,
+                        last: f.last,
+                    },
+                );
+            }
+        }
+    }
+
+    /// The groups gathered, in a stable order, leaving none.
+    pub fn take(&mut self) -> Vec<ReminderGroup> {
+        let mut groups: Vec<(ReminderKey, ReminderGroup)> = self.groups.drain().collect();
+        groups.sort_by_key(|(key, _)| *key);
+        groups.into_iter().map(|(_, g)| g).collect()
+    }
 }
 
 /// One finding of `stalewatch check`, with the same names as a stale flow.
@@ -255,6 +395,52 @@ pub fn addr_port(addr: IpAddr, port: u16) -> String {
 /// in the flow's namespace. A conntrack table holds one entry per original
 /// tuple, so the full tuple selects exactly one.
 pub fn fix_command(orig: &Tuple, netns: &NetnsInfo) -> String {
+    let mut cmd = in_netns(netns);
+    let family = match orig.family {
+        Family::Ipv4 => "ipv4",
+        Family::Ipv6 => "ipv6",
+    };
+    let _ = write!(
+        cmd,
+        "conntrack -D -f {family} -p {} -s {} -d {}",
+        orig.proto.name(),
+        orig.src,
+        orig.dst
+    );
+    if orig.proto.has_ports() {
+        let _ = write!(cmd, " --sport {} --dport {}", orig.sport, orig.dport);
+    }
+    cmd
+}
+
+/// The `conntrack -D` invocation that deletes every entry of the service
+/// `orig` goes to that is pinned to `backend` (the reply comes from it),
+/// and no other.
+pub fn service_fix_command(orig: &Tuple, backend: &Backend, netns: &NetnsInfo) -> String {
+    let mut cmd = in_netns(netns);
+    let family = match orig.family {
+        Family::Ipv4 => "ipv4",
+        Family::Ipv6 => "ipv6",
+    };
+    let _ = write!(
+        cmd,
+        "conntrack -D -f {family} -p {} -d {} -r {}",
+        orig.proto.name(),
+        orig.dst,
+        backend.addr
+    );
+    if orig.proto.has_ports() {
+        let _ = write!(
+            cmd,
+            " --dport {} --reply-port-src {}",
+            orig.dport, backend.port
+        );
+    }
+    cmd
+}
+
+/// The words that run a command in `netns` (none for our own).
+fn in_netns(netns: &NetnsInfo) -> String {
     let mut cmd = String::new();
     if !netns.is_own {
         match (&netns.name, &netns.path, netns.pid) {
@@ -271,20 +457,6 @@ pub fn fix_command(orig: &Tuple, netns: &NetnsInfo) -> String {
                 let _ = write!(cmd, "nsenter --net=<netns inode {}> ", netns.inode);
             }
         }
-    }
-    let family = match orig.family {
-        Family::Ipv4 => "ipv4",
-        Family::Ipv6 => "ipv6",
-    };
-    let _ = write!(
-        cmd,
-        "conntrack -D -f {family} -p {} -s {} -d {}",
-        orig.proto.name(),
-        orig.src,
-        orig.dst
-    );
-    if orig.proto.has_ports() {
-        let _ = write!(cmd, " --sport {} --dport {}", orig.sport, orig.dport);
     }
     cmd
 }
@@ -318,6 +490,15 @@ fn netns_label(ns: &NetnsInfo) -> String {
     }
 }
 
+fn verdict_word(verdict: Verdict) -> &'static str {
+    match verdict {
+        Verdict::Stale => "stale",
+        Verdict::BackendDown => "backend down",
+        Verdict::Unconfirmed => "unconfirmed",
+        Verdict::Bypass => "bypass",
+    }
+}
+
 /// `": a; b"`, or nothing for no items.
 fn colon_list(items: &[String]) -> String {
     if items.is_empty() {
@@ -327,8 +508,9 @@ fn colon_list(items: &[String]) -> String {
     }
 }
 
-/// Writes records to stdout in the chosen format, one flush per record so a
-/// pipeline sees each alert as it happens.
+/// Writes records in the chosen format. The caller flushes once a round of
+/// work (`watch`: a batch of reports, a tick), so that a pipeline sees each
+/// alert as it happens without a write for each of thousands of lines.
 pub struct Reporter<W: Write> {
     format: Format,
     out: W,
@@ -347,6 +529,10 @@ impl<W: Write> Reporter<W> {
             }
             Format::Text => self.out.write_all(text(record).as_bytes())?,
         }
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
     }
 }
@@ -395,6 +581,50 @@ pub fn text(record: &Record) -> String {
                 s,
                 "{time} WARNING {count} kernel events lost ({total} in all): \
                  some failing flows may be reported late"
+            );
+        }
+        Record::StaleService(a) => {
+            let state = match a.verdict {
+                Verdict::BackendDown => "BACKEND DOWN (still failing)",
+                Verdict::Bypass => "STALE FLOWS (bypass DNAT, still failing)",
+                _ => "STALE FLOWS (still failing)",
+            };
+            let _ = writeln!(
+                s,
+                "{} {state}  {} {} flows -> {}  ({})",
+                a.time,
+                a.proto.name(),
+                a.flows,
+                addr_port(a.service.dst, a.service.dport),
+                netns_label(&a.netns),
+            );
+            let _ = writeln!(
+                s,
+                "  pinned to  {} by their conntrack entries",
+                backend_label(&a.stale_backend)
+            );
+            if let Some(now) = &a.current_backend {
+                let _ = writeln!(s, "  now        {} for new flows", backend_label(now));
+            }
+            let _ = writeln!(
+                s,
+                "  verdict    {}{}",
+                verdict_word(a.verdict),
+                colon_list(&a.evidence)
+            );
+            let f = &a.failures;
+            let _ = writeln!(
+                s,
+                "  kernel     {} packets failed since {} (latest {})",
+                f.packets, f.first, f.last
+            );
+            let _ = writeln!(s, "  cause      of each, {}", a.cause);
+            let _ = writeln!(
+                s,
+                "  fix        {}  (the {} entries pinned to {})",
+                a.fix,
+                a.flows,
+                addr_port(a.stale_backend.addr, a.stale_backend.port)
             );
         }
         Record::StaleFlow(a) => {
@@ -466,13 +696,12 @@ pub fn text(record: &Record) -> String {
             if let Some(now) = &a.current_backend {
                 let _ = writeln!(s, "  now        {} for new flows", backend_label(now));
             }
-            let verdict = match a.verdict {
-                Verdict::Stale => "stale",
-                Verdict::BackendDown => "backend down",
-                Verdict::Unconfirmed => "unconfirmed",
-                Verdict::Bypass => "bypass",
-            };
-            let _ = writeln!(s, "  verdict    {verdict}{}", colon_list(&a.evidence));
+            let _ = writeln!(
+                s,
+                "  verdict    {}{}",
+                verdict_word(a.verdict),
+                colon_list(&a.evidence)
+            );
             let _ = writeln!(
                 s,
                 "  kernel     {} packets failed in {:.1}s: {}",
@@ -679,5 +908,91 @@ mod tests {
         assert!(text(&record).contains("[2001:db8::2]:5353 -> [2001:db8::1]:53"));
         let v = serde_json::to_value(&record).unwrap();
         assert_eq!(v["stale_backend"]["addr"], "2001:db8:1::10");
+    }
+
+    /// A reminder of `alert()` from source port `sport`, failing `packets`
+    /// packets from `first` to `last` seconds.
+    fn reminder(sport: u16, packets: u32, first: u64, last: u64) -> Alert {
+        let mut a = alert();
+        a.state = AlertState::Reminder;
+        a.flow.orig.sport = sport;
+        a.flow.reply.dport = sport;
+        a.flow.first = Duration::from_secs(first);
+        a.flow.last = Duration::from_secs(last);
+        a.flow.icmp = None;
+        a.flow.drops = Some(DropEvidence {
+            reason: "NEIGH_FAILED".into(),
+            count: packets,
+        });
+        a
+    }
+
+    #[test]
+    fn reminders_of_one_service_pinned_alike_make_one_group() {
+        let mut reminders = Reminders::default();
+        reminders.add(&reminder(40000, 10, 50, 98));
+        reminders.add(&reminder(40001, 20, 40, 99));
+        reminders.add(&reminder(40002, 30, 60, 97));
+        // Pinned elsewhere, or judged otherwise: groups of their own.
+        let mut elsewhere = reminder(40003, 5, 70, 90);
+        elsewhere.flow.reply.src = "172.17.0.9".parse().unwrap();
+        reminders.add(&elsewhere);
+        let mut down = reminder(40004, 5, 70, 90);
+        down.verdict = Verdict::BackendDown;
+        reminders.add(&down);
+
+        let groups = reminders.take();
+        assert_eq!(groups.len(), 3);
+        let three = groups.iter().find(|g| g.flows == 3).unwrap();
+        assert_eq!(three.packets, 60);
+        assert_eq!(three.first, Duration::from_secs(40));
+        assert_eq!(three.last, Duration::from_secs(99));
+        assert_eq!(three.alert.flow.orig.sport, 40000);
+        assert!(groups.iter().filter(|g| g.flows == 1).count() == 2);
+        assert!(reminders.take().is_empty(), "take leaves nothing behind");
+    }
+
+    #[test]
+    fn a_service_record_sums_its_flows_and_fixes_them_all_at_once() {
+        let mut reminders = Reminders::default();
+        for (i, sport) in [40000, 40001].into_iter().enumerate() {
+            reminders.add(&reminder(sport, 10 + i as u32, 90 + i as u64, 98));
+        }
+        let group = reminders.take().pop().unwrap();
+        let one = StaleFlow::new(&group.alert, named("sw-router"), &clock());
+        let record = Record::StaleService(Box::new(StaleService::of(
+            one,
+            &group,
+            &group.alert.flow.orig,
+            &clock(),
+        )));
+        let v = serde_json::to_value(&record).unwrap();
+        assert_eq!(v["type"], "stale_service");
+        assert_eq!(v["state"], "reminder");
+        assert_eq!(v["verdict"], "stale");
+        assert_eq!(v["flows"], 2);
+        assert_eq!(
+            v["service"],
+            serde_json::json!({"dst": "192.0.2.1", "dport": 8888})
+        );
+        assert_eq!(v["stale_backend"]["addr"], "172.17.0.2");
+        assert_eq!(v["current_backend"]["addr"], "172.18.0.2");
+        assert_eq!(v["failures"]["packets"], 21);
+        assert_eq!(v["failures"]["first"], "2026-09-21T14:13:10.000Z");
+        assert_eq!(v["failures"]["last"], "2026-09-21T14:13:18.000Z");
+        assert!(v.get("orig").is_none(), "no one flow's tuple: {v}");
+        assert_eq!(
+            v["fix"],
+            "ip netns exec sw-router conntrack -D -f ipv4 -p udp -d 192.0.2.1 -r 172.17.0.2 \
+             --dport 8888 --reply-port-src 8888"
+        );
+        let t = text(&record);
+        assert!(
+            t.contains("STALE FLOWS (still failing)  udp 2 flows -> 192.0.2.1:8888  (netns sw-router, inode 4026532100)"),
+            "{t}"
+        );
+        assert!(t.contains("pinned to  172.17.0.2:8888 by their conntrack entries"), "{t}");
+        assert!(t.contains("21 packets failed since 2026-09-21T14:13:10.000Z"), "{t}");
+        assert!(t.contains("(the 2 entries pinned to 172.17.0.2:8888)"), "{t}");
     }
 }

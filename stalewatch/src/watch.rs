@@ -32,7 +32,7 @@ use crate::{
     kernel::{self, Probes},
     metrics::Metrics,
     netns::{self, NetnsInfo},
-    report::{Clock, EntryDeleted, Record, Reporter, StaleFlow},
+    report::{Clock, EntryDeleted, Record, Reminders, Reporter, StaleFlow, StaleService},
 };
 
 pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
@@ -43,6 +43,10 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         btf: args.btf.clone(),
         netns: netns_filter,
         emit_interval: args.report_interval,
+        // Reports of entries already reported at --min-failures only bring
+        // back those not raised (raised ones are read from the map), and
+        // the audit finds the refused flows that turn into bypasses: rare.
+        reported_interval: args.report_interval.max(REPORTED_INTERVAL),
         min_failures: args.min_failures,
         grace: args.grace,
         max_flows: args.max_flows,
@@ -113,7 +117,12 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
             remind_every: args.remind_every,
             resolve_after: args.resolve_after,
         }),
-        reporter: Reporter::new(args.format, io::stdout().lock()),
+        // Flushed once a round of the loop (see `end_round`).
+        reporter: Reporter::new(
+            args.format,
+            io::BufWriter::with_capacity(1 << 16, io::stdout().lock()),
+        ),
+        reminders: Reminders::default(),
         fix: args.fix,
         resolve_after: args.resolve_after,
         audit_path,
@@ -158,6 +167,8 @@ fn clock() -> Clock {
 struct Session<W: io::Write> {
     correlator: Correlator,
     reporter: Reporter<W>,
+    /// Reminders since the last tick, printed on it, grouped by service.
+    reminders: Reminders,
     fix: bool,
     resolve_after: Duration,
     audit_path: PathBuf,
@@ -181,16 +192,26 @@ struct Session<W: io::Write> {
 type ServiceKey = (u32, Family, Proto, IpAddr, u16);
 
 const NETNS_TTL: Duration = Duration::from_secs(10);
+/// Least time between two kernel reports on a flow once reported at
+/// --min-failures (see `kernel::Options::reported_interval`).
+const REPORTED_INTERVAL: Duration = Duration::from_secs(300);
 const SIBLINGS_TTL: Duration = Duration::from_secs(2);
+/// The same for reminders: a service's siblings cost a conntrack dump that
+/// walks the whole table and copies every entry of the service.
+const REMINDER_SIBLINGS_TTL: Duration = Duration::from_secs(30);
 /// Reports handled before the loop looks at signals and timers again.
 const DRAIN_BATCH: usize = 256;
+/// Reports read on each tick, at most: more than the ring buffer holds
+/// (2 MiB of records of 48 bytes or more), so all that waited.
+const TICK_DRAIN: usize = 65_536;
 /// A raised flow is looked up in conntrack only once it has failed no
 /// packet for this long (the kernel's map shows its failures).
 const QUIET_BEFORE_LOOKUP: Duration = Duration::from_millis(1500);
 /// Raised flows refreshed from the kernel per second, at most: beyond, each
-/// is refreshed less often (every 5 s at 50,000), so that their cost does
-/// not grow with their number; a quarter of --resolve-after at the most.
-const REFRESHED_PER_SECOND: usize = 10_000;
+/// is refreshed less often (every 7 s at 50,000 with the default
+/// --resolve-after), so that their cost does not grow with their number; a
+/// quarter of --resolve-after at the most.
+const REFRESHED_PER_SECOND: usize = 5_000;
 
 /// Every how many ticks raised flows are refreshed from the kernel's map.
 fn refresh_every(raised: usize, resolve_after: Duration) -> u64 {
@@ -226,29 +247,7 @@ impl<W: io::Write> Session<W> {
             tokio::select! {
                 guard = events.readable_mut() => {
                     let mut guard = guard?;
-                    let ring = guard.get_inner_mut();
-                    let mut handled = 0;
-                    while handled < DRAIN_BATCH {
-                        let Some(item) = ring.next() else { break };
-                        handled += 1;
-                        let flow = match kernel::read_event(&item) {
-                            // A raised flow's report only updates its
-                            // counters, unless its reminder is due.
-                            Some(kernel::Record::Flow(raw)) => {
-                                Observation::decode(&raw, &layout.tuple, &layout.drop_reasons)
-                                    .filter(|f| {
-                                        self.correlator.refresh(f, monotonic()) != Some(false)
-                                    })
-                            }
-                            Some(kernel::Record::Local(raw)) => {
-                                Some(Observation::decode_local(&raw))
-                            }
-                            None => None,
-                        };
-                        if let Some(flow) = flow {
-                            self.observe(flow)?;
-                        }
-                    }
+                    let handled = self.drain(guard.get_inner_mut(), &layout, DRAIN_BATCH)?;
                     // A full batch may have left reports behind: stay ready
                     // so the loop comes back after a look at the signals.
                     if handled < DRAIN_BATCH {
@@ -256,7 +255,11 @@ impl<W: io::Write> Session<W> {
                     }
                 }
                 _ = ticker.tick() => {
+                    // Most reports wake no one (see the kernel's `due`):
+                    // they are read here, all of them, once a second.
+                    self.drain(events.get_mut(), &layout, TICK_DRAIN)?;
                     self.tick(&probes, ticks)?;
+                    self.print_reminders()?;
                     ticks += 1;
                     // Counting map entries walks the maps: every 5 s only.
                     if ticks % 5 == 1 {
@@ -283,8 +286,10 @@ impl<W: io::Write> Session<W> {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
             }
-            self.conns.clear();
+            self.end_round()?;
         }
+        self.print_reminders()?;
+        self.end_round()?;
         let stats = probes.stats()?;
         drop(probes);
         eprintln!(
@@ -294,20 +299,49 @@ impl<W: io::Write> Session<W> {
         Ok(())
     }
 
+    /// Handles up to `max` reports from the ring buffer; returns how many.
+    fn drain(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+        layout: &kernel::btf::KernelLayout,
+        max: usize,
+    ) -> anyhow::Result<usize> {
+        let mut handled = 0;
+        while handled < max {
+            let Some(item) = ring.next() else { break };
+            handled += 1;
+            let flow = match kernel::read_event(&item) {
+                // A raised flow's report only updates its counters, unless
+                // its reminder is due.
+                Some(kernel::Record::Flow(raw)) => {
+                    Observation::decode(&raw, &layout.tuple, &layout.drop_reasons)
+                        .filter(|f| self.correlator.refresh(f, monotonic()) != Some(false))
+                }
+                Some(kernel::Record::Local(raw)) => Some(Observation::decode_local(&raw)),
+                None => None,
+            };
+            drop(item);
+            if let Some(flow) = flow {
+                self.observe(flow, FRESH_REPORT)?;
+            }
+        }
+        Ok(handled)
+    }
+
     /// One kernel report. Only flows about to be alerted cost conntrack
     /// queries: is the entry still there (an orchestrator may have cleaned
-    /// it up already), and where do its siblings go?
-    fn observe(&mut self, flow: Observation) -> anyhow::Result<()> {
+    /// it up already), and where do its siblings go? A report whose latest
+    /// failure is younger than `fresh` is taken as proof that the entry
+    /// exists (the failing packet carried it).
+    fn observe(&mut self, flow: Observation, fresh: Duration) -> anyhow::Result<()> {
         let now = monotonic();
         // The kernel reused a tracked entry's address: that entry is gone.
         if let Some(alert) = self.correlator.displaced(&flow, now) {
             self.emit(&alert)?;
         }
         let mut siblings = None;
-        if self.correlator.would_alert(&flow, now) {
-            // A report of a failure that just happened needs no lookup: the
-            // failing packet carried the entry.
-            if now.saturating_sub(flow.last) >= FRESH_REPORT
+        if let Some(state) = self.correlator.alert_due(&flow, now) {
+            if now.saturating_sub(flow.last) >= fresh
                 && self.entry_exists(flow.netns, &flow.orig, &flow.reply) == Some(false)
             {
                 if let Some(alert) = self
@@ -318,9 +352,15 @@ impl<W: io::Write> Session<W> {
                 }
                 return Ok(());
             }
+            // A reminder may take siblings read a while ago: thousands of
+            // flows of one service are reminded of together.
+            let max_age = match state {
+                AlertState::Reminder => REMINDER_SIBLINGS_TTL,
+                _ => SIBLINGS_TTL,
+            };
             // Refused by design: no DNATed sibling makes it a bypass.
             siblings = self
-                .siblings_of(&flow)
+                .siblings_of(&flow, max_age)
                 .filter(|_| !(flow.local && self.by_design(flow.netns, &flow.orig)));
         }
         if let Some(alert) = self.correlator.observe(flow, siblings.as_ref(), now) {
@@ -381,11 +421,11 @@ impl<W: io::Write> Session<W> {
     /// siblings: the DNATed entries to the same destination (the flow's own
     /// entry, if DNATed, goes to the stale backend, which the verdict sets
     /// apart). `None` when the table cannot be read.
-    fn siblings_of(&mut self, flow: &Observation) -> Option<Siblings> {
+    fn siblings_of(&mut self, flow: &Observation, max_age: Duration) -> Option<Siblings> {
         let o = &flow.orig;
         let key = (flow.netns, o.family, o.proto, o.dst, o.dport);
         if let Some((siblings, at)) = self.siblings.get(&key)
-            && at.elapsed() < SIBLINGS_TTL
+            && at.elapsed() < max_age
         {
             return siblings.clone();
         }
@@ -412,7 +452,7 @@ impl<W: io::Write> Session<W> {
             Some(siblings)
         });
         self.siblings
-            .retain(|_, (_, at)| at.elapsed() < SIBLINGS_TTL);
+            .retain(|_, (_, at)| at.elapsed() < REMINDER_SIBLINGS_TTL);
         self.siblings
             .insert(key, (siblings.clone(), Instant::now()));
         siblings
@@ -426,8 +466,12 @@ impl<W: io::Write> Session<W> {
         let raised = self.correlator.raised();
         let every = refresh_every(raised, self.resolve_after);
         if raised > 0 && ticks.is_multiple_of(every) {
+            // Each failed a packet since the previous pass, `every` s ago at
+            // most: its entry existed then (a deleted one is resolved by the
+            // quiet flows' lookups below).
+            let fresh = FRESH_REPORT + Duration::from_secs(every);
             for report in self.refresh_from_kernel(probes) {
-                self.observe(report)?;
+                self.observe(report, fresh)?;
             }
         }
         let mut stalled: HashMap<u32, Vec<RaisedFlow>> = HashMap::new();
@@ -437,7 +481,7 @@ impl<W: io::Write> Session<W> {
         for flow in self.correlator.quiet_raised(monotonic(), quiet) {
             // Refused datagrams are few: looked up one by one.
             match fresh_local(probes, &flow) {
-                Some(report) if report.last > flow.last => self.observe(report)?,
+                Some(report) if report.last > flow.last => self.observe(report, FRESH_REPORT)?,
                 _ => stalled.entry(flow.netns).or_default().push(flow),
             }
         }
@@ -541,7 +585,8 @@ impl<W: io::Write> Session<W> {
                 .is_some_and(|e| e.served_by_proxy(orig))
     }
 
-    /// Prints an alert, and with `--fix` deletes the entry of a flow raised
+    /// Prints an alert (a reminder waits for the next tick: see
+    /// `print_reminders`), and with `--fix` deletes the entry of a flow raised
     /// as stale or bypassing (never one whose backend is down).
     fn emit(&mut self, alert: &Alert) -> anyhow::Result<()> {
         if let Some(metrics) = &self.metrics
@@ -550,11 +595,12 @@ impl<W: io::Write> Session<W> {
             m.alert(alert.state, alert.verdict);
         }
         let info = self.netns_info(alert.flow.netns);
-        let mut record = StaleFlow::new(alert, info.clone(), &clock());
-        if let Some(engine) = &self.engine {
-            engine.annotate_flow(&mut record, &alert.flow.orig);
+        if alert.state == AlertState::Reminder {
+            self.reminders.add(alert);
+        } else {
+            let record = self.flow_record(alert, info.clone());
+            self.reporter.write(&Record::StaleFlow(Box::new(record)))?;
         }
-        self.reporter.write(&Record::StaleFlow(Box::new(record)))?;
         let fixable = matches!(alert.verdict, Verdict::Stale | Verdict::Bypass)
             && alert.state != AlertState::Resolved;
         if self.fix && fixable {
@@ -574,6 +620,46 @@ impl<W: io::Write> Session<W> {
                         info,
                     ))))?;
             }
+        }
+        Ok(())
+    }
+
+    /// The record of one flow's alert, its containers named.
+    fn flow_record(&self, alert: &Alert, info: NetnsInfo) -> StaleFlow {
+        let mut record = StaleFlow::new(alert, info, &clock());
+        if let Some(engine) = &self.engine {
+            engine.annotate_flow(&mut record, &alert.flow.orig);
+        }
+        record
+    }
+
+    /// Ends a round of the loop: flushes what was written, and closes the
+    /// conntrack sockets.
+    fn end_round(&mut self) -> anyhow::Result<()> {
+        self.reporter.flush()?;
+        self.conns.clear();
+        Ok(())
+    }
+
+    /// Prints the reminders gathered since the last tick (once a second):
+    /// one record for the flows of a service that fail alike (a redeploy
+    /// can pin thousands).
+    fn print_reminders(&mut self) -> anyhow::Result<()> {
+        for group in self.reminders.take() {
+            let alert = &group.alert;
+            let info = self.netns_info(alert.flow.netns);
+            let one = self.flow_record(alert, info);
+            let record = if group.flows == 1 {
+                Record::StaleFlow(Box::new(one))
+            } else {
+                Record::StaleService(Box::new(StaleService::of(
+                    one,
+                    &group,
+                    &alert.flow.orig,
+                    &clock(),
+                )))
+            };
+            self.reporter.write(&record)?;
         }
         Ok(())
     }
@@ -657,8 +743,9 @@ mod tests {
         let default = Duration::from_secs(30);
         assert_eq!(refresh_every(0, default), 1);
         assert_eq!(refresh_every(1_000, default), 1);
-        assert_eq!(refresh_every(19_999, default), 1);
-        assert_eq!(refresh_every(50_000, default), 5);
+        assert_eq!(refresh_every(9_999, default), 1);
+        assert_eq!(refresh_every(20_000, default), 4);
+        assert_eq!(refresh_every(50_000, default), 7);
         // Never so rarely that a flow failing on looks silent.
         assert_eq!(refresh_every(262_144, default), 7);
         assert_eq!(refresh_every(262_144, Duration::from_secs(4)), 1);

@@ -269,6 +269,99 @@ fn failing_flow_without_nat_is_not_raised() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Several flows pinned by one redeploy: each is raised, then they are
+/// reminded of in one record for the service, whose fix deletes exactly
+/// their entries (a sibling to the new backend survives it).
+#[test]
+fn stale_flows_of_one_service_are_reminded_of_together_and_fixed_at_once() -> anyhow::Result<()>
+{
+    const OTHER_SPORT: u16 = 40010;
+    let mut story = Story::build(Variant::v4(Rules::Iptables))?;
+    let old_service = Receiver::start(story.old.as_ref().expect("old"), 8888)?;
+    let watcher = Watcher::start(&[
+        "--netns",
+        &story.router.name,
+        "--remind-every",
+        "3s",
+        "--resolve-after",
+        "20s",
+    ])?;
+    let other_src = story.producer_addr(OTHER_SPORT);
+    let mut other = Producer::start(
+        &story.producer,
+        other_src,
+        story.service(),
+        EVERY,
+        1500,
+        secs(150),
+    )?;
+    let Played {
+        mut stream,
+        mut fresh,
+        new_service,
+    } = story.play(old_service, STALE_SPORT, NEW_SPORT)?;
+    let plan = story.plan;
+    for sport in [STALE_SPORT, OTHER_SPORT] {
+        let raised = watcher
+            .wait_for(secs(20), |v| is_stale_flow(v, "raised", sport))
+            .unwrap_or_else(|| panic!("flow {sport} not raised: {:?}", watcher.records()));
+        assert_eq!(raised["verdict"], "stale", "{raised}");
+    }
+    let reminder = watcher
+        .wait_for(secs(15), |v| v["type"] == "stale_service")
+        .unwrap_or_else(|| panic!("no stale_service reminder: {:?}", watcher.records()));
+    assert_eq!(reminder["state"], "reminder", "{reminder}");
+    assert_eq!(reminder["verdict"], "stale", "{reminder}");
+    assert_eq!(reminder["flows"], 2, "{reminder}");
+    assert_eq!(
+        reminder["service"],
+        serde_json::json!({"dst": plan.router_lan, "dport": 8888})
+    );
+    assert_eq!(
+        reminder["stale_backend"],
+        serde_json::json!({"addr": plan.old_backend, "port": 8888})
+    );
+    assert_eq!(reminder["current_backend"]["addr"], plan.new_backend);
+    assert!(reminder["failures"]["packets"].as_u64().unwrap() >= 6);
+    assert!(
+        !watcher
+            .records()
+            .iter()
+            .any(|v| v["type"] == "stale_flow" && v["state"] == "reminder"),
+        "no reminder of either flow alone: {:?}",
+        watcher.records()
+    );
+
+    // Its one fix heals both, and leaves the new flow's entry alone.
+    sh(reminder["fix"].as_str().expect("fix command"))?;
+    for src in [story.producer_addr(STALE_SPORT), other_src] {
+        assert!(
+            new_service.wait_from(src, 5, secs(10)),
+            "after the fix {src} reaches the new container"
+        );
+    }
+    for sport in [STALE_SPORT, OTHER_SPORT] {
+        let resolved = watcher
+            .wait_for(secs(15), |v| is_stale_flow(v, "resolved", sport))
+            .unwrap_or_else(|| panic!("{sport} not resolved: {:?}", watcher.records()));
+        assert_eq!(resolved["resolution"], "entry_gone", "{resolved}");
+    }
+    let left = sh(&format!(
+        "ip netns exec {} conntrack -L -p udp --dport 8888 2>/dev/null",
+        story.router.name
+    ))?;
+    assert!(
+        left.contains(&format!("sport={NEW_SPORT} ")) && left.contains(plan.new_backend),
+        "the new flow's entry survives the fix: {left}"
+    );
+    fresh.stop();
+    stream.stop();
+    other.stop();
+    let (status, _) = watcher.stop()?;
+    assert!(status.success(), "exit status {status}");
+    Ok(())
+}
+
 /// Every flow to the service fails at the same backend: that backend is
 /// down, it is not a stale entry.
 #[test]

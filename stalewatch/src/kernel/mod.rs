@@ -31,8 +31,11 @@ pub struct Options {
     pub btf: PathBuf,
     /// Watch only this network namespace (inode).
     pub netns: Option<u32>,
-    /// Least time between two reports on one failing entry.
+    /// Least time between two reports on one failing entry...
     pub emit_interval: Duration,
+    /// ... once it has been reported at `min_failures` (userspace reads
+    /// raised entries from the map instead).
+    pub reported_interval: Duration,
     /// Failures at which an entry is reported at once...
     pub min_failures: u32,
     /// ... once it has failed for this long.
@@ -87,6 +90,7 @@ impl Probes {
         let drop_reasons_v6 = layout.drop_reasons.failure_bitmap_v6();
         let netns = options.netns.unwrap_or(0);
         let interval = options.emit_interval.as_nanos() as u64;
+        let reported_interval = options.reported_interval.as_nanos() as u64;
         let grace = options.grace.as_nanos() as u64;
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
@@ -101,6 +105,7 @@ impl Probes {
             .override_global(globals::OFF_NET_NS_INUM, &layout.net_ns_inum, true)
             .override_global(globals::NETNS_FILTER, &netns, true)
             .override_global(globals::EMIT_INTERVAL_NS, &interval, true)
+            .override_global(globals::REPORTED_INTERVAL_NS, &reported_interval, true)
             .override_global(globals::DROP_REASONS, &drop_reasons, true)
             .override_global(globals::DROP_REASONS_V6, &drop_reasons_v6, true)
             .override_global(globals::OFF_SKB_PROTOCOL, &layout.skb_protocol, true)
