@@ -991,8 +991,17 @@ mod tests {
             t.contains("STALE FLOWS (still failing)  udp 2 flows -> 192.0.2.1:8888  (netns sw-router, inode 4026532100)"),
             "{t}"
         );
-        assert!(t.contains("pinned to  172.17.0.2:8888 by their conntrack entries"), "{t}");
-        assert!(t.contains("21 packets failed since 2026-09-21T14:13:10.000Z"), "{t}");
-        assert!(t.contains("(the 2 entries pinned to 172.17.0.2:8888)"), "{t}");
+        assert!(
+            t.contains("pinned to  172.17.0.2:8888 by their conntrack entries"),
+            "{t}"
+        );
+        assert!(
+            t.contains("21 packets failed since 2026-09-21T14:13:10.000Z"),
+            "{t}"
+        );
+        assert!(
+            t.contains("(the 2 entries pinned to 172.17.0.2:8888)"),
+            "{t}"
+        );
     }
 }

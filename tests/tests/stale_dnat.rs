@@ -273,8 +273,7 @@ fn failing_flow_without_nat_is_not_raised() -> anyhow::Result<()> {
 /// reminded of in one record for the service, whose fix deletes exactly
 /// their entries (a sibling to the new backend survives it).
 #[test]
-fn stale_flows_of_one_service_are_reminded_of_together_and_fixed_at_once() -> anyhow::Result<()>
-{
+fn stale_flows_of_one_service_are_reminded_of_together_and_fixed_at_once() -> anyhow::Result<()> {
     const OTHER_SPORT: u16 = 40010;
     let mut story = Story::build(Variant::v4(Rules::Iptables))?;
     let old_service = Receiver::start(story.old.as_ref().expect("old"), 8888)?;
