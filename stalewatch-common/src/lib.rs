@@ -35,6 +35,13 @@ pub mod hook {
 /// as a little-endian u16 on the BPF side).
 pub const ETH_P_IPV6_BE: u16 = 0x86dd_u16.to_be();
 
+/// The immediate of the call instruction that stands for the kernel
+/// function `bpf_rdonly_cast` in the compiled programs: no helper has this
+/// number. Before loading, userspace rewrites each such call into a kfunc
+/// call (`BPF_PSEUDO_KFUNC_CALL`, the kfunc's BTF id) where the kernel has
+/// it, else into `r0 = r1`, and sets the `CAST_CT` global to say which.
+pub const RDONLY_CAST_CALL: i32 = 0x5357_0c57;
+
 /// ICMP destination unreachable (RFC 792).
 pub const ICMP_DEST_UNREACH: u32 = 3;
 
@@ -216,6 +223,8 @@ pub mod globals {
     pub const NETNS_FILTER: &str = "NETNS_FILTER";
     pub const EMIT_INTERVAL_NS: &str = "EMIT_INTERVAL_NS";
     pub const REPORTED_INTERVAL_NS: &str = "REPORTED_INTERVAL_NS";
+    pub const CAST_CT: &str = "CAST_CT";
+    pub const NF_CONN_BTF_ID: &str = "NF_CONN_BTF_ID";
     pub const DROP_REASONS: &str = "DROP_REASONS";
     pub const DROP_REASONS_V6: &str = "DROP_REASONS_V6";
     pub const OFF_SKB_PROTOCOL: &str = "OFF_SKB_PROTOCOL";

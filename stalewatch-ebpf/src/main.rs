@@ -37,7 +37,8 @@ mod programs {
     use stalewatch_common::{
         CAUSE_ICMP, CAUSES as CAUSE_SLOTS, CT_CHUNK_WORDS, DROP_REASON_MAX, DROP_REASON_WORDS,
         ETH_P_IPV6_BE, FlowEvent, FlowState, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, LocalEvent,
-        LocalKey, LocalState, TUPLE_SIZE, TUPLE_WORDS, ct_status, hook, kind, stat,
+        LocalKey, LocalState, RDONLY_CAST_CALL, TUPLE_SIZE, TUPLE_WORDS, ct_status, hook, kind,
+        stat,
     };
 
     // Read-only globals, set by userspace from BTF (see stalewatch-common's
@@ -47,6 +48,14 @@ mod programs {
     static OFF_SKB_NFCT: u64 = 0;
     #[unsafe(no_mangle)]
     static OFF_CT_STATUS: u64 = 0;
+    /// 1 when `rdonly_cast` is the kernel's `bpf_rdonly_cast` (see
+    /// stalewatch-common's `RDONLY_CAST_CALL`): an entry's status is then
+    /// a plain load. 0: read with a helper call, as on kernels before 6.2.
+    #[unsafe(no_mangle)]
+    static CAST_CT: u32 = 0;
+    /// The BTF id of `struct nf_conn` in the kernel's BTF.
+    #[unsafe(no_mangle)]
+    static NF_CONN_BTF_ID: u32 = 0;
     /// Where the chunk of `nf_conn` read on a failing packet starts, and
     /// where in it (in u64 words) the tuples and the namespace pointer are.
     #[unsafe(no_mangle)]
@@ -174,10 +183,82 @@ mod programs {
         unsafe { read_volatile((skb + global(offset)) as *const T) }
     }
 
+    /// `bpf_rdonly_cast(obj, btf_id)`, written as a call of the helper
+    /// numbered `RDONLY_CAST_CALL` (Rust's BPF target has no kfunc calls),
+    /// which userspace rewrites before loading. With `CAST_CT` set, the
+    /// verifier knows the result as a read-only `struct nf_conn *`, loads
+    /// through which are plain loads that cannot fault; the kernel inlines
+    /// the call itself as `r0 = r1`. Else it is `r0 = r1`, and unused.
+    #[inline(always)]
+    fn rdonly_cast(obj: u64, btf_id: u32) -> u64 {
+        // SAFETY: see above: the call is rewritten before the program loads.
+        unsafe {
+            let cast: unsafe extern "C" fn(u64, u32) -> u64 =
+                core::mem::transmute(RDONLY_CAST_CALL as usize);
+            cast(obj, btf_id)
+        }
+    }
+
+    /// A field of an entry through a pointer from `rdonly_cast`.
+    #[inline(always)]
+    fn load<T: Into<u64> + Copy>(at: u64) -> u64 {
+        // SAFETY: a BTF-typed load that the verifier checks, which cannot
+        // fault (see `rdonly_cast`).
+        unsafe { read_volatile(at as *const T) }.into()
+    }
+
+    /// A `struct nf_conntrack_tuple` at `at` (from `rdonly_cast`) as the
+    /// five u64 words its 40 bytes make: source address (16 bytes), port
+    /// (2), l3num (2), destination address (16), port (2), protonum (1),
+    /// dir (1).
+    #[inline(always)]
+    fn load_tuple(at: u64) -> [u64; TUPLE_WORDS] {
+        [
+            load::<u64>(at),
+            load::<u64>(at + 8),
+            load::<u16>(at + 16) | load::<u16>(at + 18) << 16 | load::<u32>(at + 20) << 32,
+            load::<u64>(at + 24),
+            load::<u32>(at + 32)
+                | load::<u16>(at + 36) << 32
+                | load::<u8>(at + 38) << 48
+                | load::<u8>(at + 39) << 56,
+        ]
+    }
+
+    /// An entry's status: one load (see `rdonly_cast`), or a helper call
+    /// where the kernel has no `bpf_rdonly_cast`. Unrelated drops of
+    /// tracked packets pay this, so it is worth the trouble.
+    #[inline(always)]
+    fn ct_status_of(ct: u64) -> Result<u32, ()> {
+        if global(&CAST_CT) != 0 {
+            let ct = rdonly_cast(ct, global(&NF_CONN_BTF_ID));
+            Ok(load::<u32>(ct + global(&OFF_CT_STATUS)) as u32)
+        } else {
+            read(ct + global(&OFF_CT_STATUS))
+        }
+    }
+
     /// The tuples and namespace pointer of one `nf_conn`, read at once.
     struct Chunk([u64; CT_CHUNK_WORDS]);
 
     impl Chunk {
+        /// The original and reply tuples and the namespace pointer of an
+        /// entry, loaded field by field through `bpf_rdonly_cast` (with
+        /// `CAST_CT` only): no helper call, no copy. The verifier lets a
+        /// load span array elements but not struct fields, so each tuple
+        /// (the layout userspace checked) is loaded in nine pieces, and
+        /// assembled into the words the helper read would have copied.
+        #[inline(always)]
+        fn load(ct: u64) -> ([u64; TUPLE_WORDS], [u64; TUPLE_WORDS], u64) {
+            let at = rdonly_cast(ct, global(&NF_CONN_BTF_ID)) + global(&OFF_CT_CHUNK);
+            let word = |i: u32| at + 8 * u64::from(i);
+            (
+                load_tuple(word(global(&CHUNK_ORIG))),
+                load_tuple(word(global(&CHUNK_REPLY))),
+                load::<u64>(word(global(&CHUNK_NET))),
+            )
+        }
+
         #[inline(always)]
         fn read(ct: u64) -> Result<Chunk, ()> {
             let mut chunk = Chunk([0; CT_CHUNK_WORDS]);
@@ -359,14 +440,20 @@ mod programs {
         if ct == 0 {
             return Ok(false);
         }
-        let status: u32 = read(ct + global(&OFF_CT_STATUS))?;
+        let status = ct_status_of(ct)?;
         if status & ct_status::DST_NAT == 0 {
             return Ok(true);
         }
-        let chunk = Chunk::read(ct)?;
-        let orig = chunk.tuple(global(&CHUNK_ORIG))?;
-        let reply = chunk.tuple(global(&CHUNK_REPLY))?;
-        let net = chunk.word(global(&CHUNK_NET))?;
+        let (orig, reply, net) = if global(&CAST_CT) != 0 {
+            Chunk::load(ct)
+        } else {
+            let chunk = Chunk::read(ct)?;
+            (
+                chunk.tuple(global(&CHUNK_ORIG))?,
+                chunk.tuple(global(&CHUNK_REPLY))?,
+                chunk.word(global(&CHUNK_NET))?,
+            )
+        };
         // SAFETY: no preconditions.
         let now = unsafe { bpf_ktime_get_ns() };
 

@@ -135,7 +135,10 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
     };
     // Said last, once SIGINT and SIGTERM are handled: whoever waits for
     // this line may stop us at once.
-    eprintln!("stalewatch: attached to icmp:icmp_send and skb:kfree_skb; watching {scope}");
+    eprintln!(
+        "stalewatch: attached to icmp:icmp_send and skb:kfree_skb (conntrack entries read {}); watching {scope}",
+        probes.reads
+    );
     runtime.block_on(session.run(probes, events, signals, args.audit_every))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -11,7 +11,7 @@ use stalewatch_tests::{
     sh,
     story::{DEAD_END_BACKEND, DeadEnd, Family, Played, Rules, Story, Variant},
     traffic::{Producer, Receiver},
-    watcher::{Watcher, is_stale_flow},
+    watcher::{self, Watcher, is_stale_flow},
 };
 
 const EVERY: Duration = Duration::from_millis(100);
@@ -58,10 +58,38 @@ const NEIGHBOUR_V6: Expect = Expect {
 /// works, the raised alert with its evidence, the fix it names, the stream
 /// reaching the new container, and the resolved alert.
 fn story(variant: Variant, expect: Expect) -> anyhow::Result<()> {
+    story_read(variant, expect, Read::AsTheKernelAllows)
+}
+
+/// How the programs read conntrack entries.
+#[derive(PartialEq)]
+enum Read {
+    /// Through `bpf_rdonly_cast` on this kernel.
+    AsTheKernelAllows,
+    /// With helper calls, as on kernels before 6.2.
+    WithHelpers,
+}
+
+fn story_read(variant: Variant, expect: Expect, read: Read) -> anyhow::Result<()> {
     let mut story = Story::build(variant)?;
     let router_inode = story.router.inode()?;
     let old_service = Receiver::start(story.old.as_ref().expect("old"), 8888)?;
-    let watcher = Watcher::start(&["--netns", &story.router.name, "--resolve-after", "4s"])?;
+    let mut cmd = std::process::Command::new(watcher::binary());
+    cmd.args(["watch", "--format", "json", "--netns", &story.router.name])
+        .args(["--resolve-after", "4s"]);
+    if read == Read::WithHelpers {
+        cmd.env("STALEWATCH_READ_WITH_HELPERS", "1");
+    }
+    let watcher = Watcher::start_command(cmd, false)?;
+    let reads = match read {
+        Read::AsTheKernelAllows => "read through bpf_rdonly_cast",
+        Read::WithHelpers => "read with helper calls",
+    };
+    assert!(
+        watcher.stderr_text().contains(reads),
+        "{}",
+        watcher.stderr_text()
+    );
 
     let stale_src = story.producer_addr(STALE_SPORT);
     // The redeploy, and a new flow DNATed to the new container.
@@ -156,6 +184,25 @@ fn story(variant: Variant, expect: Expect) -> anyhow::Result<()> {
 #[test]
 fn ipv4_iptables() -> anyhow::Result<()> {
     story(Variant::v4(Rules::Iptables), NEIGHBOUR_V4)
+}
+
+/// The path of kernels without `bpf_rdonly_cast` (before 6.2), forced.
+#[test]
+fn ipv4_iptables_read_with_helpers() -> anyhow::Result<()> {
+    story_read(
+        Variant::v4(Rules::Iptables),
+        NEIGHBOUR_V4,
+        Read::WithHelpers,
+    )
+}
+
+#[test]
+fn ipv6_ip6tables_read_with_helpers() -> anyhow::Result<()> {
+    story_read(
+        Variant::v6(Rules::Iptables),
+        NEIGHBOUR_V6,
+        Read::WithHelpers,
+    )
 }
 
 #[test]

@@ -55,7 +55,8 @@ pub struct TupleLayout {
 
 impl TupleLayout {
     /// The layout of every kernel since conntrack tuples got their current
-    /// shape; for tests only. At run time the layout comes from BTF.
+    /// shape. At run time the layout comes from BTF; the programs' loads
+    /// through `bpf_rdonly_cast` assume this one.
     pub const LINUX: TupleLayout = TupleLayout {
         src_addr: 0,
         src_port: 16,
@@ -86,6 +87,17 @@ pub struct KernelLayout {
     pub net_ns_inum: u64,
     pub tuple: TupleLayout,
     pub drop_reasons: DropReasons,
+    /// The kernel's `bpf_rdonly_cast`, where it has one (6.2 and later).
+    pub rdonly_cast: Option<RdonlyCast>,
+}
+
+/// BTF ids for a `bpf_rdonly_cast(ct, nf_conn)` call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RdonlyCast {
+    /// The kfunc.
+    pub func: u32,
+    /// `struct nf_conn`.
+    pub nf_conn: u32,
 }
 
 /// Where the kernel side reads both tuples and the namespace pointer of an
@@ -206,6 +218,14 @@ impl KernelLayout {
         let ct_tuple_orig = (tuplehash + tuple_in_hash) as u64;
         let ct_tuple_reply = (tuplehash + hash_size + tuple_in_hash) as u64;
         let ct_net = (ct_net + net_in_possible) as u64;
+        let tuple = TupleLayout {
+            src_addr: field("nf_conntrack_tuple", &["src", "u3"])?,
+            src_port: field("nf_conntrack_tuple", &["src", "u"])?,
+            l3num: field("nf_conntrack_tuple", &["src", "l3num"])?,
+            dst_addr: field("nf_conntrack_tuple", &["dst", "u3"])?,
+            dst_port: field("nf_conntrack_tuple", &["dst", "u"])?,
+            protonum: field("nf_conntrack_tuple", &["dst", "protonum"])?,
+        };
 
         Ok(KernelLayout {
             skb_nfct: field("sk_buff", &["_nfct"])? as u64,
@@ -221,15 +241,10 @@ impl KernelLayout {
             ct_net,
             ct_chunk: CtChunk::new(ct_tuple_orig, ct_tuple_reply, ct_net)?,
             net_ns_inum: field("net", &["ns", "inum"])? as u64,
-            tuple: TupleLayout {
-                src_addr: field("nf_conntrack_tuple", &["src", "u3"])?,
-                src_port: field("nf_conntrack_tuple", &["src", "u"])?,
-                l3num: field("nf_conntrack_tuple", &["src", "l3num"])?,
-                dst_addr: field("nf_conntrack_tuple", &["dst", "u3"])?,
-                dst_port: field("nf_conntrack_tuple", &["dst", "u"])?,
-                protonum: field("nf_conntrack_tuple", &["dst", "protonum"])?,
-            },
+            tuple,
             drop_reasons: types.drop_reasons()?,
+            // Its loads follow the usual tuple layout (see the programs).
+            rdonly_cast: types.rdonly_cast().filter(|_| tuple == TupleLayout::LINUX),
         })
     }
 }
@@ -242,6 +257,24 @@ struct Types<'a> {
 impl Types<'_> {
     fn missing(&self, what: String) -> Error {
         Error::Layout(format!("{what} not found in {}", self.path.display()))
+    }
+
+    /// The ids of `bpf_rdonly_cast` (a function) and `struct nf_conn`.
+    fn rdonly_cast(&self) -> Option<RdonlyCast> {
+        let id_of = |name: &str, pick: fn(&Type) -> bool| {
+            self.btf
+                .resolve_ids_by_name(name)
+                .unwrap_or_default()
+                .into_iter()
+                .find(|id| self.btf.resolve_type_by_id(*id).is_ok_and(|t| pick(&t)))
+        };
+        Some(RdonlyCast {
+            func: id_of("bpf_rdonly_cast", |t| matches!(t, Type::Func(_)))?,
+            nf_conn: id_of(
+                "nf_conn",
+                |t| matches!(t, Type::Struct(s) if !s.members.is_empty()),
+            )?,
+        })
     }
 
     fn named_struct(&self, name: &str) -> Result<btf_rs::Struct, Error> {

@@ -12,16 +12,58 @@ use aya::{
     programs::BtfTracePoint,
 };
 use stalewatch_common::{
-    FlowEvent, FlowState, LocalEvent, LocalKey, LocalState, globals, kind, names, stat,
+    FlowEvent, FlowState, LocalEvent, LocalKey, LocalState, RDONLY_CAST_CALL, globals, kind, names,
+    stat,
 };
 
 use nix::libc;
 
-use self::btf::{KernelLayout, TRACEPOINTS};
+use self::btf::{KernelLayout, RdonlyCast, TRACEPOINTS};
 use crate::error::Error;
 
 /// The eBPF object built by build.rs from `stalewatch-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stalewatch-probes"));
+
+/// Set (to anything) in the environment, stalewatch reads conntrack entries
+/// with helper calls even where `bpf_rdonly_cast` would do, as on kernels
+/// before 6.2: the tests run that path too.
+pub const HELPERS_ONLY: &str = "STALEWATCH_READ_WITH_HELPERS";
+
+/// The object with every call of `RDONLY_CAST_CALL` (see stalewatch-common)
+/// rewritten: into a call of the kernel function whose BTF id is `func`, or
+/// without one into `r0 = r1` (the programs then do not use its result).
+/// BPF code sits 8-byte aligned in the ELF file, one instruction per 8
+/// bytes, so the instructions are found without parsing the file; the
+/// copy is heap memory, aligned for the ELF parser as the original.
+fn patch_casts(object: &[u8], func: Option<u32>) -> Result<Vec<u8>, Error> {
+    const CALL: u8 = 0x85; // BPF_JMP | BPF_CALL
+    const MOV64_X: u8 = 0xbf; // BPF_ALU64 | BPF_MOV | BPF_X
+    const PSEUDO_KFUNC_CALL: u8 = 2;
+    let mut call = [CALL, 0, 0, 0, 0, 0, 0, 0];
+    call[4..].copy_from_slice(&RDONLY_CAST_CALL.to_le_bytes());
+    let mut patched = object.to_vec();
+    let mut found = 0;
+    for insn in patched.chunks_exact_mut(8) {
+        if insn != call {
+            continue;
+        }
+        found += 1;
+        let new = match func {
+            // src_reg (high nibble): a kfunc; off 0: of vmlinux; imm: its id.
+            Some(_) => [CALL, PSEUDO_KFUNC_CALL << 4, 0, 0],
+            // dst_reg r0 (low nibble), src_reg r1.
+            None => [MOV64_X, 1 << 4, 0, 0],
+        };
+        insn[..4].copy_from_slice(&new);
+        insn[4..].copy_from_slice(&func.map_or(0, |id| id as i32).to_le_bytes());
+    }
+    if found == 0 {
+        return Err(Error::Kernel(
+            "the eBPF object has no bpf_rdonly_cast call to link".into(),
+        ));
+    }
+    Ok(patched)
+}
 
 pub const DEFAULT_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -77,6 +119,8 @@ pub struct Counters {
 pub struct Probes {
     ebpf: Ebpf,
     pub layout: KernelLayout,
+    /// How the programs read conntrack entries, in words.
+    pub reads: &'static str,
 }
 
 impl Probes {
@@ -86,16 +130,56 @@ impl Probes {
         let layout = KernelLayout::from_file(&options.btf)?;
         let btf = aya::Btf::parse_file(&options.btf, aya::Endianness::default())
             .map_err(|e| Error::BadBtf(options.btf.clone(), e.to_string()))?;
+        // Status loads through bpf_rdonly_cast where the kernel has it; if
+        // its verifier refuses them, the helper reads that any kernel takes.
+        // What kernels before 6.2 run, on demand: for tests.
+        let cast = layout
+            .rdonly_cast
+            .filter(|_| std::env::var_os(HELPERS_ONLY).is_none());
+        let (ebpf, cast) = match cast {
+            Some(cast) => match Self::attach(options, &layout, &btf, Some(cast)) {
+                Ok(ebpf) => (ebpf, true),
+                Err(e) => {
+                    log::info!("bpf_rdonly_cast not usable ({e}); reading with helper calls");
+                    (Self::attach(options, &layout, &btf, None)?, false)
+                }
+            },
+            None => (Self::attach(options, &layout, &btf, None)?, false),
+        };
+        Ok(Probes {
+            ebpf,
+            layout,
+            reads: if cast {
+                "through bpf_rdonly_cast"
+            } else {
+                "with helper calls"
+            },
+        })
+    }
+
+    /// Loads the object for `layout`, with `bpf_rdonly_cast` or without,
+    /// and attaches its programs.
+    fn attach(
+        options: &Options,
+        layout: &KernelLayout,
+        btf: &aya::Btf,
+        cast: Option<RdonlyCast>,
+    ) -> Result<Ebpf, Error> {
         let drop_reasons = layout.drop_reasons.failure_bitmap();
         let drop_reasons_v6 = layout.drop_reasons.failure_bitmap_v6();
         let netns = options.netns.unwrap_or(0);
         let interval = options.emit_interval.as_nanos() as u64;
         let reported_interval = options.reported_interval.as_nanos() as u64;
         let grace = options.grace.as_nanos() as u64;
+        let object = patch_casts(OBJECT, cast.map(|c| c.func))?;
+        let cast_ct = u32::from(cast.is_some());
+        let nf_conn = cast.map_or(0, |c| c.nf_conn);
         let mut ebpf = EbpfLoader::new()
-            .btf(Some(&btf))
+            .btf(Some(btf))
             .override_global(globals::OFF_SKB_NFCT, &layout.skb_nfct, true)
             .override_global(globals::OFF_CT_STATUS, &layout.ct_status, true)
+            .override_global(globals::CAST_CT, &cast_ct, true)
+            .override_global(globals::NF_CONN_BTF_ID, &nf_conn, true)
             .override_global(globals::OFF_CT_CHUNK, &layout.ct_chunk.start, true)
             .override_global(globals::CHUNK_ORIG, &layout.ct_chunk.orig, true)
             .override_global(globals::CHUNK_REPLY, &layout.ct_chunk.reply, true)
@@ -123,7 +207,7 @@ impl Probes {
             .override_global(globals::OFF_SKB_DEV, &layout.skb_dev, true)
             .override_global(globals::OFF_DEV_NET, &layout.dev_net, true)
             .map_max_entries(names::MAP_FLOWS, options.max_flows)
-            .load(OBJECT)
+            .load(&object)
             .map_err(|e| kernel_error("loading the eBPF object", &e))?;
 
         for (tracepoint, name) in TRACEPOINTS {
@@ -133,13 +217,13 @@ impl Probes {
                 .try_into()
                 .map_err(|e| kernel_error(tracepoint, &e))?;
             program
-                .load(name, &btf)
+                .load(name, btf)
                 .map_err(|e| kernel_error(&format!("loading the {tracepoint} program"), &e))?;
             program
                 .attach()
                 .map_err(|e| kernel_error(&format!("attaching to {tracepoint}"), &e))?;
         }
-        Ok(Probes { ebpf, layout })
+        Ok(ebpf)
     }
 
     /// The ring buffer the programs report failing entries on.
@@ -313,6 +397,24 @@ fn kernel_error(step: &str, err: &(dyn StdError + 'static)) -> Error {
     let mut cause: Option<&(dyn StdError + 'static)> = Some(err);
     let mut last = err.to_string();
     while let Some(e) = cause {
+        // The verifier refuses a program with EACCES too: say what it said,
+        // not that we lack privileges.
+        if let Some(aya::programs::ProgramError::LoadError { verifier_log, .. }) =
+            e.downcast_ref::<aya::programs::ProgramError>()
+        {
+            let log = verifier_log.to_string();
+            // Its last lines are statistics; the reason comes before.
+            let said = log.lines().rev().find(|l| {
+                let l = l.trim();
+                !(l.is_empty()
+                    || l.starts_with("processed ")
+                    || l.starts_with("stack depth ")
+                    || l.starts_with("verification time "))
+            });
+            if let Some(said) = said {
+                return Error::Kernel(format!("{step}: the kernel's verifier refused it: {said}"));
+            }
+        }
         if let Some(io) = e.downcast_ref::<io::Error>()
             && matches!(io.kind(), io::ErrorKind::PermissionDenied)
         {
@@ -348,4 +450,59 @@ fn copy<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
         // pattern is valid); read_unaligned copes with any alignment.
         unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `call RDONLY_CAST_CALL`, as the BPF target compiles `rdonly_cast`.
+    fn cast_call() -> [u8; 8] {
+        let mut insn = [0x85, 0, 0, 0, 0, 0, 0, 0];
+        insn[4..].copy_from_slice(&RDONLY_CAST_CALL.to_le_bytes());
+        insn
+    }
+
+    fn object() -> Vec<u8> {
+        let mut object = vec![0x7f, b'E', b'L', b'F', 0, 0, 0, 0];
+        object.extend_from_slice(&[0xbf, 0x16, 0, 0, 0, 0, 0, 0]); // r6 = r1
+        object.extend_from_slice(&cast_call());
+        object.extend_from_slice(&[0x85, 0, 0, 0, 6, 0, 0, 0]); // call 6 (a helper)
+        object.extend_from_slice(&cast_call());
+        object
+    }
+
+    #[test]
+    fn cast_calls_become_kfunc_calls_and_nothing_else_changes() {
+        let object = object();
+        let patched = patch_casts(&object, Some(0x1234)).unwrap();
+        assert_eq!(patched.len(), object.len());
+        for at in [16, 32] {
+            // src_reg 2 (BPF_PSEUDO_KFUNC_CALL), imm the kfunc's BTF id.
+            assert_eq!(patched[at..at + 8], [0x85, 0x20, 0, 0, 0x34, 0x12, 0, 0]);
+        }
+        assert_eq!(patched[..16], object[..16]);
+        assert_eq!(patched[24..32], object[24..32], "a helper call stays");
+    }
+
+    #[test]
+    fn without_the_kfunc_cast_calls_become_a_register_move() {
+        let patched = patch_casts(&object(), None).unwrap();
+        for at in [16, 32] {
+            // r0 = r1: what the kernel inlines bpf_rdonly_cast into.
+            assert_eq!(patched[at..at + 8], [0xbf, 0x10, 0, 0, 0, 0, 0, 0]);
+        }
+    }
+
+    #[test]
+    fn an_object_without_cast_calls_is_refused() {
+        let mut object = object();
+        object.truncate(16);
+        assert!(patch_casts(&object, Some(1)).is_err());
+    }
+
+    #[test]
+    fn the_real_object_has_cast_calls() {
+        assert!(patch_casts(OBJECT, Some(1)).is_ok());
+    }
 }
