@@ -417,10 +417,9 @@ mod programs {
         if reason >= DROP_REASON_MAX {
             return 0;
         }
-        let (word, bit) = ((reason / 64) as usize, 1u64 << (reason % 64));
         let skb: u64 = ctx.arg(0);
-        if global(&DROP_REASONS)[word] & bit == 0 {
-            if global(&DROP_REASONS_V6)[word] & bit == 0 {
+        if !has(&DROP_REASONS, reason) {
+            if !has(&DROP_REASONS_V6, reason) {
                 return 0;
             }
             if skb_field::<u16>(skb, &OFF_SKB_PROTOCOL) != ETH_P_IPV6_BE {
@@ -429,6 +428,16 @@ mod programs {
         }
         let _ = record_failure(skb, hook::KFREE_SKB, 0, reason);
         0
+    }
+
+    /// Whether a drop reason bitmap holds `reason` (below DROP_REASON_MAX):
+    /// one load of the word that holds it, not a copy of the bitmap.
+    #[inline(always)]
+    fn has(bitmap: &'static [u64; DROP_REASON_WORDS], reason: u32) -> bool {
+        let word = (reason / 64) as usize % DROP_REASON_WORDS;
+        // SAFETY: a plain read of a global, volatile as in `global`.
+        let bits = unsafe { read_volatile(&bitmap[word]) };
+        bits & (1u64 << (reason % 64)) != 0
     }
 
     /// Counts a failed packet against its DNATed conntrack entry. `Ok(false)`
