@@ -74,8 +74,7 @@ pub struct FlowEvent {
     /// Address of the `struct nf_conn`: an identity, never dereferenced in
     /// userspace. Entries are reused by the kernel; `orig` disambiguates.
     pub ct: u64,
-    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC at the last tick) of the
-    /// first and last failure.
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the first and last failure.
     pub first_ns: u64,
     pub last_ns: u64,
     /// `nf_conn.status` at the last failure.

@@ -32,7 +32,7 @@ mod programs {
         bindings::{
             BPF_ANY, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
         },
-        helpers::{bpf_ktime_get_coarse_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
+        helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
         macros::{btf_tracepoint, map},
         maps::{LruHashMap, PerCpuArray, RingBuf},
         programs::BtfTracePointContext,
@@ -432,13 +432,13 @@ mod programs {
         0
     }
 
-    /// CLOCK_MONOTONIC to the last tick (1 to 4 ms): failure times need no
-    /// more, and reading the clock source costs tens of ns a packet on a
-    /// virtual machine.
+    /// CLOCK_MONOTONIC. (The coarse clock would do for failure times and
+    /// cost less on a virtual machine, but tracing programs may not read
+    /// it.)
     #[inline(always)]
     fn now() -> u64 {
         // SAFETY: no preconditions.
-        unsafe { bpf_ktime_get_coarse_ns() }
+        unsafe { bpf_ktime_get_ns() }
     }
 
     /// Whether a drop reason bitmap holds `reason` (below DROP_REASON_MAX):
