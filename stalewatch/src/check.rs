@@ -58,7 +58,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     for finding in &findings {
         let mut entry = StaleEntry::new(finding, info.clone());
         if let Some(engine) = &engine {
-            engine.annotate_entry(&mut entry, &finding.entry.orig);
+            engine.annotate(&mut entry.pin, &finding.entry.orig);
         }
         reporter.write(&Record::StaleEntry(Box::new(entry)))?;
         if !args.fix {

@@ -30,8 +30,7 @@ use crate::{
     audit::Finding,
     correlate::Verdict,
     event::{Proto, Tuple},
-    netns::NetnsInfo,
-    report::{Backend, StaleEntry, StaleFlow, addr_port},
+    report::{Pinned, addr_port},
 };
 
 /// Where the engine answers.
@@ -220,9 +219,10 @@ impl Snapshot {
     /// its entry sends it and where new flows go (addresses are the
     /// engine's only in the host's namespace, where its bridges are), and
     /// adds the engine's published port to the evidence of a bypass.
-    fn annotate(&self, a: Annotated<'_>) {
+    fn annotate(&self, a: &mut Pinned, orig: &Tuple) {
         if a.netns.is_own {
-            for backend in std::iter::once(a.stale).chain(a.current.iter_mut()) {
+            let current = a.current_backend.iter_mut();
+            for backend in std::iter::once(&mut a.stale_backend).chain(current) {
                 backend.container = self.by_ip(backend.addr);
             }
         } else {
@@ -231,34 +231,24 @@ impl Snapshot {
         if a.verdict != Verdict::Bypass || !a.netns.is_own {
             return;
         }
-        let current = a.current.as_ref().map(|b| b.addr);
-        for (c, port) in self.publishers(a.orig.proto, a.orig.dst, a.orig.dport) {
+        let current = a.current_backend.as_ref().map(|b| b.addr);
+        for (c, port) in self.publishers(orig.proto, orig.dst, orig.dport) {
             // The address new flows go to, where it is this container's.
             let ip = current.filter(|ip| c.ips.contains(ip)).or_else(|| {
                 c.ips
                     .iter()
                     .copied()
-                    .find(|ip| ip.is_ipv4() == a.orig.dst.is_ipv4())
+                    .find(|ip| ip.is_ipv4() == orig.dst.is_ipv4())
             });
             let at = ip.map_or(String::new(), |ip| format!(" at {}", addr_port(ip, port)));
             a.evidence.push(format!(
                 "the engine publishes {}/{} on this host for container {}{at}",
-                a.orig.proto.name(),
-                a.orig.dport,
+                orig.proto.name(),
+                orig.dport,
                 c.container.name
             ));
         }
     }
-}
-
-/// The parts of an alert or a finding that name containers.
-struct Annotated<'a> {
-    verdict: Verdict,
-    orig: &'a Tuple,
-    netns: &'a mut NetnsInfo,
-    stale: &'a mut Backend,
-    current: &'a mut Option<Backend>,
-    evidence: &'a mut Vec<String>,
 }
 
 /// A connected engine, with its latest snapshot.
@@ -340,28 +330,10 @@ impl Engine {
             .retain(|f| f.verdict != Verdict::Bypass || !snapshot.served_by_proxy(&f.entry.orig));
     }
 
-    /// Names the containers of an alert (see [`Snapshot::annotate`]).
-    pub fn annotate_flow(&self, f: &mut StaleFlow, orig: &Tuple) {
-        self.snapshot().annotate(Annotated {
-            verdict: f.verdict,
-            orig,
-            netns: &mut f.netns,
-            stale: &mut f.stale_backend,
-            current: &mut f.current_backend,
-            evidence: &mut f.evidence,
-        });
-    }
-
-    /// Names the containers of a finding of `check`.
-    pub fn annotate_entry(&self, e: &mut StaleEntry, orig: &Tuple) {
-        self.snapshot().annotate(Annotated {
-            verdict: e.verdict,
-            orig,
-            netns: &mut e.netns,
-            stale: &mut e.stale_backend,
-            current: &mut e.current_backend,
-            evidence: &mut e.evidence,
-        });
+    /// Names the containers of an alert or a finding of `check` (see
+    /// [`Snapshot::annotate`]).
+    pub fn annotate(&self, pin: &mut Pinned, orig: &Tuple) {
+        self.snapshot().annotate(pin, orig);
     }
 }
 
@@ -422,7 +394,7 @@ async fn fetch(docker: &Docker) -> Result<Vec<Container>, bollard::errors::Error
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Family;
+    use crate::{event::Family, netns::NetnsInfo, report::Backend};
 
     /// A row of `GET /containers/json` as engine 20.10 (API 1.41) sends it.
     fn summary() -> ContainerSummary {
@@ -516,26 +488,30 @@ mod tests {
         let c = Container::from_summary(&summary(), None).unwrap();
         let snap = Snapshot::default().next(vec![c], Instant::now());
         let orig = udp("198.51.100.2", 40000, "198.51.100.1", 8888);
-        let mut netns = NetnsInfo {
-            inode: 1,
-            is_own: true,
-            ..Default::default()
-        };
-        let mut stale = Backend::at(orig.dst, 8888);
-        let mut current = Some(Backend::at("172.18.0.2".parse().unwrap(), 8888));
-        let mut evidence = vec!["newer flows ...".to_owned()];
-        snap.annotate(Annotated {
+        let mut pin = Pinned {
             verdict: Verdict::Bypass,
-            orig: &orig,
-            netns: &mut netns,
-            stale: &mut stale,
-            current: &mut current,
-            evidence: &mut evidence,
-        });
-        assert!(stale.container.is_none(), "the host is no container");
-        assert_eq!(current.unwrap().container.unwrap().name, "swd1_web_1");
+            netns: NetnsInfo {
+                inode: 1,
+                is_own: true,
+                ..Default::default()
+            },
+            family: orig.family,
+            proto: orig.proto,
+            stale_backend: Backend::at(orig.dst, 8888),
+            current_backend: Some(Backend::at("172.18.0.2".parse().unwrap(), 8888)),
+            evidence: vec!["newer flows ...".to_owned()],
+        };
+        snap.annotate(&mut pin, &orig);
+        assert!(
+            pin.stale_backend.container.is_none(),
+            "the host is no container"
+        );
         assert_eq!(
-            evidence[1],
+            pin.current_backend.unwrap().container.unwrap().name,
+            "swd1_web_1"
+        );
+        assert_eq!(
+            pin.evidence[1],
             "the engine publishes udp/8888 on this host for container swd1_web_1 at 172.18.0.2:8888"
         );
     }

@@ -99,21 +99,52 @@ pub enum Record {
     },
 }
 
+/// What every record of a pinned flow or entry says, whatever else it
+/// holds: the verdict, where (namespace, family, protocol), the backend the
+/// conntrack entry pins it to, the service's backend now, and why. The
+/// Docker engine names the containers in it.
 #[derive(Debug, Serialize, PartialEq)]
-pub struct StaleFlow {
-    pub state: AlertState,
+pub struct Pinned {
     pub verdict: Verdict,
-    pub time: String,
     pub netns: NetnsInfo,
     pub family: Family,
     pub proto: Proto,
-    pub orig: Endpoint,
     pub stale_backend: Backend,
     /// Where the service sends new flows now, where known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub current_backend: Option<Backend>,
     /// The facts behind the verdict.
     pub evidence: Vec<String>,
+}
+
+impl Pinned {
+    fn new(
+        verdict: Verdict,
+        netns: NetnsInfo,
+        orig: &Tuple,
+        reply: &Tuple,
+        current: &[crate::correlate::Backend],
+        evidence: Vec<String>,
+    ) -> Self {
+        Pinned {
+            verdict,
+            netns,
+            family: orig.family,
+            proto: orig.proto,
+            stale_backend: Backend::at(reply.src, reply.sport),
+            current_backend: current.first().map(|&(addr, port)| Backend::at(addr, port)),
+            evidence,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct StaleFlow {
+    pub state: AlertState,
+    pub time: String,
+    #[serde(flatten)]
+    pub pin: Pinned,
+    pub orig: Endpoint,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resolution: Option<Resolution>,
     pub failures: Failures,
@@ -132,18 +163,12 @@ pub struct StaleFlow {
 #[derive(Debug, Serialize, PartialEq)]
 pub struct StaleService {
     pub state: AlertState,
-    pub verdict: Verdict,
     pub time: String,
-    pub netns: NetnsInfo,
-    pub family: Family,
-    pub proto: Proto,
+    #[serde(flatten)]
+    pub pin: Pinned,
     pub service: Service,
     /// The flows reminded of in this record.
     pub flows: u32,
-    pub stale_backend: Backend,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub current_backend: Option<Backend>,
-    pub evidence: Vec<String>,
     pub failures: ServiceFailures,
     /// Why, in a sentence (of each flow).
     pub cause: String,
@@ -171,20 +196,14 @@ impl StaleService {
     pub fn of(one: StaleFlow, group: &ReminderGroup, orig: &Tuple, clock: &Clock) -> Self {
         StaleService {
             state: one.state,
-            verdict: one.verdict,
             time: one.time,
-            fix: service_fix_command(orig, &one.stale_backend, &one.netns),
-            netns: one.netns,
-            family: one.family,
-            proto: one.proto,
+            fix: service_fix_command(orig, &one.pin.stale_backend, &one.pin.netns),
+            pin: one.pin,
             service: Service {
                 dst: orig.dst,
                 dport: orig.dport,
             },
             flows: group.flows,
-            stale_backend: one.stale_backend,
-            current_backend: one.current_backend,
-            evidence: one.evidence,
             failures: ServiceFailures {
                 packets: group.packets,
                 first: rfc3339(clock.wall_of(group.first)),
@@ -263,15 +282,9 @@ impl Reminders {
 /// One finding of `stalewatch check`, with the same names as a stale flow.
 #[derive(Debug, Serialize, PartialEq)]
 pub struct StaleEntry {
-    pub verdict: Verdict,
-    pub netns: NetnsInfo,
-    pub family: Family,
-    pub proto: Proto,
+    #[serde(flatten)]
+    pub pin: Pinned,
     pub orig: Endpoint,
-    pub stale_backend: Backend,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub current_backend: Option<Backend>,
-    pub evidence: Vec<String>,
     pub fix: String,
 }
 
@@ -279,18 +292,16 @@ impl StaleEntry {
     pub fn new(finding: &crate::audit::Finding, netns: NetnsInfo) -> Self {
         let e = &finding.entry;
         StaleEntry {
-            verdict: finding.verdict,
             fix: fix_command(&e.orig, &netns),
-            netns,
-            family: e.orig.family,
-            proto: e.orig.proto,
             orig: Endpoint::of(&e.orig),
-            stale_backend: Backend::at(e.reply.src, e.reply.sport),
-            current_backend: finding
-                .current_backends
-                .first()
-                .map(|&(addr, port)| Backend::at(addr, port)),
-            evidence: finding.evidence.clone(),
+            pin: Pinned::new(
+                finding.verdict,
+                netns,
+                &e.orig,
+                &e.reply,
+                &finding.current_backends,
+                finding.evidence.clone(),
+            ),
         }
     }
 }
@@ -352,20 +363,18 @@ impl StaleFlow {
         };
         StaleFlow {
             state: alert.state,
-            verdict: alert.verdict,
-            current_backend: alert
-                .current_backends
-                .first()
-                .map(|&(addr, port)| Backend::at(addr, port)),
-            evidence: alert.evidence.clone(),
             resolution: alert.resolution,
             time: rfc3339(clock.wall_of(alert.at)),
             fix: fix_command(o, &netns),
-            netns,
-            family: o.family,
-            proto: o.proto,
+            pin: Pinned::new(
+                alert.verdict,
+                netns,
+                o,
+                &flow.reply,
+                &alert.current_backends,
+                alert.evidence.clone(),
+            ),
             orig: Endpoint::of(o),
-            stale_backend: Backend::at(addr, port),
             failures: Failures {
                 packets: flow.failures(),
                 first: rfc3339(clock.wall_of(flow.first)),
@@ -543,7 +552,7 @@ pub fn text(record: &Record) -> String {
     match record {
         Record::StaleEntry(e) => {
             let o = &e.orig;
-            let verdict = match e.verdict {
+            let verdict = match e.pin.verdict {
                 Verdict::Bypass => "STALE ENTRY (bypasses DNAT)",
                 Verdict::BackendDown => "BACKEND DOWN",
                 _ => "STALE ENTRY",
@@ -551,16 +560,16 @@ pub fn text(record: &Record) -> String {
             let _ = writeln!(
                 s,
                 "{verdict}  {} {} -> {}  ({})",
-                e.proto.name(),
+                e.pin.proto.name(),
                 addr_port(o.src, o.sport),
                 addr_port(o.dst, o.dport),
-                netns_label(&e.netns),
+                netns_label(&e.pin.netns),
             );
-            let _ = writeln!(s, "  pinned to  {}", backend_label(&e.stale_backend));
-            if let Some(now) = &e.current_backend {
+            let _ = writeln!(s, "  pinned to  {}", backend_label(&e.pin.stale_backend));
+            if let Some(now) = &e.pin.current_backend {
                 let _ = writeln!(s, "  now        {} for new flows", backend_label(now));
             }
-            let _ = writeln!(s, "  evidence   {}", e.evidence.join("; "));
+            let _ = writeln!(s, "  evidence   {}", e.pin.evidence.join("; "));
             let _ = writeln!(s, "  fix        {}", e.fix);
         }
         Record::EntryDeleted(d) => {
@@ -584,7 +593,7 @@ pub fn text(record: &Record) -> String {
             );
         }
         Record::StaleService(a) => {
-            let state = match a.verdict {
+            let state = match a.pin.verdict {
                 Verdict::BackendDown => "BACKEND DOWN (still failing)",
                 Verdict::Bypass => "STALE FLOWS (bypass DNAT, still failing)",
                 _ => "STALE FLOWS (still failing)",
@@ -593,24 +602,24 @@ pub fn text(record: &Record) -> String {
                 s,
                 "{} {state}  {} {} flows -> {}  ({})",
                 a.time,
-                a.proto.name(),
+                a.pin.proto.name(),
                 a.flows,
                 addr_port(a.service.dst, a.service.dport),
-                netns_label(&a.netns),
+                netns_label(&a.pin.netns),
             );
             let _ = writeln!(
                 s,
                 "  pinned to  {} by their conntrack entries",
-                backend_label(&a.stale_backend)
+                backend_label(&a.pin.stale_backend)
             );
-            if let Some(now) = &a.current_backend {
+            if let Some(now) = &a.pin.current_backend {
                 let _ = writeln!(s, "  now        {} for new flows", backend_label(now));
             }
             let _ = writeln!(
                 s,
                 "  verdict    {}{}",
-                verdict_word(a.verdict),
-                colon_list(&a.evidence)
+                verdict_word(a.pin.verdict),
+                colon_list(&a.pin.evidence)
             );
             let f = &a.failures;
             let _ = writeln!(
@@ -624,16 +633,16 @@ pub fn text(record: &Record) -> String {
                 "  fix        {}  (the {} entries pinned to {})",
                 a.fix,
                 a.flows,
-                addr_port(a.stale_backend.addr, a.stale_backend.port)
+                addr_port(a.pin.stale_backend.addr, a.pin.stale_backend.port)
             );
         }
         Record::StaleFlow(a) => {
             let o = &a.orig;
-            let mut ns = netns_label(&a.netns);
-            if let Some(pid) = a.netns.pid {
+            let mut ns = netns_label(&a.pin.netns);
+            if let Some(pid) = a.pin.netns.pid {
                 let _ = write!(ns, ", pid {pid}");
             }
-            match (&a.netns.container, &a.netns.container_id) {
+            match (&a.pin.netns.container, &a.pin.netns.container_id) {
                 (Some(c), _) => {
                     let _ = write!(ns, ", container {}", c.name);
                 }
@@ -642,7 +651,7 @@ pub fn text(record: &Record) -> String {
                 }
                 (None, None) => {}
             }
-            let state = match (a.state, a.verdict) {
+            let state = match (a.state, a.pin.verdict) {
                 (AlertState::Resolved, _) => "RESOLVED",
                 (AlertState::Raised, Verdict::BackendDown) => "BACKEND DOWN",
                 (AlertState::Raised, Verdict::Bypass) => "STALE FLOW (bypasses DNAT)",
@@ -654,11 +663,11 @@ pub fn text(record: &Record) -> String {
                 s,
                 "{} {state}  {} {} -> {}  ({ns})",
                 a.time,
-                a.proto.name(),
+                a.pin.proto.name(),
                 addr_port(o.src, o.sport),
                 addr_port(o.dst, o.dport),
             );
-            let backend = backend_label(&a.stale_backend);
+            let backend = backend_label(&a.pin.stale_backend);
             let f = &a.failures;
             let mut evidence = Vec::new();
             if let Some(icmp) = &f.icmp {
@@ -685,7 +694,7 @@ pub fn text(record: &Record) -> String {
                 );
                 return s;
             }
-            if a.verdict == Verdict::Bypass {
+            if a.pin.verdict == Verdict::Bypass {
                 let _ = writeln!(
                     s,
                     "  pinned to  this host ({backend}) by its conntrack entry, without NAT"
@@ -693,14 +702,14 @@ pub fn text(record: &Record) -> String {
             } else {
                 let _ = writeln!(s, "  pinned to  {backend} by its conntrack entry");
             }
-            if let Some(now) = &a.current_backend {
+            if let Some(now) = &a.pin.current_backend {
                 let _ = writeln!(s, "  now        {} for new flows", backend_label(now));
             }
             let _ = writeln!(
                 s,
                 "  verdict    {}{}",
-                verdict_word(a.verdict),
-                colon_list(&a.evidence)
+                verdict_word(a.pin.verdict),
+                colon_list(&a.pin.evidence)
             );
             let _ = writeln!(
                 s,
@@ -878,8 +887,8 @@ mod tests {
             compose_service: Some("web".into()),
             gone,
         };
-        flow.stale_backend.container = Some(web(true));
-        flow.current_backend.as_mut().unwrap().container = Some(web(false));
+        flow.pin.stale_backend.container = Some(web(true));
+        flow.pin.current_backend.as_mut().unwrap().container = Some(web(false));
         let record = Record::StaleFlow(Box::new(flow));
         let v = serde_json::to_value(&record).unwrap();
         assert_eq!(

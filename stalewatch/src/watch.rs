@@ -631,7 +631,7 @@ impl<W: io::Write> Session<W> {
     fn flow_record(&self, alert: &Alert, info: NetnsInfo) -> StaleFlow {
         let mut record = StaleFlow::new(alert, info, &clock());
         if let Some(engine) = &self.engine {
-            engine.annotate_flow(&mut record, &alert.flow.orig);
+            engine.annotate(&mut record.pin, &alert.flow.orig);
         }
         record
     }
