@@ -47,7 +47,8 @@ pub struct WatchArgs {
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]
     pub grace: Duration,
 
-    /// Time between reminders for a flow that keeps failing.
+    /// Time between reminders for a flow that keeps failing (the flows of
+    /// one service pinned alike share one record).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub remind_every: Duration,
 
@@ -55,10 +56,10 @@ pub struct WatchArgs {
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub resolve_after: Duration,
 
-    /// Least time between two kernel reports on one failing flow, besides
-    /// its first failure and the one that lets it be raised (reported at
-    /// once). Raised flows are read from the kernel's map every second
-    /// instead, so this only bounds the reports of flows not raised.
+    /// Least time between two kernel reports on one failing flow not yet
+    /// raised, besides its first failure and the one that lets it be raised
+    /// (reported at once). Afterwards a flow is reported once per
+    /// --remind-every at most: raised flows are read from the kernel's map.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub report_interval: Duration,
 

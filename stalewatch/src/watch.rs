@@ -43,10 +43,11 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         btf: args.btf.clone(),
         netns: netns_filter,
         emit_interval: args.report_interval,
-        // Reports of entries already reported at --min-failures only bring
-        // back those not raised (raised ones are read from the map), and
-        // the audit finds the refused flows that turn into bypasses: rare.
-        reported_interval: args.report_interval.max(REPORTED_INTERVAL),
+        // Reports of entries already reported at --min-failures bring back
+        // only those not raised (raised ones are read from the map): a flow
+        // whose raising report was lost, or resolved when it paused. As
+        // often as a reminder.
+        reported_interval: args.report_interval.max(args.remind_every),
         min_failures: args.min_failures,
         grace: args.grace,
         max_flows: args.max_flows,
@@ -195,9 +196,6 @@ struct Session<W: io::Write> {
 type ServiceKey = (u32, Family, Proto, IpAddr, u16);
 
 const NETNS_TTL: Duration = Duration::from_secs(10);
-/// Least time between two kernel reports on a flow once reported at
-/// --min-failures (see `kernel::Options::reported_interval`).
-const REPORTED_INTERVAL: Duration = Duration::from_secs(300);
 const SIBLINGS_TTL: Duration = Duration::from_secs(2);
 /// The same for reminders: a service's siblings cost a conntrack dump that
 /// walks the whole table and copies every entry of the service.

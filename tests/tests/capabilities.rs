@@ -242,6 +242,11 @@ fn the_set_is_enough_as_nobody() -> anyhow::Result<()> {
         !log.contains("not permitted") && !log.contains("denied") && !log.contains("WARN"),
         "no permission problem in the log: {log}"
     );
+    // The set is enough for the fast path too, not only for the helpers'.
+    assert!(
+        log.contains("conntrack entries read through bpf_rdonly_cast"),
+        "{log}"
+    );
     let (status, _) = watcher.stop()?;
     assert!(status.success(), "clean stop: {status}");
 
