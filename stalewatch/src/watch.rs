@@ -595,16 +595,17 @@ impl<W: io::Write> Session<W> {
         {
             m.alert(alert.state, alert.verdict);
         }
-        let info = self.netns_info(alert.flow.netns);
         if alert.state == AlertState::Reminder {
             self.reminders.add(alert);
         } else {
-            let record = self.flow_record(alert, info.clone());
+            let info = self.netns_info(alert.flow.netns);
+            let record = self.flow_record(alert, info);
             self.reporter.write(&Record::StaleFlow(Box::new(record)))?;
         }
         let fixable = matches!(alert.verdict, Verdict::Stale | Verdict::Bypass)
             && alert.state != AlertState::Resolved;
         if self.fix && fixable {
+            let info = self.netns_info(alert.flow.netns);
             let flow = &alert.flow;
             let Some(path) = netns::path_of(&info) else {
                 log::warn!("--fix: cannot enter network namespace {}", flow.netns);

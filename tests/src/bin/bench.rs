@@ -65,6 +65,11 @@ struct Args {
     /// Seconds measured per stale-flood run, figure 3 [default: 3; 2.5 with --quick]
     #[arg(long)]
     stale_window: Option<f64>,
+    /// Seconds of figure 3's steady window, after the flows are raised:
+    /// long enough to hold stalewatch's periodic work, the audit every 10 s
+    /// and a full refresh of the raised flows [default: 12; 2.5 with --quick]
+    #[arg(long)]
+    steady_window: Option<f64>,
     /// Distinct failing flows of the many-flows load, at most 60,000
     /// [default: 50,000; 5,000 with --quick; 10,000 for --soak]
     #[arg(long)]
@@ -93,6 +98,7 @@ struct Settings {
     warmup: Duration,
     window: Duration,
     stale_window: Duration,
+    steady_window: Duration,
     cost_window: Duration,
     flows: u32,
     rate: u64,
@@ -114,6 +120,7 @@ fn settings(a: &Args, bpftrace: bool) -> anyhow::Result<Settings> {
         warmup: Duration::from_millis(250),
         window: secs(a.window, 1.5, 1.0)?,
         stale_window: secs(a.stale_window, 3.0, 2.5)?,
+        steady_window: secs(a.steady_window, 12.0, 2.5)?,
         cost_window: if a.quick {
             Duration::from_millis(500)
         } else {
@@ -280,11 +287,12 @@ fn header(report: &mut Report, ctx: &Ctx) -> anyhow::Result<()> {
         ),
         format!("command  {command}"),
         format!(
-            "runs     {} per figure 1-2, {} per figure 3; windows {:.1} s (figures 1-2), {:.1} s (figure 3), {:.1} s of BPF run stats; stale floods {} pps",
+            "runs     {} per figure 1-2, {} per figure 3; windows {:.1} s (figures 1-2), {:.1} s raising and {:.1} s steady (figure 3), {:.1} s of BPF run stats; stale floods {} pps",
             s.runs,
             s.stale_runs,
             s.window.as_secs_f64(),
             s.stale_window.as_secs_f64(),
+            s.steady_window.as_secs_f64(),
             s.cost_window.as_secs_f64(),
             s.rate
         ),
@@ -707,7 +715,7 @@ fn stale_load(key: &'static str, flows: u32, cost: bool, s: &Settings) -> Load {
         cost,
         floor: false,
         max_flows: 65_536.max(flows),
-        steady: s.stale_window,
+        steady: s.steady_window,
     }
 }
 
