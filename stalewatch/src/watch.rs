@@ -209,15 +209,17 @@ const TICK_DRAIN: usize = 65_536;
 /// packet for this long (the kernel's map shows its failures).
 const QUIET_BEFORE_LOOKUP: Duration = Duration::from_millis(1500);
 /// Raised flows refreshed from the kernel per second, at most: beyond, each
-/// is refreshed less often (every 7 s at 50,000 with the default
-/// --resolve-after), so that their cost does not grow with their number; a
-/// quarter of --resolve-after at the most.
-const REFRESHED_PER_SECOND: usize = 5_000;
+/// is refreshed less often (every 15 s at 50,000 with the default
+/// --resolve-after), so that their cost does not grow with their number.
+/// A refresh is what tells that a raised flow still fails, so at least
+/// twice per --resolve-after; and a flow whose entry was deleted is
+/// resolved at the first refresh that finds it quiet.
+const REFRESHED_PER_SECOND: usize = 3_000;
 
 /// Every how many ticks raised flows are refreshed from the kernel's map.
 fn refresh_every(raised: usize, resolve_after: Duration) -> u64 {
     let by_count = (raised / REFRESHED_PER_SECOND) as u64;
-    by_count.min(resolve_after.as_secs() / 4).max(1)
+    by_count.min(resolve_after.as_secs() / 2).max(1)
 }
 
 /// A report younger than this is taken as proof that its entry exists.
@@ -466,7 +468,13 @@ impl<W: io::Write> Session<W> {
     fn tick(&mut self, probes: &Probes, ticks: u64) -> anyhow::Result<()> {
         let raised = self.correlator.raised();
         let every = refresh_every(raised, self.resolve_after);
-        if raised > 0 && ticks.is_multiple_of(every) {
+        // What the rest looks at changes mostly with a refresh: with many
+        // raised flows (refreshed every few seconds) the walks over every
+        // flow below wait for one.
+        if !ticks.is_multiple_of(every) {
+            return Ok(());
+        }
+        if raised > 0 {
             // Each failed a packet since the previous pass, `every` s ago at
             // most: its entry existed then (a deleted one is resolved by the
             // quiet flows' lookups below).
@@ -745,11 +753,12 @@ mod tests {
         let default = Duration::from_secs(30);
         assert_eq!(refresh_every(0, default), 1);
         assert_eq!(refresh_every(1_000, default), 1);
-        assert_eq!(refresh_every(9_999, default), 1);
-        assert_eq!(refresh_every(20_000, default), 4);
-        assert_eq!(refresh_every(50_000, default), 7);
+        assert_eq!(refresh_every(5_999, default), 1);
+        assert_eq!(refresh_every(20_000, default), 6);
+        assert_eq!(refresh_every(50_000, default), 15);
         // Never so rarely that a flow failing on looks silent.
-        assert_eq!(refresh_every(262_144, default), 7);
-        assert_eq!(refresh_every(262_144, Duration::from_secs(4)), 1);
+        assert_eq!(refresh_every(262_144, default), 15);
+        assert_eq!(refresh_every(262_144, Duration::from_secs(4)), 2);
+        assert_eq!(refresh_every(262_144, Duration::from_secs(2)), 1);
     }
 }
