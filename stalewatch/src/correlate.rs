@@ -400,13 +400,8 @@ impl Correlator {
         Some(tracked)
     }
 
-    /// Whether `observe` would alert on this report: the caller then looks
-    /// up the flow's siblings, which costs a conntrack query.
-    pub fn would_alert(&self, flow: &Observation, now: Duration) -> bool {
-        self.alert_due(flow, now).is_some()
-    }
-
-    /// The alert `observe` would give on this report, if any.
+    /// The alert `observe` would give on this report, if any: the caller
+    /// then looks up the flow's siblings, which costs a conntrack query.
     pub fn alert_due(&self, flow: &Observation, now: Duration) -> Option<AlertState> {
         if !self.relevant(flow) {
             return None;
@@ -438,7 +433,7 @@ impl Correlator {
     }
 
     /// Takes one kernel report, with what the conntrack table shows of the
-    /// flow's siblings when the caller looked (see `would_alert`). Returns
+    /// flow's siblings when the caller looked (see `alert_due`). Returns
     /// the alert it causes, if any.
     pub fn observe(
         &mut self,
@@ -816,6 +811,10 @@ mod tests {
         /// `observe` without sibling facts, as when conntrack cannot be read.
         fn observe_plain(&mut self, flow: Observation, now: Duration) -> Option<Alert> {
             self.observe(flow, None, now)
+        }
+
+        fn would_alert(&self, flow: &Observation, now: Duration) -> bool {
+            self.alert_due(flow, now).is_some()
         }
     }
 

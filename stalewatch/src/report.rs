@@ -404,18 +404,8 @@ pub fn addr_port(addr: IpAddr, port: u16) -> String {
 /// in the flow's namespace. A conntrack table holds one entry per original
 /// tuple, so the full tuple selects exactly one.
 pub fn fix_command(orig: &Tuple, netns: &NetnsInfo) -> String {
-    let mut cmd = in_netns(netns);
-    let family = match orig.family {
-        Family::Ipv4 => "ipv4",
-        Family::Ipv6 => "ipv6",
-    };
-    let _ = write!(
-        cmd,
-        "conntrack -D -f {family} -p {} -s {} -d {}",
-        orig.proto.name(),
-        orig.src,
-        orig.dst
-    );
+    let mut cmd = conntrack_delete(orig, netns);
+    let _ = write!(cmd, " -s {} -d {}", orig.src, orig.dst);
     if orig.proto.has_ports() {
         let _ = write!(cmd, " --sport {} --dport {}", orig.sport, orig.dport);
     }
@@ -426,18 +416,8 @@ pub fn fix_command(orig: &Tuple, netns: &NetnsInfo) -> String {
 /// `orig` goes to that is pinned to `backend` (the reply comes from it),
 /// and no other.
 pub fn service_fix_command(orig: &Tuple, backend: &Backend, netns: &NetnsInfo) -> String {
-    let mut cmd = in_netns(netns);
-    let family = match orig.family {
-        Family::Ipv4 => "ipv4",
-        Family::Ipv6 => "ipv6",
-    };
-    let _ = write!(
-        cmd,
-        "conntrack -D -f {family} -p {} -d {} -r {}",
-        orig.proto.name(),
-        orig.dst,
-        backend.addr
-    );
+    let mut cmd = conntrack_delete(orig, netns);
+    let _ = write!(cmd, " -d {} -r {}", orig.dst, backend.addr);
     if orig.proto.has_ports() {
         let _ = write!(
             cmd,
@@ -445,6 +425,18 @@ pub fn service_fix_command(orig: &Tuple, backend: &Backend, netns: &NetnsInfo) -
             orig.dport, backend.port
         );
     }
+    cmd
+}
+
+/// `conntrack -D` for entries of `orig`'s family and protocol, run in
+/// `netns`: the caller adds which.
+fn conntrack_delete(orig: &Tuple, netns: &NetnsInfo) -> String {
+    let mut cmd = in_netns(netns);
+    let family = match orig.family {
+        Family::Ipv4 => "ipv4",
+        Family::Ipv6 => "ipv6",
+    };
+    let _ = write!(cmd, "conntrack -D -f {family} -p {}", orig.proto.name());
     cmd
 }
 
