@@ -189,9 +189,10 @@ mod programs {
     /// `bpf_rdonly_cast(obj, btf_id)`, written as a call of the helper
     /// numbered `RDONLY_CAST_CALL` (Rust's BPF target has no kfunc calls),
     /// which userspace rewrites before loading. With `CAST_CT` set, the
-    /// verifier knows the result as a read-only `struct nf_conn *`, loads
-    /// through which are plain loads that cannot fault; the kernel inlines
-    /// the call itself as `r0 = r1`. Else it is `r0 = r1`, and unused.
+    /// verifier knows the result as a read-only `struct nf_conn *`: loads
+    /// through it are plain loads (one that faulted would read 0, through
+    /// the kernel's exception table, not crash); the kernel inlines the
+    /// call itself as `r0 = r1`. Else it is `r0 = r1`, and unused.
     #[inline(always)]
     fn rdonly_cast(obj: u64, btf_id: u32) -> u64 {
         // SAFETY: see above: the call is rewritten before the program loads.
@@ -205,8 +206,8 @@ mod programs {
     /// A field of an entry through a pointer from `rdonly_cast`.
     #[inline(always)]
     fn load<T: Into<u64> + Copy>(at: u64) -> u64 {
-        // SAFETY: a BTF-typed load that the verifier checks, which cannot
-        // fault (see `rdonly_cast`).
+        // SAFETY: a BTF-typed load that the verifier checks, made safe
+        // against faults by the kernel (see `rdonly_cast`).
         unsafe { read_volatile(at as *const T) }.into()
     }
 
@@ -241,27 +242,36 @@ mod programs {
         }
     }
 
-    /// The tuples and namespace pointer of one `nf_conn`, read at once.
+    /// The tuples and namespace pointer of one `nf_conn`, read at once with
+    /// a helper (kernels without `bpf_rdonly_cast`).
     struct Chunk([u64; CT_CHUNK_WORDS]);
 
-    impl Chunk {
-        /// The original and reply tuples and the namespace pointer of an
-        /// entry, loaded field by field through `bpf_rdonly_cast` (with
-        /// `CAST_CT` only): no helper call, no copy. The verifier lets a
-        /// load span array elements but not struct fields, so each tuple
-        /// (the layout userspace checked) is loaded in nine pieces, and
-        /// assembled into the words the helper read would have copied.
-        #[inline(always)]
-        fn load(ct: u64) -> ([u64; TUPLE_WORDS], [u64; TUPLE_WORDS], u64) {
+    /// An entry's original and reply tuples and namespace pointer. With
+    /// `CAST_CT`, loaded field by field through `bpf_rdonly_cast`: no helper
+    /// call, no copy (the verifier lets a load span array elements but not
+    /// struct fields, so `load_tuple` assembles each tuple, whose layout
+    /// userspace checked, from nine loads). Else one helper read of the
+    /// chunk that holds all three.
+    #[inline(always)]
+    fn entry_of(ct: u64) -> Result<([u64; TUPLE_WORDS], [u64; TUPLE_WORDS], u64), ()> {
+        if global(&CAST_CT) != 0 {
             let at = rdonly_cast(ct, global(&NF_CONN_BTF_ID)) + global(&OFF_CT_CHUNK);
             let word = |i: u32| at + 8 * u64::from(i);
-            (
+            return Ok((
                 load_tuple(word(global(&CHUNK_ORIG))),
                 load_tuple(word(global(&CHUNK_REPLY))),
                 load::<u64>(word(global(&CHUNK_NET))),
-            )
+            ));
         }
+        let chunk = Chunk::read(ct)?;
+        Ok((
+            chunk.tuple(global(&CHUNK_ORIG))?,
+            chunk.tuple(global(&CHUNK_REPLY))?,
+            chunk.word(global(&CHUNK_NET))?,
+        ))
+    }
 
+    impl Chunk {
         #[inline(always)]
         fn read(ct: u64) -> Result<Chunk, ()> {
             let mut chunk = Chunk([0; CT_CHUNK_WORDS]);
@@ -464,16 +474,7 @@ mod programs {
         if status & ct_status::DST_NAT == 0 {
             return Ok(true);
         }
-        let (orig, reply, net) = if global(&CAST_CT) != 0 {
-            Chunk::load(ct)
-        } else {
-            let chunk = Chunk::read(ct)?;
-            (
-                chunk.tuple(global(&CHUNK_ORIG))?,
-                chunk.tuple(global(&CHUNK_REPLY))?,
-                chunk.word(global(&CHUNK_NET))?,
-            )
-        };
+        let (orig, reply, net) = entry_of(ct)?;
         let now = now();
 
         // A known entry: it passed the namespace filter when first seen.

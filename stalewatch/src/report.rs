@@ -193,7 +193,8 @@ pub struct ServiceFailures {
 impl StaleService {
     /// The record of a group of reminders, from the record of one of its
     /// flows (named and annotated as any flow is).
-    pub fn of(one: StaleFlow, group: &ReminderGroup, orig: &Tuple, clock: &Clock) -> Self {
+    pub fn of(one: StaleFlow, group: &ReminderGroup, clock: &Clock) -> Self {
+        let orig = &group.alert.flow.orig;
         StaleService {
             state: one.state,
             time: one.time,
@@ -491,6 +492,13 @@ fn netns_label(ns: &NetnsInfo) -> String {
     }
 }
 
+/// The line that says where new flows go, where known.
+fn now_line(s: &mut String, pin: &Pinned) {
+    if let Some(now) = &pin.current_backend {
+        let _ = writeln!(s, "  now        {} for new flows", backend_label(now));
+    }
+}
+
 fn verdict_word(verdict: Verdict) -> &'static str {
     match verdict {
         Verdict::Stale => "stale",
@@ -558,9 +566,7 @@ pub fn text(record: &Record) -> String {
                 netns_label(&e.pin.netns),
             );
             let _ = writeln!(s, "  pinned to  {}", backend_label(&e.pin.stale_backend));
-            if let Some(now) = &e.pin.current_backend {
-                let _ = writeln!(s, "  now        {} for new flows", backend_label(now));
-            }
+            now_line(&mut s, &e.pin);
             let _ = writeln!(s, "  evidence   {}", e.pin.evidence.join("; "));
             let _ = writeln!(s, "  fix        {}", e.fix);
         }
@@ -604,9 +610,7 @@ pub fn text(record: &Record) -> String {
                 "  pinned to  {} by their conntrack entries",
                 backend_label(&a.pin.stale_backend)
             );
-            if let Some(now) = &a.pin.current_backend {
-                let _ = writeln!(s, "  now        {} for new flows", backend_label(now));
-            }
+            now_line(&mut s, &a.pin);
             let _ = writeln!(
                 s,
                 "  verdict    {}{}",
@@ -694,9 +698,7 @@ pub fn text(record: &Record) -> String {
             } else {
                 let _ = writeln!(s, "  pinned to  {backend} by its conntrack entry");
             }
-            if let Some(now) = &a.pin.current_backend {
-                let _ = writeln!(s, "  now        {} for new flows", backend_label(now));
-            }
+            now_line(&mut s, &a.pin);
             let _ = writeln!(
                 s,
                 "  verdict    {}{}",
@@ -961,12 +963,7 @@ mod tests {
         }
         let group = reminders.take().pop().unwrap();
         let one = StaleFlow::new(&group.alert, named("sw-router"), &clock());
-        let record = Record::StaleService(Box::new(StaleService::of(
-            one,
-            &group,
-            &group.alert.flow.orig,
-            &clock(),
-        )));
+        let record = Record::StaleService(Box::new(StaleService::of(one, &group, &clock())));
         let v = serde_json::to_value(&record).unwrap();
         assert_eq!(v["type"], "stale_service");
         assert_eq!(v["state"], "reminder");

@@ -662,12 +662,7 @@ impl<W: io::Write> Session<W> {
             let record = if group.flows == 1 {
                 Record::StaleFlow(Box::new(one))
             } else {
-                Record::StaleService(Box::new(StaleService::of(
-                    one,
-                    &group,
-                    &alert.flow.orig,
-                    &clock(),
-                )))
+                Record::StaleService(Box::new(StaleService::of(one, &group, &clock())))
             };
             self.reporter.write(&record)?;
         }
