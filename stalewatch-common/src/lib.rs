@@ -206,8 +206,18 @@ pub mod stat {
     /// difference to their occupancy is what LRU evicted).
     pub const FLOWS_INSERTED: u32 = 4;
     pub const LOCALS_INSERTED: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// Reports that woke userspace (at most one per `WAKE_GAP_NS`).
+    pub const WAKEUPS: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
+
+/// The programs wake userspace at most once per this long: a wakeup is an
+/// interrupt (an inter-processor interrupt to itself, a VM exit on a
+/// virtual machine) that costs the failing packet's CPU microseconds, and
+/// thousands of flows raised at once must not each pay it. A report left
+/// unannounced inside the gap is read by the look userspace takes this
+/// long after each wakeup.
+pub const WAKE_GAP_NS: u64 = 5_000_000;
 
 /// Names of the read-only globals that userspace sets from BTF at load time.
 pub mod globals {

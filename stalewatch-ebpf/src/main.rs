@@ -10,7 +10,8 @@
 //! (`REPORTED_INTERVAL_NS` once reported): userspace work grows with
 //! failing flows, not with failing packets, and between reports userspace
 //! reads the counters from the map. Only the report that lets an entry be
-//! raised wakes userspace at once; the others wait for its next look.
+//! raised wakes userspace at once, and at most one report per
+//! `WAKE_GAP_NS` does; the others wait for its next look.
 //!
 //! A failing packet of a known entry costs a few dozen plain loads (the
 //! packet's conntrack pointer, the entry's status, its tuples and
@@ -34,14 +35,14 @@ mod programs {
         },
         helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
         macros::{btf_tracepoint, map},
-        maps::{LruHashMap, PerCpuArray, RingBuf},
+        maps::{Array, LruHashMap, PerCpuArray, RingBuf},
         programs::BtfTracePointContext,
     };
     use stalewatch_common::{
         CAUSE_ICMP, CAUSES as CAUSE_SLOTS, CT_CHUNK_WORDS, DROP_REASON_MAX, DROP_REASON_WORDS,
         ETH_P_IPV6_BE, FlowEvent, FlowState, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, LocalEvent,
-        LocalKey, LocalState, RDONLY_CAST_CALL, TUPLE_SIZE, TUPLE_WORDS, ct_status, hook, kind,
-        stat,
+        LocalKey, LocalState, RDONLY_CAST_CALL, TUPLE_SIZE, TUPLE_WORDS, WAKE_GAP_NS, ct_status,
+        hook, kind, stat,
     };
 
     // Read-only globals, set by userspace from BTF (see stalewatch-common's
@@ -84,7 +85,7 @@ mod programs {
     /// Failed packets at which an entry is reported at once, whatever the
     /// interval: userspace raises it on that report...
     #[unsafe(no_mangle)]
-    static MIN_FAILURES: u32 = 3;
+    static MIN_FAILURES: u32 = 2;
     /// ... over at least this long: a burst that an orchestrator cleans up
     /// at once is no stale flow.
     #[unsafe(no_mangle)]
@@ -119,6 +120,11 @@ mod programs {
     /// Reports waiting beyond this wake userspace whatever their kind: a
     /// burst of reports that wake no one must not fill the ring buffer.
     const WAKE_AT_BYTES: u64 = EVENTS_BYTES as u64 / 8;
+
+    /// When a report last woke userspace (CLOCK_MONOTONIC ns), for every
+    /// CPU: see `WAKE_GAP_NS`.
+    #[map(name = "WOKEN")]
+    static WOKEN: Array<u64> = Array::with_max_entries(1, 0);
 
     /// Failing entries by `struct nf_conn *`. LRU: a flood of distinct failing
     /// flows evicts the oldest instead of failing inserts. Userspace may
@@ -380,7 +386,7 @@ mod programs {
             let state = unsafe { &mut *state };
             state.event.count = state.event.count.wrapping_add(1);
             state.event.last_ns = now;
-            if let Some(wakeup) = due(
+            if let Some(urgent) = due(
                 &mut state.reported,
                 state.event.count,
                 state.event.first_ns,
@@ -388,7 +394,7 @@ mod programs {
                 now,
             ) {
                 state.last_emit_ns = now;
-                emit(&state.event, wakeup);
+                emit(&state.event, urgent, now);
             }
             return Ok(());
         }
@@ -415,7 +421,7 @@ mod programs {
         if LOCALS.insert(&key, &state, BPF_ANY as u64).is_ok() {
             count(stat::LOCALS_INSERTED);
         }
-        emit(&state.event, FIRST);
+        emit(&state.event, raised_at_first(), now);
         Ok(())
     }
 
@@ -549,7 +555,7 @@ mod programs {
                 .insert(&ct, &state, BPF_ANY as u64)
                 .map_err(|_| count(stat::READ_ERRORS))?;
         }
-        emit(&state.event, FIRST);
+        emit(&state.event, raised_at_first(), now);
         Ok(true)
     }
 
@@ -594,7 +600,7 @@ mod programs {
         event.last_ns = now;
         event.status = status;
         event.last_hook = hook_id;
-        if let Some(wakeup) = due(
+        if let Some(urgent) = due(
             &mut state.reported,
             failures,
             event.first_ns,
@@ -602,21 +608,25 @@ mod programs {
             now,
         ) {
             state.last_emit_ns = now;
-            emit(&state.event, wakeup);
+            emit(&state.event, urgent, now);
         }
     }
 
-    /// A first failure wakes userspace only if it was idle (the ring
-    /// buffer's default): nothing can be raised before `GRACE_NS` anyway.
-    const FIRST: u64 = 0;
+    /// Whether a first failure is already the one an entry is raised on
+    /// (`--min-failures 1 --grace 0`). Else its report waits for
+    /// userspace's next look: nothing can be raised before `GRACE_NS`.
+    #[inline(always)]
+    fn raised_at_first() -> bool {
+        global(&MIN_FAILURES) <= 1 && global(&GRACE_NS) == 0
+    }
 
-    /// Whether an entry that just failed again is reported now, and with
-    /// which ring buffer wakeup flag. The report of its `MIN_FAILURES`th
-    /// failure over at least `GRACE_NS` is the one userspace raises it on:
-    /// sent at once, waking userspace whatever is queued before it. Others
-    /// (at most one per `EMIT_INTERVAL_NS`, or `REPORTED_INTERVAL_NS` after
-    /// that one) wake no one: userspace drains them every second, so that
-    /// thousands of failing flows do not cost thousands of wakeups.
+    /// Whether an entry that just failed again is reported now, and whether
+    /// the report is urgent. The report of its `MIN_FAILURES`th failure
+    /// over at least `GRACE_NS` is the one userspace raises it on: sent at
+    /// once, and urgent. Others (at most one per `EMIT_INTERVAL_NS`, or
+    /// `REPORTED_INTERVAL_NS` after that one) are not: userspace drains
+    /// them every second, so that thousands of failing flows do not cost
+    /// thousands of wakeups.
     #[inline(always)]
     fn due(
         reported: &mut u32,
@@ -624,34 +634,59 @@ mod programs {
         first_ns: u64,
         last_emit_ns: u64,
         now: u64,
-    ) -> Option<u64> {
+    ) -> Option<bool> {
         let interval = if *reported == 0 {
             if failures >= global(&MIN_FAILURES) && now.wrapping_sub(first_ns) >= global(&GRACE_NS)
             {
                 *reported = 1;
-                return Some(BPF_RB_FORCE_WAKEUP as u64);
+                return Some(true);
             }
             global(&EMIT_INTERVAL_NS)
         } else {
             global(&REPORTED_INTERVAL_NS)
         };
-        (now.wrapping_sub(last_emit_ns) >= interval).then_some(BPF_RB_NO_WAKEUP as u64)
+        (now.wrapping_sub(last_emit_ns) >= interval).then_some(false)
     }
 
+    /// Sends a report. An urgent one wakes userspace, and so does any once
+    /// an eighth of the ring buffer is waiting (a burst of reports that wake
+    /// no one must not fill it); either only if no report woke it in the
+    /// last `WAKE_GAP_NS` (userspace looks again that long after a wakeup).
     #[inline(always)]
-    fn emit<T>(event: &T, wakeup: u64) {
-        let wakeup = if wakeup == BPF_RB_NO_WAKEUP as u64
-            && EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKE_AT_BYTES
-        {
-            BPF_RB_FORCE_WAKEUP as u64
+    fn emit<T>(event: &T, urgent: bool, now: u64) {
+        let wake =
+            (urgent || EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKE_AT_BYTES) && take_wakeup(now);
+        let flags = if wake {
+            BPF_RB_FORCE_WAKEUP
         } else {
-            wakeup
+            BPF_RB_NO_WAKEUP
         };
-        if EVENTS.output::<T>(event, wakeup).is_ok() {
+        if EVENTS.output::<T>(event, flags as u64).is_ok() {
             count(stat::EVENTS_SENT);
+            if wake {
+                count(stat::WAKEUPS);
+            }
         } else {
             count(stat::EVENTS_LOST);
         }
+    }
+
+    /// Whether this report may wake userspace: none did for `WAKE_GAP_NS`.
+    /// Two CPUs may both take it at once, which costs one more wakeup.
+    #[inline(always)]
+    fn take_wakeup(now: u64) -> bool {
+        let Some(woken) = WOKEN.get_ptr_mut(0) else {
+            return true;
+        };
+        // SAFETY: the one slot of our own array map; a racy read or write
+        // only ever costs or saves one wakeup.
+        unsafe {
+            if now.wrapping_sub(read_volatile(woken)) < WAKE_GAP_NS {
+                return false;
+            }
+            core::ptr::write_volatile(woken, now);
+        }
+        true
     }
 
     #[panic_handler]

@@ -39,7 +39,7 @@ pub struct WatchArgs {
     pub netns: Option<String>,
 
     /// Failed packets of one flow before it is raised.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub min_failures: u32,
 
     /// ... over at least this long: a flow whose entry an orchestrator

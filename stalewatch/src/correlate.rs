@@ -54,7 +54,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            min_failures: 3,
+            min_failures: 2,
             grace: Duration::from_millis(500),
             remind_every: Duration::from_secs(60),
             resolve_after: Duration::from_secs(30),
@@ -854,7 +854,12 @@ mod tests {
     fn raises_once_enough_packets_failed() {
         let mut c = Correlator::new(Config::default());
         assert_eq!(c.observe_plain(stale(1, 10), secs(10)), None);
-        assert!(!c.would_alert(&stale(2, 10), secs(10)));
+        assert!(
+            !c.would_alert(&stale(2, 10), secs(10)),
+            "not within --grace"
+        );
+        assert!(!c.would_alert(&stale(1, 11), secs(11)), "one packet");
+        assert!(c.would_alert(&stale(2, 11), secs(11)));
         assert!(c.would_alert(&stale(4, 11), secs(11)));
         let alert = c.observe_plain(stale(4, 11), secs(11)).expect("raised");
         assert_eq!(alert.state, AlertState::Raised);

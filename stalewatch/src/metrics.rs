@@ -1,6 +1,6 @@
 //! Prometheus/OpenMetrics metrics for `stalewatch watch --metrics ADDR`:
-//! alerts by state and verdict, failing packets by cause, kernel reports and
-//! losses, map occupancy and evictions, and each eBPF program's run count
+//! alerts by state and verdict, failing packets by cause, kernel reports,
+//! wakeups and losses, map occupancy and evictions, and each eBPF program's run count
 //! and run time. The exposition format comes from `prometheus-client`.
 
 use std::sync::{Arc, Mutex};
@@ -47,6 +47,7 @@ pub struct Metrics {
     alerts: Family<AlertLabels, Counter>,
     failing_packets: Family<CauseLabels, Counter>,
     reports: Counter,
+    wakeups: Counter,
     events_lost: Counter,
     map_entries: Family<MapLabels, Gauge>,
     map_evictions: Family<MapLabels, Counter>,
@@ -71,6 +72,7 @@ impl Metrics {
         let alerts = Family::<AlertLabels, Counter>::default();
         let failing_packets = Family::<CauseLabels, Counter>::default();
         let reports = Counter::default();
+        let wakeups = Counter::default();
         let events_lost = Counter::default();
         let map_entries = Family::<MapLabels, Gauge>::default();
         let map_evictions = Family::<MapLabels, Counter>::default();
@@ -89,6 +91,11 @@ impl Metrics {
             failing_packets.clone(),
         );
         registry.register("kernel_reports", "Reports the kernel sent", reports.clone());
+        registry.register(
+            "kernel_wakeups",
+            "Kernel reports that woke stalewatch (the rest wait for its next look)",
+            wakeups.clone(),
+        );
         registry.register(
             "events_lost",
             "Reports the kernel could not hand over (ring buffer full)",
@@ -129,6 +136,7 @@ impl Metrics {
             alerts,
             failing_packets,
             reports,
+            wakeups,
             events_lost,
             map_entries,
             map_evictions,
@@ -170,6 +178,8 @@ impl Metrics {
         let delta = |new: u64, old: u64| new.saturating_sub(old);
         self.reports
             .inc_by(delta(now.stats.events_sent, self.last.stats.events_sent));
+        self.wakeups
+            .inc_by(delta(now.stats.wakeups, self.last.stats.wakeups));
         self.events_lost
             .inc_by(delta(now.stats.events_lost, self.last.stats.events_lost));
         for (slot, &count) in now.causes.iter().enumerate() {

@@ -16,7 +16,7 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use nix::time::{ClockId, clock_gettime};
-use stalewatch_common::{LocalKey, ct_status};
+use stalewatch_common::{LocalKey, WAKE_GAP_NS, ct_status};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -200,6 +200,9 @@ const SIBLINGS_TTL: Duration = Duration::from_secs(2);
 /// The same for reminders: a service's siblings cost a conntrack dump that
 /// walks the whole table and copies every entry of the service.
 const REMINDER_SIBLINGS_TTL: Duration = Duration::from_secs(30);
+/// How long after a wakeup the loop reads the ring buffer again: a little
+/// more than the kernel's gap between wakeups (see `WAKE_GAP_NS`).
+const LOOK_AGAIN: Duration = Duration::from_nanos(WAKE_GAP_NS + 1_000_000);
 /// Reports handled before the loop looks at signals and timers again.
 const DRAIN_BATCH: usize = 256;
 /// Reports read on each tick, at most: more than the ring buffer holds
@@ -245,6 +248,10 @@ impl<W: io::Write> Session<W> {
         let mut lost_reported = 0;
         let mut ticks = 0u64;
         let layout = probes.layout.clone();
+        // A second look after each wakeup: the kernel wakes this loop at
+        // most once per WAKE_GAP_NS, so urgent reports sent in the gap
+        // after a wakeup wait for this look, not for the next tick.
+        let mut look_again: Option<tokio::time::Instant> = None;
 
         loop {
             tokio::select! {
@@ -256,6 +263,13 @@ impl<W: io::Write> Session<W> {
                     if handled < DRAIN_BATCH {
                         guard.clear_ready();
                     }
+                    // From the latest wakeup: reports suppressed after it
+                    // come within the gap that follows it.
+                    look_again = Some(tokio::time::Instant::now() + LOOK_AGAIN);
+                }
+                _ = tokio::time::sleep_until(look_again.unwrap_or_else(tokio::time::Instant::now)), if look_again.is_some() => {
+                    look_again = None;
+                    self.drain(events.get_mut(), &layout, TICK_DRAIN)?;
                 }
                 _ = ticker.tick() => {
                     // Most reports wake no one (see the kernel's `due`):

@@ -96,6 +96,12 @@ fn metrics_count_a_stale_flow() -> anyhow::Result<()> {
         sample(&body, "stalewatch_kernel_reports_total") >= Some(1.0),
         "{body}"
     );
+    // The report that raised the flow woke stalewatch; most others did not.
+    let wakeups = sample(&body, "stalewatch_kernel_wakeups_total");
+    assert!(
+        wakeups >= Some(1.0) && wakeups <= sample(&body, "stalewatch_kernel_reports_total"),
+        "{body}"
+    );
     assert_eq!(
         sample(&body, "stalewatch_events_lost_total"),
         Some(0.0),

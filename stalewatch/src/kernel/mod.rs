@@ -91,6 +91,7 @@ pub struct Options {
 pub struct Stats {
     pub events_lost: u64,
     pub events_sent: u64,
+    pub wakeups: u64,
     pub failures: u64,
     pub read_errors: u64,
     pub flows_inserted: u64,
@@ -251,6 +252,7 @@ impl Probes {
         Ok(Stats {
             events_lost: sum(stat::EVENTS_LOST)?,
             events_sent: sum(stat::EVENTS_SENT)?,
+            wakeups: sum(stat::WAKEUPS)?,
             failures: sum(stat::FAILURES)?,
             read_errors: sum(stat::READ_ERRORS)?,
             flows_inserted: sum(stat::FLOWS_INSERTED)?,

@@ -438,6 +438,7 @@ pub struct KernelStats {
     pub events_lost: u64,
     pub failures: u64,
     pub events_sent: u64,
+    pub wakeups: u64,
 }
 
 /// A little-endian number from bpftool's `["0x01", "0x00", ...]`.
@@ -469,6 +470,7 @@ pub fn kernel_stats(pid: u32) -> anyhow::Result<KernelStats> {
             stat::EVENTS_LOST => stats.events_lost = sum,
             stat::FAILURES => stats.failures = sum,
             stat::EVENTS_SENT => stats.events_sent = sum,
+            stat::WAKEUPS => stats.wakeups = sum,
             _ => {}
         }
     }

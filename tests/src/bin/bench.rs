@@ -84,10 +84,26 @@ struct Args {
     /// Leave out the bpftrace column
     #[arg(long)]
     no_bpftrace: bool,
+    /// Only these figures, comma-separated (3b includes 3c) [default: all]
+    #[arg(long, value_enum, value_delimiter = ',')]
+    figures: Vec<Figure>,
     /// Instead of the figures: steady stale flows for this many minutes,
     /// sampling stalewatch's memory and CPU every 10 s
     #[arg(long, value_name = "MINUTES")]
     soak: Option<f64>,
+}
+
+/// The figures, as `--figures` names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Figure {
+    #[value(name = "1")]
+    Healthy,
+    #[value(name = "2")]
+    Unrelated,
+    #[value(name = "3a")]
+    FewStale,
+    #[value(name = "3b")]
+    ManyStale,
 }
 
 /// The settings a run uses, defaults resolved.
@@ -216,7 +232,7 @@ fn main_inner(args: &Args) -> anyhow::Result<()> {
                 .to_owned(),
         );
     }
-    figures(&mut ctx, &mut report)?;
+    figures(&mut ctx, &mut report, &args.figures)?;
     drop(ctx);
     report.notes.push(format!(
         "total time {:.0} s; 1-minute load average at the end: {}; every namespace the bench created is removed",
@@ -416,6 +432,8 @@ struct RunResult {
     /// CPU time of the sending thread per counted packet, ns: the whole
     /// path's cost, softirq included; and how much of a core it got.
     ns_per_packet: f64,
+    /// The same over the steady window.
+    ns_per_packet_steady: f64,
     sender_share: f64,
     /// From SIGINT to the tool's exit; killed when still running at 5 s.
     exit_secs: f64,
@@ -491,6 +509,7 @@ fn measure(ctx: &mut Ctx, load: &Load, under: Under) -> anyhow::Result<RunResult
             events_lost: k1.events_lost - k0.events_lost,
             failures: k1.failures - k0.failures,
             events_sent: k1.events_sent - k0.events_sent,
+            wakeups: k1.wakeups - k0.wakeups,
         });
         r.kernel_total = Some(k1);
     }
@@ -520,10 +539,23 @@ fn measure(ctx: &mut Ctx, load: &Load, under: Under) -> anyhow::Result<RunResult
         (r.cpu_sched, r.cpu_stat) = c1.percent_since(&c0);
     }
     r.cpu_steady = f64::NAN;
-    if let (Some(pid), false) = (pid, load.steady.is_zero()) {
-        let c0 = CpuSample::take(pid)?;
+    r.ns_per_packet_steady = f64::NAN;
+    if !load.steady.is_zero() {
+        // The same path's cost once every flow is raised: what leaving the
+        // tool running through a flood costs, with or without a tool.
+        let c0 = pid.map(CpuSample::take).transpose()?;
+        let (a, sender0) = (read(ctx)?, flood.cpu_ns());
         bench::sleep(load.steady)?;
-        (r.cpu_steady, _) = CpuSample::take(pid)?.percent_since(&c0);
+        let (b, sender1) = (read(ctx)?, flood.cpu_ns());
+        if let Some((pid, c0)) = pid.zip(c0) {
+            (r.cpu_steady, _) = CpuSample::take(pid)?.percent_since(&c0);
+        }
+        if let (Some(c0), Some(c1)) = (sender0, sender1) {
+            let packets = b.0.saturating_sub(a.0) as f64;
+            if packets > 0.0 {
+                r.ns_per_packet_steady = c1.saturating_sub(c0) as f64 / packets;
+            }
+        }
     }
     if let Some(pid) = pid {
         let (rss, hwm) = procfs::memory_kib(pid)?;
@@ -754,9 +786,31 @@ fn detail(report: &mut Report, key: &str, what: &str, values: &[f64], fmt: fn(f6
         .push(format!("{key} {what}: {}", text.join(", ")));
 }
 
-fn figures(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
+/// The figures `--figures` names, in order, and the notes that explain them.
+fn figures(ctx: &mut Ctx, report: &mut Report, only: &[Figure]) -> anyhow::Result<()> {
+    let want = |f: Figure| only.is_empty() || only.contains(&f);
+    if want(Figure::Healthy) {
+        figure_1(ctx, report)?;
+    }
+    if want(Figure::Unrelated) {
+        figure_2(ctx, report)?;
+    }
+    if want(Figure::FewStale) {
+        figure_3a(ctx, report)?;
+    }
+    if want(Figure::ManyStale) {
+        figure_3bc(ctx, report)?;
+    }
+    notes(report);
+    Ok(())
+}
+
+/// Flows of the forwarding loads, figures 1-2.
+const FEW: u32 = 64;
+
+fn figure_1(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
     let s = ctx.s.clone();
-    let few = 64;
+    let few = FEW;
 
     // 1. Healthy: DNATed, forwarded, delivered; neither hook fires.
     let load = Load {
@@ -799,6 +853,13 @@ fn figures(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
         &delivered,
         table::percent,
     );
+
+    Ok(())
+}
+
+fn figure_2(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
+    let s = ctx.s.clone();
+    let few = FEW;
 
     // 2. Every packet dropped: the cost to traffic stalewatch is not about.
     let two_a = Load {
@@ -913,6 +974,12 @@ fn figures(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
         cost_details(report, load.key, &series);
     }
 
+    Ok(())
+}
+
+fn figure_3a(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
+    let s = ctx.s.clone();
+
     // 3. Stale floods: every packet fails, DNATed to an address nobody has.
     let three_a = stale_load("3a", s.cpu_flows, true, &s);
     let a = series(ctx, &three_a)?;
@@ -927,6 +994,12 @@ fn figures(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
     ));
     stale_details(report, "3a", &a);
 
+    Ok(())
+}
+
+/// 3b, and 3c extrapolated from it.
+fn figure_3bc(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
+    let s = ctx.s.clone();
     let three_b = stale_load("3b", s.flows, false, &s);
     let b = series(ctx, &three_b)?;
     let conntrack = ctx.topo.router_conntrack_count().unwrap_or(0);
@@ -1027,7 +1100,10 @@ fn figures(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
         format!("3c memory at {CONNTRACK_MAX} distinct failing flows (the conntrack table's size; not created for real, see notes)"),
         rows,
     ));
+    Ok(())
+}
 
+fn notes(report: &mut Report) {
     report.notes.extend(
         [
             "how: a raw socket in the sender namespace sends UDP with sendmmsg (64 a batch) from 8 source addresses x consecutive ports;",
@@ -1045,14 +1121,13 @@ fn figures(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
             "     The statistics cost two clock reads per run themselves: the floor row is an empty program on the same tracepoints.",
             "CPU: % of one core from /proc/<pid>/task/*/schedstat over the window (/proc/<pid>/stat utime+stime in the per-run values).",
             "latency: per raised flow, alert `time` - `failures.first` (first failure the kernel saw -> alert), and alert `time` - `failures.last`",
-            "     (the kernel report that crossed --min-failures 3 -> alert: stalewatch's own pipeline); both are CLOCK_MONOTONIC in the JSON.",
+            "     (the kernel report that crossed --min-failures -> alert: stalewatch's own pipeline); both are CLOCK_MONOTONIC in the JSON.",
             "reports sent/lost: stalewatch's own in-kernel STATS map, read with bpftool (a stalewatch that falls behind cannot print them).",
             "3c: the bench never creates more than 60,000 real flows (the conntrack table is shared); the 262,144-flow memory is the 3b",
             "     figure extrapolated, and stalewatch's own Correlator fed synthetic reports in this process (heap by a counting allocator).",
         ]
         .map(String::from),
     );
-    Ok(())
 }
 
 fn cost_details(report: &mut Report, key: &str, s: &Series) {
@@ -1094,7 +1169,19 @@ fn alert_values(s: &Series, f: impl Fn(&Alerts) -> Option<f64>) -> Vec<f64> {
 fn stale_rows(s: &Series, st: &Settings, cost: bool, flows: u32) -> Vec<Row> {
     let mut rows = vec![
         ratio_row("failing packets per second", s, |r| r.pps, None),
-        cpu_row("  CPU per failing packet (capacity ratio)", s, None),
+        cpu_row(
+            "  CPU per failing packet while raising (capacity ratio)",
+            s,
+            None,
+        ),
+        compare_row(
+            "  CPU per failing packet, steady (capacity ratio)",
+            s,
+            |r| r.ns_per_packet_steady,
+            table::ns,
+            true,
+            None,
+        ),
     ];
     rows.push(value_row(
         "  userspace CPU, % of one core, steady (every flow raised)",
@@ -1149,6 +1236,14 @@ fn stale_rows(s: &Series, st: &Settings, cost: bool, flows: u32) -> Vec<Row> {
         "  kernel reports sent per second (STATS map)",
         s,
         kernel(|k| k.events_sent),
+        table::count,
+        None,
+        false,
+    ));
+    rows.push(value_row(
+        "  of which woke stalewatch, per second",
+        s,
+        kernel(|k| k.wakeups),
         table::count,
         None,
         false,
