@@ -448,6 +448,14 @@ mod programs {
         0
     }
 
+    /// Does nothing. stalewatch never attaches it: the benchmark does, where
+    /// `kfree_skb` goes, to measure what any program of this kind costs on
+    /// that tracepoint (the floor under every drop the host makes).
+    #[btf_tracepoint(function = "kfree_skb")]
+    pub fn empty_kfree_skb(_ctx: BtfTracePointContext) -> u32 {
+        0
+    }
+
     /// CLOCK_MONOTONIC. (The coarse clock would do for failure times and
     /// cost less on a virtual machine, but tracing programs may not read
     /// it.)

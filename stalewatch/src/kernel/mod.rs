@@ -4,7 +4,12 @@
 
 pub mod btf;
 
-use std::{error::Error as StdError, io, path::PathBuf, time::Duration};
+use std::{
+    error::Error as StdError,
+    io,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -122,6 +127,31 @@ pub struct Probes {
     pub layout: KernelLayout,
     /// How the programs read conntrack entries, in words.
     pub reads: &'static str,
+}
+
+/// Attaches the object's empty program to `skb:kfree_skb`, for as long as
+/// the returned object lives. Only the benchmark uses it: what a program of
+/// the kind stalewatch attaches costs there before doing anything.
+pub fn attach_empty_kfree_skb(btf_file: &Path) -> Result<Ebpf, Error> {
+    let btf = aya::Btf::parse_file(btf_file, aya::Endianness::default())
+        .map_err(|e| Error::BadBtf(btf_file.to_owned(), e.to_string()))?;
+    let object = patch_casts(OBJECT, None)?;
+    let mut ebpf = EbpfLoader::new()
+        .btf(Some(&btf))
+        .load(&object)
+        .map_err(|e| kernel_error("loading the eBPF object", &e))?;
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut("empty_kfree_skb")
+        .ok_or_else(|| Error::Kernel("program empty_kfree_skb missing from the object".into()))?
+        .try_into()
+        .map_err(|e| kernel_error("kfree_skb", &e))?;
+    program
+        .load("kfree_skb", &btf)
+        .map_err(|e| kernel_error("loading the empty program", &e))?;
+    program
+        .attach()
+        .map_err(|e| kernel_error("attaching to kfree_skb", &e))?;
+    Ok(ebpf)
 }
 
 impl Probes {

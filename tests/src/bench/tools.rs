@@ -31,6 +31,9 @@ use super::procfs;
 pub const BPFTRACE_SCRIPT: &str = "tracepoint:skb:kfree_skb { @drop[args->reason] = count(); } \
      tracepoint:icmp:icmp_send { @icmp[args->type, args->code] = count(); }";
 
+/// The hidden argument that makes the bench hold the empty program.
+pub const HOLD_EMPTY_PROGRAM: &str = "--hold-empty-program";
+
 /// Empty programs on the same tracepoints: what measuring a run costs by
 /// itself (the floor under every ns-per-run figure on this machine).
 pub const FLOOR_SCRIPT: &str = "tracepoint:skb:kfree_skb { } tracepoint:icmp:icmp_send { }";
@@ -151,6 +154,19 @@ impl Tool {
                 &max_flows.to_string(),
             ]),
             keep,
+        )?;
+        tool.wait_ready(|t| t.stderr_text().contains("attached"))?;
+        Ok(tool)
+    }
+
+    /// This bench again, holding an empty program of the kind stalewatch
+    /// attaches (a BTF tracepoint program) on `skb:kfree_skb` until SIGINT.
+    pub fn empty_program() -> anyhow::Result<Tool> {
+        let exe = std::env::current_exe().context("locating this executable")?;
+        let mut tool = Tool::spawn(
+            "empty program",
+            Command::new(exe).arg(HOLD_EMPTY_PROGRAM),
+            true,
         )?;
         tool.wait_ready(|t| t.stderr_text().contains("attached"))?;
         Ok(tool)

@@ -176,6 +176,9 @@ extern "C" fn on_signal(_: nix::libc::c_int) {
 }
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some(tools::HOLD_EMPTY_PROGRAM) {
+        return hold_empty_program();
+    }
     let args = Args::parse();
     if !nix::unistd::geteuid().is_root() {
         eprintln!(
@@ -198,6 +201,31 @@ fn main() -> ExitCode {
             } else {
                 ExitCode::FAILURE
             }
+        }
+    }
+}
+
+/// The empty program's process (see `Tool::empty_program`): attached until
+/// SIGINT or SIGTERM.
+fn hold_empty_program() -> ExitCode {
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        let _ = signal(Signal::SIGINT, SigHandler::Handler(on_signal));
+        let _ = signal(Signal::SIGTERM, SigHandler::Handler(on_signal));
+    }
+    let btf = std::path::Path::new(stalewatch::kernel::DEFAULT_BTF);
+    match stalewatch::kernel::attach_empty_kfree_skb(btf) {
+        Ok(program) => {
+            eprintln!("empty program attached to kfree_skb");
+            while !bench::interrupted() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            drop(program);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("stalewatch-bench: {e}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -365,6 +393,8 @@ enum Under {
     Bpftrace,
     /// Empty bpftrace programs on the same tracepoints: the floor.
     Floor,
+    /// An empty program of stalewatch's kind on kfree_skb.
+    Empty,
 }
 
 impl Under {
@@ -374,6 +404,7 @@ impl Under {
             Under::Stalewatch => "stalewatch",
             Under::Bpftrace => "bpftrace",
             Under::Floor => "empty programs",
+            Under::Empty => "empty BTF tracepoint program",
         }
     }
 }
@@ -397,6 +428,8 @@ struct Load {
     cost: bool,
     /// Also measure empty programs on the same tracepoints.
     floor: bool,
+    /// Also measure an empty program of stalewatch's kind on kfree_skb.
+    empty: bool,
     max_flows: u32,
     /// A second window for the tool's CPU, right after the first: the
     /// stale floods raise every flow in the first, and run steady here.
@@ -463,6 +496,7 @@ fn measure(ctx: &mut Ctx, load: &Load, under: Under) -> anyhow::Result<RunResult
         )?),
         Under::Bpftrace => Some(Tool::bpftrace(tools::BPFTRACE_SCRIPT)?),
         Under::Floor => Some(Tool::bpftrace(tools::FLOOR_SCRIPT)?),
+        Under::Empty => Some(Tool::empty_program()?),
     };
     let pid = tool.as_ref().map(Tool::pid);
     let mut r = RunResult::default();
@@ -597,7 +631,7 @@ fn measure(ctx: &mut Ctx, load: &Load, under: Under) -> anyhow::Result<RunResult
                 }
             }
             Under::Bpftrace => r.bpftrace_maps = tools::parse_bpftrace_maps(&stopped.stdout),
-            Under::Without | Under::Floor => {}
+            Under::Without | Under::Floor | Under::Empty => {}
         }
     }
     Ok(r)
@@ -610,6 +644,7 @@ struct Series {
     stalewatch: Vec<RunResult>,
     bpftrace: Vec<RunResult>,
     floor: Vec<RunResult>,
+    empty: Vec<RunResult>,
 }
 
 impl Series {
@@ -619,6 +654,7 @@ impl Series {
             Under::Stalewatch => &self.stalewatch,
             Under::Bpftrace => &self.bpftrace,
             Under::Floor => &self.floor,
+            Under::Empty => &self.empty,
         }
     }
 
@@ -630,6 +666,9 @@ impl Series {
 fn series(ctx: &mut Ctx, load: &Load) -> anyhow::Result<Series> {
     let mut out = Series::default();
     let mut unders = vec![Under::Without, Under::Stalewatch];
+    if load.empty {
+        unders.push(Under::Empty);
+    }
     if ctx.s.bpftrace {
         unders.push(Under::Bpftrace);
         if load.floor {
@@ -650,6 +689,7 @@ fn series(ctx: &mut Ctx, load: &Load) -> anyhow::Result<Series> {
                 Under::Stalewatch => out.stalewatch.push(r),
                 Under::Bpftrace => out.bpftrace.push(r),
                 Under::Floor => out.floor.push(r),
+                Under::Empty => out.empty.push(r),
             }
         }
     }
@@ -746,9 +786,37 @@ fn stale_load(key: &'static str, flows: u32, cost: bool, s: &Settings) -> Load {
         runs: s.stale_runs,
         cost,
         floor: false,
+        empty: false,
         max_flows: 65_536.max(flows),
         steady: s.steady_window,
     }
+}
+
+/// What an empty program of stalewatch's kind (a BTF tracepoint program)
+/// on kfree_skb costs in place of stalewatch: the floor under any program
+/// there. Its figures go in stalewatch's columns, on rows of their own.
+fn empty_rows(s: &Series) -> Vec<Row> {
+    let without = s.values(Under::Without, |r| r.ns_per_packet);
+    let empty = s.values(Under::Empty, |r| r.ns_per_packet);
+    if empty.is_empty() {
+        return Vec::new();
+    }
+    let runs = s.values(Under::Empty, |r| r.ns("empty_kfree_skb"));
+    vec![
+        Row {
+            figure: "  an empty BTF tracepoint program on kfree_skb instead: CPU per packet (capacity ratio)"
+                .to_owned(),
+            without: table::cell(&without, table::ns),
+            with: table::cell(&empty, table::ns),
+            ratio: table::ratio(&empty, &without),
+            ..Row::default()
+        },
+        Row {
+            figure: "  that empty program: ns per run (kernel stats)".to_owned(),
+            with: table::cell(&runs, table::ns),
+            ..Row::default()
+        },
+    ]
 }
 
 /// A row of the tools' own figures (no "without"), with an upper target.
@@ -821,6 +889,7 @@ fn figure_1(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
         runs: s.runs,
         cost: false,
         floor: false,
+        empty: false,
         max_flows: 65_536,
         steady: Duration::ZERO,
     };
@@ -870,6 +939,7 @@ fn figure_2(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
         runs: s.runs,
         cost: true,
         floor: false,
+        empty: true,
         max_flows: 65_536,
         steady: Duration::ZERO,
     };
@@ -882,6 +952,7 @@ fn figure_2(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
         runs: s.runs,
         cost: true,
         floor: true,
+        empty: true,
         max_flows: 65_536,
         steady: Duration::ZERO,
     };
@@ -914,6 +985,7 @@ fn figure_2(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
             None,
             s.bpftrace,
         ));
+        rows.extend(empty_rows(&series));
         if early {
             rows.push(value_row(
                 "  icmp_send: ns per run (few runs: ICMP is rate-limited before the tracepoint)",
@@ -1131,7 +1203,12 @@ fn notes(report: &mut Report) {
 }
 
 fn cost_details(report: &mut Report, key: &str, s: &Series) {
-    for under in [Under::Stalewatch, Under::Bpftrace, Under::Floor] {
+    for under in [
+        Under::Stalewatch,
+        Under::Bpftrace,
+        Under::Floor,
+        Under::Empty,
+    ] {
         let mut line = String::new();
         for r in s.of(under) {
             for c in r.cost.iter().filter(|c| c.runs > 0) {
@@ -1336,6 +1413,7 @@ fn load_details(report: &mut Report, key: &str, what: &str, s: &Series) {
         Under::Stalewatch,
         Under::Bpftrace,
         Under::Floor,
+        Under::Empty,
     ] {
         if s.of(under).is_empty() {
             continue;
@@ -1362,7 +1440,12 @@ fn load_details(report: &mut Report, key: &str, what: &str, s: &Series) {
     // The table's ratios are of medians; pairs taken side by side tell
     // whether slow drift rather than the tool moved them.
     let without = |f: fn(&RunResult) -> f64| s.values(Under::Without, f);
-    for under in [Under::Stalewatch, Under::Bpftrace, Under::Floor] {
+    for under in [
+        Under::Stalewatch,
+        Under::Bpftrace,
+        Under::Floor,
+        Under::Empty,
+    ] {
         if s.of(under).is_empty() {
             continue;
         }
