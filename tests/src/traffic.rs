@@ -18,11 +18,10 @@ use crate::netns::Netns;
 /// A UDP sender that streams from one fixed source port, as a producer that
 /// never pauses does (metrics, syslog, DNS forwarders).
 pub struct Producer {
-    stop: Arc<AtomicBool>,
+    worker: Worker,
     sent: Arc<AtomicU64>,
     /// ICMP errors reported back on the socket (unreachable, refused).
     errors: Arc<AtomicU64>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl Producer {
@@ -36,7 +35,6 @@ impl Producer {
         max: u64,
         limit: Duration,
     ) -> anyhow::Result<Producer> {
-        let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicU64::new(0));
         let socket = in_netns(ns, move || {
@@ -53,12 +51,12 @@ impl Producer {
             socket.set_nonblocking(true)?;
             Ok(socket)
         })?;
-        let (s, n, e) = (stop.clone(), sent.clone(), errors.clone());
-        let thread = thread::spawn(move || {
+        let (n, e) = (sent.clone(), errors.clone());
+        let worker = Worker::spawn(move |stop| {
             let started = Instant::now();
             let mut buf = [0u8; 64];
             for seq in 0..max {
-                if s.load(Ordering::Relaxed) || started.elapsed() > limit {
+                if stop.load(Ordering::Relaxed) || started.elapsed() > limit {
                     break;
                 }
                 let payload = format!("stalewatch-test {seq}");
@@ -79,10 +77,9 @@ impl Producer {
             }
         });
         Ok(Producer {
-            stop,
+            worker,
             sent,
             errors,
-            thread: Some(thread),
         })
     }
 
@@ -95,61 +92,43 @@ impl Producer {
     }
 
     pub fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Producer {
-    fn drop(&mut self) {
-        self.stop();
+        self.worker.stop();
     }
 }
 
 /// A UDP service that counts datagrams by source address and port.
 pub struct Receiver {
-    stop: Arc<AtomicBool>,
-    seen: Arc<Mutex<HashMap<SocketAddr, u64>>>,
-    thread: Option<JoinHandle<()>>,
+    _worker: Worker,
+    seen: Counts,
 }
 
 impl Receiver {
     pub fn start(ns: &Netns, port: u16) -> anyhow::Result<Receiver> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let seen = Arc::new(Mutex::new(HashMap::new()));
+        let seen = Counts::default();
         let socket = in_netns(ns, move || {
             // An IPv6 wildcard socket takes IPv4 too (bindv6only is off).
             let socket = UdpSocket::bind(SocketAddr::from(([0u16; 8], port)))?;
             socket.set_read_timeout(Some(Duration::from_millis(100)))?;
             Ok(socket)
         })?;
-        let (s, map) = (stop.clone(), seen.clone());
-        let thread = thread::spawn(move || {
+        let counts = seen.clone();
+        let worker = Worker::spawn(move |stop| {
             let mut buf = [0u8; 2048];
-            while !s.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 if let Ok((_, from)) = socket.recv_from(&mut buf) {
-                    let from = canonical(from);
-                    *map.lock().expect("lock").entry(from).or_default() += 1;
+                    counts.add(canonical(from), 1);
                 }
             }
         });
         Ok(Receiver {
-            stop,
+            _worker: worker,
             seen,
-            thread: Some(thread),
         })
     }
 
     /// Datagrams received from `from` so far.
     pub fn from(&self, from: SocketAddr) -> u64 {
-        self.seen
-            .lock()
-            .expect("lock")
-            .get(&from)
-            .copied()
-            .unwrap_or(0)
+        self.seen.get(from)
     }
 
     /// Waits until at least `n` datagrams came from `from`.
@@ -158,12 +137,54 @@ impl Receiver {
     }
 }
 
-impl Drop for Receiver {
-    fn drop(&mut self) {
+/// A thread of a traffic loop, told to stop and joined on `stop` or drop.
+struct Worker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Runs `body` on a thread; it returns once the flag it is given is set.
+    fn spawn(body: impl FnOnce(&AtomicBool) + Send + 'static) -> Worker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || body(&flag));
+        Worker {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// What a service received, by peer, shared with its thread.
+#[derive(Clone, Default)]
+struct Counts(Arc<Mutex<HashMap<SocketAddr, u64>>>);
+
+impl Counts {
+    fn add(&self, peer: SocketAddr, n: u64) {
+        *self.0.lock().expect("lock").entry(peer).or_default() += n;
+    }
+
+    fn get(&self, peer: SocketAddr) -> u64 {
+        self.0
+            .lock()
+            .expect("lock")
+            .get(&peer)
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -204,11 +225,10 @@ fn in_netns<T: Send + 'static>(
 /// A long-lived TCP connection from a fixed source port that writes a line
 /// every `every`, as a log shipper or a database client does.
 pub struct TcpProducer {
-    stop: Arc<AtomicBool>,
+    worker: Worker,
     /// 0: writing; 1: idle; 2: closed its end (FIN sent).
     phase: Arc<std::sync::atomic::AtomicU8>,
     written: Arc<AtomicU64>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl TcpProducer {
@@ -220,7 +240,6 @@ impl TcpProducer {
         limit: Duration,
     ) -> anyhow::Result<TcpProducer> {
         use std::io::Write as _;
-        let stop = Arc::new(AtomicBool::new(false));
         let written = Arc::new(AtomicU64::new(0));
         let mut stream = in_netns(ns, move || {
             let socket = match from {
@@ -247,12 +266,12 @@ impl TcpProducer {
             Ok(stream)
         })?;
         let phase = Arc::new(std::sync::atomic::AtomicU8::new(0));
-        let (s, p, w) = (stop.clone(), phase.clone(), written.clone());
-        let thread = thread::spawn(move || {
+        let (p, w) = (phase.clone(), written.clone());
+        let worker = Worker::spawn(move |stop| {
             let started = Instant::now();
             let mut seq = 0u64;
             let mut closed = false;
-            while !s.load(Ordering::Relaxed) && started.elapsed() < limit {
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < limit {
                 let phase = p.load(Ordering::Relaxed);
                 if phase == 2 && !closed {
                     let _ = stream.shutdown(std::net::Shutdown::Write);
@@ -267,10 +286,9 @@ impl TcpProducer {
             }
         });
         Ok(TcpProducer {
-            stop,
+            worker,
             phase,
             written,
-            thread: Some(thread),
         })
     }
 
@@ -289,44 +307,33 @@ impl TcpProducer {
     }
 
     pub fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for TcpProducer {
-    fn drop(&mut self) {
-        self.stop();
+        self.worker.stop();
     }
 }
 
 /// A TCP service that counts bytes by peer, and can close its connections
 /// (a container that shuts down cleanly sends FIN).
 pub struct TcpReceiver {
-    stop: Arc<AtomicBool>,
+    _worker: Worker,
     close: Arc<AtomicBool>,
-    seen: Arc<Mutex<HashMap<SocketAddr, u64>>>,
-    thread: Option<JoinHandle<()>>,
+    seen: Counts,
 }
 
 impl TcpReceiver {
     pub fn start(ns: &Netns, port: u16) -> anyhow::Result<TcpReceiver> {
         use std::io::Read as _;
-        let stop = Arc::new(AtomicBool::new(false));
         let close = Arc::new(AtomicBool::new(false));
-        let seen = Arc::new(Mutex::new(HashMap::new()));
+        let seen = Counts::default();
         let listener = in_netns(ns, move || {
             let l = std::net::TcpListener::bind(SocketAddr::from(([0u16; 8], port)))?;
             l.set_nonblocking(true)?;
             Ok(l)
         })?;
-        let (s, c, map) = (stop.clone(), close.clone(), seen.clone());
-        let thread = thread::spawn(move || {
+        let (c, counts) = (close.clone(), seen.clone());
+        let worker = Worker::spawn(move |stop| {
             let mut conns: Vec<(std::net::TcpStream, SocketAddr)> = Vec::new();
             let mut buf = [0u8; 4096];
-            while !s.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 if let Ok((conn, peer)) = listener.accept() {
                     let _ = conn.set_nonblocking(true);
                     conns.push((conn, canonical(peer)));
@@ -337,17 +344,16 @@ impl TcpReceiver {
                 }
                 for (conn, peer) in &mut conns {
                     if let Ok(n) = conn.read(&mut buf) {
-                        *map.lock().expect("lock").entry(*peer).or_default() += n as u64;
+                        counts.add(*peer, n as u64);
                     }
                 }
                 thread::sleep(Duration::from_millis(20));
             }
         });
         Ok(TcpReceiver {
-            stop,
+            _worker: worker,
             close,
             seen,
-            thread: Some(thread),
         })
     }
 
@@ -357,24 +363,10 @@ impl TcpReceiver {
     }
 
     pub fn bytes_from(&self, from: SocketAddr) -> u64 {
-        self.seen
-            .lock()
-            .expect("lock")
-            .get(&from)
-            .copied()
-            .unwrap_or(0)
+        self.seen.get(from)
     }
 
     pub fn wait_bytes_from(&self, from: SocketAddr, n: u64, limit: Duration) -> bool {
         wait_until(limit, || self.bytes_from(from) >= n)
-    }
-}
-
-impl Drop for TcpReceiver {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
