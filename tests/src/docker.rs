@@ -588,6 +588,29 @@ pub fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     }
 }
 
+/// Whether the mount that holds `path` is shared or a slave on this host.
+pub fn propagates(path: &str) -> bool {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path));
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let point = Path::new(fields.get(4)?);
+            path.starts_with(point).then(|| {
+                let optional = fields[6..].iter().take_while(|f| **f != "-");
+                let propagates = optional
+                    .clone()
+                    .any(|f| f.starts_with("shared:") || f.starts_with("master:"));
+                (point.as_os_str().len(), propagates)
+            })
+        })
+        // The last of the longest: a later mount on the same point hides
+        // the earlier ones.
+        .max_by_key(|(len, _)| *len)
+        .is_some_and(|(_, propagates)| propagates)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

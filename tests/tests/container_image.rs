@@ -14,6 +14,7 @@ use std::{
 };
 
 use stalewatch_tests::{
+    docker::{self, propagates},
     run,
     story::{Rules, Story, Variant},
     traffic::Receiver,
@@ -46,21 +47,6 @@ fn daemonset_caps() -> Vec<String> {
         .split(',')
         .map(|c| c.trim().trim_matches('"').to_owned())
         .collect()
-}
-
-/// Why the engine cannot be used, if it cannot.
-fn engine_missing() -> Option<String> {
-    match Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .output()
-    {
-        Err(e) => Some(format!("no docker command ({e})")),
-        Ok(out) if !out.status.success() => Some(format!(
-            "`docker info` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-        Ok(_) => None,
-    }
 }
 
 /// Removes the test's container and image, also when the test fails.
@@ -98,32 +84,9 @@ fn docker_run(name: &str, image: &str, caps: &[String], args: &[&str]) -> Comman
     cmd
 }
 
-/// Whether the mount that holds `path` is shared or a slave on this host.
-fn propagates(path: &str) -> bool {
-    let path = std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path));
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let point = Path::new(fields.get(4)?);
-            path.starts_with(point).then(|| {
-                let optional = fields[6..].iter().take_while(|f| **f != "-");
-                let propagates = optional
-                    .clone()
-                    .any(|f| f.starts_with("shared:") || f.starts_with("master:"));
-                (point.as_os_str().len(), propagates)
-            })
-        })
-        // The last of the longest: a later mount on the same point hides
-        // the earlier ones.
-        .max_by_key(|(len, _)| *len)
-        .is_some_and(|(_, propagates)| propagates)
-}
-
 #[test]
 fn the_image_raises_a_stale_flow_with_the_daemonsets_settings() -> anyhow::Result<()> {
-    if let Some(why) = engine_missing() {
+    if let Some(why) = docker::no_engine() {
         eprintln!("skipped: the container image test needs a Docker engine: {why}");
         return Ok(());
     }

@@ -35,6 +35,9 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     // unit checked offline, the Kubernetes validator in a virtualenv.
     ("setpriv", "util-linux"),
     ("systemd-analyze", "systemd"),
+    // The unit under a real systemd: a Debian root filesystem for its
+    // container.
+    ("debootstrap", "debootstrap"),
     ("virtualenv", "python3-virtualenv"),
 ];
 
