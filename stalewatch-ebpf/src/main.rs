@@ -488,8 +488,11 @@ mod programs {
         if status & ct_status::DST_NAT == 0 {
             return Ok(true);
         }
-        let (orig, reply, net) = entry_of(ct)?;
+        // The clock first: its read waits for the loads before it (an
+        // ordered TSC read), so it goes before the entry's lines are
+        // asked for, which then overlap with the map lookup.
         let now = now();
+        let (orig, reply, net) = entry_of(ct)?;
 
         // A known entry: it passed the namespace filter when first seen.
         // Another flow in a reused nf_conn differs in its tuples (a flow

@@ -106,6 +106,7 @@ impl Flood {
         let (s, n, b, t) = (stop.clone(), sent.clone(), busy.clone(), tid.clone());
         let thread = thread::Builder::new().name("flood".into()).spawn(move || {
             t.store(nix::unistd::gettid().as_raw(), Ordering::Relaxed);
+            pin(SENDER_CPU);
             send_loop(&socket, &spec, &s, &n, &b)
         })?;
         Ok(Flood {
@@ -258,6 +259,27 @@ fn send_loop(
     Ok(())
 }
 
+/// The CPUs the sender and the sink run on. Left to the scheduler, the
+/// sink landed on the sender's CPU in some runs and on the other in
+/// others, and the healthy path's cost per packet took two values 15%
+/// apart from run to run (data handed over within one core's caches or
+/// across two); pinned, every run has the same layout. The tools under
+/// test run wherever the scheduler puts them.
+const SENDER_CPU: usize = 0;
+const SINK_CPU: usize = 1;
+
+/// Pins the calling thread to `cpu`, where the machine has it.
+fn pin(cpu: usize) {
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    if cpu >= cpus {
+        return;
+    }
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(cpu).is_ok() {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
+}
+
 /// A UDP service in the destination that drains whatever arrives, so that
 /// the healthy path ends in a delivered datagram, not a drop.
 pub struct Sink {
@@ -292,9 +314,10 @@ impl Sink {
         let stop = Arc::new(AtomicBool::new(false));
         let received = Arc::new(AtomicU64::new(0));
         let (s, r) = (stop.clone(), received.clone());
-        let thread = thread::Builder::new()
-            .name("sink".into())
-            .spawn(move || drain(&socket, &s, &r))?;
+        let thread = thread::Builder::new().name("sink".into()).spawn(move || {
+            pin(SINK_CPU);
+            drain(&socket, &s, &r)
+        })?;
         Ok(Sink {
             stop,
             received,
