@@ -140,18 +140,37 @@ pub fn attach_empty_kfree_skb(btf_file: &Path) -> Result<Ebpf, Error> {
         .btf(Some(&btf))
         .load(&object)
         .map_err(|e| kernel_error("loading the eBPF object", &e))?;
+    attach_program(
+        &mut ebpf,
+        "empty_kfree_skb",
+        "kfree_skb",
+        "skb:kfree_skb",
+        &btf,
+    )?;
+    Ok(ebpf)
+}
+
+/// Loads the object's BTF tracepoint program `name` for the kernel's
+/// tracepoint `function` (`tracepoint` names it in errors) and attaches it.
+fn attach_program(
+    ebpf: &mut Ebpf,
+    name: &str,
+    function: &str,
+    tracepoint: &str,
+    btf: &aya::Btf,
+) -> Result<(), Error> {
     let program: &mut BtfTracePoint = ebpf
-        .program_mut("empty_kfree_skb")
-        .ok_or_else(|| Error::Kernel("program empty_kfree_skb missing from the object".into()))?
+        .program_mut(name)
+        .ok_or_else(|| Error::Kernel(format!("program {name} missing from the object")))?
         .try_into()
-        .map_err(|e| kernel_error("kfree_skb", &e))?;
+        .map_err(|e| kernel_error(tracepoint, &e))?;
     program
-        .load("kfree_skb", &btf)
-        .map_err(|e| kernel_error("loading the empty program", &e))?;
+        .load(function, btf)
+        .map_err(|e| kernel_error(&format!("loading the {tracepoint} program"), &e))?;
     program
         .attach()
-        .map_err(|e| kernel_error("attaching to kfree_skb", &e))?;
-    Ok(ebpf)
+        .map_err(|e| kernel_error(&format!("attaching to {tracepoint}"), &e))?;
+    Ok(())
 }
 
 impl Probes {
@@ -242,17 +261,7 @@ impl Probes {
             .map_err(|e| kernel_error("loading the eBPF object", &e))?;
 
         for (tracepoint, name) in TRACEPOINTS {
-            let program: &mut BtfTracePoint = ebpf
-                .program_mut(name)
-                .ok_or_else(|| Error::Kernel(format!("program {name} missing from the object")))?
-                .try_into()
-                .map_err(|e| kernel_error(tracepoint, &e))?;
-            program
-                .load(name, btf)
-                .map_err(|e| kernel_error(&format!("loading the {tracepoint} program"), &e))?;
-            program
-                .attach()
-                .map_err(|e| kernel_error(&format!("attaching to {tracepoint}"), &e))?;
+            attach_program(&mut ebpf, name, name, tracepoint, btf)?;
         }
         Ok(ebpf)
     }
