@@ -23,7 +23,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
-use crate::{netns::Netns, run, watcher::binary};
+use crate::{netns::Netns, poll, run, watcher::binary};
 
 /// The host's end of the producer's link, and the producer.
 pub const HOST: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
@@ -574,17 +574,16 @@ pub fn is_flow(v: &Value, sport: u16, to: SocketAddr) -> bool {
         })
 }
 
-/// Calls `f` until it returns something or `limit` has passed.
-pub fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let until = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= until {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(100));
+/// Removes a test's container and image on drop, also when the test fails.
+pub struct Discard {
+    pub container: String,
+    pub image: String,
+}
+
+impl Drop for Discard {
+    fn drop(&mut self) {
+        let _ = run(&["docker", "rm", "-f", &self.container]);
+        let _ = run(&["docker", "rmi", "-f", &self.image]);
     }
 }
 

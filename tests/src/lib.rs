@@ -12,9 +12,26 @@ pub mod story;
 pub mod traffic;
 pub mod watcher;
 
-use std::process::Command;
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, bail};
+
+/// Calls `f` every 50 ms until it returns something or `limit` has passed.
+pub fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let until = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= until {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
 
 /// Runs a command, failing with its output when it fails.
 pub fn run(args: &[&str]) -> anyhow::Result<String> {

@@ -190,14 +190,7 @@ impl Counts {
 
 /// Polls `done` every 50 ms until it holds or `limit` has passed.
 fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let until = Instant::now() + limit;
-    while Instant::now() < until {
-        if done() {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    false
+    crate::poll(limit, || done().then_some(())).is_some()
 }
 
 /// IPv4 peers of a dual-stack socket show as `::ffff:a.b.c.d`.

@@ -10,6 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::poll;
 use anyhow::{Context as _, bail};
 use nix::{
     sys::signal::{Signal, kill},
@@ -173,18 +174,4 @@ impl Drop for Watcher {
 /// Whether `v` is a stale_flow record in `state` for the flow from `sport`.
 pub fn is_stale_flow(v: &Value, state: &str, sport: u16) -> bool {
     v["type"] == "stale_flow" && v["state"] == state && v["orig"]["sport"] == sport
-}
-
-/// Calls `f` until it returns something or `limit` has passed.
-fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let until = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= until {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
 }

@@ -49,19 +49,6 @@ fn daemonset_caps() -> Vec<String> {
         .collect()
 }
 
-/// Removes the test's container and image, also when the test fails.
-struct Cleanup {
-    container: String,
-    image: String,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = run(&["docker", "rm", "-f", &self.container]);
-        let _ = run(&["docker", "rmi", "-f", &self.image]);
-    }
-}
-
 /// `docker run` with the DaemonSet's settings, for `ARGS...` (after the
 /// image, as the container's arguments).
 fn docker_run(name: &str, image: &str, caps: &[String], args: &[&str]) -> Command {
@@ -91,7 +78,7 @@ fn the_image_raises_a_stale_flow_with_the_daemonsets_settings() -> anyhow::Resul
         return Ok(());
     }
     let id = std::process::id();
-    let cleanup = Cleanup {
+    let cleanup = docker::Discard {
         container: format!("swimg{id}-run"),
         image: format!("swimg{id}:test"),
     };

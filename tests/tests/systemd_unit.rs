@@ -11,7 +11,6 @@
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    thread,
     time::{Duration, Instant},
 };
 
@@ -19,7 +18,7 @@ use anyhow::{Context as _, bail};
 use serde_json::Value;
 use stalewatch_tests::{
     docker::{self, propagates},
-    run,
+    poll, run,
     story::{Rules, Story, Variant},
     traffic::Receiver,
     watcher::{binary, is_stale_flow},
@@ -31,22 +30,6 @@ const MIRROR: &str = "http://deb.debian.org/debian";
 
 fn unit_file() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/systemd/stalewatch.service")
-}
-
-/// Removes the container, the image and the root filesystem, also when
-/// the test fails.
-struct Cleanup {
-    container: String,
-    image: String,
-    rootfs: PathBuf,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = run(&["docker", "rm", "-f", &self.container]);
-        let _ = run(&["docker", "rmi", "-f", &self.image]);
-        let _ = std::fs::remove_dir_all(&self.rootfs);
-    }
 }
 
 /// This host's Debian release (the root filesystem matches its libc, which
@@ -120,19 +103,6 @@ fn journal(container: &str) -> Vec<String> {
     .collect()
 }
 
-fn wait<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let until = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() > until {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// The capabilities the unit grants, as the kernel's bit mask.
 fn unit_caps_mask() -> u64 {
     let unit = std::fs::read_to_string(unit_file()).expect("read the unit");
@@ -166,13 +136,14 @@ fn the_unit_runs_under_systemd_and_raises_a_stale_flow() -> anyhow::Result<()> {
         return Ok(());
     }
     let id = std::process::id();
-    let cleanup = Cleanup {
+    let cleanup = docker::Discard {
         container: format!("swsd{id}-init"),
         image: format!("swsd{id}:systemd"),
-        rootfs: Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("swsd{id}-rootfs")),
     };
-    build_image(&cleanup.rootfs, &cleanup.image)?;
-    let _ = std::fs::remove_dir_all(&cleanup.rootfs);
+    let rootfs = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("swsd{id}-rootfs"));
+    let built = build_image(&rootfs, &cleanup.image);
+    let _ = std::fs::remove_dir_all(&rootfs);
+    built?;
 
     // The namespaces exist before the container starts: their names show
     // inside it even where the mounts cannot propagate.
@@ -215,7 +186,7 @@ fn the_unit_runs_under_systemd_and_raises_a_stale_flow() -> anyhow::Result<()> {
         netns,
         &cleanup.image,
     ])?;
-    let state = wait(Duration::from_secs(60), || {
+    let state = poll(Duration::from_secs(60), || {
         let out = Command::new("docker")
             .args(["exec", &cleanup.container, "systemctl", "is-system-running"])
             .output()
@@ -248,7 +219,7 @@ fn the_unit_runs_under_systemd_and_raises_a_stale_flow() -> anyhow::Result<()> {
     exec(&cleanup.container, &["systemctl", "daemon-reload"])?;
     let old_service = Receiver::start(story.old.as_ref().expect("old"), 8888)?;
     exec(&cleanup.container, &["systemctl", "start", "stalewatch"])?;
-    let attached = wait(Duration::from_secs(30), || {
+    let attached = poll(Duration::from_secs(30), || {
         journal(&cleanup.container)
             .into_iter()
             .find(|l| l.contains("attached"))
@@ -292,7 +263,7 @@ fn the_unit_runs_under_systemd_and_raises_a_stale_flow() -> anyhow::Result<()> {
     // The unit watches every namespace: other work on the machine may show
     // too, so the flow is picked by its namespace.
     let inode = story.router.inode()?;
-    let raised: Option<Value> = wait(Duration::from_secs(30), || {
+    let raised: Option<Value> = poll(Duration::from_secs(30), || {
         journal(&cleanup.container)
             .iter()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())

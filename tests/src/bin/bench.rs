@@ -523,6 +523,11 @@ fn measure(ctx: &mut Ctx, load: &Load, under: Under) -> anyhow::Result<RunResult
         let dest = ctx.dest_dev.link(topo::DEST_IN)?.rx_packets;
         Ok((router, dest, ctx.sink.received(), Instant::now()))
     };
+    // The packets the load counts, where it counts them.
+    let counted = |p: &(u64, u64, u64, Instant)| match load.count_at {
+        CountAt::Destination => p.1,
+        CountAt::Router => p.0,
+    };
     let kernel = |pid: Option<u32>| -> anyhow::Result<Option<tools::KernelStats>> {
         match pid {
             Some(pid) if under == Under::Stalewatch => Ok(Some(tools::kernel_stats(pid)?)),
@@ -557,10 +562,7 @@ fn measure(ctx: &mut Ctx, load: &Load, under: Under) -> anyhow::Result<RunResult
     let rate = |x: u64, y: u64| y.saturating_sub(x) as f64 / secs;
     r.dest_pps = rate(a.1, b.1);
     r.sink_pps = rate(a.2, b.2);
-    r.pps = match load.count_at {
-        CountAt::Destination => r.dest_pps,
-        CountAt::Router => rate(a.0, b.0),
-    };
+    r.pps = rate(counted(&a), counted(&b));
     if let (Some(c0), Some(c1)) = (sender0, sender1) {
         let cpu = c1.saturating_sub(c0) as f64;
         r.sender_share = 100.0 * cpu / 1e9 / secs;
@@ -586,7 +588,7 @@ fn measure(ctx: &mut Ctx, load: &Load, under: Under) -> anyhow::Result<RunResult
             (r.cpu_steady, _) = CpuSample::take(pid)?.percent_since(&c0);
         }
         if let (Some(c0), Some(c1)) = (sender0, sender1) {
-            let packets = b.0.saturating_sub(a.0) as f64;
+            let packets = counted(&b).saturating_sub(counted(&a)) as f64;
             if packets > 0.0 {
                 r.ns_per_packet_steady = c1.saturating_sub(c0) as f64 / packets;
             }
