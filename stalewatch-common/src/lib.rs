@@ -145,6 +145,15 @@ pub struct LocalEvent {
     pub _pad2: u32,
 }
 
+/// Userspace copies records out of the ring buffer by size: the layouts
+/// are fixed, whatever the target.
+const _: () = assert!(
+    core::mem::size_of::<FlowEvent>() == 56 + 2 * TUPLE_SIZE
+        && core::mem::size_of::<LocalEvent>() == 48
+        && core::mem::offset_of!(LocalEvent, saddr) == 32
+        && core::mem::offset_of!(LocalEvent, sport) == 40
+);
+
 /// ICMP code "port unreachable".
 pub const ICMP_PORT_UNREACH: u32 = 3;
 
@@ -249,6 +258,9 @@ pub mod globals {
 pub mod names {
     pub const PROG_ICMP_SEND: &str = "icmp_send";
     pub const PROG_KFREE_SKB: &str = "kfree_skb";
+    /// A program that does nothing, on the same tracepoint as
+    /// `PROG_KFREE_SKB`: what the benchmark measures as the floor.
+    pub const PROG_EMPTY_KFREE_SKB: &str = "empty_kfree_skb";
     pub const MAP_EVENTS: &str = "EVENTS";
     pub const MAP_FLOWS: &str = "FLOWS";
     pub const MAP_LOCALS: &str = "LOCALS";

@@ -1,22 +1,27 @@
 //! stalewatch: finds flows that a Linux host forwards to the wrong place
 //! because of a stale conntrack entry.
 //!
-//! The data path, stage by stage:
-//! kernel hooks (`stalewatch-ebpf`) → event ABI (`stalewatch-common`) →
-//! [`kernel`] (load, attach, BTF layout) → [`event`] (decoding) →
-//! [`correlate`] (pure detection) → [`report`] (text and JSON).
-//! [`watch`] wires them together; [`netns`] names namespaces.
+//! The layers, each importing only those below it:
+//!
+//! 1. [`domain`] (plain types) and [`linux`] (what the kernel's names and
+//!    numbers mean), with [`error`]: leaves.
+//! 2. [`source`]: evidence. The kernel's probes and their reports, the
+//!    conntrack table, namespaces, container engines.
+//! 3. [`correlate`]: judgement, pure. Reports and gathered evidence in,
+//!    alerts out; the table audit.
+//! 4. [`sink`]: what is said and done. Records and their renderings,
+//!    reminders, metrics, fixes.
+//! 5. [`command`]: `watch` and `check`, which gather evidence from the
+//!    sources, hand it to the correlator, and give what it says to the
+//!    sinks.
+//!
+//! The kernel side (`stalewatch-ebpf`) and the event ABI shared with it
+//! (`stalewatch-common`) sit under the kernel source.
 
-pub mod audit;
-pub mod check;
-pub mod cli;
-pub mod conntrack;
+pub mod command;
 pub mod correlate;
-pub mod docker;
+pub mod domain;
 pub mod error;
-pub mod event;
-pub mod kernel;
-pub mod metrics;
-pub mod netns;
-pub mod report;
-pub mod watch;
+pub mod linux;
+pub mod sink;
+pub mod source;

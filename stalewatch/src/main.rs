@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser as _, error::ErrorKind};
-use stalewatch::cli::{Cli, Command};
+use stalewatch::command::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -28,8 +28,8 @@ fn main() -> ExitCode {
         .format_timestamp(None)
         .init();
     let result = match cli.command {
-        Command::Watch(args) => stalewatch::watch::run(args),
-        Command::Check(args) => stalewatch::check::run(args),
+        Command::Watch(args) => stalewatch::command::watch::run(args),
+        Command::Check(args) => stalewatch::command::check::run(args),
     };
     match result {
         Ok(code) => code,

@@ -15,6 +15,19 @@ pub struct Netns {
 }
 
 impl Netns {
+    /// Runs `f` on a short-lived thread inside the namespace, through
+    /// stalewatch's own way in; what it opens (a socket, a
+    /// /proc/thread-self/net file) keeps that namespace after the thread
+    /// ends.
+    pub fn within<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let entered = stalewatch::source::netns::in_netns(&self.path(), f)
+            .map_err(|e| anyhow::anyhow!("entering network namespace {}: {e}", self.name))?;
+        Ok(entered?)
+    }
+
     /// Creates `<prefix>-<role>-<n>` with its loopback up.
     pub fn new(role: &str) -> anyhow::Result<Netns> {
         static SEQ: AtomicU32 = AtomicU32::new(0);

@@ -37,7 +37,7 @@ impl Producer {
     ) -> anyhow::Result<Producer> {
         let sent = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicU64::new(0));
-        let socket = in_netns(ns, move || {
+        let socket = ns.within(move || {
             let socket = UdpSocket::bind(from)?;
             // Without IP_RECVERR a UDP socket hears only of "fatal" ICMP
             // errors (port unreachable), not of host unreachable.
@@ -105,7 +105,7 @@ pub struct Receiver {
 impl Receiver {
     pub fn start(ns: &Netns, port: u16) -> anyhow::Result<Receiver> {
         let seen = Counts::default();
-        let socket = in_netns(ns, move || {
+        let socket = ns.within(move || {
             // An IPv6 wildcard socket takes IPv4 too (bindv6only is off).
             let socket = UdpSocket::bind(SocketAddr::from(([0u16; 8], port)))?;
             socket.set_read_timeout(Some(Duration::from_millis(100)))?;
@@ -198,23 +198,6 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
-/// Runs `f` on a short-lived thread inside `ns`; what it opens (a socket)
-/// stays in that namespace after the thread ends.
-fn in_netns<T: Send + 'static>(
-    ns: &Netns,
-    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> anyhow::Result<T> {
-    let path = ns.path();
-    let name = ns.name.clone();
-    thread::spawn(move || -> anyhow::Result<T> {
-        let file = std::fs::File::open(&path)?;
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
-        Ok(f()?)
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("thread in {name} panicked"))?
-}
-
 /// A long-lived TCP connection from a fixed source port that writes a line
 /// every `every`, as a log shipper or a database client does.
 pub struct TcpProducer {
@@ -234,7 +217,7 @@ impl TcpProducer {
     ) -> anyhow::Result<TcpProducer> {
         use std::io::Write as _;
         let written = Arc::new(AtomicU64::new(0));
-        let mut stream = in_netns(ns, move || {
+        let mut stream = ns.within(move || {
             let socket = match from {
                 SocketAddr::V4(_) => nix::sys::socket::AddressFamily::Inet,
                 SocketAddr::V6(_) => nix::sys::socket::AddressFamily::Inet6,
@@ -317,7 +300,7 @@ impl TcpReceiver {
         use std::io::Read as _;
         let close = Arc::new(AtomicBool::new(false));
         let seen = Counts::default();
-        let listener = in_netns(ns, move || {
+        let listener = ns.within(move || {
             let l = std::net::TcpListener::bind(SocketAddr::from(([0u16; 8], port)))?;
             l.set_nonblocking(true)?;
             Ok(l)

@@ -58,7 +58,7 @@ pub struct Flood {
 
 /// A raw socket made in `ns`: it sends from there whichever thread uses it.
 fn raw_socket(ns: &Netns) -> anyhow::Result<OwnedFd> {
-    super::procfs::in_netns(ns, || {
+    ns.within(|| {
         // SAFETY: plain syscall; the fd is owned right away.
         let fd = unsafe {
             libc::socket(
@@ -290,27 +290,28 @@ pub struct Sink {
 
 impl Sink {
     pub fn start(ns: &Netns, addr: SocketAddr) -> anyhow::Result<Sink> {
-        let socket = super::procfs::in_netns(ns, move || {
-            let socket = UdpSocket::bind(addr)?;
-            socket.set_read_timeout(Some(Duration::from_millis(100)))?;
-            let size: libc::c_int = 32 << 20;
-            // SAFETY: setsockopt with a c_int value of the right size.
-            // FORCE: as root, past rmem_max, for this one socket only.
-            let rc = unsafe {
-                libc::setsockopt(
-                    socket.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVBUFFORCE,
-                    (&raw const size).cast(),
-                    mem::size_of::<libc::c_int>() as u32,
-                )
-            };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(socket)
-        })
-        .context("sink socket in the destination namespace")?;
+        let socket = ns
+            .within(move || {
+                let socket = UdpSocket::bind(addr)?;
+                socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+                let size: libc::c_int = 32 << 20;
+                // SAFETY: setsockopt with a c_int value of the right size.
+                // FORCE: as root, past rmem_max, for this one socket only.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        socket.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_RCVBUFFORCE,
+                        (&raw const size).cast(),
+                        mem::size_of::<libc::c_int>() as u32,
+                    )
+                };
+                if rc != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(socket)
+            })
+            .context("sink socket in the destination namespace")?;
         let stop = Arc::new(AtomicBool::new(false));
         let received = Arc::new(AtomicU64::new(0));
         let (s, r) = (stop.clone(), received.clone());

@@ -6,30 +6,12 @@ use std::{
     collections::BTreeSet,
     fs::{self, File},
     io::{Read as _, Seek as _, SeekFrom},
-    thread,
     time::Instant,
 };
 
 use anyhow::{Context as _, bail};
 
 use crate::netns::Netns;
-
-/// Runs `f` on a short-lived thread inside `ns`; what it opens (a socket, a
-/// /proc/thread-self/net file) keeps that namespace after the thread ends.
-pub fn in_netns<T: Send + 'static>(
-    ns: &Netns,
-    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> anyhow::Result<T> {
-    let path = ns.path();
-    let name = ns.name.clone();
-    thread::spawn(move || -> anyhow::Result<T> {
-        let file = File::open(&path)?;
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
-        Ok(f()?)
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("thread in {name} panicked"))?
-}
 
 /// Packet counters of one interface.
 #[derive(Clone, Copy, Debug, Default)]
@@ -49,7 +31,7 @@ pub struct NetDev {
 
 impl NetDev {
     pub fn open(ns: &Netns) -> anyhow::Result<NetDev> {
-        let file = in_netns(ns, || File::open("/proc/thread-self/net/dev"))?;
+        let file = ns.within(|| File::open("/proc/thread-self/net/dev"))?;
         Ok(NetDev {
             file,
             ns: ns.name.clone(),

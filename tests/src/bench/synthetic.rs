@@ -11,7 +11,7 @@ use std::{
 
 use stalewatch::{
     correlate::{Config, Correlator},
-    event::{DropEvidence, Family, Observation, Proto, Tuple},
+    domain::{DropEvidence, Evidence, Family, Observation, Proto, Tuple},
 };
 
 /// The system allocator, counting live bytes. The bench binary installs it
@@ -114,7 +114,7 @@ pub fn correlator(flows: usize, budget: Duration) -> CorrelatorFigures {
     let t0 = Duration::from_secs(1_000);
     let started = Instant::now();
     for i in 0..flows as u32 {
-        let _ = c.observe(report(i, 1, t0), None, t0);
+        let _ = c.observe(report(i, 1, t0), Evidence::default(), t0);
     }
     let track_time = started.elapsed();
     let tracked_bytes = live_bytes().saturating_sub(base);
@@ -129,7 +129,7 @@ pub fn correlator(flows: usize, budget: Duration) -> CorrelatorFigures {
         }
         // The alert a raise returns is printed and dropped in stalewatch;
         // here it is only dropped.
-        let _ = c.observe(report(i, 5, at), None, at);
+        let _ = c.observe(report(i, 5, at), Evidence::default(), at);
         raised += 1;
     }
     let raise_time = started.elapsed();

@@ -213,8 +213,8 @@ fn hold_empty_program() -> ExitCode {
         let _ = signal(Signal::SIGINT, SigHandler::Handler(on_signal));
         let _ = signal(Signal::SIGTERM, SigHandler::Handler(on_signal));
     }
-    let btf = std::path::Path::new(stalewatch::kernel::DEFAULT_BTF);
-    match stalewatch::kernel::attach_empty_kfree_skb(btf) {
+    let btf = std::path::Path::new(stalewatch::source::kernel::DEFAULT_BTF);
+    match stalewatch::source::kernel::attach_empty_kfree_skb(btf) {
         Ok(program) => {
             eprintln!("empty program attached to kfree_skb");
             while !bench::interrupted() {

@@ -13,19 +13,10 @@
 //!   finds among its neighbours, while the service sends other flows to a
 //!   backend that it does find.
 
-use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
-    net::IpAddr,
-};
+use std::collections::{BTreeMap, BTreeSet};
 
-use stalewatch_common::ct_status;
-
-use crate::{
-    conntrack::Entry,
-    correlate::{Backend, Verdict},
-    event::{Family, Proto},
-    report::addr_port,
-};
+use super::judge::list;
+use crate::domain::{Backend, Entry, KnownFacts, Service, Verdict};
 
 /// One stale entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,122 +28,26 @@ pub struct Finding {
     pub evidence: Vec<String>,
 }
 
-/// What the audit knows of the namespace besides its conntrack table.
-pub trait Facts {
-    /// Whether `addr` is one of the namespace's own addresses.
-    fn is_local(&self, addr: IpAddr) -> bool;
-    /// Whether the namespace failed to find `addr` among its neighbours
-    /// (FAILED or INCOMPLETE), i.e. the backend is gone from its link.
-    fn neighbour_failed(&self, addr: IpAddr) -> bool;
-}
-
-/// Plain facts, gathered beforehand.
-#[derive(Clone, Debug, Default)]
-pub struct KnownFacts {
-    pub local: HashSet<IpAddr>,
-    pub failed_neighbours: HashSet<IpAddr>,
-}
-
-impl Facts for KnownFacts {
-    fn is_local(&self, addr: IpAddr) -> bool {
-        self.local.contains(&addr)
-    }
-
-    fn neighbour_failed(&self, addr: IpAddr) -> bool {
-        self.failed_neighbours.contains(&addr)
-    }
-}
-
-type Service = (Family, Proto, IpAddr, u16);
-
-fn service(entry: &Entry) -> Service {
-    let o = &entry.orig;
-    (o.family, o.proto, o.dst, o.dport)
-}
-
-fn is_dnat(entry: &Entry) -> bool {
-    entry.status & ct_status::DST_NAT != 0
-}
-
-fn backend(entry: &Entry) -> Backend {
-    (entry.reply.src, entry.reply.sport)
-}
-
-/// Reads the table the audit needs: DNATed entries first (the kernel skips
-/// the rest, which is most of a busy table), and the others only when some
-/// service is DNATed at all.
-pub fn read_table(netns: &std::path::Path) -> Result<Vec<Entry>, crate::conntrack::Error> {
-    use crate::conntrack::{Filter, dump};
-    let dnat = |value| Filter {
-        status: Some((value, ct_status::DST_NAT)),
-        ..Filter::default()
-    };
-    let mut entries = dump(Some(netns), &dnat(ct_status::DST_NAT))?;
-    if !entries.is_empty() {
-        entries.extend(dump(Some(netns), &dnat(0))?);
-    }
-    Ok(entries)
-}
-
-/// Reads what a bypass needs, and no more: the entries without NAT that
-/// deliver to this host, and only if there are any, the DNATed entries to
-/// their destinations. The watch loop's periodic audit looks for nothing
-/// else (pinned entries fail packets, which the kernel path sees), and on
-/// a host with many DNATed flows reading them all every interval costs.
-pub fn read_bypass_candidates(
-    netns: &std::path::Path,
-    facts: &impl Facts,
-) -> Result<Vec<Entry>, crate::conntrack::Error> {
-    use crate::conntrack::{Conn, Filter};
-    /// Destinations asked one by one; beyond, one dump of every DNAT.
-    const BY_DESTINATION: usize = 16;
-    let conn = Conn::open(Some(netns))?;
-    let plain = conn.dump(&Filter {
-        status: Some((0, ct_status::DST_NAT)),
-        ..Filter::default()
-    })?;
-    let mut entries: Vec<Entry> = plain
-        .into_iter()
-        .filter(|e| e.reply.src == e.orig.dst && facts.is_local(e.orig.dst))
-        .collect();
-    let destinations: BTreeSet<(crate::event::Family, crate::event::Proto, IpAddr, u16)> = entries
-        .iter()
-        .map(|e| (e.orig.family, e.orig.proto, e.orig.dst, e.orig.dport))
-        .collect();
-    let dnat = |family, proto, orig_dst| Filter {
-        family,
-        proto,
-        status: Some((ct_status::DST_NAT, ct_status::DST_NAT)),
-        orig_dst,
-    };
-    if destinations.len() > BY_DESTINATION {
-        entries.extend(conn.dump(&dnat(None, None, None))?);
-    } else {
-        for (family, proto, addr, port) in destinations {
-            entries.extend(conn.dump(&dnat(Some(family), Some(proto), Some((addr, port))))?);
-        }
-    }
-    Ok(entries)
-}
-
 /// Finds the stale entries among `entries`, in a stable order.
-pub fn audit(entries: &[Entry], facts: &impl Facts) -> Vec<Finding> {
+pub fn audit(entries: &[Entry], facts: &KnownFacts) -> Vec<Finding> {
     // Where each service sends its DNATed entries.
     let mut dnat: BTreeMap<Service, BTreeSet<Backend>> = BTreeMap::new();
-    for entry in entries.iter().filter(|e| is_dnat(e)) {
-        dnat.entry(service(entry))
+    for entry in entries.iter().filter(|e| e.is_dnat()) {
+        dnat.entry(entry.orig.service())
             .or_default()
-            .insert(backend(entry));
+            .insert(entry.backend());
     }
     let mut findings = Vec::new();
     for entry in entries {
-        let Some(backends) = dnat.get(&service(entry)) else {
+        let Some(backends) = dnat.get(&entry.orig.service()) else {
             continue;
         };
-        let destination = addr_port(entry.orig.dst, entry.orig.dport);
-        if !is_dnat(entry) {
-            let delivered_here =
-                entry.reply.src == entry.orig.dst && facts.is_local(entry.orig.dst);
+        let destination = Backend::new(entry.orig.dst, entry.orig.dport);
+        if !entry.is_dnat() {
+            // Delivered here by the engine's own rules is no bypass.
+            let delivered_here = entry.reply.src == entry.orig.dst
+                && facts.is_local(entry.orig.dst)
+                && !facts.served_by_proxy(&entry.orig);
             if delivered_here {
                 let current: Vec<Backend> = backends.iter().copied().collect();
                 findings.push(Finding {
@@ -169,13 +64,13 @@ pub fn audit(entries: &[Entry], facts: &impl Facts) -> Vec<Finding> {
             }
             continue;
         }
-        let (addr, _) = backend(entry);
+        let addr = entry.backend().addr;
         if !facts.neighbour_failed(addr) {
             continue;
         }
         let current: Vec<Backend> = backends
             .iter()
-            .filter(|(a, _)| !facts.neighbour_failed(*a))
+            .filter(|b| !facts.neighbour_failed(b.addr))
             .copied()
             .collect();
         let mut evidence = vec![format!(
@@ -198,29 +93,24 @@ pub fn audit(entries: &[Entry], facts: &impl Facts) -> Vec<Finding> {
             evidence,
         });
     }
-    findings.sort_by_key(|f| (service(&f.entry), f.entry.orig));
+    findings.sort_by_key(|f| (f.entry.orig.service(), f.entry.orig));
     findings
 }
 
 fn dnat_count(entries: &[Entry], of: &Entry) -> usize {
+    let service: Service = of.orig.service();
     entries
         .iter()
-        .filter(|e| is_dnat(e) && service(e) == service(of))
+        .filter(|e| e.is_dnat() && e.orig.service() == service)
         .count()
-}
-
-fn list(backends: &[Backend]) -> String {
-    backends
-        .iter()
-        .map(|(a, p)| addr_port(*a, *p))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 #[cfg(test)]
 mod tests {
+    use stalewatch_common::ct_status;
+
     use super::*;
-    use crate::event::udp;
+    use crate::domain::udp;
 
     /// A flow from `sport` to the host's 198.51.100.1:8888, sent on to
     /// `to` (DNAT) or delivered to the host (`None`).
@@ -264,11 +154,31 @@ mod tests {
         let f = &findings[0];
         assert_eq!(f.entry.orig.sport, 40000);
         assert_eq!(f.verdict, Verdict::Bypass);
-        assert_eq!(f.current_backends, [("172.18.0.2".parse().unwrap(), 8888)]);
+        assert_eq!(
+            f.current_backends,
+            [Backend::new("172.18.0.2".parse().unwrap(), 8888)]
+        );
         assert!(
             f.evidence[0]
                 .contains("2 other entries to 198.51.100.1:8888 are DNATed to 172.18.0.2:8888")
         );
+    }
+
+    #[test]
+    fn a_flow_the_engine_delivers_here_by_design_is_no_bypass() {
+        // Docker returns traffic from its bridges to its proxy: a container
+        // sending to a published port through a host address.
+        let mut from_container = entry(40000, None);
+        from_container.orig.src = "172.18.0.3".parse().unwrap();
+        let entries = [from_container, entry(40001, Some("172.18.0.2"))];
+        let mut facts = host();
+        assert_eq!(
+            audit(&entries, &facts).len(),
+            1,
+            "without the engine's word"
+        );
+        facts.proxied_sources.insert("172.18.0.3".parse().unwrap());
+        assert!(audit(&entries, &facts).is_empty());
     }
 
     #[test]
@@ -301,7 +211,7 @@ mod tests {
         assert_eq!(findings[0].verdict, Verdict::Stale);
         assert_eq!(
             findings[0].current_backends,
-            [("172.18.0.2".parse().unwrap(), 8888)]
+            [Backend::new("172.18.0.2".parse().unwrap(), 8888)]
         );
     }
 

@@ -25,18 +25,19 @@
 //!   datagrams this host refused; without DNATed siblings they are no stale
 //!   flow and stay quiet.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
-    sync::Arc,
-    time::Duration,
-};
+pub mod audit;
+mod judge;
+
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 // A fast hash, seeded per process: the keys come from the network.
 use foldhash::HashMap;
 use indexmap::IndexMap;
 
-use crate::event::{DropEvidence, IcmpEvidence, Observation, Tuple};
+use crate::domain::{
+    Alert, AlertState, Backend, DropEvidence, Evidence, IcmpEvidence, Judgement, Observation,
+    Resolution, Service, Siblings, Tuple,
+};
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -62,64 +63,7 @@ impl Default for Config {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AlertState {
-    Raised,
-    Reminder,
-    Resolved,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Verdict {
-    Stale,
-    BackendDown,
-    Unconfirmed,
-    Bypass,
-}
-
-/// Why a raised flow was resolved.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Resolution {
-    /// Its conntrack entry was deleted or expired.
-    EntryGone,
-    /// No failure for `resolve_after`.
-    FailuresStopped,
-}
-
-/// A backend: address and port.
-pub type Backend = (IpAddr, u16);
-
-/// What the conntrack table shows of a flow's siblings: the other entries
-/// to the same destination (protocol, address, port) in its namespace.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Siblings {
-    /// Where DNATed siblings are sent, with how many entries go there.
-    pub dnat_backends: BTreeMap<Backend, u32>,
-}
-
-/// What the correlator concluded about one flow.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Alert {
-    pub state: AlertState,
-    pub verdict: Verdict,
-    /// Where the service sends new flows now, where known.
-    pub current_backends: Vec<Backend>,
-    /// The facts behind the verdict, in words.
-    pub evidence: Vec<String>,
-    pub resolution: Option<Resolution>,
-    /// The latest kernel report on the flow.
-    pub flow: Observation,
-    /// When the correlator said it (monotonic).
-    pub at: Duration,
-    /// How long the flow has failed so far: from its first failure to its
-    /// latest one.
-    pub failing_for: Duration,
-}
-
-/// A raised flow, as [`Correlator::raised_flows`] lists it.
+/// A raised flow, as [`Correlator::quiet_raised`] lists it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RaisedFlow {
     pub netns: u32,
@@ -132,9 +76,6 @@ pub struct RaisedFlow {
     /// Its latest failure known (monotonic).
     pub last: Duration,
 }
-
-/// A verdict, the service's current backends, and the evidence in words.
-type Judgement = (Verdict, Vec<Backend>, Vec<String>);
 
 /// A tracked conntrack entry: its namespace and `nf_conn` address (see
 /// [`entry_id`]). A reused address with another flow in it means the old
@@ -187,10 +128,6 @@ struct Tracked {
 }
 
 impl Tracked {
-    fn raised(&self) -> bool {
-        self.raised
-    }
-
     /// As [`Observation::failures`].
     fn failures(&self) -> u32 {
         self.icmp_count.max(self.drop_count)
@@ -205,7 +142,7 @@ impl Tracked {
     }
 
     fn backend(&self) -> Backend {
-        (self.reply.src, self.reply.sport)
+        self.reply.source()
     }
 
     /// Takes the kernel's facts of `flow` (the alert state stays).
@@ -251,11 +188,11 @@ pub struct Correlator {
     raised: usize,
 }
 
-/// A destination as a service: namespace, protocol, address and port.
-type ServiceKey = (u32, crate::event::Proto, IpAddr, u16);
+/// A service in a namespace.
+type ServiceKey = (u32, Service);
 
 fn service_of(flow: &Observation) -> ServiceKey {
-    (flow.netns, flow.orig.proto, flow.orig.dst, flow.orig.dport)
+    (flow.netns, flow.orig.service())
 }
 
 impl Correlator {
@@ -321,16 +258,16 @@ impl Correlator {
         resolution: Option<Resolution>,
         now: Duration,
     ) -> Alert {
-        let (verdict, current_backends, evidence) = match &tracked.judged {
-            Some(j) => (j.0, j.1.clone(), j.2.clone()),
-            None => (Verdict::Unconfirmed, Vec::new(), Vec::new()),
+        let judgement = match &tracked.judged {
+            Some(j) => Judgement::clone(j),
+            None => Judgement::unconfirmed(),
         };
         let flow = self.observation(key, tracked);
         Alert {
             state,
-            verdict,
-            current_backends,
-            evidence,
+            verdict: judgement.verdict,
+            current_backends: judgement.current,
+            evidence: judgement.evidence,
             resolution,
             at: now,
             failing_for: flow.last.saturating_sub(flow.first),
@@ -341,15 +278,13 @@ impl Correlator {
     /// A report whose entry (`nf_conn` address) the correlator tracks with
     /// another flow in it: the kernel reused the address, so the old entry
     /// is gone. Forgets the old flow, and resolves it if it was raised.
-    /// Call before [`Correlator::observe`], which otherwise forgets it
-    /// silently.
-    pub fn displaced(&mut self, flow: &Observation, now: Duration) -> Option<Alert> {
+    fn displaced(&mut self, flow: &Observation, now: Duration) -> Option<Alert> {
         let key = key_of(flow);
         if self.flows.get(&key)?.is(flow) {
             return None;
         }
         let old = self.forget(&key)?;
-        old.raised().then(|| {
+        old.raised.then(|| {
             self.alert(
                 AlertState::Resolved,
                 &key,
@@ -378,12 +313,7 @@ impl Correlator {
     fn forget(&mut self, key: &FlowKey) -> Option<Tracked> {
         let tracked = self.flows.swap_remove(key)?;
         self.raised -= usize::from(tracked.raised);
-        let service = (
-            key.netns,
-            tracked.orig.proto,
-            tracked.orig.dst,
-            tracked.orig.dport,
-        );
+        let service = (key.netns, tracked.orig.service());
         if let Some(backends) = self.by_service.get_mut(&service) {
             let backend = tracked.backend();
             if let Some(n) = backends.get_mut(&backend) {
@@ -400,13 +330,14 @@ impl Correlator {
         Some(tracked)
     }
 
-    /// The alert `observe` would give on this report, if any: the caller
-    /// then looks up the flow's siblings, which costs a conntrack query.
-    pub fn alert_due(&self, flow: &Observation, now: Duration) -> Option<AlertState> {
+    /// The alert [`Correlator::observe`] would give on this report, if
+    /// any: only then does the caller gather [`Evidence`] for it, which
+    /// costs conntrack queries.
+    pub fn due(&self, flow: &Observation, now: Duration) -> Option<AlertState> {
         if !self.relevant(flow) {
             return None;
         }
-        self.due(flow, now, false)
+        self.due_at(flow, now, false)
     }
 
     fn relevant(&self, flow: &Observation) -> bool {
@@ -414,7 +345,7 @@ impl Correlator {
     }
 
     /// The alert `flow` is due for now, if any.
-    fn due(&self, flow: &Observation, now: Duration, audited: bool) -> Option<AlertState> {
+    fn due_at(&self, flow: &Observation, now: Duration, audited: bool) -> Option<AlertState> {
         let elapsed =
             |since: Duration| now.saturating_sub(since) + REMIND_SLACK >= self.config.remind_every;
         let tracked = self.tracked_as(flow);
@@ -432,16 +363,19 @@ impl Correlator {
         }
     }
 
-    /// Takes one kernel report, with what the conntrack table shows of the
-    /// flow's siblings when the caller looked (see `alert_due`). Returns
-    /// the alert it causes, if any.
-    pub fn observe(
-        &mut self,
-        flow: Observation,
-        siblings: Option<&Siblings>,
-        now: Duration,
-    ) -> Option<Alert> {
-        self.observe_inner(flow, siblings, now, false)
+    /// Takes one kernel report, with the evidence the caller gathered for
+    /// it when it was [due](Correlator::due) (else none). Returns what to
+    /// say: an old flow resolved because the kernel reused its entry for
+    /// this one; this flow resolved because its entry is gone; or this
+    /// flow raised or reminded of.
+    pub fn observe(&mut self, flow: Observation, evidence: Evidence, now: Duration) -> Vec<Alert> {
+        let mut alerts: Vec<Alert> = self.displaced(&flow, now).into_iter().collect();
+        if evidence.entry_exists == Some(false) {
+            alerts.extend(self.entry_gone(flow.netns, flow.ct, &flow.orig, now));
+            return alerts;
+        }
+        alerts.extend(self.observe_inner(flow, evidence.siblings.as_ref(), now, false));
+        alerts
     }
 
     /// Takes a flow that the periodic conntrack audit found bypassing a
@@ -471,7 +405,7 @@ impl Correlator {
         if self.flows.get(&key).is_some_and(|t| !t.is(&flow)) {
             self.forget(&key);
         }
-        let state = self.due(&flow, now, audited);
+        let state = self.due_at(&flow, now, audited);
         let judged = state
             .and_then(|_| self.judge(&flow, siblings))
             .map(|j| self.shared(service_of(&flow), j));
@@ -525,45 +459,14 @@ impl Correlator {
         Some(self.alert(state, &key, tracked, None, now))
     }
 
-    /// A refused datagram's flow is stale only when DNATed siblings show
-    /// that the destination is published elsewhere now.
-    fn judge_local(
-        flow: &Observation,
-        siblings: Option<&Siblings>,
-    ) -> Option<(Verdict, Vec<Backend>, Vec<String>)> {
-        let current: Vec<Backend> = siblings?.dnat_backends.keys().copied().collect();
-        if current.is_empty() {
-            return None;
-        }
-        let to: Vec<String> = current
-            .iter()
-            .map(|(a, p)| crate::report::addr_port(*a, *p))
-            .collect();
-        let taken = if flow.failures() > 0 {
-            "which refuses it"
-        } else {
-            "where something (a proxy) takes it"
-        };
-        let evidence = format!(
-            "its conntrack entry has no NAT and delivers it to this host, {taken}, \
-             while newer flows to {} are DNATed to {}",
-            crate::report::addr_port(flow.orig.dst, flow.orig.dport),
-            to.join(", ")
-        );
-        Some((Verdict::Bypass, current, vec![evidence]))
-    }
-
-    /// The verdict on `flow`, from its own evidence, the failing flows we
-    /// track, and its siblings in the conntrack table.
-    fn judge(
-        &self,
-        flow: &Observation,
-        siblings: Option<&Siblings>,
-    ) -> Option<(Verdict, Vec<Backend>, Vec<String>)> {
+    /// The verdict on `flow` (see [`judge`]), with the failing flows of its
+    /// service that the correlator tracks; `None` for a flow delivered here
+    /// that nothing shows to be a bypass.
+    fn judge(&self, flow: &Observation, siblings: Option<&Siblings>) -> Option<Judgement> {
         if flow.local {
-            return Self::judge_local(flow, siblings);
+            return judge::delivered_here(flow, siblings);
         }
-        let stale_backend = flow.backend();
+        let stale = flow.backend();
         // Other flows to the same service that fail too, by backend: the
         // counts include this flow itself once it is tracked.
         let own = u32::from(self.tracked_as(flow).is_some());
@@ -573,51 +476,12 @@ impl Correlator {
             .map(|backends| {
                 backends
                     .iter()
-                    .filter(|(b, n)| **n > if **b == stale_backend { own } else { 0 })
+                    .filter(|(b, n)| **n > if **b == stale { own } else { 0 })
                     .map(|(b, _)| *b)
                     .collect()
             })
             .unwrap_or_default();
-        let service_name = format!(
-            "{}:{}",
-            crate::report::addr_port(flow.orig.dst, flow.orig.dport),
-            flow.orig.proto.name()
-        );
-        let current: Vec<Backend> = siblings
-            .map(|s| {
-                s.dnat_backends
-                    .keys()
-                    .filter(|b| **b != stale_backend && !failing.contains(b))
-                    .copied()
-                    .collect()
-            })
-            .unwrap_or_default();
-        if !current.is_empty() {
-            let to: Vec<String> = current
-                .iter()
-                .map(|(a, p)| crate::report::addr_port(*a, *p))
-                .collect();
-            let evidence = format!(
-                "newer flows to {service_name} are DNATed to {}, not to {}",
-                to.join(", "),
-                crate::report::addr_port(stale_backend.0, stale_backend.1)
-            );
-            return Some((Verdict::Stale, current, vec![evidence]));
-        }
-        if failing.contains(&stale_backend) {
-            let evidence = format!(
-                "other flows to {service_name} fail at the same backend, and none goes elsewhere"
-            );
-            return Some((Verdict::BackendDown, vec![stale_backend], vec![evidence]));
-        }
-        if flow.neighbour_failed() {
-            let evidence = format!(
-                "the host no longer finds {} among its neighbours, yet the flow keeps coming",
-                flow.backend().0
-            );
-            return Some((Verdict::Stale, Vec::new(), vec![evidence]));
-        }
-        Some((Verdict::Unconfirmed, Vec::new(), Vec::new()))
+        Some(judge::pinned(flow, &failing, siblings))
     }
 
     /// Flows raised and not yet resolved that have failed no packet for
@@ -628,7 +492,7 @@ impl Correlator {
         let mut flows: Vec<RaisedFlow> = self
             .flows
             .iter()
-            .filter(|(_, t)| t.raised() && now.saturating_sub(t.last) >= quiet)
+            .filter(|(_, t)| t.raised && now.saturating_sub(t.last) >= quiet)
             .map(|(key, t)| RaisedFlow {
                 netns: key.netns,
                 orig: t.orig,
@@ -653,7 +517,7 @@ impl Correlator {
         let at = self.flows.get_index_of(&key_of(flow))?;
         let known = &self.flows[at];
         // Another flow in a reused entry is not this raised flow.
-        if !(known.raised() && known.is(flow)) {
+        if !(known.raised && known.is(flow)) {
             return None;
         }
         if nanos(flow.last) <= known.last {
@@ -687,7 +551,7 @@ impl Correlator {
             return None;
         }
         let gone = self.forget(&key)?;
-        gone.raised().then(|| {
+        gone.raised.then(|| {
             self.alert(
                 AlertState::Resolved,
                 &key,
@@ -710,7 +574,7 @@ impl Correlator {
             .collect();
         let mut alerts = Vec::new();
         for key in idle {
-            if let Some(gone) = self.forget(&key).filter(Tracked::raised) {
+            if let Some(gone) = self.forget(&key).filter(|t| t.raised) {
                 alerts.push(self.alert(
                     AlertState::Resolved,
                     &key,
@@ -730,15 +594,14 @@ impl Correlator {
     }
 
     /// Flows raised and not yet resolved.
-    pub fn raised(&self) -> usize {
+    pub fn raised_count(&self) -> usize {
         self.raised
     }
 }
 
 /// A DNAT that left the destination as it was is no redirection at all.
 fn is_not_translated(flow: &Observation) -> bool {
-    let (addr, port): (IpAddr, u16) = flow.backend();
-    addr == flow.orig.dst && port == flow.orig.dport
+    flow.backend() == Backend::new(flow.orig.dst, flow.orig.dport)
 }
 
 fn key_of(flow: &Observation) -> FlowKey {
@@ -770,7 +633,7 @@ mod tests {
     use stalewatch_common::ct_status;
 
     use super::*;
-    use crate::event::{DropEvidence, IcmpEvidence, udp};
+    use crate::domain::{Verdict, udp};
 
     const NETNS: u32 = 4026532100;
     const CT: u64 = 0xffff_8880_1234_5000;
@@ -810,16 +673,32 @@ mod tests {
     impl Correlator {
         /// `observe` without sibling facts, as when conntrack cannot be read.
         fn observe_plain(&mut self, flow: Observation, now: Duration) -> Option<Alert> {
-            self.observe(flow, None, now)
+            self.observe_with(flow, None, now)
+        }
+
+        /// `observe` with these siblings: the one alert it gives, if any.
+        fn observe_with(
+            &mut self,
+            flow: Observation,
+            siblings: Option<&Siblings>,
+            now: Duration,
+        ) -> Option<Alert> {
+            let evidence = Evidence {
+                entry_exists: None,
+                siblings: siblings.cloned(),
+            };
+            let mut alerts = self.observe(flow, evidence, now);
+            assert!(alerts.len() <= 1, "{alerts:?}");
+            alerts.pop()
         }
 
         fn would_alert(&self, flow: &Observation, now: Duration) -> bool {
-            self.alert_due(flow, now).is_some()
+            self.due(flow, now).is_some()
         }
     }
 
     fn backend(s: &str) -> Backend {
-        (s.parse().unwrap(), 8888)
+        Backend::new(s.parse().unwrap(), 8888)
     }
 
     fn siblings(backends: &[(&str, u32)]) -> Siblings {
@@ -870,7 +749,7 @@ mod tests {
             None,
             "raised only once"
         );
-        assert_eq!(c.raised(), 1);
+        assert_eq!(c.raised_count(), 1);
     }
 
     #[test]
@@ -892,10 +771,10 @@ mod tests {
     fn resolves_when_failures_stop() {
         let mut c = Correlator::new(Config::default());
         c.observe_plain(stale(5, 11), secs(11)).expect("raised");
-        assert_eq!(c.raised(), 1);
+        assert_eq!(c.raised_count(), 1);
         assert!(c.tick(secs(40)).is_empty(), "quiet for 29 s only");
         let alerts = c.tick(secs(41));
-        assert_eq!(c.raised(), 0, "resolved flows are not counted");
+        assert_eq!(c.raised_count(), 0, "resolved flows are not counted");
         assert_eq!(states(&alerts), [AlertState::Resolved]);
         assert_eq!(alerts[0].resolution, Some(Resolution::FailuresStopped));
         assert_eq!(alerts[0].flow.failures(), 5);
@@ -909,7 +788,7 @@ mod tests {
         let mut flow = stale(50, 20);
         flow.status = ct_status::CONFIRMED;
         flow.reply = udp("192.0.2.1", 8888, "192.0.2.2", 40000);
-        assert_eq!(c.observe(flow, None, secs(20)), None);
+        assert_eq!(c.observe_with(flow, None, secs(20)), None);
         assert_eq!(c.tracked(), 0);
     }
 
@@ -918,7 +797,7 @@ mod tests {
         let mut c = Correlator::new(Config::default());
         let mut flow = stale(50, 20);
         flow.reply = udp("192.0.2.1", 8888, "192.0.2.2", 40000);
-        assert_eq!(c.observe(flow, None, secs(20)), None);
+        assert_eq!(c.observe_with(flow, None, secs(20)), None);
     }
 
     #[test]
@@ -945,14 +824,18 @@ mod tests {
         assert_eq!(gone.resolution, Some(Resolution::EntryGone));
         assert_eq!(gone.flow.orig.sport, 40000);
         assert_eq!(c.displaced(&other, secs(12)), None, "once");
-        let alert = c.observe(other.clone(), None, secs(12)).expect("raised");
+        let alert = c
+            .observe_with(other.clone(), None, secs(12))
+            .expect("raised");
         assert_eq!(alert.flow.orig.sport, 40001);
-        assert_eq!(c.raised(), 1);
-        // Without the caller asking first, the old one goes silently.
+        assert_eq!(c.raised_count(), 1);
+        // Observed at once, the old one is resolved by the same call.
         let mut third = other;
         third.reply = udp("172.17.0.9", 8888, "192.0.2.3", 40001);
-        c.observe_plain(third, secs(13)).expect("raised");
-        assert_eq!((c.raised(), c.tracked()), (1, 1));
+        let alerts = c.observe(third, Evidence::default(), secs(13));
+        assert_eq!(states(&alerts), [AlertState::Resolved, AlertState::Raised]);
+        assert_eq!(alerts[0].flow.reply.src.to_string(), "172.17.0.2");
+        assert_eq!((c.raised_count(), c.tracked()), (1, 1));
     }
 
     #[test]
@@ -1046,7 +929,24 @@ mod tests {
         assert_eq!(states(&alerts), [AlertState::Resolved]);
         assert_eq!(alerts[0].resolution, Some(Resolution::EntryGone));
         assert!(c.quiet_raised(secs(99), secs(1)).is_empty());
-        assert_eq!(c.raised(), 0);
+        assert_eq!(c.raised_count(), 0);
+    }
+
+    #[test]
+    fn a_report_whose_entry_is_gone_resolves_it_and_raises_nothing() {
+        let mut c = Correlator::new(Config::default());
+        c.observe_plain(stale(5, 11), secs(11)).expect("raised");
+        let gone = Evidence {
+            entry_exists: Some(false),
+            siblings: Some(siblings(&[("172.18.0.2", 1)])),
+        };
+        let alerts = c.observe(stale(70, 71), gone.clone(), secs(71));
+        assert_eq!(states(&alerts), [AlertState::Resolved]);
+        assert_eq!(alerts[0].resolution, Some(Resolution::EntryGone));
+        assert_eq!(c.tracked(), 0);
+        // Never raised: nothing to say, nothing kept.
+        assert!(c.observe(stale(70, 71), gone, secs(72)).is_empty());
+        assert_eq!(c.tracked(), 0);
     }
 
     #[test]
@@ -1054,7 +954,7 @@ mod tests {
         let mut c = Correlator::new(Config::default());
         let view = siblings(&[("172.17.0.2", 1), ("172.18.0.2", 3)]);
         let a = c
-            .observe(stale(5, 11), Some(&view), secs(11))
+            .observe_with(stale(5, 11), Some(&view), secs(11))
             .expect("raised");
         assert_eq!(a.verdict, Verdict::Stale);
         assert_eq!(a.current_backends, [backend("172.18.0.2")]);
@@ -1072,7 +972,7 @@ mod tests {
         c.observe_plain(sibling(40001, "172.17.0.2", 1, 10), secs(10));
         let view = siblings(&[("172.17.0.2", 2)]);
         let a = c
-            .observe(stale(5, 11), Some(&view), secs(11))
+            .observe_with(stale(5, 11), Some(&view), secs(11))
             .expect("raised");
         assert_eq!(a.verdict, Verdict::BackendDown);
         assert_eq!(a.current_backends, [backend("172.17.0.2")]);
@@ -1085,7 +985,7 @@ mod tests {
         c.observe_plain(sibling(40001, "172.18.0.9", 1, 10), secs(10));
         let view = siblings(&[("172.17.0.2", 1), ("172.18.0.9", 1)]);
         let a = c
-            .observe(stale(5, 11), Some(&view), secs(11))
+            .observe_with(stale(5, 11), Some(&view), secs(11))
             .expect("raised");
         assert!(a.current_backends.is_empty());
         assert_eq!(a.verdict, Verdict::Stale, "the neighbour evidence remains");
@@ -1114,7 +1014,9 @@ mod tests {
         // A reminder re-judges with what is known by then.
         let view = siblings(&[("172.18.0.2", 1)]);
         flow.drops.as_mut().unwrap().count = 50;
-        let r = c.observe(flow, Some(&view), secs(71)).expect("reminder");
+        let r = c
+            .observe_with(flow, Some(&view), secs(71))
+            .expect("reminder");
         assert_eq!(r.state, AlertState::Reminder);
         assert_eq!(r.verdict, Verdict::Stale);
     }
@@ -1147,11 +1049,11 @@ mod tests {
         let view = siblings(&[("172.18.0.2", 2)]);
         assert!(c.would_alert(&refused(5, 11), secs(11)));
         let a = c
-            .observe(refused(5, 11), Some(&view), secs(11))
+            .observe_with(refused(5, 11), Some(&view), secs(11))
             .expect("raised");
         assert_eq!(a.verdict, Verdict::Bypass);
         assert_eq!(a.current_backends, [backend("172.18.0.2")]);
-        assert_eq!(a.flow.backend(), ("198.51.100.1".parse().unwrap(), 8888));
+        assert_eq!(a.flow.backend(), backend("198.51.100.1"));
         assert!(
             a.evidence[0].contains("DNATed to 172.18.0.2:8888"),
             "{:?}",
@@ -1164,8 +1066,8 @@ mod tests {
         // Nothing publishes the port and nothing listens: no stale flow.
         let mut c = Correlator::new(Config::default());
         let none = Siblings::default();
-        assert_eq!(c.observe(refused(5, 11), Some(&none), secs(11)), None);
-        assert_eq!(c.observe(refused(9, 12), None, secs(12)), None);
+        assert_eq!(c.observe_with(refused(5, 11), Some(&none), secs(11)), None);
+        assert_eq!(c.observe_with(refused(9, 12), None, secs(12)), None);
         assert!(
             !c.would_alert(&refused(20, 30), secs(30)),
             "the siblings are not looked up again before remind_every"
@@ -1174,7 +1076,7 @@ mod tests {
         // Published meanwhile: now it bypasses.
         let view = siblings(&[("172.18.0.2", 1)]);
         let a = c
-            .observe(refused(80, 72), Some(&view), secs(72))
+            .observe_with(refused(80, 72), Some(&view), secs(72))
             .expect("raised");
         assert_eq!(a.state, AlertState::Raised);
     }

@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{kernel::DEFAULT_BTF, report::Format};
+use crate::{sink::Format, source::kernel::DEFAULT_BTF};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -24,7 +24,7 @@ pub enum Command {
     Watch(WatchArgs),
     /// Audit a conntrack table once, without eBPF: list the entries that are
     /// stale right now. Exit status 0: none; 1: some; 2: error.
-    Check(crate::check::CheckArgs),
+    Check(super::check::CheckArgs),
 }
 
 #[derive(Debug, Args)]
@@ -38,12 +38,14 @@ pub struct WatchArgs {
     #[arg(long, value_name = "NETNS")]
     pub netns: Option<String>,
 
-    /// Failed packets of one flow before it is raised.
+    /// Failed packets of one flow before it is raised (over at least
+    /// --grace).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub min_failures: u32,
 
-    /// ... over at least this long: a flow whose entry an orchestrator
-    /// deletes within it (a rolling restart done right) is not raised.
+    /// Least time from a flow's first failure to the one that raises it:
+    /// a flow whose entry an orchestrator deletes within it (a rolling
+    /// restart done right) is not raised.
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]
     pub grace: Duration,
 

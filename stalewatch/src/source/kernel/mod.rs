@@ -3,6 +3,7 @@
 //! stream and counters. Dropping [`Probes`] detaches everything.
 
 pub mod btf;
+pub mod decode;
 
 use std::{
     error::Error as StdError,
@@ -17,14 +18,16 @@ use aya::{
     programs::BtfTracePoint,
 };
 use stalewatch_common::{
-    FlowEvent, FlowState, LocalEvent, LocalKey, LocalState, RDONLY_CAST_CALL, globals, kind, names,
-    stat,
+    FlowEvent, FlowState, LocalEvent, LocalKey, LocalState, RDONLY_CAST_CALL, globals, names, stat,
 };
 
 use nix::libc;
 
-use self::btf::{KernelLayout, RdonlyCast, TRACEPOINTS};
-use crate::error::Error;
+use self::btf::{KernelLayout, RdonlyCast};
+use crate::{
+    error::Error,
+    linux::{KFREE_SKB, TRACEPOINTS, Tracepoint},
+};
 
 /// The eBPF object built by build.rs from `stalewatch-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stalewatch-probes"));
@@ -63,9 +66,7 @@ fn patch_casts(object: &[u8], func: Option<u32>) -> Result<Vec<u8>, Error> {
         insn[4..].copy_from_slice(&func.map_or(0, |id| id as i32).to_le_bytes());
     }
     if found == 0 {
-        return Err(Error::Kernel(
-            "the eBPF object has no bpf_rdonly_cast call to link".into(),
-        ));
+        return Err(Error::Object("bpf_rdonly_cast call to link".into()));
     }
     Ok(patched)
 }
@@ -133,43 +134,42 @@ pub struct Probes {
 /// the returned object lives. Only the benchmark uses it: what a program of
 /// the kind stalewatch attaches costs there before doing anything.
 pub fn attach_empty_kfree_skb(btf_file: &Path) -> Result<Ebpf, Error> {
-    let btf = aya::Btf::parse_file(btf_file, aya::Endianness::default())
-        .map_err(|e| Error::BadBtf(btf_file.to_owned(), e.to_string()))?;
+    let btf = parse_btf(btf_file)?;
     let object = patch_casts(OBJECT, None)?;
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&btf))
         .load(&object)
-        .map_err(|e| kernel_error("loading the eBPF object", &e))?;
-    attach_program(
-        &mut ebpf,
-        "empty_kfree_skb",
-        "kfree_skb",
-        "skb:kfree_skb",
-        &btf,
-    )?;
+        .map_err(|e| kernel_error("loading the eBPF object", e))?;
+    let empty = Tracepoint {
+        program: names::PROG_EMPTY_KFREE_SKB,
+        ..KFREE_SKB
+    };
+    attach_program(&mut ebpf, &empty, &btf)?;
     Ok(ebpf)
 }
 
-/// Loads the object's BTF tracepoint program `name` for the kernel's
-/// tracepoint `function` (`tracepoint` names it in errors) and attaches it.
-fn attach_program(
-    ebpf: &mut Ebpf,
-    name: &str,
-    function: &str,
-    tracepoint: &str,
-    btf: &aya::Btf,
-) -> Result<(), Error> {
+fn parse_btf(path: &Path) -> Result<aya::Btf, Error> {
+    aya::Btf::parse_file(path, aya::Endianness::default()).map_err(|e| Error::BadBtf {
+        path: path.to_owned(),
+        source: e.into(),
+    })
+}
+
+/// Loads the object's BTF tracepoint program for `tracepoint` and attaches
+/// it.
+fn attach_program(ebpf: &mut Ebpf, tracepoint: &Tracepoint, btf: &aya::Btf) -> Result<(), Error> {
+    let name = tracepoint.name;
     let program: &mut BtfTracePoint = ebpf
-        .program_mut(name)
-        .ok_or_else(|| Error::Kernel(format!("program {name} missing from the object")))?
+        .program_mut(tracepoint.program)
+        .ok_or_else(|| Error::Object(format!("program {}", tracepoint.program)))?
         .try_into()
-        .map_err(|e| kernel_error(tracepoint, &e))?;
+        .map_err(|e| kernel_error(name, e))?;
     program
-        .load(function, btf)
-        .map_err(|e| kernel_error(&format!("loading the {tracepoint} program"), &e))?;
+        .load(tracepoint.function, btf)
+        .map_err(|e| kernel_error(&format!("loading the {name} program"), e))?;
     program
         .attach()
-        .map_err(|e| kernel_error(&format!("attaching to {tracepoint}"), &e))?;
+        .map_err(|e| kernel_error(&format!("attaching to {name}"), e))?;
     Ok(())
 }
 
@@ -178,8 +178,7 @@ impl Probes {
     /// On error nothing stays attached: the links die with `Ebpf`.
     pub fn load(options: &Options) -> Result<Probes, Error> {
         let layout = KernelLayout::from_file(&options.btf)?;
-        let btf = aya::Btf::parse_file(&options.btf, aya::Endianness::default())
-            .map_err(|e| Error::BadBtf(options.btf.clone(), e.to_string()))?;
+        let btf = parse_btf(&options.btf)?;
         // Status loads through bpf_rdonly_cast where the kernel has it; if
         // its verifier refuses them, the helper reads that any kernel takes.
         // What kernels before 6.2 run, on demand: for tests.
@@ -258,10 +257,10 @@ impl Probes {
             .override_global(globals::OFF_DEV_NET, &layout.dev_net, true)
             .map_max_entries(names::MAP_FLOWS, options.max_flows)
             .load(&object)
-            .map_err(|e| kernel_error("loading the eBPF object", &e))?;
+            .map_err(|e| kernel_error("loading the eBPF object", e))?;
 
-        for (tracepoint, name) in TRACEPOINTS {
-            attach_program(&mut ebpf, name, name, tracepoint, btf)?;
+        for tracepoint in &TRACEPOINTS {
+            attach_program(&mut ebpf, tracepoint, btf)?;
         }
         Ok(ebpf)
     }
@@ -271,21 +270,21 @@ impl Probes {
         let map = self
             .ebpf
             .take_map(names::MAP_EVENTS)
-            .ok_or_else(|| Error::Kernel("EVENTS map missing".into()))?;
-        RingBuf::try_from(map).map_err(|e| kernel_error("EVENTS map", &e))
+            .ok_or_else(|| missing_map(names::MAP_EVENTS))?;
+        RingBuf::try_from(map).map_err(|e| kernel_error("EVENTS map", e))
     }
 
     pub fn stats(&self) -> Result<Stats, Error> {
         let map = self
             .ebpf
             .map(names::MAP_STATS)
-            .ok_or_else(|| Error::Kernel("STATS map missing".into()))?;
+            .ok_or_else(|| missing_map(names::MAP_STATS))?;
         let array: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|e| kernel_error("STATS map", &e))?;
+            PerCpuArray::try_from(map).map_err(|e| kernel_error("STATS map", e))?;
         let sum = |index: u32| -> Result<u64, Error> {
             let values = array
                 .get(&index, 0)
-                .map_err(|e| kernel_error("STATS map", &e))?;
+                .map_err(|e| kernel_error("STATS map", e))?;
             Ok(values.iter().sum())
         };
         Ok(Stats {
@@ -310,7 +309,7 @@ impl Probes {
             Some(aya::maps::Map::LruHashMap(data) | aya::maps::Map::HashMap(data)) => {
                 data.fd().as_fd().as_raw_fd()
             }
-            _ => return Err(Error::Kernel("FLOWS map missing".into())),
+            _ => return Err(missing_map(names::MAP_FLOWS)),
         };
         let mut keys = vec![0u64; BATCH];
         let mut values: Vec<std::mem::MaybeUninit<FlowState>> = Vec::with_capacity(BATCH);
@@ -340,12 +339,13 @@ impl Probes {
                     std::mem::size_of::<BatchAttr>() as u32,
                 )
             };
-            let err = (ret < 0).then(io::Error::last_os_error);
-            let done = match &err {
-                None => false,
-                // The last batch: what it holds is valid.
-                Some(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
-                Some(e) => return Err(kernel_error("reading FLOWS", e)),
+            let done = ret < 0 && {
+                let err = io::Error::last_os_error();
+                // ENOENT: the last batch, and what it holds is valid.
+                if err.raw_os_error() != Some(libc::ENOENT) {
+                    return Err(kernel_error("reading FLOWS", err));
+                }
+                true
             };
             for value in &values[..(attr.count as usize).min(BATCH)] {
                 // SAFETY: the kernel filled the first `count` values.
@@ -365,35 +365,31 @@ impl Probes {
         let map = self
             .ebpf
             .map(names::MAP_LOCALS)
-            .ok_or_else(|| Error::Kernel("LOCALS map missing".into()))?;
+            .ok_or_else(|| missing_map(names::MAP_LOCALS))?;
         let locals: HashMap<&MapData, LocalKey, LocalState> =
-            HashMap::try_from(map).map_err(|e| kernel_error("LOCALS", &e))?;
+            HashMap::try_from(map).map_err(|e| kernel_error("LOCALS", e))?;
         match locals.get(key, 0) {
             Ok(state) => Ok(Some(state.event)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(kernel_error("LOCALS", &e)),
+            Err(e) => Err(kernel_error("LOCALS", e)),
         }
     }
 
     /// The counters for the metrics. Counting map entries walks the maps'
     /// keys: done once per scrape interval, not per packet.
     pub fn counters(&self) -> Result<Counters, Error> {
-        let map = |name: &str| {
-            self.ebpf
-                .map(name)
-                .ok_or_else(|| Error::Kernel(format!("{name} map missing")))
-        };
+        let map = |name: &str| self.ebpf.map(name).ok_or_else(|| missing_map(name));
         let causes: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map(names::MAP_CAUSES)?)
-            .map_err(|e| kernel_error("CAUSES", &e))?;
+            .map_err(|e| kernel_error("CAUSES", e))?;
         let causes = causes
             .iter()
             .map(|values| values.map(|v| v.iter().sum()))
             .collect::<Result<Vec<u64>, _>>()
-            .map_err(|e| kernel_error("CAUSES", &e))?;
+            .map_err(|e| kernel_error("CAUSES", e))?;
         let flows: HashMap<&MapData, u64, FlowState> =
-            HashMap::try_from(map(names::MAP_FLOWS)?).map_err(|e| kernel_error("FLOWS", &e))?;
+            HashMap::try_from(map(names::MAP_FLOWS)?).map_err(|e| kernel_error("FLOWS", e))?;
         let locals: HashMap<&MapData, LocalKey, LocalState> =
-            HashMap::try_from(map(names::MAP_LOCALS)?).map_err(|e| kernel_error("LOCALS", &e))?;
+            HashMap::try_from(map(names::MAP_LOCALS)?).map_err(|e| kernel_error("LOCALS", e))?;
         let programs = self
             .ebpf
             .programs()
@@ -432,11 +428,14 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// One line for a kernel error: permission problems get their own message,
-/// everything else names the step and the innermost cause.
-fn kernel_error(step: &str, err: &(dyn StdError + 'static)) -> Error {
-    let mut cause: Option<&(dyn StdError + 'static)> = Some(err);
-    let mut last = err.to_string();
+fn missing_map(name: &str) -> Error {
+    Error::Object(format!("{name} map"))
+}
+
+/// A kernel error: permission problems and verifier refusals get their own
+/// message, everything else names the step and keeps the error as source.
+fn kernel_error(step: &str, err: impl StdError + Send + Sync + 'static) -> Error {
+    let mut cause: Option<&(dyn StdError + 'static)> = Some(&err);
     while let Some(e) = cause {
         // The verifier refuses a program with EACCES too: say what it said,
         // not that we lack privileges.
@@ -453,7 +452,10 @@ fn kernel_error(step: &str, err: &(dyn StdError + 'static)) -> Error {
                     || l.starts_with("verification time "))
             });
             if let Some(said) = said {
-                return Error::Kernel(format!("{step}: the kernel's verifier refused it: {said}"));
+                return Error::Verifier {
+                    step: step.to_owned(),
+                    said: said.trim().to_owned(),
+                };
             }
         }
         if let Some(io) = e.downcast_ref::<io::Error>()
@@ -461,36 +463,12 @@ fn kernel_error(step: &str, err: &(dyn StdError + 'static)) -> Error {
         {
             return Error::NotPermitted;
         }
-        last = e.to_string();
         cause = e.source();
     }
-    Error::Kernel(format!("{step}: {last}"))
-}
-
-/// A record from the ring buffer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Record {
-    Flow(FlowEvent),
-    Local(LocalEvent),
-}
-
-/// Copies one ring buffer record out by its kind; `None` for a record that
-/// our programs never send.
-pub fn read_event(bytes: &[u8]) -> Option<Record> {
-    let kind = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
-    match kind {
-        kind::FLOW => copy(bytes).map(Record::Flow),
-        kind::LOCAL => copy(bytes).map(Record::Local),
-        _ => None,
+    Error::Bpf {
+        step: step.to_owned(),
+        source: Box::new(err),
     }
-}
-
-fn copy<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
-    (bytes.len() == std::mem::size_of::<T>()).then(|| {
-        // SAFETY: the length matches and T is plain old data (any bit
-        // pattern is valid); read_unaligned copes with any alignment.
-        unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) }
-    })
 }
 
 #[cfg(test)]

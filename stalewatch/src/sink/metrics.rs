@@ -16,8 +16,9 @@ use tokio::{
 };
 
 use crate::{
-    correlate::{AlertState, Verdict},
-    kernel::{Counters, btf::DropReasons},
+    domain::{AlertState, Verdict},
+    linux::icmp,
+    source::kernel::{Counters, btf::DropReasons},
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -149,21 +150,10 @@ impl Metrics {
     }
 
     pub fn alert(&self, state: AlertState, verdict: Verdict) {
-        let state = match state {
-            AlertState::Raised => "raised",
-            AlertState::Reminder => "reminder",
-            AlertState::Resolved => "resolved",
-        };
-        let verdict = match verdict {
-            Verdict::Stale => "stale",
-            Verdict::BackendDown => "backend_down",
-            Verdict::Unconfirmed => "unconfirmed",
-            Verdict::Bypass => "bypass",
-        };
         self.alerts
             .get_or_create(&AlertLabels {
-                state: state.into(),
-                verdict: verdict.into(),
+                state: state.label().into(),
+                verdict: verdict.label().into(),
             })
             .inc();
     }
@@ -241,13 +231,7 @@ fn cause_name(slot: u32, reasons: &DropReasons) -> String {
     if slot < stalewatch_common::CAUSE_ICMP {
         return format!("drop_{}", reasons.name(slot).to_lowercase());
     }
-    match slot - stalewatch_common::CAUSE_ICMP {
-        0 => "icmp_net_unreachable".into(),
-        1 => "icmp_host_unreachable".into(),
-        3 => "icmp_port_unreachable".into(),
-        9 | 10 | 13 => "icmp_admin_prohibited".into(),
-        code => format!("icmp_unreachable_code_{code}"),
-    }
+    icmp::label((slot - stalewatch_common::CAUSE_ICMP) as u8)
 }
 
 /// Serves the metrics over HTTP: `GET /metrics` (any other path: 404).

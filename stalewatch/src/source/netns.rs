@@ -1,39 +1,22 @@
 //! Network namespaces by inode: their names (`ip netns` names under
-//! /run/netns) and a process that lives in them, for the fix command.
+//! /run/netns) and a process that lives in them, for the fix command; what
+//! a namespace shows of itself (its addresses, its failed neighbours); and
+//! the one way stalewatch enters a namespace ([`in_netns`]), which the
+//! other sources use too.
 
 use std::{
-    fs,
+    fs, io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
 
-use crate::{audit::KnownFacts, error::Error};
+use crate::{
+    domain::{KnownFacts, NetnsInfo},
+    error::Error,
+};
 
 /// Where named namespaces are bind-mounted.
 pub const NETNS_DIRS: &[&str] = &["/run/netns", "/var/run/docker/netns"];
-
-/// What the reporter knows of a namespace.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct NetnsInfo {
-    pub inode: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// A process that lives in the namespace, where one is visible.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pid: Option<u32>,
-    /// The container that process belongs to, from its cgroup.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub container_id: Option<String>,
-    /// The container whose namespace this is, where a Docker engine tells.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub container: Option<crate::docker::ContainerRef>,
-    /// The namespace stalewatch itself runs in (usually the host's).
-    #[serde(skip)]
-    pub is_own: bool,
-    /// Where `name` lives, when it is not under /run/netns (Docker's).
-    #[serde(skip)]
-    pub path: Option<PathBuf>,
-}
 
 /// Inode of the network namespace of this process.
 pub fn own_inode() -> Option<u32> {
@@ -121,39 +104,56 @@ pub fn resolve(spec: &str) -> Result<u32, Error> {
     } else {
         NETNS_DIRS.iter().map(|d| Path::new(d).join(spec)).collect()
     };
-    let mut denied = false;
+    let mut denied = None;
     for path in &candidates {
         match fs::metadata(path) {
             Ok(meta) => return Ok(meta.ino() as u32),
-            Err(e) => denied |= e.kind() == std::io::ErrorKind::PermissionDenied,
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => denied = Some(e),
+            Err(_) => {}
         }
     }
-    Err(if denied {
-        Error::Kernel(format!(
-            "permission denied reading network namespace '{spec}' (another process's \
-             namespace needs CAP_SYS_PTRACE)"
-        ))
-    } else {
-        Error::NoNetns(spec.to_owned())
+    Err(match denied {
+        Some(source) => Error::NetnsDenied {
+            spec: spec.to_owned(),
+            source,
+        },
+        None => Error::NoNetns(spec.to_owned()),
     })
 }
 
-/// Runs `f` on a short-lived thread inside the namespace at `path` (setns
-/// moves only the calling thread).
+/// The namespace named by a `--netns` spec (or our own without one), with
+/// a path to enter it.
+pub fn target(spec: Option<&str>) -> Result<(NetnsInfo, PathBuf), Error> {
+    let inode = match spec {
+        Some(spec) => resolve(spec)?,
+        None => own_inode().ok_or_else(|| Error::NoNetns("/proc/self/ns/net".into()))?,
+    };
+    let info = describe(inode);
+    let path = match spec {
+        Some(spec) if spec.contains('/') => spec.into(),
+        _ => path_of(&info).ok_or_else(|| Error::NoNetns(inode.to_string()))?,
+    };
+    Ok((info, path))
+}
+
+/// Runs `f` on a short-lived thread inside the namespace at `path`: setns
+/// moves only the calling thread, and what `f` makes there (a socket) stays
+/// in that namespace, while the caller's thread never moves. The error is
+/// about entering the namespace; `f` returns its own.
 pub fn in_netns<T: Send + 'static>(
     path: &Path,
-    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> std::io::Result<T> {
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<T> {
     let file = fs::File::open(path)?;
     let own = is_own(&file);
-    std::thread::spawn(move || {
+    std::thread::spawn(move || -> io::Result<T> {
         if !own {
             nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
         }
-        f()
+        Ok(f())
     })
     .join()
-    .map_err(|_| std::io::Error::other("namespace thread panicked"))?
+    .map_err(|_| io::Error::other("the thread entering the namespace panicked"))?
 }
 
 /// Whether an opened namespace file is stalewatch's own namespace: entering
@@ -165,8 +165,8 @@ pub fn is_own(file: &fs::File) -> bool {
 /// What the audit needs to know of a namespace: its own addresses, and the
 /// neighbours it failed to resolve (IPv4; the kernel's /proc view of the
 /// neighbour table holds no IPv6 entries).
-pub fn facts(path: &Path) -> std::io::Result<KnownFacts> {
-    in_netns(path, || {
+pub fn facts(path: &Path) -> io::Result<KnownFacts> {
+    in_netns(path, || -> io::Result<KnownFacts> {
         let local = nix::ifaddrs::getifaddrs()?
             .filter_map(|ifa| {
                 let addr = ifa.address?;
@@ -183,8 +183,9 @@ pub fn facts(path: &Path) -> std::io::Result<KnownFacts> {
         Ok(KnownFacts {
             local,
             failed_neighbours: failed_in_arp_table(&arp),
+            proxied_sources: Default::default(),
         })
-    })
+    })?
 }
 
 /// IPv4 neighbours without a link-layer address (flags without ATF_COM):

@@ -13,34 +13,10 @@ use stalewatch_common::{
     CT_CHUNK_WORDS, DROP_REASON_MAX, DROP_REASON_WORDS, TUPLE_SIZE, TUPLE_WORDS,
 };
 
-use crate::error::Error;
-
-/// The tracepoints stalewatch attaches to: (subsystem:event, BTF name).
-pub const TRACEPOINTS: [(&str, &str); 2] = [
-    ("icmp:icmp_send", "icmp_send"),
-    ("skb:kfree_skb", "kfree_skb"),
-];
-
-/// Drop reasons that mean "the host could not deliver this packet": no
-/// neighbour, no route, or a netfilter verdict. Names without the
-/// `SKB_DROP_REASON_` prefix; a kernel that lacks one simply has fewer.
-const FAILURE_REASONS: &[&str] = &[
-    "NEIGH_FAILED",
-    "NEIGH_CREATEFAIL",
-    "NEIGH_DEAD",
-    "NEIGH_QUEUEFULL",
-    "IP_NOROUTE",
-    "IP_INNOROUTES",
-    "IP_OUTNOROUTES",
-    "IP_INADDRERRORS",
-    "IPV6_NOROUTE",
-    "IP_RPFILTER",
-    "NETFILTER_DROP",
-];
-
-/// Reasons that mean a delivery failure only for IPv6: a failed neighbour
-/// discovery drops the queued packets as NOT_SPECIFIED.
-const FAILURE_REASONS_V6: &[&str] = &["NOT_SPECIFIED"];
+use crate::{
+    error::Error,
+    linux::{TRACEPOINTS, drop_reason},
+};
 
 /// Offsets (bytes) inside a `struct nf_conntrack_tuple`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,13 +123,13 @@ impl DropReasons {
     pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, u32)>) -> Self {
         let mut reasons = DropReasons::default();
         for (name, value) in pairs {
-            let name = name.strip_prefix("SKB_DROP_REASON_").unwrap_or(name);
+            let name = name.strip_prefix(drop_reason::PREFIX).unwrap_or(name);
             if value < DROP_REASON_MAX {
                 let (word, bit) = ((value / 64) as usize, 1 << (value % 64));
-                if FAILURE_REASONS.contains(&name) {
+                if drop_reason::FAILURES.contains(&name) {
                     reasons.failure_bitmap[word] |= bit;
                 }
-                if FAILURE_REASONS_V6.contains(&name) {
+                if drop_reason::FAILURES_V6.contains(&name) {
                     reasons.failure_bitmap_v6[word] |= bit;
                 }
             }
@@ -163,7 +139,6 @@ impl DropReasons {
     }
 
     /// The reason's name, or its number when this kernel has no name for it.
-    /// The name of a reason, if this kernel has one by that number.
     pub fn name(&self, value: u32) -> Arc<str> {
         self.names
             .get(&value)
@@ -189,16 +164,18 @@ impl KernelLayout {
         if !path.exists() {
             return Err(Error::NoBtf(path.to_owned()));
         }
-        let btf =
-            Btf::from_file(path).map_err(|e| Error::BadBtf(path.to_owned(), e.to_string()))?;
+        let btf = Btf::from_file(path).map_err(|e| Error::BadBtf {
+            path: path.to_owned(),
+            source: e.into(),
+        })?;
         let types = Types { btf: &btf, path };
-        for (tracepoint, name) in TRACEPOINTS {
+        for tracepoint in TRACEPOINTS {
             if btf
-                .resolve_ids_by_name(&format!("btf_trace_{name}"))
+                .resolve_ids_by_name(&format!("btf_trace_{}", tracepoint.function))
                 .map(|ids| ids.is_empty())
                 .unwrap_or(true)
             {
-                return Err(Error::NoTracepoint(tracepoint.to_owned()));
+                return Err(Error::NoTracepoint(tracepoint.name.to_owned()));
             }
         }
 

@@ -1,6 +1,7 @@
-//! The Docker engine, where one answers on its socket: which container an
-//! address or a network namespace belongs to, and which ports the engine
-//! publishes. Alerts name containers with it; without an engine everything
+//! The container engine, where one answers on its socket with the Docker
+//! Engine API: which container an address or a network namespace belongs
+//! to, and which ports the engine publishes. Records name containers with
+//! what it tells ([`Snapshot::containers`]); without an engine everything
 //! works as before, with namespace inodes and names only.
 //!
 //! The Engine API client (bollard) is async; `watch` runs a current-thread
@@ -11,7 +12,7 @@
 //! [`REFRESH`], and only when something asks.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     future::Future,
     net::IpAddr,
     os::unix::fs::MetadataExt as _,
@@ -20,17 +21,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::{
+    domain::{Backend, ContainerRef, Containers, NetnsInfo, Proto, Publication, Service, Tuple},
+    error::chain,
+};
 use bollard::{
     Docker,
     models::{ContainerSummary, PortSummaryTypeEnum},
-};
-use serde::Serialize;
-
-use crate::{
-    audit::Finding,
-    correlate::Verdict,
-    event::{Proto, Tuple},
-    report::{Pinned, addr_port},
 };
 
 /// Where the engine answers.
@@ -45,21 +42,6 @@ const REMEMBER_GONE: Duration = Duration::from_secs(600);
 
 const COMPOSE_PROJECT: &str = "com.docker.compose.project";
 const COMPOSE_SERVICE: &str = "com.docker.compose.service";
-
-/// A container, as alerts name it (the `container` object).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct ContainerRef {
-    pub name: String,
-    /// The short id (12 hex digits), as `docker ps` shows it.
-    pub id: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub compose_project: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub compose_service: Option<String>,
-    /// The container no longer runs: it was seen earlier by this process.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub gone: bool,
-}
 
 /// A port the engine publishes on the host.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,7 +92,7 @@ impl Container {
                 let proto = match p.typ? {
                     PortSummaryTypeEnum::TCP => Proto::TCP,
                     PortSummaryTypeEnum::UDP => Proto::UDP,
-                    PortSummaryTypeEnum::SCTP => Proto(132),
+                    PortSummaryTypeEnum::SCTP => Proto::SCTP,
                     PortSummaryTypeEnum::EMPTY => return None,
                 };
                 let host_ip =
@@ -215,38 +197,58 @@ impl Snapshot {
         self.is_container(orig.src)
     }
 
-    /// Names the containers of an alert or a finding: its namespace, where
-    /// its entry sends it and where new flows go (addresses are the
-    /// engine's only in the host's namespace, where its bridges are), and
-    /// adds the engine's published port to the evidence of a bypass.
-    fn annotate(&self, a: &mut Pinned, orig: &Tuple) {
-        if a.netns.is_own {
-            let current = a.current_backend.iter_mut();
-            for backend in std::iter::once(&mut a.stale_backend).chain(current) {
-                backend.container = self.by_ip(backend.addr);
-            }
-        } else {
-            a.netns.container = self.by_netns(a.netns.inode);
+    /// Every address of a running container: the sources whose flows the
+    /// engine's rules deliver to the host by design (see
+    /// [`Snapshot::served_by_proxy`]).
+    pub fn container_addresses(&self) -> HashSet<IpAddr> {
+        self.running
+            .iter()
+            .flat_map(|c| c.ips.iter().copied())
+            .collect()
+    }
+
+    /// The containers behind one record: its namespace's, where its entry
+    /// sends it (`stale`), where new flows go (`current`), and those that
+    /// publish its destination port on this host. Addresses are the
+    /// engine's only in the host's namespace, where its bridges are.
+    pub fn containers(
+        &self,
+        netns: &NetnsInfo,
+        service: Service,
+        stale: Backend,
+        current: Option<Backend>,
+    ) -> Containers {
+        if !netns.is_own {
+            return Containers {
+                netns: self.by_netns(netns.inode),
+                ..Containers::default()
+            };
         }
-        if a.verdict != Verdict::Bypass || !a.netns.is_own {
-            return;
-        }
-        let current = a.current_backend.as_ref().map(|b| b.addr);
-        for (c, port) in self.publishers(orig.proto, orig.dst, orig.dport) {
-            // The address new flows go to, where it is this container's.
-            let ip = current.filter(|ip| c.ips.contains(ip)).or_else(|| {
-                c.ips
-                    .iter()
-                    .copied()
-                    .find(|ip| ip.is_ipv4() == orig.dst.is_ipv4())
-            });
-            let at = ip.map_or(String::new(), |ip| format!(" at {}", addr_port(ip, port)));
-            a.evidence.push(format!(
-                "the engine publishes {}/{} on this host for container {}{at}",
-                orig.proto.name(),
-                orig.dport,
-                c.container.name
-            ));
+        let publishers = self
+            .publishers(service.proto, service.addr, service.port)
+            .into_iter()
+            .map(|(c, port)| {
+                // The address new flows go to, where it is this container's.
+                let ip = current
+                    .map(|b| b.addr)
+                    .filter(|ip| c.ips.contains(ip))
+                    .or_else(|| {
+                        c.ips
+                            .iter()
+                            .copied()
+                            .find(|ip| ip.is_ipv4() == service.addr.is_ipv4())
+                    });
+                Publication {
+                    container: c.container.clone(),
+                    at: ip.map(|ip| Backend::new(ip, port)),
+                }
+            })
+            .collect();
+        Containers {
+            netns: None,
+            stale: self.by_ip(stale.addr),
+            current: current.and_then(|b| self.by_ip(b.addr)),
+            publishers,
         }
     }
 }
@@ -270,7 +272,7 @@ impl Engine {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| log::info!("no Docker engine: cannot start a runtime: {e}"))
+            .map_err(|e| log::info!("no Docker engine: {}", chain(&Error::Runtime(e))))
             .ok()?;
         let docker = on_runtime(&runtime, async {
             let docker =
@@ -278,10 +280,10 @@ impl Engine {
             // Settles on the engine's own API version (1.41 for 20.10).
             docker.negotiate_version().await
         })
-        .map_err(|e| log::info!("no Docker engine on {SOCKET}: {e}"))
+        .map_err(|e| log::info!("no Docker engine on {SOCKET}: {}", chain(&e)))
         .ok()?;
         let running = on_runtime(&runtime, fetch(&docker))
-            .map_err(|e| log::info!("no Docker engine on {SOCKET}: {e}"))
+            .map_err(|e| log::info!("no Docker engine on {SOCKET}: {}", chain(&e)))
             .ok()?;
         log::info!(
             "Docker engine on {SOCKET}: {} running containers",
@@ -303,37 +305,16 @@ impl Engine {
             let runtime = self.runtime.as_ref().expect("a runtime until dropped");
             match on_runtime(runtime, fetch(&self.docker)) {
                 Ok(running) => cache.1 = Arc::new(cache.1.next(running, Instant::now())),
-                Err(e) => log::debug!("Docker engine: {e}"),
+                Err(e) => log::debug!("Docker engine: {}", chain(&e)),
             }
             cache.0 = Instant::now();
         }
         cache.1.clone()
     }
 
-    pub fn container_by_ip(&self, ip: IpAddr) -> Option<ContainerRef> {
-        self.snapshot().by_ip(ip)
-    }
-
-    pub fn container_by_netns(&self, inode: u32) -> Option<ContainerRef> {
-        self.snapshot().by_netns(inode)
-    }
-
     /// See [`Snapshot::served_by_proxy`].
     pub fn served_by_proxy(&self, orig: &Tuple) -> bool {
         self.snapshot().served_by_proxy(orig)
-    }
-
-    /// Drops the findings that Docker's rules make by design.
-    pub fn retain_stale(&self, findings: &mut Vec<Finding>) {
-        let snapshot = self.snapshot();
-        findings
-            .retain(|f| f.verdict != Verdict::Bypass || !snapshot.served_by_proxy(&f.entry.orig));
-    }
-
-    /// Names the containers of an alert or a finding of `check` (see
-    /// [`Snapshot::annotate`]).
-    pub fn annotate(&self, pin: &mut Pinned, orig: &Tuple) {
-        self.snapshot().annotate(pin, orig);
     }
 }
 
@@ -347,23 +328,36 @@ impl Drop for Engine {
     }
 }
 
+/// Why the engine could not be asked.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot start a runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("the engine said no")]
+    Api(#[source] bollard::errors::Error),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the thread asking the engine panicked")]
+    Panicked,
+}
+
 /// Runs `fut` to completion on `runtime`, from a thread of its own (the
 /// caller may be inside another runtime), within [`TIMEOUT`].
 fn on_runtime<T: Send>(
     runtime: &tokio::runtime::Runtime,
     fut: impl Future<Output = Result<T, bollard::errors::Error>> + Send,
-) -> Result<T, String> {
+) -> Result<T, Error> {
     std::thread::scope(|s| {
         s.spawn(|| {
             runtime.block_on(async {
                 match tokio::time::timeout(TIMEOUT, fut).await {
-                    Ok(result) => result.map_err(|e| e.to_string()),
-                    Err(_) => Err(format!("no answer within {TIMEOUT:?}")),
+                    Ok(result) => result.map_err(Error::Api),
+                    Err(_) => Err(Error::Timeout(TIMEOUT)),
                 }
             })
         })
         .join()
-        .unwrap_or_else(|_| Err("the engine thread panicked".into()))
+        .unwrap_or(Err(Error::Panicked))
     })
 }
 
@@ -394,7 +388,7 @@ async fn fetch(docker: &Docker) -> Result<Vec<Container>, bollard::errors::Error
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{event::Family, netns::NetnsInfo, report::Backend};
+    use crate::domain::udp;
 
     /// A row of `GET /containers/json` as engine 20.10 (API 1.41) sends it.
     fn summary() -> ContainerSummary {
@@ -417,17 +411,6 @@ mod tests {
             }}
         }))
         .expect("a container summary")
-    }
-
-    fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Tuple {
-        Tuple {
-            family: Family::Ipv4,
-            proto: Proto::UDP,
-            src: src.parse().unwrap(),
-            sport,
-            dst: dst.parse().unwrap(),
-            dport,
-        }
     }
 
     #[test]
@@ -484,35 +467,38 @@ mod tests {
     }
 
     #[test]
-    fn a_bypass_names_its_containers_and_the_published_port() {
-        let c = Container::from_summary(&summary(), None).unwrap();
+    fn a_record_in_the_host_names_its_containers_and_the_published_port() {
+        let c = Container::from_summary(&summary(), Some(4026532999)).unwrap();
         let snap = Snapshot::default().next(vec![c], Instant::now());
         let orig = udp("198.51.100.2", 40000, "198.51.100.1", 8888);
-        let mut pin = Pinned {
-            verdict: Verdict::Bypass,
-            netns: NetnsInfo {
-                inode: 1,
-                is_own: true,
-                ..Default::default()
-            },
-            family: orig.family,
-            proto: orig.proto,
-            stale_backend: Backend::at(orig.dst, 8888),
-            current_backend: Some(Backend::at("172.18.0.2".parse().unwrap(), 8888)),
-            evidence: vec!["newer flows ...".to_owned()],
+        let host = NetnsInfo {
+            inode: 1,
+            is_own: true,
+            ..Default::default()
         };
-        snap.annotate(&mut pin, &orig);
-        assert!(
-            pin.stale_backend.container.is_none(),
-            "the host is no container"
+        let current = Backend::new("172.18.0.2".parse().unwrap(), 8888);
+        let named = snap.containers(
+            &host,
+            orig.service(),
+            Backend::new(orig.dst, 8888),
+            Some(current),
         );
+        assert!(named.stale.is_none(), "the host is no container");
+        assert_eq!(named.current.unwrap().name, "swd1_web_1");
+        assert_eq!(named.publishers.len(), 1);
+        assert_eq!(named.publishers[0].container.name, "swd1_web_1");
+        assert_eq!(named.publishers[0].at, Some(current));
+        // In a container's namespace: only which container it is.
+        let inside = NetnsInfo {
+            inode: 4026532999,
+            ..Default::default()
+        };
+        let named = snap.containers(&inside, orig.service(), current, None);
+        assert_eq!(named.netns.unwrap().name, "swd1_web_1");
+        assert!(named.stale.is_none() && named.publishers.is_empty());
         assert_eq!(
-            pin.current_backend.unwrap().container.unwrap().name,
-            "swd1_web_1"
-        );
-        assert_eq!(
-            pin.evidence[1],
-            "the engine publishes udp/8888 on this host for container swd1_web_1 at 172.18.0.2:8888"
+            snap.container_addresses(),
+            ["172.18.0.2".parse().unwrap()].into()
         );
     }
 }

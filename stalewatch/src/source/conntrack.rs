@@ -13,9 +13,11 @@
 //!
 //! Only conntrack zone 0 is addressed by [`get`] and [`delete`]; [`dump`]
 //! returns the entries of every zone.
+//!
+//! Kernel tests of this module live in the `tests` crate
+//! (`tests/tests/conntrack.rs`): they need root.
 
 use std::{
-    fs::File,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
@@ -34,27 +36,11 @@ use netlink_packet_netfilter::{
     },
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
-use nix::{
-    libc,
-    sched::{CloneFlags, setns},
-};
+use nix::libc;
+use stalewatch_common::ct_status;
 
-use crate::event::{Family, Proto, Tuple};
-
-/// One conntrack entry.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Entry {
-    /// CTA_TUPLE_ORIG: what the sender addressed.
-    pub orig: Tuple,
-    /// CTA_TUPLE_REPLY: its source is the backend for a DNATed flow.
-    pub reply: Tuple,
-    /// CTA_STATUS: IPS_* bits, see `stalewatch_common::ct_status`.
-    pub status: u32,
-    /// CTA_TIMEOUT: seconds left.
-    pub timeout: Option<u32>,
-    /// CTA_ID.
-    pub id: Option<u32>,
-}
+use super::netns;
+use crate::domain::{Entry, Family, KnownFacts, Proto, Tuple};
 
 /// Which entries a dump returns; all `None` is everything. The kernel
 /// filters what it can (family, status, and protocol, IPv4 destination
@@ -86,7 +72,7 @@ impl Filter {
     /// The family to ask the kernel for, or `None` when the filter
     /// contradicts itself and nothing can match.
     fn dump_family(&self) -> Option<Option<Family>> {
-        let of_dst = self.orig_dst.map(|(addr, _)| family_of(addr));
+        let of_dst = self.orig_dst.map(|(addr, _)| Family::of(addr));
         match (self.family, of_dst) {
             (Some(a), Some(b)) if a != b => None,
             (a, b) => Some(a.or(b)),
@@ -106,7 +92,9 @@ pub enum Error {
     )]
     Kernel { what: &'static str, err: io::Error },
     #[error("malformed conntrack netlink message: {0}")]
-    Netlink(String),
+    Malformed(String),
+    #[error("malformed conntrack netlink message")]
+    Decode(#[source] DecodeError),
 }
 
 /// The capability to name when the kernel said no.
@@ -133,6 +121,61 @@ pub fn get(netns: Option<&Path>, orig: &Tuple) -> Result<Option<Entry>, Error> {
 /// when there is no such entry.
 pub fn delete(netns: Option<&Path>, orig: &Tuple) -> Result<bool, Error> {
     Conn::open(netns)?.delete(orig)
+}
+
+/// Reads the table an audit needs: DNATed entries first (the kernel skips
+/// the rest, which is most of a busy table), and the others only when some
+/// service is DNATed at all.
+pub fn read_table(netns: &Path) -> Result<Vec<Entry>, Error> {
+    let conn = Conn::open(Some(netns))?;
+    let dnat = |value| Filter {
+        status: Some((value, ct_status::DST_NAT)),
+        ..Filter::default()
+    };
+    let mut entries = conn.dump(&dnat(ct_status::DST_NAT))?;
+    if !entries.is_empty() {
+        entries.extend(conn.dump(&dnat(0))?);
+    }
+    Ok(entries)
+}
+
+/// Reads what a bypass needs, and no more: the entries without NAT that
+/// deliver to this host, and only if there are any, the DNATed entries to
+/// their destinations. The watch loop's periodic audit looks for nothing
+/// else (pinned entries fail packets, which the kernel path sees), and on
+/// a host with many DNATed flows reading them all every interval costs.
+pub fn read_bypass_candidates(netns: &Path, facts: &KnownFacts) -> Result<Vec<Entry>, Error> {
+    /// Destinations asked one by one; beyond, one dump of every DNAT.
+    const BY_DESTINATION: usize = 16;
+    let conn = Conn::open(Some(netns))?;
+    let plain = conn.dump(&Filter {
+        status: Some((0, ct_status::DST_NAT)),
+        ..Filter::default()
+    })?;
+    let mut entries: Vec<Entry> = plain
+        .into_iter()
+        .filter(|e| e.reply.src == e.orig.dst && facts.is_local(e.orig.dst))
+        .collect();
+    let services: std::collections::BTreeSet<crate::domain::Service> =
+        entries.iter().map(|e| e.orig.service()).collect();
+    let dnat = |family, proto, orig_dst| Filter {
+        family,
+        proto,
+        status: Some((ct_status::DST_NAT, ct_status::DST_NAT)),
+        orig_dst,
+    };
+    if services.len() > BY_DESTINATION {
+        entries.extend(conn.dump(&dnat(None, None, None))?);
+    } else {
+        for service in services {
+            entries.extend(conn.dump(&dnat(
+                Some(service.family()),
+                Some(service.proto),
+                Some((service.addr, service.port)),
+            ))?);
+        }
+    }
+    Ok(entries)
 }
 
 /// A ctnetlink socket in one namespace, for several requests in a row
@@ -188,6 +231,23 @@ impl Conn {
         }
         match outcome {
             Outcome::Done => Ok(entries),
+            Outcome::Errno(errno) => Err(refused("dump", errno)),
+        }
+    }
+
+    /// What the kernel itself returns for `filter`, without the check
+    /// [`Conn::dump`] makes again here: for tests of the kernel's filters.
+    pub fn dump_kernel_filtered(&self, filter: &Filter) -> Result<Vec<Entry>, Error> {
+        let Some(family) = filter.dump_family() else {
+            return Ok(Vec::new());
+        };
+        let (attrs, cta_filter) = dump_attributes(filter, family);
+        let mut got = Vec::new();
+        let seq = self.next_seq();
+        match dump_on(&self.sock, seq, family, attrs, cta_filter, &mut |e| {
+            got.push(e)
+        })? {
+            Outcome::Done => Ok(got),
             Outcome::Errno(errno) => Err(refused("dump", errno)),
         }
     }
@@ -285,38 +345,17 @@ fn refused(what: &'static str, errno: i32) -> Error {
 }
 
 fn malformed(e: DecodeError) -> Error {
-    Error::Netlink(e.to_string())
-}
-
-fn family_of(addr: IpAddr) -> Family {
-    match addr {
-        IpAddr::V4(_) => Family::Ipv4,
-        IpAddr::V6(_) => Family::Ipv6,
-    }
+    Error::Decode(e)
 }
 
 fn open(netns: Option<&Path>) -> Result<Socket, Error> {
     let Some(path) = netns else {
         return new_socket().map_err(Error::Socket);
     };
-    let file = File::open(path).map_err(|e| Error::Netns(path.to_path_buf(), e))?;
-    if crate::netns::is_own(&file) {
-        return new_socket().map_err(Error::Socket);
-    }
-    let path = path.to_path_buf();
-    // setns moves only the calling thread, and a socket stays in the
-    // namespace it was made in: a throwaway thread enters the namespace and
-    // makes the socket, and the caller's thread never moves.
-    std::thread::spawn(move || {
-        setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| Error::Netns(path, e.into()))?;
-        new_socket().map_err(Error::Socket)
-    })
-    .join()
-    .unwrap_or_else(|_| {
-        Err(Error::Socket(io::Error::other(
-            "the thread entering the namespace panicked",
-        )))
-    })
+    // A socket stays in the namespace it was made in.
+    netns::in_netns(path, new_socket)
+        .map_err(|e| Error::Netns(path.to_path_buf(), e))?
+        .map_err(Error::Socket)
 }
 
 fn new_socket() -> io::Result<Socket> {
@@ -495,7 +534,7 @@ fn receive(
         };
         // With MSG_TRUNC the datagram's real size comes back.
         if len > buf.len() {
-            return Err(Error::Netlink(format!(
+            return Err(Error::Malformed(format!(
                 "a {len} byte datagram does not fit the {} byte buffer",
                 buf.capacity()
             )));
@@ -561,7 +600,7 @@ fn done_outcome(payload: &[u8]) -> Result<Outcome, Error> {
 /// a family other than IPv4 and IPv6.
 fn parse_entry(payload: &[u8]) -> Result<Option<Entry>, Error> {
     let Some((&[l3, ..], attrs)) = payload.split_first_chunk::<4>() else {
-        return Err(Error::Netlink(format!(
+        return Err(Error::Malformed(format!(
             "a conntrack message of {} bytes has no nfgenmsg header",
             payload.len()
         )));
@@ -591,7 +630,7 @@ fn parse_entry(payload: &[u8]) -> Result<Option<Entry>, Error> {
             timeout,
             id,
         })),
-        _ => Err(Error::Netlink(
+        _ => Err(Error::Malformed(
             "a conntrack entry lacks its original tuple, reply tuple or status".into(),
         )),
     }
@@ -647,7 +686,7 @@ fn parse_tuple(buf: &[u8], family: Family) -> Result<Tuple, Error> {
             dst,
             dport,
         }),
-        _ => Err(Error::Netlink(
+        _ => Err(Error::Malformed(
             "a conntrack tuple lacks its source, destination or protocol".into(),
         )),
     }
@@ -667,14 +706,14 @@ impl<'a> Iterator for Nlas<'a> {
         }
         let rest = std::mem::take(&mut self.0);
         let Some(&[l0, l1, k0, k1]) = rest.first_chunk::<4>() else {
-            return Some(Err(Error::Netlink(format!(
+            return Some(Err(Error::Malformed(format!(
                 "{} bytes left where an attribute header should be",
                 rest.len()
             ))));
         };
         let len = usize::from(u16::from_ne_bytes([l0, l1]));
         if len < 4 || len > rest.len() {
-            return Some(Err(Error::Netlink(format!(
+            return Some(Err(Error::Malformed(format!(
                 "an attribute of {len} bytes in {} bytes",
                 rest.len()
             ))));
@@ -690,7 +729,7 @@ impl<'a> Iterator for Nlas<'a> {
 fn fixed<const N: usize>(value: &[u8], what: &str) -> Result<[u8; N], Error> {
     value
         .try_into()
-        .map_err(|_| Error::Netlink(format!("{what} has {} bytes instead of {N}", value.len())))
+        .map_err(|_| Error::Malformed(format!("{what} has {} bytes instead of {N}", value.len())))
 }
 
 fn parse_addr(value: &[u8], family: Family) -> Result<IpAddr, Error> {
@@ -699,7 +738,7 @@ fn parse_addr(value: &[u8], family: Family) -> Result<IpAddr, Error> {
         Family::Ipv6 => <[u8; 16]>::try_from(value).map(|a| IpAddr::V6(Ipv6Addr::from(a))),
     };
     addr.map_err(|_| {
-        Error::Netlink(format!(
+        Error::Malformed(format!(
             "a {} byte address in an {family:?} conntrack tuple",
             value.len()
         ))
@@ -709,21 +748,9 @@ fn parse_addr(value: &[u8], family: Family) -> Result<IpAddr, Error> {
 #[cfg(test)]
 mod tests {
     use netlink_packet_core::{NLM_F_MULTIPART, NlasIterator};
-    use stalewatch_common::ct_status;
 
     use super::*;
-
-    pub(super) fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Tuple {
-        let src: IpAddr = src.parse().unwrap();
-        Tuple {
-            family: family_of(src),
-            proto: Proto::UDP,
-            src,
-            sport,
-            dst: dst.parse().unwrap(),
-            dport,
-        }
-    }
+    use crate::domain::udp;
 
     fn dnat_entry() -> Entry {
         Entry {
@@ -903,13 +930,13 @@ mod tests {
             ConntrackMessage::New(no_status),
             None,
         );
-        assert!(matches!(parse_all(&m, 1), Err(Error::Netlink(_))));
+        assert!(matches!(parse_all(&m, 1), Err(Error::Malformed(_))));
         // An IPv6 tuple in an IPv4 message.
         let mut mixed = e.clone();
         mixed.orig = udp("2001:db8::2", 1, "2001:db8::1", 2);
         let mut m = entry_message(1, &mixed);
         m[16] = AF_INET;
-        assert!(matches!(parse_all(&m, 1), Err(Error::Netlink(_))));
+        assert!(matches!(parse_all(&m, 1), Err(Error::Malformed(_))));
     }
 
     #[test]
@@ -1098,7 +1125,8 @@ mod tests {
             ),
             Error::Socket(io::Error::from_raw_os_error(libc::EPERM)),
             refused("dump", libc::EPERM),
-            Error::Netlink("x".into()),
+            Error::Malformed("x".into()),
+            malformed(DecodeError::from("x")),
         ];
         for e in errors {
             let line = e.to_string();
@@ -1107,380 +1135,6 @@ mod tests {
         assert_eq!(
             refused("delete", libc::EPERM).to_string(),
             "conntrack delete refused by the kernel: Operation not permitted (os error 1) (needs CAP_NET_ADMIN)"
-        );
-    }
-}
-
-/// Against the running kernel, each test in a network namespace of its own,
-/// with traffic on its loopback only.
-#[cfg(test)]
-mod kernel_tests {
-    use std::{
-        io::Write,
-        net::{SocketAddr, UdpSocket},
-        process::{Command, Stdio},
-        sync::atomic::{AtomicU32, Ordering},
-        time::Instant,
-    };
-
-    use stalewatch_common::ct_status;
-
-    use super::{tests::udp, *};
-
-    /// Conntrack on for both families, port 9999 DNATed to 127.0.0.2, and
-    /// ports 20000-60000 dropped on input so that closed ports send no ICMP.
-    const RULES: &str = "
-        table ip swct_nat {
-            chain out { type nat hook output priority -100; policy accept; udp dport 9999 dnat to 127.0.0.2:9999; }
-        }
-        table inet swct {
-            chain out { type filter hook output priority 0; policy accept; ct state new counter; }
-            chain in { type filter hook input priority 0; policy accept; udp dport 20000-60000 drop; }
-        }
-    ";
-
-    /// A network namespace that is removed when the test ends, also on failure.
-    struct TestNetns {
-        name: String,
-        path: PathBuf,
-    }
-
-    impl TestNetns {
-        fn new() -> TestNetns {
-            static NEXT: AtomicU32 = AtomicU32::new(0);
-            let name = format!(
-                "swct{}-{}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            );
-            run("ip", &["netns", "add", &name], None);
-            let ns = TestNetns {
-                path: Path::new("/run/netns").join(&name),
-                name,
-            };
-            run("ip", &["-n", &ns.name, "link", "set", "lo", "up"], None);
-            run(
-                "ip",
-                &["netns", "exec", &ns.name, "nft", "-f", "-"],
-                Some(RULES),
-            );
-            ns
-        }
-
-        fn path(&self) -> Option<&Path> {
-            Some(&self.path)
-        }
-
-        /// Runs `f` on a thread inside the namespace.
-        fn within<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-            let file = File::open(&self.path).unwrap();
-            std::thread::scope(|s| {
-                s.spawn(|| {
-                    setns(&file, CloneFlags::CLONE_NEWNET).unwrap();
-                    f()
-                })
-                .join()
-                .unwrap()
-            })
-        }
-
-        /// One datagram from `from` to each of `to`.
-        fn send(&self, from: &str, to: &[SocketAddr]) {
-            self.within(|| {
-                let sock = UdpSocket::bind(from).unwrap();
-                for dst in to {
-                    sock.send_to(b"x", dst).unwrap();
-                }
-            });
-        }
-    }
-
-    impl Drop for TestNetns {
-        fn drop(&mut self) {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.name])
-                .status();
-        }
-    }
-
-    fn run(cmd: &str, args: &[&str], stdin: Option<&str>) {
-        let mut child = Command::new(cmd)
-            .args(args)
-            .stdin(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = child.stdin.take().unwrap();
-        input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
-        drop(input);
-        let status = child.wait().unwrap();
-        assert!(status.success(), "{cmd} {args:?}: {status}");
-    }
-
-    fn addr(s: &str) -> SocketAddr {
-        s.parse().unwrap()
-    }
-
-    fn origs(entries: &[Entry]) -> Vec<Tuple> {
-        let mut v: Vec<Tuple> = entries.iter().map(|e| e.orig).collect();
-        v.sort();
-        v
-    }
-
-    #[test]
-    fn dump_get_and_delete_in_a_namespace() {
-        let ns = TestNetns::new();
-        ns.send("127.0.0.1:41001", &[addr("127.0.0.1:9999")]);
-        ns.send("127.0.0.1:41002", &[addr("127.0.0.1:9999")]);
-        ns.send("127.0.0.1:41003", &[addr("127.0.0.1:20001")]);
-        let a = udp("127.0.0.1", 41001, "127.0.0.1", 9999);
-        let b = udp("127.0.0.1", 41002, "127.0.0.1", 9999);
-        let c = udp("127.0.0.1", 41003, "127.0.0.1", 20001);
-
-        let all = dump(ns.path(), &Filter::default()).unwrap();
-        assert_eq!(origs(&all), [a, b, c]);
-        let entry_a = all.iter().find(|e| e.orig == a).unwrap();
-        // DNATed: the reply comes from the backend.
-        assert_eq!(entry_a.reply, udp("127.0.0.2", 9999, "127.0.0.1", 41001));
-        let want = ct_status::CONFIRMED | ct_status::DST_NAT | ct_status::DST_NAT_DONE;
-        assert_eq!(entry_a.status & want, want);
-        assert!(entry_a.timeout.is_some_and(|t| t > 0 && t <= 30));
-        assert!(entry_a.id.is_some());
-        let entry_c = all.iter().find(|e| e.orig == c).unwrap();
-        assert_eq!(entry_c.reply, udp("127.0.0.1", 20001, "127.0.0.1", 41003));
-        assert_eq!(entry_c.status & ct_status::DST_NAT, 0);
-
-        let dnat = ct_status::DST_NAT;
-        let dumped = |f: Filter| origs(&dump(ns.path(), &f).unwrap());
-        let status = |value, mask| Filter {
-            status: Some((value, mask)),
-            ..Filter::default()
-        };
-        assert_eq!(dumped(status(dnat, dnat)), [a, b]);
-        assert_eq!(dumped(status(0, dnat)), [c]);
-        assert_eq!(dumped(status(0, 0)), [a, b, c]);
-        let to_c = Some((c.dst, c.dport));
-        for proto in [None, Some(Proto::UDP)] {
-            let f = Filter {
-                proto,
-                orig_dst: to_c,
-                ..Filter::default()
-            };
-            assert_eq!(dumped(f), [c]);
-        }
-        let f = Filter {
-            family: Some(Family::Ipv4),
-            proto: Some(Proto::UDP),
-            status: Some((dnat, dnat)),
-            orig_dst: Some((a.dst, a.dport)),
-        };
-        assert_eq!(dumped(f), [a, b]);
-        let f = Filter {
-            family: Some(Family::Ipv6),
-            ..Filter::default()
-        };
-        assert_eq!(dumped(f), []);
-        let f = Filter {
-            proto: Some(Proto::TCP),
-            ..Filter::default()
-        };
-        assert_eq!(dumped(f), []);
-
-        let got = get(ns.path(), &a).unwrap().unwrap();
-        assert_eq!(
-            (got.orig, got.reply, got.id),
-            (a, entry_a.reply, entry_a.id)
-        );
-        assert_eq!(got.status, entry_a.status);
-        let missing = udp("127.0.0.1", 41009, "127.0.0.1", 9999);
-        assert_eq!(get(ns.path(), &missing).unwrap(), None);
-
-        assert!(delete(ns.path(), &a).unwrap());
-        assert_eq!(dumped(Filter::default()), [b, c]);
-        assert_eq!(get(ns.path(), &a).unwrap(), None);
-        assert!(!delete(ns.path(), &a).unwrap());
-        assert!(!delete(ns.path(), &missing).unwrap());
-        assert_eq!(dumped(Filter::default()), [b, c]);
-
-        // One socket for many requests, as the watch loop holds it: each
-        // reply goes to its own request, a refused one included.
-        let conn = Conn::open(ns.path()).unwrap();
-        for _ in 0..3 {
-            assert_eq!(conn.get(&b).unwrap().map(|e| e.orig), Some(b));
-            assert_eq!(conn.get(&missing).unwrap(), None);
-            assert_eq!(origs(&conn.dump(&status(dnat, dnat)).unwrap()), [b]);
-            assert_eq!(origs(&conn.dump(&Filter::default()).unwrap()), [b, c]);
-        }
-        assert!(conn.delete(&b).unwrap());
-        assert!(!conn.delete(&b).unwrap());
-        assert_eq!(conn.get(&b).unwrap(), None);
-        assert_eq!(origs(&conn.dump(&Filter::default()).unwrap()), [c]);
-    }
-
-    /// What the kernel itself returns for a filter, before the check here.
-    fn kernel_filtered(ns: &TestNetns, filter: &Filter) -> Vec<Tuple> {
-        let sock = open(ns.path()).unwrap();
-        let family = filter.dump_family().unwrap();
-        let (attrs, cta_filter) = dump_attributes(filter, family);
-        let mut got = Vec::new();
-        let outcome = dump_on(&sock, 1, family, attrs, cta_filter, &mut |e| got.push(e)).unwrap();
-        assert_eq!(outcome, Outcome::Done, "{filter:?}");
-        origs(&got)
-    }
-
-    #[test]
-    fn the_kernel_applies_the_filters_itself() {
-        let ns = TestNetns::new();
-        ns.send("127.0.0.1:41021", &[addr("127.0.0.1:9999")]);
-        ns.send(
-            "127.0.0.1:41022",
-            &[addr("127.0.0.1:20001"), addr("127.0.0.1:20002")],
-        );
-        ns.send("[::1]:41023", &[addr("[::1]:20001")]);
-        let a = udp("127.0.0.1", 41021, "127.0.0.1", 9999);
-        let b = udp("127.0.0.1", 41022, "127.0.0.1", 20001);
-        let c = udp("127.0.0.1", 41022, "127.0.0.1", 20002);
-        let d = udp("::1", 41023, "::1", 20001);
-        let dnat = ct_status::DST_NAT;
-        let f = Filter {
-            status: Some((dnat, dnat)),
-            ..Filter::default()
-        };
-        assert_eq!(kernel_filtered(&ns, &f), [a]);
-        let f = Filter {
-            family: Some(Family::Ipv6),
-            ..Filter::default()
-        };
-        assert_eq!(kernel_filtered(&ns, &f), [d]);
-        let f = Filter {
-            proto: Some(Proto::UDP),
-            orig_dst: Some((b.dst, b.dport)),
-            ..Filter::default()
-        };
-        assert_eq!(kernel_filtered(&ns, &f), [b]);
-        let f = Filter {
-            orig_dst: Some(("127.0.0.9".parse().unwrap(), b.dport)),
-            ..Filter::default()
-        };
-        assert_eq!(kernel_filtered(&ns, &f), []);
-        // IPv6: family and port in the kernel, the address here.
-        let f = Filter {
-            proto: Some(Proto::UDP),
-            orig_dst: Some((d.dst, d.dport)),
-            ..Filter::default()
-        };
-        assert_eq!(kernel_filtered(&ns, &f), [d]);
-        assert_eq!(origs(&dump(ns.path(), &f).unwrap()), [d]);
-        let f = Filter {
-            status: Some((0, dnat)),
-            ..Filter::default()
-        };
-        let mut undnated = vec![b, c, d];
-        undnated.sort();
-        assert_eq!(kernel_filtered(&ns, &f), undnated);
-    }
-
-    #[test]
-    fn ipv6_entries_filter_get_and_delete() {
-        let ns = TestNetns::new();
-        ns.send("[::1]:41011", &[addr("[::1]:20002"), addr("[::1]:20003")]);
-        ns.send("127.0.0.1:41012", &[addr("127.0.0.1:20002")]);
-        let x = udp("::1", 41011, "::1", 20002);
-        let y = udp("::1", 41011, "::1", 20003);
-        let v4 = udp("127.0.0.1", 41012, "127.0.0.1", 20002);
-        let dumped = |f: Filter| origs(&dump(ns.path(), &f).unwrap());
-        let v6 = Filter {
-            family: Some(Family::Ipv6),
-            ..Filter::default()
-        };
-        assert_eq!(dumped(v6.clone()), [x, y]);
-        let f = Filter {
-            family: Some(Family::Ipv4),
-            ..Filter::default()
-        };
-        assert_eq!(dumped(f), [v4]);
-        for proto in [None, Some(Proto::UDP)] {
-            let f = Filter {
-                proto,
-                orig_dst: Some((x.dst, x.dport)),
-                ..Filter::default()
-            };
-            assert_eq!(dumped(f), [x]);
-        }
-        let got = get(ns.path(), &x).unwrap().unwrap();
-        assert_eq!(got.reply, udp("::1", 20002, "::1", 41011));
-        assert!(delete(ns.path(), &x).unwrap());
-        assert_eq!(dumped(v6), [y]);
-        assert!(!delete(ns.path(), &x).unwrap());
-    }
-
-    #[test]
-    fn a_path_that_is_no_network_namespace_is_an_error() {
-        let missing = Path::new("/run/netns/swct-no-such-namespace");
-        let e = dump(Some(missing), &Filter::default()).unwrap_err();
-        assert!(matches!(e, Error::Netns(..)), "{e}");
-        assert!(e.to_string().contains("swct-no-such-namespace"), "{e}");
-        let t = udp("127.0.0.1", 1, "127.0.0.1", 2);
-        assert!(matches!(get(Some(missing), &t), Err(Error::Netns(..))));
-        assert!(matches!(delete(Some(missing), &t), Err(Error::Netns(..))));
-        // A file, but not an nsfs one: setns refuses it.
-        let not_ns = Path::new("/proc/self/status");
-        let e = dump(Some(not_ns), &Filter::default()).unwrap_err();
-        assert!(matches!(e, Error::Netns(..)), "{e}");
-    }
-
-    /// Prints how long a dump of 50k entries takes here, next to
-    /// `conntrack -L`; asserts only that every entry comes back.
-    #[test]
-    fn dump_speed_on_50k_entries() {
-        const PORTS: u16 = 25_000;
-        let ns = TestNetns::new();
-        let started = Instant::now();
-        // 2 destinations x 25k ports from one socket: 50k distinct entries.
-        let targets: Vec<SocketAddr> = ["127.0.0.1", "127.0.0.3"]
-            .iter()
-            .flat_map(|ip| {
-                (0..PORTS).map(move |p| SocketAddr::new(ip.parse().unwrap(), 20_000 + p))
-            })
-            .collect();
-        ns.send("127.0.0.1:41100", &targets);
-        // One DNATed entry among them, for the filtered dump.
-        ns.send("127.0.0.1:41101", &[addr("127.0.0.1:9999")]);
-        let made = started.elapsed();
-
-        let cpu = || nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).unwrap();
-        let (wall, cpu0) = (Instant::now(), cpu());
-        let all = dump(ns.path(), &Filter::default()).unwrap();
-        let (all_wall, all_cpu) = (wall.elapsed(), cpu() - cpu0);
-        assert_eq!(all.len(), targets.len() + 1);
-
-        let (wall, cpu0) = (Instant::now(), cpu());
-        let dnat = ct_status::DST_NAT;
-        let f = Filter {
-            status: Some((dnat, dnat)),
-            ..Filter::default()
-        };
-        let dnated = dump(ns.path(), &f).unwrap();
-        let (filtered_wall, filtered_cpu) = (wall.elapsed(), cpu() - cpu0);
-        assert_eq!(dnated.len(), 1);
-
-        // `conntrack -L` in the same namespace, timed by bash (real user sys).
-        let script = "TIMEFORMAT='%R %U %S'; time conntrack -L >/dev/null 2>&1";
-        let tool = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "bash", "-c", script])
-            .output();
-        let tool = match tool {
-            Ok(out) if out.status.success() => {
-                String::from_utf8_lossy(&out.stderr).trim().to_string()
-            }
-            _ => "unavailable".to_string(),
-        };
-        println!(
-            "conntrack dump of {} entries (made in {made:.2?}): {all_wall:.1?} wall, {:.1} ms CPU; \
-             DST_NAT-filtered dump: {filtered_wall:.1?} wall, {:.1} ms CPU; \
-             conntrack -L (real user sys, s): {tool}",
-            all.len(),
-            all_cpu.tv_sec() as f64 * 1e3 + all_cpu.tv_nsec() as f64 / 1e6,
-            filtered_cpu.tv_sec() as f64 * 1e3 + filtered_cpu.tv_nsec() as f64 / 1e6,
         );
     }
 }

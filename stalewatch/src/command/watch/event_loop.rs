@@ -1,0 +1,149 @@
+//! The watch's loop: wait for kernel reports, signals and timers, and hand
+//! each to the pipeline; detach cleanly on SIGINT or SIGTERM.
+
+use std::{io, time::Duration};
+
+use aya::maps::{MapData, RingBuf};
+use stalewatch_common::WAKE_GAP_NS;
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::Signal,
+};
+
+use super::{pipeline::Pipeline, release_free_memory};
+use crate::source::kernel::{
+    Probes,
+    btf::KernelLayout,
+    decode::{self, RawEvent},
+};
+
+/// How long after a wakeup the loop reads the ring buffer again: a little
+/// more than the kernel's gap between wakeups (see `WAKE_GAP_NS`).
+const LOOK_AGAIN: Duration = Duration::from_nanos(WAKE_GAP_NS + 1_000_000);
+/// Reports handled before the loop looks at signals and timers again.
+const DRAIN_BATCH: usize = 256;
+/// Reports read on each tick, at most: more than the ring buffer holds
+/// (2 MiB of records of 48 bytes or more), so all that waited.
+const TICK_DRAIN: usize = 65_536;
+
+pub async fn run<W: io::Write>(
+    mut pipeline: Pipeline<W>,
+    probes: Probes,
+    events: RingBuf<MapData>,
+    (mut sigint, mut sigterm): (Signal, Signal),
+    audit_every: Duration,
+) -> anyhow::Result<()> {
+    // SAFETY: the ring buffer owns its map fd, which stays open and
+    // unchanged until the AsyncFd (and with it the RingBuf) is dropped.
+    let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    // An interval of zero disables the audit.
+    let mut auditor = tokio::time::interval(audit_every.max(Duration::from_millis(100)));
+    let mut lost_reported = 0;
+    let mut ticks = 0u64;
+    let layout = probes.layout.clone();
+    // A second look after each wakeup: the kernel wakes this loop at most
+    // once per WAKE_GAP_NS, so urgent reports sent in the gap after a
+    // wakeup wait for this look, not for the next tick.
+    let mut look_again: Option<tokio::time::Instant> = None;
+
+    loop {
+        tokio::select! {
+            guard = events.readable_mut() => {
+                let mut guard = guard?;
+                let handled = drain(&mut pipeline, guard.get_inner_mut(), &layout, DRAIN_BATCH)?;
+                // A full batch may have left reports behind: stay ready so
+                // the loop comes back after a look at the signals.
+                if handled < DRAIN_BATCH {
+                    guard.clear_ready();
+                }
+                // From the latest wakeup: reports suppressed after it come
+                // within the gap that follows it.
+                look_again = Some(tokio::time::Instant::now() + LOOK_AGAIN);
+            }
+            _ = tokio::time::sleep_until(look_again.unwrap_or_else(tokio::time::Instant::now)), if look_again.is_some() => {
+                look_again = None;
+                drain(&mut pipeline, events.get_mut(), &layout, TICK_DRAIN)?;
+            }
+            _ = ticker.tick() => {
+                // Most reports wake no one (see the kernel's `due`): they
+                // are read here, all of them, once a second.
+                drain(&mut pipeline, events.get_mut(), &layout, TICK_DRAIN)?;
+                pipeline.tick(&probes, ticks)?;
+                ticks += 1;
+                // Counting map entries walks the maps: every 5 s only.
+                if ticks % 5 == 1 {
+                    refresh_metrics(&pipeline, &probes)?;
+                    // Raising many flows at once leaves big buffers
+                    // (conntrack dumps) freed behind.
+                    release_free_memory();
+                }
+                let stats = probes.stats()?;
+                if stats.events_lost > lost_reported {
+                    pipeline
+                        .output
+                        .events_lost(stats.events_lost - lost_reported, stats.events_lost)?;
+                    lost_reported = stats.events_lost;
+                }
+            }
+            _ = auditor.tick(), if !audit_every.is_zero() => {
+                pipeline.audit()?;
+                // The audit's dump was the largest buffer of the round.
+                release_free_memory();
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+        pipeline.end_round()?;
+    }
+    pipeline.remind()?;
+    pipeline.end_round()?;
+    let stats = probes.stats()?;
+    drop(probes);
+    eprintln!(
+        "stalewatch: detached; {} failing packets of DNATed flows seen, {} kernel reports, {} lost",
+        stats.failures, stats.events_sent, stats.events_lost
+    );
+    Ok(())
+}
+
+/// Hands up to `max` reports from the ring buffer to the pipeline; returns
+/// how many were read.
+fn drain<W: io::Write>(
+    pipeline: &mut Pipeline<W>,
+    ring: &mut RingBuf<MapData>,
+    layout: &KernelLayout,
+    max: usize,
+) -> io::Result<usize> {
+    let mut handled = 0;
+    while handled < max {
+        let Some(item) = ring.next() else { break };
+        handled += 1;
+        let report = match decode::raw_event(&item) {
+            Some(RawEvent::Flow(raw)) => decode::flow(&raw, &layout.tuple, &layout.drop_reasons),
+            Some(RawEvent::Local(raw)) => Some(decode::local(&raw)),
+            None => None,
+        };
+        drop(item);
+        if let Some(report) = report {
+            pipeline.report(report)?;
+        }
+    }
+    Ok(handled)
+}
+
+fn refresh_metrics<W: io::Write>(pipeline: &Pipeline<W>, probes: &Probes) -> anyhow::Result<()> {
+    let Some(metrics) = pipeline.output.metrics() else {
+        return Ok(());
+    };
+    let counters = probes.counters()?;
+    if let Ok(mut m) = metrics.lock() {
+        m.refresh(&counters, &probes.layout.drop_reasons);
+        m.flows(
+            pipeline.correlator.tracked(),
+            pipeline.correlator.raised_count(),
+        );
+    }
+    Ok(())
+}

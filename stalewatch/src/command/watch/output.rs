@@ -1,0 +1,139 @@
+//! What the watch says and does about an alert, once it is judged and its
+//! names are gathered: a record on stdout (reminders wait for the tick and
+//! go out grouped by service), a metric, and with `--fix` the deletion of
+//! the entry of a flow raised as stale or bypassing.
+
+use std::{
+    io,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use crate::{
+    domain::{Alert, AlertState, Containers, NetnsInfo, Verdict},
+    error::chain,
+    sink::{
+        Format, Record, Reporter,
+        fix::delete_entry,
+        metrics::Metrics,
+        record::{Clock, StaleFlow, StaleService, rfc3339},
+        reminders::{ReminderGroup, Reminders},
+    },
+};
+
+/// The names of one alert's flow, gathered before it is said: its
+/// namespace (and a path to enter it, for `--fix`) and its containers.
+pub struct Names {
+    pub netns: NetnsInfo,
+    pub path: Option<PathBuf>,
+    pub containers: Containers,
+}
+
+pub struct Output<W: io::Write> {
+    reporter: Reporter<W>,
+    /// Reminders since the last tick, printed on it, grouped by service.
+    reminders: Reminders,
+    metrics: Option<Arc<Mutex<Metrics>>>,
+    fix: bool,
+}
+
+impl<W: io::Write> Output<W> {
+    pub fn new(format: Format, out: W, metrics: Option<Arc<Mutex<Metrics>>>, fix: bool) -> Self {
+        Output {
+            reporter: Reporter::new(format, out),
+            reminders: Reminders::default(),
+            metrics,
+            fix,
+        }
+    }
+
+    /// Counts an alert, and tells whether its record is due now (a
+    /// reminder waits for the tick, in its group).
+    pub fn count(&mut self, alert: &Alert) -> bool {
+        if let Some(metrics) = &self.metrics
+            && let Ok(m) = metrics.lock()
+        {
+            m.alert(alert.state, alert.verdict);
+        }
+        if alert.state == AlertState::Reminder {
+            self.reminders.add(alert);
+            return false;
+        }
+        true
+    }
+
+    /// Whether `--fix` deletes the entry of this alert's flow: one raised
+    /// (or reminded of) as stale or bypassing, never one whose backend is
+    /// down.
+    pub fn fixes(&self, alert: &Alert) -> bool {
+        self.fix
+            && matches!(alert.verdict, Verdict::Stale | Verdict::Bypass)
+            && alert.state != AlertState::Resolved
+    }
+
+    /// Prints the record of an alert that [`Output::count`] said is due.
+    pub fn say(&mut self, alert: &Alert, names: &Names, clock: &Clock) -> io::Result<()> {
+        let record = StaleFlow::new(alert, names.netns.clone(), &names.containers, clock);
+        self.reporter.write(&Record::StaleFlow(Box::new(record)))
+    }
+
+    /// Deletes the entry of an alert's flow, and prints the deletion.
+    pub fn fix(&mut self, alert: &Alert, names: &Names) -> io::Result<()> {
+        let flow = &alert.flow;
+        let Some(path) = &names.path else {
+            log::warn!("--fix: cannot enter network namespace {}", flow.netns);
+            return Ok(());
+        };
+        match delete_entry(path, &flow.orig, &flow.reply, &names.netns) {
+            Ok(Some(deleted)) => self
+                .reporter
+                .write(&Record::EntryDeleted(Box::new(deleted))),
+            Ok(None) => Ok(()),
+            Err(e) => {
+                log::warn!("--fix: {}", chain(&e));
+                Ok(())
+            }
+        }
+    }
+
+    /// The reminders gathered since the last tick, leaving none.
+    pub fn take_reminders(&mut self) -> Vec<ReminderGroup> {
+        self.reminders.take()
+    }
+
+    /// Prints a group of reminders: one record for the flows of a service
+    /// that fail alike.
+    pub fn remind(
+        &mut self,
+        group: &ReminderGroup,
+        names: &Names,
+        clock: &Clock,
+    ) -> io::Result<()> {
+        let one = StaleFlow::new(&group.alert, names.netns.clone(), &names.containers, clock);
+        let record = if group.flows == 1 {
+            Record::StaleFlow(Box::new(one))
+        } else {
+            Record::StaleService(Box::new(StaleService::of(one, group, clock)))
+        };
+        self.reporter.write(&record)
+    }
+
+    /// Kernel reports that could not be handed over.
+    pub fn events_lost(&mut self, count: u64, total: u64) -> io::Result<()> {
+        self.reporter.write(&Record::EventsLost {
+            time: rfc3339(SystemTime::now()),
+            count,
+            total,
+        })
+    }
+
+    /// Flushes what the round wrote.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.reporter.flush()
+    }
+
+    pub fn metrics(&self) -> Option<&Arc<Mutex<Metrics>>> {
+        self.metrics.as_ref()
+    }
+}

@@ -1,0 +1,348 @@
+//! The watch's pipeline: for each kernel report, ask the correlator
+//! whether it is due for an alert, gather the evidence it needs (one pass
+//! over the view), hand both to the correlator once, then gather the names
+//! of what it says and give it to the output. The same for the tick's
+//! refreshes and resolutions, and for the periodic audit.
+
+use std::{
+    collections::HashMap, io, net::IpAddr, os::unix::fs::MetadataExt as _, path::PathBuf,
+    time::Duration,
+};
+
+use stalewatch_common::LocalKey;
+
+use super::{
+    clock, monotonic,
+    output::{Names, Output},
+    view::View,
+};
+use crate::{
+    correlate::{Correlator, RaisedFlow, audit},
+    domain::{Alert, Containers, Evidence, Observation, Siblings, Verdict},
+    error::chain,
+    sink::record::Clock,
+    source::{
+        conntrack,
+        engine::Engine,
+        kernel::{Probes, decode},
+        netns,
+    },
+};
+
+/// A report younger than this is taken as proof that its entry exists.
+pub const FRESH_REPORT: Duration = Duration::from_millis(250);
+/// A raised flow is looked up in conntrack only once it has failed no
+/// packet for this long (the kernel's map shows its failures).
+const QUIET_BEFORE_LOOKUP: Duration = Duration::from_millis(1500);
+/// Raised flows refreshed from the kernel per second, at most: beyond, each
+/// is refreshed less often (every 15 s at 50,000 with the default
+/// --resolve-after), so that their cost does not grow with their number.
+/// A refresh is what tells that a raised flow still fails, so at least
+/// twice per --resolve-after; and a flow whose entry was deleted is
+/// resolved at the first refresh that finds it quiet.
+const REFRESHED_PER_SECOND: usize = 3_000;
+
+/// Every how many ticks raised flows are refreshed from the kernel's map.
+fn refresh_every(raised: usize, resolve_after: Duration) -> u64 {
+    let by_count = (raised / REFRESHED_PER_SECOND) as u64;
+    by_count.min(resolve_after.as_secs() / 2).max(1)
+}
+
+pub struct Pipeline<W: io::Write> {
+    pub correlator: Correlator,
+    pub output: Output<W>,
+    view: View,
+    /// The container engine, where one answers: names containers, and
+    /// tells the flows its own rules deliver to the host.
+    engine: Option<Engine>,
+    resolve_after: Duration,
+    /// The namespace the audit reads.
+    audit_path: PathBuf,
+}
+
+impl<W: io::Write> Pipeline<W> {
+    pub fn new(
+        correlator: Correlator,
+        output: Output<W>,
+        engine: Option<Engine>,
+        resolve_after: Duration,
+        audit_path: PathBuf,
+    ) -> Self {
+        Pipeline {
+            correlator,
+            output,
+            view: View::default(),
+            engine,
+            resolve_after,
+            audit_path,
+        }
+    }
+
+    /// One kernel report, from the ring buffer or the kernel's maps. A raised
+    /// flow's report only updates its counters, unless its reminder is due.
+    pub fn report(&mut self, flow: Observation) -> io::Result<()> {
+        if !flow.local && self.correlator.refresh(&flow, monotonic()) == Some(false) {
+            return Ok(());
+        }
+        self.observe(flow, FRESH_REPORT)
+    }
+
+    /// One kernel report that may be due for an alert. Only those cost
+    /// conntrack queries (see [`View::evidence`]); a report whose latest
+    /// failure is younger than `fresh` proves that its entry exists.
+    fn observe(&mut self, flow: Observation, fresh: Duration) -> io::Result<()> {
+        let now = monotonic();
+        let evidence = match self.correlator.due(&flow, now) {
+            Some(state) => {
+                let proxied = flow.local && self.proxied(flow.netns, &flow);
+                self.view.evidence(&flow, state, fresh, now, proxied)
+            }
+            None => Evidence::default(),
+        };
+        for alert in self.correlator.observe(flow, evidence, now) {
+            self.emit(&alert)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the engine's own rules deliver the flow to this host (a
+    /// container sending to a published port through a host address: its
+    /// proxy serves it), so that its entry without NAT is no bypass.
+    fn proxied(&self, netns: u32, flow: &Observation) -> bool {
+        netns::own_inode() == Some(netns)
+            && self
+                .engine
+                .as_ref()
+                .is_some_and(|e| e.served_by_proxy(&flow.orig))
+    }
+
+    /// Once a second: bring raised flows up to date from the kernel's
+    /// maps (a flow whose entry failed a packet since the last look still
+    /// has that entry: no conntrack query), resolve those whose entries are
+    /// gone, and those that stopped failing; then the reminders due.
+    pub fn tick(&mut self, probes: &Probes, ticks: u64) -> io::Result<()> {
+        let raised = self.correlator.raised_count();
+        let every = refresh_every(raised, self.resolve_after);
+        // What the rest looks at changes mostly with a refresh: with many
+        // raised flows (refreshed every few seconds) the walks over every
+        // flow below wait for one.
+        if ticks.is_multiple_of(every) {
+            self.refresh(probes, raised, every)?;
+        }
+        self.remind()
+    }
+
+    fn refresh(&mut self, probes: &Probes, raised: usize, every: u64) -> io::Result<()> {
+        if raised > 0 {
+            // Each failed a packet since the previous pass, `every` s ago at
+            // most: its entry existed then (a deleted one is resolved by the
+            // quiet flows' lookups below).
+            let fresh = FRESH_REPORT + Duration::from_secs(every);
+            for report in self.refresh_from_kernel(probes) {
+                self.observe(report, fresh)?;
+            }
+        }
+        let mut stalled: HashMap<u32, Vec<RaisedFlow>> = HashMap::new();
+        // Those that failed a packet a moment before their last refresh had
+        // their entry then.
+        let quiet = QUIET_BEFORE_LOOKUP + Duration::from_secs(every - 1);
+        for flow in self.correlator.quiet_raised(monotonic(), quiet) {
+            // Refused datagrams are few: looked up one by one.
+            match fresh_local(probes, &flow) {
+                Some(report) if report.last > flow.last => self.observe(report, FRESH_REPORT)?,
+                _ => stalled.entry(flow.netns).or_default().push(flow),
+            }
+        }
+        for (netns, flows) in stalled {
+            let Some(gone) = self.view.missing_entries(netns, &flows) else {
+                continue;
+            };
+            for flow in gone {
+                let alert = self
+                    .correlator
+                    .entry_gone(netns, flow.ct, &flow.orig, monotonic());
+                if let Some(alert) = alert {
+                    self.emit(&alert)?;
+                }
+            }
+        }
+        for alert in self.correlator.tick(monotonic()) {
+            self.emit(&alert)?;
+        }
+        Ok(())
+    }
+
+    /// Brings raised flows up to date from one pass over the kernel's
+    /// `FLOWS` map. Returns the full reports of the flows whose reminder is
+    /// due.
+    fn refresh_from_kernel(&mut self, probes: &Probes) -> Vec<Observation> {
+        let mut due = Vec::new();
+        let layout = &probes.layout;
+        let now = monotonic();
+        let correlator = &mut self.correlator;
+        let read = probes.each_flow(|event| {
+            if let Some(report) = decode::flow(event, &layout.tuple, &layout.drop_reasons)
+                && correlator.refresh(&report, now) == Some(true)
+            {
+                due.push(report);
+            }
+        });
+        if let Err(e) = read {
+            log::warn!("{}", chain(&e));
+        }
+        due
+    }
+
+    /// Flows that bypass a DNAT while a proxy on the host serves them fail
+    /// no packet: only the conntrack table shows them.
+    pub fn audit(&mut self) -> io::Result<()> {
+        let path = self.audit_path.clone();
+        let Ok(inode) = std::fs::metadata(&path).map(|m| m.ino() as u32) else {
+            return Ok(());
+        };
+        let mut facts = self.view.facts(&path);
+        if netns::own_inode() == Some(inode)
+            && let Some(engine) = &self.engine
+        {
+            facts.proxied_sources = engine.snapshot().container_addresses();
+        }
+        let entries = match conntrack::read_bypass_candidates(&path, &facts) {
+            Ok(entries) => entries,
+            Err(e) => {
+                log::warn!("audit: {}", chain(&e));
+                return Ok(());
+            }
+        };
+        let now = monotonic();
+        for finding in audit::audit(&entries, &facts) {
+            if finding.verdict != Verdict::Bypass {
+                // Pinned entries fail packets: the kernel path has them.
+                continue;
+            }
+            let e = &finding.entry;
+            let flow = Observation {
+                local: true,
+                ct: 0,
+                netns: inode,
+                orig: e.orig,
+                reply: e.reply,
+                status: e.status,
+                first: now,
+                last: now,
+                icmp: None,
+                drops: None,
+            };
+            let siblings = Siblings {
+                dnat_backends: finding.current_backends.iter().map(|b| (*b, 1)).collect(),
+            };
+            if let Some(alert) = self.correlator.observe_audited(flow, &siblings, now) {
+                self.emit(&alert)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Says an alert: its names gathered first, then the output's record
+    /// and, with `--fix`, the deletion.
+    fn emit(&mut self, alert: &Alert) -> io::Result<()> {
+        let due = self.output.count(alert);
+        let fixes = self.output.fixes(alert);
+        if !(due || fixes) {
+            return Ok(());
+        }
+        let names = self.names(alert);
+        if due {
+            self.output.say(alert, &names, &clock())?;
+        }
+        if fixes {
+            self.output.fix(alert, &names)?;
+        }
+        Ok(())
+    }
+
+    /// Prints the reminders gathered since the last tick (once a second):
+    /// one record for the flows of a service that fail alike (a redeploy
+    /// can pin thousands).
+    pub fn remind(&mut self) -> io::Result<()> {
+        let clock: Clock = clock();
+        for group in self.output.take_reminders() {
+            let names = self.names(&group.alert);
+            self.output.remind(&group, &names, &clock)?;
+        }
+        Ok(())
+    }
+
+    /// The names of an alert's flow: its namespace and containers.
+    fn names(&mut self, alert: &Alert) -> Names {
+        let netns = self.view.netns_info(alert.flow.netns);
+        let containers = self.engine.as_ref().map_or_else(Containers::default, |e| {
+            e.snapshot().containers(
+                &netns,
+                alert.flow.orig.service(),
+                alert.flow.backend(),
+                alert.current_backends.first().copied(),
+            )
+        });
+        Names {
+            path: netns::path_of(&netns),
+            netns,
+            containers,
+        }
+    }
+
+    /// Ends a round of the loop: flushes what was written, and closes the
+    /// conntrack sockets.
+    pub fn end_round(&mut self) -> io::Result<()> {
+        self.view.end_round();
+        self.output.flush()
+    }
+}
+
+/// The kernel's latest on a raised flow of refused datagrams, from the
+/// `LOCALS` map: `None` when the kernel no longer holds it.
+fn fresh_local(probes: &Probes, flow: &RaisedFlow) -> Option<Observation> {
+    if !flow.local {
+        return None;
+    }
+    let event = probes
+        .local(&local_key(flow)?)
+        .map_err(|e| log::warn!("reading LOCALS: {}", chain(&e)))
+        .ok()??;
+    let fresh = decode::local(&event);
+    (fresh.netns == flow.netns && fresh.orig == flow.orig && fresh.reply == flow.reply)
+        .then_some(fresh)
+}
+
+/// The `LOCALS` key of a flow seen as refused datagrams (IPv4 only).
+fn local_key(flow: &RaisedFlow) -> Option<LocalKey> {
+    let (IpAddr::V4(src), IpAddr::V4(dst)) = (flow.orig.src, flow.orig.dst) else {
+        return None;
+    };
+    Some(LocalKey {
+        netns: flow.netns,
+        saddr: src.octets(),
+        daddr: dst.octets(),
+        sport: flow.orig.sport.to_be_bytes(),
+        dport: flow.orig.dport.to_be_bytes(),
+        proto: u32::from(flow.orig.proto.0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raised_flows_are_refreshed_less_often_as_they_grow() {
+        let default = Duration::from_secs(30);
+        assert_eq!(refresh_every(0, default), 1);
+        assert_eq!(refresh_every(1_000, default), 1);
+        assert_eq!(refresh_every(5_999, default), 1);
+        assert_eq!(refresh_every(20_000, default), 6);
+        assert_eq!(refresh_every(50_000, default), 15);
+        // Never so rarely that a flow failing on looks silent.
+        assert_eq!(refresh_every(262_144, default), 15);
+        assert_eq!(refresh_every(262_144, Duration::from_secs(4)), 2);
+        assert_eq!(refresh_every(262_144, Duration::from_secs(2)), 1);
+    }
+}

@@ -1,0 +1,230 @@
+//! The watch's view of the host's namespaces and conntrack tables: what
+//! the evidence for a report costs to gather, with the caches and sockets
+//! that keep that cost down (a flood of failing flows must not become a
+//! flood of conntrack dumps).
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::{Path, PathBuf},
+    rc::Rc,
+    time::{Duration, Instant},
+};
+
+use stalewatch_common::ct_status;
+
+use crate::{
+    correlate::RaisedFlow,
+    domain::{AlertState, Evidence, KnownFacts, NetnsInfo, Observation, Service, Siblings, Tuple},
+    error::chain,
+    source::{
+        conntrack::{self, Conn, Filter},
+        netns,
+    },
+};
+
+const NETNS_TTL: Duration = Duration::from_secs(10);
+const SIBLINGS_TTL: Duration = Duration::from_secs(2);
+/// The same for reminders: a service's siblings cost a conntrack dump that
+/// walks the whole table and copies every entry of the service.
+const REMINDER_SIBLINGS_TTL: Duration = Duration::from_secs(30);
+/// Raised flows of one namespace checked one by one; beyond, one dump.
+const LOOKUPS_PER_NETNS: usize = 32;
+
+#[derive(Default)]
+pub struct View {
+    /// Namespaces by inode, looked up at most every NETNS_TTL: describing
+    /// one scans /proc.
+    namespaces: HashMap<u32, (NetnsInfo, Instant)>,
+    /// Siblings by service, read at most every SIBLINGS_TTL: a flood of
+    /// failing flows to one service costs one conntrack dump, not one each.
+    siblings: HashMap<(u32, Service), (Option<Siblings>, Instant)>,
+    /// Conntrack sockets by namespace, for one round of the loop (a batch
+    /// of reports, a tick), then closed: a socket keeps a deleted
+    /// namespace alive.
+    conns: HashMap<PathBuf, Rc<Conn>>,
+    /// Whether the namespace facts could not be read at the last audit:
+    /// said once, not every interval.
+    facts_failed: bool,
+}
+
+impl View {
+    /// Closes the sockets of the round.
+    pub fn end_round(&mut self) {
+        self.conns.clear();
+    }
+
+    pub fn netns_info(&mut self, inode: u32) -> NetnsInfo {
+        match self.namespaces.get(&inode) {
+            Some((info, at)) if at.elapsed() < NETNS_TTL => info.clone(),
+            _ => {
+                let info = netns::describe(inode);
+                self.namespaces
+                    .insert(inode, (info.clone(), Instant::now()));
+                info
+            }
+        }
+    }
+
+    fn netns_path(&mut self, inode: u32) -> Option<PathBuf> {
+        netns::path_of(&self.netns_info(inode))
+    }
+
+    /// A conntrack socket in the namespace at `path`, opened once per round.
+    fn conn(&mut self, path: &Path) -> Option<Rc<Conn>> {
+        if let Some(conn) = self.conns.get(path) {
+            return Some(conn.clone());
+        }
+        let conn = Conn::open(Some(path))
+            .map_err(|e| log::warn!("conntrack in {}: {}", path.display(), chain(&e)))
+            .ok()?;
+        let conn = Rc::new(conn);
+        self.conns.insert(path.to_owned(), conn.clone());
+        Some(conn)
+    }
+
+    /// What the correlator needs to judge a report due for an alert in
+    /// `state`: does its entry still exist (unless the report is younger
+    /// than `fresh`: the failing packet carried the entry), and where do
+    /// its siblings go (unless the engine delivers it here by design).
+    pub fn evidence(
+        &mut self,
+        flow: &Observation,
+        state: AlertState,
+        fresh: Duration,
+        now: Duration,
+        proxied: bool,
+    ) -> Evidence {
+        if now.saturating_sub(flow.last) >= fresh
+            && self.entry_exists(flow.netns, &flow.orig, &flow.reply) == Some(false)
+        {
+            return Evidence {
+                entry_exists: Some(false),
+                siblings: None,
+            };
+        }
+        // A reminder may take siblings read a while ago: thousands of
+        // flows of one service are reminded of together.
+        let max_age = match state {
+            AlertState::Reminder => REMINDER_SIBLINGS_TTL,
+            _ => SIBLINGS_TTL,
+        };
+        Evidence {
+            entry_exists: None,
+            siblings: if flow.local && proxied {
+                None
+            } else {
+                self.siblings_of(flow, max_age)
+            },
+        }
+    }
+
+    /// Whether the conntrack entry of a flow still exists (see the free
+    /// function); `None` when that cannot be told.
+    fn entry_exists(&mut self, netns: u32, orig: &Tuple, reply: &Tuple) -> Option<bool> {
+        let path = self.netns_path(netns)?;
+        entry_exists(&*self.conn(&path)?, orig, reply)
+    }
+
+    /// What the conntrack table of the flow's namespace shows of its
+    /// siblings: the DNATed entries to the same service (the flow's own
+    /// entry, if DNATed, goes to the stale backend, which the verdict sets
+    /// apart). `None` when the table cannot be read.
+    fn siblings_of(&mut self, flow: &Observation, max_age: Duration) -> Option<Siblings> {
+        let service = flow.orig.service();
+        let key = (flow.netns, service);
+        if let Some((siblings, at)) = self.siblings.get(&key)
+            && at.elapsed() < max_age
+        {
+            return siblings.clone();
+        }
+        let path = self.netns_path(flow.netns);
+        let filter = Filter {
+            family: Some(service.family()),
+            proto: Some(service.proto),
+            status: Some((ct_status::DST_NAT, ct_status::DST_NAT)),
+            orig_dst: Some((service.addr, service.port)),
+        };
+        let siblings = path.and_then(|path| {
+            let entries = self
+                .conn(&path)?
+                .dump(&filter)
+                .map_err(|e| log::warn!("reading conntrack for siblings: {}", chain(&e)))
+                .ok()?;
+            let mut siblings = Siblings::default();
+            for entry in &entries {
+                *siblings.dnat_backends.entry(entry.backend()).or_default() += 1;
+            }
+            Some(siblings)
+        });
+        self.siblings
+            .retain(|_, (_, at)| at.elapsed() < REMINDER_SIBLINGS_TTL);
+        self.siblings
+            .insert(key, (siblings.clone(), Instant::now()));
+        siblings
+    }
+
+    /// Which of `flows` (all of namespace `netns`) no longer have their
+    /// conntrack entry; `None` when the table cannot be read.
+    pub fn missing_entries(&mut self, netns: u32, flows: &[RaisedFlow]) -> Option<Vec<RaisedFlow>> {
+        let path = self.netns_path(netns)?;
+        let conn = self.conn(&path)?;
+        if flows.len() <= LOOKUPS_PER_NETNS {
+            return Some(
+                flows
+                    .iter()
+                    .filter(|f| entry_exists(&conn, &f.orig, &f.reply) == Some(false))
+                    .copied()
+                    .collect(),
+            );
+        }
+        // Many: one dump of the table beats a lookup each.
+        let table = conn
+            .dump(&Filter::default())
+            .map_err(|e| log::warn!("reading conntrack: {}", chain(&e)))
+            .ok()?;
+        let present: HashSet<(Tuple, Tuple)> =
+            table.into_iter().map(|e| (e.orig, e.reply)).collect();
+        Some(
+            flows
+                .iter()
+                .filter(|f| !present.contains(&(f.orig, f.reply)))
+                .copied()
+                .collect(),
+        )
+    }
+
+    /// What the audit needs of the namespace at `path`: its addresses and
+    /// failed neighbours. When they cannot be read the audit runs without
+    /// them (finding nothing), and the log says so once.
+    pub fn facts(&mut self, path: &Path) -> KnownFacts {
+        match netns::facts(path) {
+            Ok(facts) => {
+                if std::mem::take(&mut self.facts_failed) {
+                    log::warn!("audit: the namespace's addresses can be read again");
+                }
+                facts
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.facts_failed, true) {
+                    log::warn!(
+                        "audit: cannot read the addresses of {} ({e}): bypasses are not \
+                         looked for until they can be",
+                        path.display()
+                    );
+                }
+                KnownFacts::default()
+            }
+        }
+    }
+}
+
+/// Whether the conntrack entry `orig`/`reply` still exists in the namespace
+/// of `conn`; `None` when that cannot be told. A live flow gets a new entry
+/// with the same original tuple at once when its entry is deleted: that one
+/// differs in its reply (the backend), and is not the stale entry.
+fn entry_exists(conn: &Conn, orig: &Tuple, reply: &Tuple) -> Option<bool> {
+    conn.get(orig)
+        .map(|entry| entry.is_some_and(|e| e.reply == *reply))
+        .map_err(|e: conntrack::Error| log::warn!("looking up a conntrack entry: {}", chain(&e)))
+        .ok()
+}

@@ -1,0 +1,101 @@
+//! The verdict on one failing flow, from its own evidence, the other
+//! failing flows of its service, and its siblings in the conntrack table.
+//! Pure: every fact comes in as an argument.
+
+use std::collections::BTreeSet;
+
+use crate::{
+    domain::{Backend, Judgement, Observation, Siblings, Verdict},
+    linux::{drop_reason, icmp},
+};
+
+/// A flow the kernel saw failing at a DNATed backend: `failing` holds the
+/// backends where other tracked flows of its service fail.
+pub fn pinned(
+    flow: &Observation,
+    failing: &BTreeSet<Backend>,
+    siblings: Option<&Siblings>,
+) -> Judgement {
+    let stale = flow.backend();
+    let service = flow.orig.service();
+    let current: Vec<Backend> = siblings
+        .map(|s| {
+            s.dnat_backends
+                .keys()
+                .filter(|b| **b != stale && !failing.contains(b))
+                .copied()
+                .collect()
+        })
+        .unwrap_or_default();
+    if !current.is_empty() {
+        let evidence = format!(
+            "newer flows to {service} are DNATed to {}, not to {stale}",
+            list(&current)
+        );
+        return judged(Verdict::Stale, current, evidence);
+    }
+    if failing.contains(&stale) {
+        let evidence =
+            format!("other flows to {service} fail at the same backend, and none goes elsewhere");
+        return judged(Verdict::BackendDown, vec![stale], evidence);
+    }
+    if neighbour_failed(flow) {
+        let evidence = format!(
+            "the host no longer finds {} among its neighbours, yet the flow keeps coming",
+            stale.addr
+        );
+        return judged(Verdict::Stale, Vec::new(), evidence);
+    }
+    Judgement::unconfirmed()
+}
+
+/// A flow delivered to this host without NAT (refused datagrams, or found
+/// by the audit): a bypass only when DNATed siblings show that its
+/// destination is published elsewhere now; else nothing to say.
+pub fn delivered_here(flow: &Observation, siblings: Option<&Siblings>) -> Option<Judgement> {
+    let current: Vec<Backend> = siblings?.dnat_backends.keys().copied().collect();
+    if current.is_empty() {
+        return None;
+    }
+    let taken = if flow.failures() > 0 {
+        "which refuses it"
+    } else {
+        "where something (a proxy) takes it"
+    };
+    let destination = Backend::new(flow.orig.dst, flow.orig.dport);
+    let evidence = format!(
+        "its conntrack entry has no NAT and delivers it to this host, {taken}, \
+         while newer flows to {destination} are DNATed to {}",
+        list(&current)
+    );
+    Some(judged(Verdict::Bypass, current, evidence))
+}
+
+/// Whether the kernel failed to resolve the flow's backend as a
+/// neighbour: the backend has left the link.
+fn neighbour_failed(flow: &Observation) -> bool {
+    let ipv6 = flow.orig.dst.is_ipv6();
+    let by_drop = flow
+        .drops
+        .as_ref()
+        .is_some_and(|d| drop_reason::is_neighbour_failure(&d.reason, ipv6));
+    let by_icmp = flow.icmp.is_some_and(|i| i.code == icmp::HOST_UNREACH);
+    by_drop || by_icmp
+}
+
+fn judged(verdict: Verdict, current: Vec<Backend>, evidence: String) -> Judgement {
+    Judgement {
+        verdict,
+        current,
+        evidence: vec![evidence],
+    }
+}
+
+/// `a, b`: backends as evidence lists them.
+pub fn list(backends: &[Backend]) -> String {
+    backends
+        .iter()
+        .map(Backend::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}

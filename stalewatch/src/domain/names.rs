@@ -1,0 +1,74 @@
+//! What names a flow for a person: its network namespace and the
+//! containers behind its addresses.
+
+use std::path::PathBuf;
+
+use super::flow::Backend;
+
+/// A container, as records name it (the `container` object).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ContainerRef {
+    pub name: String,
+    /// The short id (12 hex digits), as `docker ps` shows it.
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compose_project: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compose_service: Option<String>,
+    /// The container no longer runs: it was seen earlier by this process.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub gone: bool,
+}
+
+/// What is known of a network namespace, by inode.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct NetnsInfo {
+    pub inode: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// A process that lives in the namespace, where one is visible.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The container that process belongs to, from its cgroup.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// The container whose namespace this is, where an engine tells.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerRef>,
+    /// The namespace stalewatch itself runs in (usually the host's).
+    #[serde(skip)]
+    pub is_own: bool,
+    /// Where `name` lives, when it is not under /run/netns (Docker's).
+    #[serde(skip)]
+    pub path: Option<PathBuf>,
+}
+
+/// A container that publishes a service's port on the host, with the
+/// address and port new flows reach it at, where known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Publication {
+    pub container: ContainerRef,
+    pub at: Option<Backend>,
+}
+
+/// The containers an engine names for one record: gathered before it is
+/// written, so that writing it asks no one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Containers {
+    /// The container whose network namespace the flow is in.
+    pub netns: Option<ContainerRef>,
+    /// The container that has (or had) the stale backend's address.
+    pub stale: Option<ContainerRef>,
+    /// The container that has the current backend's address.
+    pub current: Option<ContainerRef>,
+    /// The containers that publish the flow's destination port on this
+    /// host (for a bypass).
+    pub publishers: Vec<Publication>,
+}
+
+impl Containers {
+    /// Whether an engine said anything at all.
+    pub fn is_empty(&self) -> bool {
+        *self == Containers::default()
+    }
+}

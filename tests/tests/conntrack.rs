@@ -1,0 +1,361 @@
+//! The conntrack source against the running kernel (root): each test in a
+//! network namespace of its own, with traffic on its loopback only.
+
+use std::{
+    io::Write,
+    net::{SocketAddr, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Instant,
+};
+
+use stalewatch::{
+    domain::{Entry, Family, Proto, Tuple, udp},
+    source::{
+        conntrack::{Conn, Error, Filter, delete, dump, get},
+        netns::in_netns,
+    },
+};
+use stalewatch_common::ct_status;
+
+/// Conntrack on for both families, port 9999 DNATed to 127.0.0.2, and
+/// ports 20000-60000 dropped on input so that closed ports send no ICMP.
+const RULES: &str = "
+    table ip swct_nat {
+        chain out { type nat hook output priority -100; policy accept; udp dport 9999 dnat to 127.0.0.2:9999; }
+    }
+    table inet swct {
+        chain out { type filter hook output priority 0; policy accept; ct state new counter; }
+        chain in { type filter hook input priority 0; policy accept; udp dport 20000-60000 drop; }
+    }
+";
+
+/// A network namespace that is removed when the test ends, also on failure.
+struct TestNetns {
+    name: String,
+    path: PathBuf,
+}
+
+impl TestNetns {
+    fn new() -> TestNetns {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "swct{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        run("ip", &["netns", "add", &name], None);
+        let ns = TestNetns {
+            path: Path::new("/run/netns").join(&name),
+            name,
+        };
+        run("ip", &["-n", &ns.name, "link", "set", "lo", "up"], None);
+        run(
+            "ip",
+            &["netns", "exec", &ns.name, "nft", "-f", "-"],
+            Some(RULES),
+        );
+        ns
+    }
+
+    fn path(&self) -> Option<&Path> {
+        Some(&self.path)
+    }
+
+    /// Runs `f` on a thread inside the namespace.
+    fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        in_netns(&self.path, f).unwrap()
+    }
+
+    /// One datagram from `from` to each of `to`.
+    fn send(&self, from: &str, to: &[SocketAddr]) {
+        let (from, to) = (from.to_owned(), to.to_vec());
+        self.within(move || {
+            let sock = UdpSocket::bind(from).unwrap();
+            for dst in to {
+                sock.send_to(b"x", dst).unwrap();
+            }
+        });
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn run(cmd: &str, args: &[&str], stdin: Option<&str>) {
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(input);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{cmd} {args:?}: {status}");
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn origs(entries: &[Entry]) -> Vec<Tuple> {
+    let mut v: Vec<Tuple> = entries.iter().map(|e| e.orig).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn dump_get_and_delete_in_a_namespace() {
+    let ns = TestNetns::new();
+    ns.send("127.0.0.1:41001", &[addr("127.0.0.1:9999")]);
+    ns.send("127.0.0.1:41002", &[addr("127.0.0.1:9999")]);
+    ns.send("127.0.0.1:41003", &[addr("127.0.0.1:20001")]);
+    let a = udp("127.0.0.1", 41001, "127.0.0.1", 9999);
+    let b = udp("127.0.0.1", 41002, "127.0.0.1", 9999);
+    let c = udp("127.0.0.1", 41003, "127.0.0.1", 20001);
+
+    let all = dump(ns.path(), &Filter::default()).unwrap();
+    assert_eq!(origs(&all), [a, b, c]);
+    let entry_a = all.iter().find(|e| e.orig == a).unwrap();
+    // DNATed: the reply comes from the backend.
+    assert_eq!(entry_a.reply, udp("127.0.0.2", 9999, "127.0.0.1", 41001));
+    let want = ct_status::CONFIRMED | ct_status::DST_NAT | ct_status::DST_NAT_DONE;
+    assert_eq!(entry_a.status & want, want);
+    assert!(entry_a.timeout.is_some_and(|t| t > 0 && t <= 30));
+    assert!(entry_a.id.is_some());
+    let entry_c = all.iter().find(|e| e.orig == c).unwrap();
+    assert_eq!(entry_c.reply, udp("127.0.0.1", 20001, "127.0.0.1", 41003));
+    assert_eq!(entry_c.status & ct_status::DST_NAT, 0);
+
+    let dnat = ct_status::DST_NAT;
+    let dumped = |f: Filter| origs(&dump(ns.path(), &f).unwrap());
+    let status = |value, mask| Filter {
+        status: Some((value, mask)),
+        ..Filter::default()
+    };
+    assert_eq!(dumped(status(dnat, dnat)), [a, b]);
+    assert_eq!(dumped(status(0, dnat)), [c]);
+    assert_eq!(dumped(status(0, 0)), [a, b, c]);
+    let to_c = Some((c.dst, c.dport));
+    for proto in [None, Some(Proto::UDP)] {
+        let f = Filter {
+            proto,
+            orig_dst: to_c,
+            ..Filter::default()
+        };
+        assert_eq!(dumped(f), [c]);
+    }
+    let f = Filter {
+        family: Some(Family::Ipv4),
+        proto: Some(Proto::UDP),
+        status: Some((dnat, dnat)),
+        orig_dst: Some((a.dst, a.dport)),
+    };
+    assert_eq!(dumped(f), [a, b]);
+    let f = Filter {
+        family: Some(Family::Ipv6),
+        ..Filter::default()
+    };
+    assert_eq!(dumped(f), []);
+    let f = Filter {
+        proto: Some(Proto::TCP),
+        ..Filter::default()
+    };
+    assert_eq!(dumped(f), []);
+
+    let got = get(ns.path(), &a).unwrap().unwrap();
+    assert_eq!(
+        (got.orig, got.reply, got.id),
+        (a, entry_a.reply, entry_a.id)
+    );
+    assert_eq!(got.status, entry_a.status);
+    let missing = udp("127.0.0.1", 41009, "127.0.0.1", 9999);
+    assert_eq!(get(ns.path(), &missing).unwrap(), None);
+
+    assert!(delete(ns.path(), &a).unwrap());
+    assert_eq!(dumped(Filter::default()), [b, c]);
+    assert_eq!(get(ns.path(), &a).unwrap(), None);
+    assert!(!delete(ns.path(), &a).unwrap());
+    assert!(!delete(ns.path(), &missing).unwrap());
+    assert_eq!(dumped(Filter::default()), [b, c]);
+
+    // One socket for many requests, as the watch loop holds it: each
+    // reply goes to its own request, a refused one included.
+    let conn = Conn::open(ns.path()).unwrap();
+    for _ in 0..3 {
+        assert_eq!(conn.get(&b).unwrap().map(|e| e.orig), Some(b));
+        assert_eq!(conn.get(&missing).unwrap(), None);
+        assert_eq!(origs(&conn.dump(&status(dnat, dnat)).unwrap()), [b]);
+        assert_eq!(origs(&conn.dump(&Filter::default()).unwrap()), [b, c]);
+    }
+    assert!(conn.delete(&b).unwrap());
+    assert!(!conn.delete(&b).unwrap());
+    assert_eq!(conn.get(&b).unwrap(), None);
+    assert_eq!(origs(&conn.dump(&Filter::default()).unwrap()), [c]);
+}
+
+/// What the kernel itself returns for a filter, before stalewatch's check.
+fn kernel_filtered(ns: &TestNetns, filter: &Filter) -> Vec<Tuple> {
+    let conn = Conn::open(ns.path()).unwrap();
+    origs(&conn.dump_kernel_filtered(filter).unwrap())
+}
+
+#[test]
+fn the_kernel_applies_the_filters_itself() {
+    let ns = TestNetns::new();
+    ns.send("127.0.0.1:41021", &[addr("127.0.0.1:9999")]);
+    ns.send(
+        "127.0.0.1:41022",
+        &[addr("127.0.0.1:20001"), addr("127.0.0.1:20002")],
+    );
+    ns.send("[::1]:41023", &[addr("[::1]:20001")]);
+    let a = udp("127.0.0.1", 41021, "127.0.0.1", 9999);
+    let b = udp("127.0.0.1", 41022, "127.0.0.1", 20001);
+    let c = udp("127.0.0.1", 41022, "127.0.0.1", 20002);
+    let d = udp("::1", 41023, "::1", 20001);
+    let dnat = ct_status::DST_NAT;
+    let f = Filter {
+        status: Some((dnat, dnat)),
+        ..Filter::default()
+    };
+    assert_eq!(kernel_filtered(&ns, &f), [a]);
+    let f = Filter {
+        family: Some(Family::Ipv6),
+        ..Filter::default()
+    };
+    assert_eq!(kernel_filtered(&ns, &f), [d]);
+    let f = Filter {
+        proto: Some(Proto::UDP),
+        orig_dst: Some((b.dst, b.dport)),
+        ..Filter::default()
+    };
+    assert_eq!(kernel_filtered(&ns, &f), [b]);
+    let f = Filter {
+        orig_dst: Some(("127.0.0.9".parse().unwrap(), b.dport)),
+        ..Filter::default()
+    };
+    assert_eq!(kernel_filtered(&ns, &f), []);
+    // IPv6: family and port in the kernel, the address here.
+    let f = Filter {
+        proto: Some(Proto::UDP),
+        orig_dst: Some((d.dst, d.dport)),
+        ..Filter::default()
+    };
+    assert_eq!(kernel_filtered(&ns, &f), [d]);
+    assert_eq!(origs(&dump(ns.path(), &f).unwrap()), [d]);
+    let f = Filter {
+        status: Some((0, dnat)),
+        ..Filter::default()
+    };
+    let mut undnated = vec![b, c, d];
+    undnated.sort();
+    assert_eq!(kernel_filtered(&ns, &f), undnated);
+}
+
+#[test]
+fn ipv6_entries_filter_get_and_delete() {
+    let ns = TestNetns::new();
+    ns.send("[::1]:41011", &[addr("[::1]:20002"), addr("[::1]:20003")]);
+    ns.send("127.0.0.1:41012", &[addr("127.0.0.1:20002")]);
+    let x = udp("::1", 41011, "::1", 20002);
+    let y = udp("::1", 41011, "::1", 20003);
+    let v4 = udp("127.0.0.1", 41012, "127.0.0.1", 20002);
+    let dumped = |f: Filter| origs(&dump(ns.path(), &f).unwrap());
+    let v6 = Filter {
+        family: Some(Family::Ipv6),
+        ..Filter::default()
+    };
+    assert_eq!(dumped(v6.clone()), [x, y]);
+    let f = Filter {
+        family: Some(Family::Ipv4),
+        ..Filter::default()
+    };
+    assert_eq!(dumped(f), [v4]);
+    for proto in [None, Some(Proto::UDP)] {
+        let f = Filter {
+            proto,
+            orig_dst: Some((x.dst, x.dport)),
+            ..Filter::default()
+        };
+        assert_eq!(dumped(f), [x]);
+    }
+    let got = get(ns.path(), &x).unwrap().unwrap();
+    assert_eq!(got.reply, udp("::1", 20002, "::1", 41011));
+    assert!(delete(ns.path(), &x).unwrap());
+    assert_eq!(dumped(v6), [y]);
+    assert!(!delete(ns.path(), &x).unwrap());
+}
+
+#[test]
+fn a_path_that_is_no_network_namespace_is_an_error() {
+    let missing = Path::new("/run/netns/swct-no-such-namespace");
+    let e = dump(Some(missing), &Filter::default()).unwrap_err();
+    assert!(matches!(e, Error::Netns(..)), "{e}");
+    assert!(e.to_string().contains("swct-no-such-namespace"), "{e}");
+    let t = udp("127.0.0.1", 1, "127.0.0.1", 2);
+    assert!(matches!(get(Some(missing), &t), Err(Error::Netns(..))));
+    assert!(matches!(delete(Some(missing), &t), Err(Error::Netns(..))));
+    // A file, but not an nsfs one: setns refuses it.
+    let not_ns = Path::new("/proc/self/status");
+    let e = dump(Some(not_ns), &Filter::default()).unwrap_err();
+    assert!(matches!(e, Error::Netns(..)), "{e}");
+}
+
+/// Prints how long a dump of 50k entries takes here, next to
+/// `conntrack -L`; asserts only that every entry comes back.
+#[test]
+fn dump_speed_on_50k_entries() {
+    const PORTS: u16 = 25_000;
+    let ns = TestNetns::new();
+    let started = Instant::now();
+    // 2 destinations x 25k ports from one socket: 50k distinct entries.
+    let targets: Vec<SocketAddr> = ["127.0.0.1", "127.0.0.3"]
+        .iter()
+        .flat_map(|ip| (0..PORTS).map(move |p| SocketAddr::new(ip.parse().unwrap(), 20_000 + p)))
+        .collect();
+    ns.send("127.0.0.1:41100", &targets);
+    // One DNATed entry among them, for the filtered dump.
+    ns.send("127.0.0.1:41101", &[addr("127.0.0.1:9999")]);
+    let made = started.elapsed();
+
+    let cpu = || nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).unwrap();
+    let (wall, cpu0) = (Instant::now(), cpu());
+    let all = dump(ns.path(), &Filter::default()).unwrap();
+    let (all_wall, all_cpu) = (wall.elapsed(), cpu() - cpu0);
+    assert_eq!(all.len(), targets.len() + 1);
+
+    let (wall, cpu0) = (Instant::now(), cpu());
+    let dnat = ct_status::DST_NAT;
+    let f = Filter {
+        status: Some((dnat, dnat)),
+        ..Filter::default()
+    };
+    let dnated = dump(ns.path(), &f).unwrap();
+    let (filtered_wall, filtered_cpu) = (wall.elapsed(), cpu() - cpu0);
+    assert_eq!(dnated.len(), 1);
+
+    // `conntrack -L` in the same namespace, timed by bash (real user sys).
+    let script = "TIMEFORMAT='%R %U %S'; time conntrack -L >/dev/null 2>&1";
+    let tool = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "bash", "-c", script])
+        .output();
+    let tool = match tool {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        _ => "unavailable".to_string(),
+    };
+    println!(
+        "conntrack dump of {} entries (made in {made:.2?}): {all_wall:.1?} wall, {:.1} ms CPU; \
+         DST_NAT-filtered dump: {filtered_wall:.1?} wall, {:.1} ms CPU; \
+         conntrack -L (real user sys, s): {tool}",
+        all.len(),
+        all_cpu.tv_sec() as f64 * 1e3 + all_cpu.tv_nsec() as f64 / 1e6,
+        filtered_cpu.tv_sec() as f64 * 1e3 + filtered_cpu.tv_nsec() as f64 / 1e6,
+    );
+}
