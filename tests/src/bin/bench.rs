@@ -750,6 +750,15 @@ fn compare_row(
     }
 }
 
+/// Flows of the forwarding loads, figures 1-2.
+const FEW: u32 = 64;
+
+/// stalewatch's own `--max-flows` default, or room for every flow of a
+/// load with more.
+fn max_flows(flows: u32) -> u32 {
+    65_536.max(flows)
+}
+
 /// A load's traffic; `measure` sets its limits.
 fn spec(
     dst: std::net::Ipv4Addr,
@@ -771,27 +780,107 @@ fn spec(
     }
 }
 
-/// A stale flood of `flows` flows to the stale backend at the set rate,
-/// measured while raising and steady.
-fn stale_load(key: &'static str, flows: u32, cost: bool, s: &Settings) -> Load {
-    Load {
-        key,
-        spec: spec(
-            topo::ROUTER_LAN,
-            topo::STALE_PORT,
-            flows,
-            10_000,
-            64,
-            Some(s.rate),
-        ),
-        count_at: CountAt::Router,
-        window: s.stale_window,
-        runs: s.stale_runs,
-        cost,
-        floor: false,
-        empty: false,
-        max_flows: 65_536.max(flows),
-        steady: s.steady_window,
+/// The stale floods' traffic, figure 3 and the soak: `flows` flows to the
+/// stale backend at `rate`.
+fn stale_spec(flows: u32, rate: u64) -> Spec {
+    spec(
+        topo::ROUTER_LAN,
+        topo::STALE_PORT,
+        flows,
+        10_000,
+        64,
+        Some(rate),
+    )
+}
+
+impl Load {
+    /// One window per run, nothing else measured; the figures' loads say
+    /// what they add.
+    fn new(key: &'static str, spec: Spec, count_at: CountAt, window: Duration, runs: u32) -> Load {
+        Load {
+            key,
+            max_flows: max_flows(spec.flows),
+            spec,
+            count_at,
+            window,
+            runs,
+            cost: false,
+            floor: false,
+            empty: false,
+            steady: Duration::ZERO,
+        }
+    }
+
+    /// A forwarding load of figures 1-2: [`FEW`] flows, sender at full speed.
+    fn forwarding(
+        key: &'static str,
+        dst: std::net::Ipv4Addr,
+        dport: u16,
+        ttl: u8,
+        count_at: CountAt,
+        s: &Settings,
+    ) -> Load {
+        let spec = spec(dst, dport, FEW, 20_000, ttl, None);
+        Load::new(key, spec, count_at, s.window, s.runs)
+    }
+
+    /// Figure 1, healthy: DNATed, forwarded, delivered; neither hook fires. No
+    /// program runs, so the ratio is the machine's noise alone, against a
+    /// tight target: twice the runs narrow its medians.
+    fn healthy(s: &Settings) -> Load {
+        Load {
+            runs: 2 * s.runs,
+            ..Load::forwarding(
+                "1",
+                topo::ROUTER_LAN,
+                topo::HEALTHY_PORT,
+                64,
+                CountAt::Destination,
+                s,
+            )
+        }
+    }
+
+    /// Figure 2a: every packet dropped by a FORWARD rule, not DNATed.
+    fn dropped(s: &Settings) -> Load {
+        Load {
+            cost: true,
+            empty: true,
+            ..Load::forwarding("2a", topo::DEST, topo::DROPPED_PORT, 64, CountAt::Router, s)
+        }
+    }
+
+    /// Figure 2b: the healthy flood with TTL 1: DNATed, then dropped at forwarding.
+    fn ttl_expired(s: &Settings) -> Load {
+        Load {
+            cost: true,
+            floor: true,
+            empty: true,
+            ..Load::forwarding(
+                "2b",
+                topo::ROUTER_LAN,
+                topo::HEALTHY_PORT,
+                1,
+                CountAt::Router,
+                s,
+            )
+        }
+    }
+
+    /// Figure 3: a stale flood of `flows` flows at the set rate, measured while
+    /// raising and steady.
+    fn stale(key: &'static str, flows: u32, cost: bool, s: &Settings) -> Load {
+        Load {
+            cost,
+            steady: s.steady_window,
+            ..Load::new(
+                key,
+                stale_spec(flows, s.rate),
+                CountAt::Router,
+                s.stale_window,
+                s.stale_runs,
+            )
+        }
     }
 }
 
@@ -876,31 +965,11 @@ fn figures(ctx: &mut Ctx, report: &mut Report, only: &[Figure]) -> anyhow::Resul
     Ok(())
 }
 
-/// Flows of the forwarding loads, figures 1-2.
-const FEW: u32 = 64;
-
 fn figure_1(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
-    let s = ctx.s.clone();
-    let few = FEW;
-
-    // 1. Healthy: DNATed, forwarded, delivered; neither hook fires. No
-    // program runs, so the ratio is the machine's noise alone, against a
-    // tight target: twice the runs narrow its medians.
-    let load = Load {
-        key: "1",
-        spec: spec(topo::ROUTER_LAN, topo::HEALTHY_PORT, few, 20_000, 64, None),
-        count_at: CountAt::Destination,
-        window: s.window,
-        runs: 2 * s.runs,
-        cost: false,
-        floor: false,
-        empty: false,
-        max_flows: 65_536,
-        steady: Duration::ZERO,
-    };
+    let load = Load::healthy(&ctx.s);
     let one = series(ctx, &load)?;
     report.sections.push((
-        format!("1  healthy path: {few} flows DNATed to the destination's sink, nothing dropped, sender at full speed"),
+        format!("1  healthy path: {} flows DNATed to the destination's sink, nothing dropped, sender at full speed", load.spec.flows),
         vec![
             ratio_row("forwarded packets per second", &one, |r| r.pps, Some(0.995)),
             cpu_row("  CPU per forwarded packet (capacity ratio)", &one, Some(0.995)),
@@ -933,34 +1002,8 @@ fn figure_1(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
 
 fn figure_2(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
     let s = ctx.s.clone();
-    let few = FEW;
-
     // 2. Every packet dropped: the cost to traffic stalewatch is not about.
-    let two_a = Load {
-        key: "2a",
-        spec: spec(topo::DEST, topo::DROPPED_PORT, few, 20_000, 64, None),
-        count_at: CountAt::Router,
-        window: s.window,
-        runs: s.runs,
-        cost: true,
-        floor: false,
-        empty: true,
-        max_flows: 65_536,
-        steady: Duration::ZERO,
-    };
-    // The healthy flood with TTL 1: DNATed, then dropped at forwarding.
-    let two_b = Load {
-        key: "2b",
-        spec: spec(topo::ROUTER_LAN, topo::HEALTHY_PORT, few, 20_000, 1, None),
-        count_at: CountAt::Router,
-        window: s.window,
-        runs: s.runs,
-        cost: true,
-        floor: true,
-        empty: true,
-        max_flows: 65_536,
-        steady: Duration::ZERO,
-    };
+    let (two_a, two_b) = (Load::dropped(&s), Load::ttl_expired(&s));
     for (load, title, early) in [
         (
             &two_a,
@@ -1063,7 +1106,7 @@ fn figure_3a(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
     let s = ctx.s.clone();
 
     // 3. Stale floods: every packet fails, DNATed to an address nobody has.
-    let three_a = stale_load("3a", s.cpu_flows, true, &s);
+    let three_a = Load::stale("3a", s.cpu_flows, true, &s);
     let a = series(ctx, &three_a)?;
     report.sections.push((
         format!(
@@ -1082,7 +1125,7 @@ fn figure_3a(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
 /// 3b, and 3c extrapolated from it.
 fn figure_3bc(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
     let s = ctx.s.clone();
-    let three_b = stale_load("3b", s.flows, false, &s);
+    let three_b = Load::stale("3b", s.flows, false, &s);
     let b = series(ctx, &three_b)?;
     let conntrack = ctx.topo.router_conntrack_count().unwrap_or(0);
     let mut rows = stale_rows(&b, &s, false, s.flows);
@@ -1613,27 +1656,20 @@ fn soak(ctx: &mut Ctx, minutes: f64) -> anyhow::Result<()> {
     }
     let s = ctx.s.clone();
     let total = Duration::from_secs_f64(minutes * 60.0);
+    let max_flows = max_flows(s.flows);
     println!(
-        "soak: {} flows at {} failing pps for {minutes} min; stalewatch watch --netns {} --max-flows {}",
-        s.flows,
-        s.rate,
-        ctx.topo.router.name,
-        65_536.max(s.flows)
+        "soak: {} flows at {} failing pps for {minutes} min; stalewatch watch --netns {} --max-flows {max_flows}",
+        s.flows, s.rate, ctx.topo.router.name,
     );
-    let tool = Tool::stalewatch(&ctx.bin, &ctx.topo.router.name, 65_536.max(s.flows), false)?;
+    let tool = Tool::stalewatch(&ctx.bin, &ctx.topo.router.name, max_flows, false)?;
     let pid = tool.pid();
     let limit = total + Duration::from_secs(5);
     let mut flood = Flood::start(
         &ctx.topo.sender,
         Spec {
-            dst: topo::ROUTER_LAN,
-            dport: topo::STALE_PORT,
-            flows: s.flows,
-            first_sport: 10_000,
-            ttl: 64,
-            rate: Some(s.rate),
             limit,
             max_packets: s.rate * (limit.as_secs() + 1),
+            ..stale_spec(s.flows, s.rate)
         },
     )
     .context("starting the flood")?;
