@@ -14,8 +14,13 @@
 //! - [`synthetic`]: the correlator's memory, in process, at flow counts the
 //!   shared conntrack table must not be filled to.
 //! - [`table`]: medians and the printed table.
+//! - [`loads`]: the figures' loads.
+//! - [`measure`]: a load's runs, without and with each tool, and what one
+//!   run collects.
 
 pub mod flood;
+pub mod loads;
+pub mod measure;
 pub mod procfs;
 pub mod synthetic;
 pub mod table;

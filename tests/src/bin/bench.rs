@@ -10,7 +10,6 @@
 
 use std::{
     fmt::Write as _,
-    path::PathBuf,
     process::ExitCode,
     sync::atomic::Ordering,
     time::{Duration, Instant},
@@ -22,12 +21,14 @@ use nix::sys::signal::{SigHandler, Signal, signal};
 use stalewatch_tests::{
     bench::{
         self,
-        flood::{Flood, Sink, Spec},
-        procfs::{self, CpuSample, NetDev},
+        flood::{Flood, Spec},
+        loads::{self, Load},
+        measure::{Ctx, RunResult, Series, Settings, Under, series},
+        procfs::{self, CpuSample},
         synthetic,
         table::{self, Report, Row, median, quantile},
-        tools::{self, Alerts, ProgCost, Tool},
-        topo::{self, Topology},
+        tools::{self, Alerts, Tool},
+        topo,
     },
     run,
 };
@@ -104,22 +105,6 @@ enum Figure {
     FewStale,
     #[value(name = "3b")]
     ManyStale,
-}
-
-/// The settings a run uses, defaults resolved.
-#[derive(Clone, Debug)]
-struct Settings {
-    runs: u32,
-    stale_runs: u32,
-    warmup: Duration,
-    window: Duration,
-    stale_window: Duration,
-    steady_window: Duration,
-    cost_window: Duration,
-    flows: u32,
-    rate: u64,
-    cpu_flows: u32,
-    bpftrace: bool,
 }
 
 fn settings(a: &Args, bpftrace: bool) -> anyhow::Result<Settings> {
@@ -271,31 +256,6 @@ fn main_inner(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The topology and the counters, alive for the whole bench. Fields drop in
-/// order: the sink and the counter files before the namespaces.
-struct Ctx {
-    sink: Sink,
-    router_dev: NetDev,
-    dest_dev: NetDev,
-    topo: Topology,
-    bin: PathBuf,
-    s: Settings,
-}
-
-impl Ctx {
-    fn new(bin: PathBuf, s: Settings) -> anyhow::Result<Ctx> {
-        let topo = Topology::build()?;
-        Ok(Ctx {
-            sink: Sink::start(&topo.dest, (topo::DEST, topo::HEALTHY_PORT).into())?,
-            router_dev: NetDev::open(&topo.router)?,
-            dest_dev: NetDev::open(&topo.dest)?,
-            topo,
-            bin,
-            s,
-        })
-    }
-}
-
 fn header(report: &mut Report, ctx: &Ctx) -> anyhow::Result<()> {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
@@ -387,318 +347,6 @@ fn other_programs() -> anyhow::Result<usize> {
         .count())
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Under {
-    Without,
-    Stalewatch,
-    Bpftrace,
-    /// Empty bpftrace programs on the same tracepoints: the floor.
-    Floor,
-    /// An empty program of stalewatch's kind on kfree_skb.
-    Empty,
-}
-
-impl Under {
-    fn name(self) -> &'static str {
-        match self {
-            Under::Without => "without",
-            Under::Stalewatch => "stalewatch",
-            Under::Bpftrace => "bpftrace",
-            Under::Floor => "empty programs",
-            Under::Empty => "empty BTF tracepoint program",
-        }
-    }
-}
-
-/// Where a load's packets are counted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum CountAt {
-    /// Arrivals at the destination: forwarded packets.
-    Destination,
-    /// Arrivals at the router: every one is dropped or fails there.
-    Router,
-}
-
-struct Load {
-    key: &'static str,
-    spec: Spec,
-    count_at: CountAt,
-    window: Duration,
-    runs: u32,
-    /// Also read the BPF run statistics after the window.
-    cost: bool,
-    /// Also measure empty programs on the same tracepoints.
-    floor: bool,
-    /// Also measure an empty program of stalewatch's kind on kfree_skb.
-    empty: bool,
-    max_flows: u32,
-    /// A second window for the tool's CPU, right after the first: the
-    /// stale floods raise every flow in the first, and run steady here.
-    steady: Duration,
-}
-
-/// One measured run.
-#[derive(Clone, Debug, Default)]
-struct RunResult {
-    pps: f64,
-    dest_pps: f64,
-    sink_pps: f64,
-    cpu_sched: f64,
-    cpu_stat: f64,
-    /// The tool's CPU over the steady window (schedstat), if measured.
-    cpu_steady: f64,
-    rss_kib: f64,
-    hwm_kib: f64,
-    idle_rss_kib: f64,
-    cost: Vec<ProgCost>,
-    alerts: Option<Alerts>,
-    reports: Option<u64>,
-    lost: Option<u64>,
-    bpftrace_maps: Vec<(String, u64)>,
-    flows_map_bytes: Option<u64>,
-    /// stalewatch's in-kernel counters: over the window (`kernel_secs`
-    /// long), and at its end.
-    kernel_window: Option<tools::KernelStats>,
-    kernel_secs: f64,
-    kernel_total: Option<tools::KernelStats>,
-    idle_hwm_kib: f64,
-    window_secs: f64,
-    /// CPU time of the sending thread per counted packet, ns: the whole
-    /// path's cost, softirq included; and how much of a core it got.
-    ns_per_packet: f64,
-    /// The same over the steady window.
-    ns_per_packet_steady: f64,
-    sender_share: f64,
-    /// From SIGINT to the tool's exit; killed when still running at 5 s.
-    exit_secs: f64,
-    killed: bool,
-    /// How it failed on its way out, if it did.
-    exit_failure: Option<String>,
-}
-
-impl RunResult {
-    fn ns(&self, prog: &str) -> f64 {
-        self.cost
-            .iter()
-            .find(|c| c.name == prog)
-            .map_or(f64::NAN, |c| c.ns_per_run)
-    }
-}
-
-fn measure(ctx: &mut Ctx, load: &Load, under: Under) -> anyhow::Result<RunResult> {
-    let s = ctx.s.clone();
-    let tool = match under {
-        Under::Without => None,
-        Under::Stalewatch => Some(Tool::stalewatch(
-            &ctx.bin,
-            &ctx.topo.router.name,
-            load.max_flows,
-            true,
-        )?),
-        Under::Bpftrace => Some(Tool::bpftrace(tools::BPFTRACE_SCRIPT)?),
-        Under::Floor => Some(Tool::bpftrace(tools::FLOOR_SCRIPT)?),
-        Under::Empty => Some(Tool::empty_program()?),
-    };
-    let pid = tool.as_ref().map(Tool::pid);
-    let mut r = RunResult::default();
-    if let Some(pid) = pid {
-        let (rss, hwm) = procfs::memory_kib(pid)?;
-        (r.idle_rss_kib, r.idle_hwm_kib) = (rss as f64, hwm as f64);
-    }
-    let cost_window = if load.cost && pid.is_some() {
-        s.cost_window
-    } else {
-        Duration::ZERO
-    };
-    let limit = s.warmup + load.window + load.steady + cost_window + Duration::from_secs(3);
-    let mut spec = load.spec.clone();
-    spec.limit = limit;
-    // A count bound no run reaches unless something is wrong with time.
-    spec.max_packets = spec.rate.unwrap_or(5_000_000) * (limit.as_secs() + 1) * 2;
-    let mut flood = Flood::start(&ctx.topo.sender, spec)?;
-    bench::sleep(s.warmup)?;
-
-    let read = |ctx: &mut Ctx| -> anyhow::Result<(u64, u64, u64, Instant)> {
-        let router = ctx.router_dev.link(topo::ROUTER_IN)?.rx_packets;
-        let dest = ctx.dest_dev.link(topo::DEST_IN)?.rx_packets;
-        Ok((router, dest, ctx.sink.received(), Instant::now()))
-    };
-    // The packets the load counts, where it counts them.
-    let counted = |p: &(u64, u64, u64, Instant)| match load.count_at {
-        CountAt::Destination => p.1,
-        CountAt::Router => p.0,
-    };
-    let kernel = |pid: Option<u32>| -> anyhow::Result<Option<tools::KernelStats>> {
-        match pid {
-            Some(pid) if under == Under::Stalewatch => Ok(Some(tools::kernel_stats(pid)?)),
-            _ => Ok(None),
-        }
-    };
-    let k0 = (kernel(pid)?, Instant::now());
-    let sender0 = flood.cpu_ns();
-    let a = read(ctx)?;
-    let cpu0 = pid.map(CpuSample::take).transpose()?;
-    bench::sleep(load.window)?;
-    let b = read(ctx)?;
-    let sender1 = flood.cpu_ns();
-    let cpu1 = pid.map(CpuSample::take).transpose()?;
-    let k1 = (kernel(pid)?, Instant::now());
-    r.kernel_secs = k1.1.duration_since(k0.1).as_secs_f64();
-    if let (Some(k0), Some(k1)) = (k0.0, k1.0) {
-        r.kernel_window = Some(tools::KernelStats {
-            events_lost: k1.events_lost - k0.events_lost,
-            failures: k1.failures - k0.failures,
-            events_sent: k1.events_sent - k0.events_sent,
-            wakeups: k1.wakeups - k0.wakeups,
-        });
-        r.kernel_total = Some(k1);
-    }
-    if flood.finished() {
-        flood.stop()?;
-        bail!("the flood stopped before the window ended");
-    }
-    let secs = b.3.duration_since(a.3).as_secs_f64();
-    r.window_secs = secs;
-    let rate = |x: u64, y: u64| y.saturating_sub(x) as f64 / secs;
-    r.dest_pps = rate(a.1, b.1);
-    r.sink_pps = rate(a.2, b.2);
-    r.pps = rate(counted(&a), counted(&b));
-    if let (Some(c0), Some(c1)) = (sender0, sender1) {
-        let cpu = c1.saturating_sub(c0) as f64;
-        r.sender_share = 100.0 * cpu / 1e9 / secs;
-        r.ns_per_packet = if r.pps > 0.0 {
-            cpu / (r.pps * secs)
-        } else {
-            f64::NAN
-        };
-    }
-    if let (Some(c0), Some(c1)) = (cpu0, cpu1) {
-        (r.cpu_sched, r.cpu_stat) = c1.percent_since(&c0);
-    }
-    r.cpu_steady = f64::NAN;
-    r.ns_per_packet_steady = f64::NAN;
-    if !load.steady.is_zero() {
-        // The same path's cost once every flow is raised: what leaving the
-        // tool running through a flood costs, with or without a tool.
-        let c0 = pid.map(CpuSample::take).transpose()?;
-        let (a, sender0) = (read(ctx)?, flood.cpu_ns());
-        bench::sleep(load.steady)?;
-        let (b, sender1) = (read(ctx)?, flood.cpu_ns());
-        if let Some((pid, c0)) = pid.zip(c0) {
-            (r.cpu_steady, _) = CpuSample::take(pid)?.percent_since(&c0);
-        }
-        if let (Some(c0), Some(c1)) = (sender0, sender1) {
-            let packets = counted(&b).saturating_sub(counted(&a)) as f64;
-            if packets > 0.0 {
-                r.ns_per_packet_steady = c1.saturating_sub(c0) as f64 / packets;
-            }
-        }
-    }
-    if let Some(pid) = pid {
-        let (rss, hwm) = procfs::memory_kib(pid)?;
-        (r.rss_kib, r.hwm_kib) = (rss as f64, hwm as f64);
-        if cost_window > Duration::ZERO {
-            r.cost = tools::prog_cost(pid, cost_window)?;
-        }
-        if under == Under::Stalewatch {
-            r.flows_map_bytes = tools::map_memory(pid)?
-                .into_iter()
-                .find(|(name, _, _)| name == "FLOWS")
-                .map(|(_, _, bytes)| bytes);
-        }
-    }
-    flood.stop()?;
-    if let Some(tool) = tool {
-        let stopped = tool.stop()?;
-        r.exit_secs = stopped.exit_secs;
-        r.killed = stopped.killed;
-        // A tool that is still busy 5 s after SIGINT, or that fails on its
-        // way out, is a finding to report with the figures it gave while
-        // it ran, not a reason to stop the bench.
-        if !stopped.killed && !stopped.status.success() {
-            let why = stopped
-                .stderr
-                .iter()
-                .find(|l| l.contains("panicked at") || l.contains("error"))
-                .or(stopped.stderr.last())
-                .cloned()
-                .unwrap_or_default();
-            r.exit_failure = Some(format!("{} ({})", stopped.status, why.trim()));
-        }
-        match under {
-            Under::Stalewatch => {
-                r.alerts = Some(tools::parse_alerts(&stopped.stdout));
-                if let Some((reports, lost)) = tools::parse_summary(&stopped.stderr) {
-                    r.reports = Some(reports);
-                    r.lost = Some(lost);
-                }
-            }
-            Under::Bpftrace => r.bpftrace_maps = tools::parse_bpftrace_maps(&stopped.stdout),
-            Under::Without | Under::Floor | Under::Empty => {}
-        }
-    }
-    Ok(r)
-}
-
-/// Runs of one load: without, stalewatch, bpftrace; `runs` times.
-#[derive(Default)]
-struct Series {
-    without: Vec<RunResult>,
-    stalewatch: Vec<RunResult>,
-    bpftrace: Vec<RunResult>,
-    floor: Vec<RunResult>,
-    empty: Vec<RunResult>,
-}
-
-impl Series {
-    fn of(&self, under: Under) -> &[RunResult] {
-        match under {
-            Under::Without => &self.without,
-            Under::Stalewatch => &self.stalewatch,
-            Under::Bpftrace => &self.bpftrace,
-            Under::Floor => &self.floor,
-            Under::Empty => &self.empty,
-        }
-    }
-
-    fn values(&self, under: Under, f: impl Fn(&RunResult) -> f64) -> Vec<f64> {
-        self.of(under).iter().map(f).collect()
-    }
-}
-
-fn series(ctx: &mut Ctx, load: &Load) -> anyhow::Result<Series> {
-    let mut out = Series::default();
-    let mut unders = vec![Under::Without, Under::Stalewatch];
-    if load.empty {
-        unders.push(Under::Empty);
-    }
-    if ctx.s.bpftrace {
-        unders.push(Under::Bpftrace);
-        if load.floor {
-            unders.push(Under::Floor);
-        }
-    }
-    for i in 1..=load.runs {
-        for &under in &unders {
-            eprintln!(
-                "stalewatch-bench: {} run {i}/{}: {}",
-                load.key,
-                load.runs,
-                under.name()
-            );
-            let r = measure(ctx, load, under)?;
-            match under {
-                Under::Without => out.without.push(r),
-                Under::Stalewatch => out.stalewatch.push(r),
-                Under::Bpftrace => out.bpftrace.push(r),
-                Under::Floor => out.floor.push(r),
-                Under::Empty => out.empty.push(r),
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// A throughput row: medians, and the median of per-run ratios to the run
 /// without a tool just before.
 fn ratio_row(
@@ -747,140 +395,6 @@ fn compare_row(
         met: target.zip(ratio).map(|(t, r)| r >= t),
         bpftrace: table::cell(&bt, show),
         bpftrace_ratio: ratio_of(&bt),
-    }
-}
-
-/// Flows of the forwarding loads, figures 1-2.
-const FEW: u32 = 64;
-
-/// stalewatch's own `--max-flows` default, or room for every flow of a
-/// load with more.
-fn max_flows(flows: u32) -> u32 {
-    65_536.max(flows)
-}
-
-/// A load's traffic; `measure` sets its limits.
-fn spec(
-    dst: std::net::Ipv4Addr,
-    dport: u16,
-    flows: u32,
-    first_sport: u16,
-    ttl: u8,
-    rate: Option<u64>,
-) -> Spec {
-    Spec {
-        dst,
-        dport,
-        flows,
-        first_sport,
-        ttl,
-        rate,
-        limit: Duration::ZERO,
-        max_packets: 0,
-    }
-}
-
-/// The stale floods' traffic, figure 3 and the soak: `flows` flows to the
-/// stale backend at `rate`.
-fn stale_spec(flows: u32, rate: u64) -> Spec {
-    spec(
-        topo::ROUTER_LAN,
-        topo::STALE_PORT,
-        flows,
-        10_000,
-        64,
-        Some(rate),
-    )
-}
-
-impl Load {
-    /// One window per run, nothing else measured; the figures' loads say
-    /// what they add.
-    fn new(key: &'static str, spec: Spec, count_at: CountAt, window: Duration, runs: u32) -> Load {
-        Load {
-            key,
-            max_flows: max_flows(spec.flows),
-            spec,
-            count_at,
-            window,
-            runs,
-            cost: false,
-            floor: false,
-            empty: false,
-            steady: Duration::ZERO,
-        }
-    }
-
-    /// A forwarding load of figures 1-2: [`FEW`] flows, sender at full speed.
-    fn forwarding(
-        key: &'static str,
-        dst: std::net::Ipv4Addr,
-        dport: u16,
-        ttl: u8,
-        count_at: CountAt,
-        s: &Settings,
-    ) -> Load {
-        let spec = spec(dst, dport, FEW, 20_000, ttl, None);
-        Load::new(key, spec, count_at, s.window, s.runs)
-    }
-
-    /// Figure 1, healthy: DNATed, forwarded, delivered; neither hook fires. No
-    /// program runs, so the ratio is the machine's noise alone, against a
-    /// tight target: twice the runs narrow its medians.
-    fn healthy(s: &Settings) -> Load {
-        Load {
-            runs: 2 * s.runs,
-            ..Load::forwarding(
-                "1",
-                topo::ROUTER_LAN,
-                topo::HEALTHY_PORT,
-                64,
-                CountAt::Destination,
-                s,
-            )
-        }
-    }
-
-    /// Figure 2a: every packet dropped by a FORWARD rule, not DNATed.
-    fn dropped(s: &Settings) -> Load {
-        Load {
-            cost: true,
-            empty: true,
-            ..Load::forwarding("2a", topo::DEST, topo::DROPPED_PORT, 64, CountAt::Router, s)
-        }
-    }
-
-    /// Figure 2b: the healthy flood with TTL 1: DNATed, then dropped at forwarding.
-    fn ttl_expired(s: &Settings) -> Load {
-        Load {
-            cost: true,
-            floor: true,
-            empty: true,
-            ..Load::forwarding(
-                "2b",
-                topo::ROUTER_LAN,
-                topo::HEALTHY_PORT,
-                1,
-                CountAt::Router,
-                s,
-            )
-        }
-    }
-
-    /// Figure 3: a stale flood of `flows` flows at the set rate, measured while
-    /// raising and steady.
-    fn stale(key: &'static str, flows: u32, cost: bool, s: &Settings) -> Load {
-        Load {
-            cost,
-            steady: s.steady_window,
-            ..Load::new(
-                key,
-                stale_spec(flows, s.rate),
-                CountAt::Router,
-                s.stale_window,
-                s.stale_runs,
-            )
-        }
     }
 }
 
@@ -1656,7 +1170,7 @@ fn soak(ctx: &mut Ctx, minutes: f64) -> anyhow::Result<()> {
     }
     let s = ctx.s.clone();
     let total = Duration::from_secs_f64(minutes * 60.0);
-    let max_flows = max_flows(s.flows);
+    let max_flows = loads::max_flows(s.flows);
     println!(
         "soak: {} flows at {} failing pps for {minutes} min; stalewatch watch --netns {} --max-flows {max_flows}",
         s.flows, s.rate, ctx.topo.router.name,
@@ -1669,7 +1183,7 @@ fn soak(ctx: &mut Ctx, minutes: f64) -> anyhow::Result<()> {
         Spec {
             limit,
             max_packets: s.rate * (limit.as_secs() + 1),
-            ..stale_spec(s.flows, s.rate)
+            ..loads::stale_spec(s.flows, s.rate)
         },
     )
     .context("starting the flood")?;
