@@ -17,11 +17,15 @@
 //! - [`loads`]: the figures' loads.
 //! - [`measure`]: a load's runs, without and with each tool, and what one
 //!   run collects.
+//! - [`render`]: the report's header and the table's rows.
+//! - [`details`]: the report's per-run values.
 
+pub mod details;
 pub mod flood;
 pub mod loads;
 pub mod measure;
 pub mod procfs;
+pub mod render;
 pub mod synthetic;
 pub mod table;
 pub mod tools;
