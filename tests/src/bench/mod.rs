@@ -19,8 +19,10 @@
 //!   run collects.
 //! - [`render`]: the report's header and the table's rows.
 //! - [`details`]: the report's per-run values.
+//! - [`figures`]: the figures, each its loads' runs and rows.
 
 pub mod details;
+pub mod figures;
 pub mod flood;
 pub mod loads;
 pub mod measure;
