@@ -20,6 +20,7 @@
 //! - [`render`]: the report's header and the table's rows.
 //! - [`details`]: the report's per-run values.
 //! - [`figures`]: the figures, each its loads' runs and rows.
+//! - [`soak`]: `--soak`, stalewatch under one long stale flood.
 
 pub mod details;
 pub mod figures;
@@ -28,6 +29,7 @@ pub mod loads;
 pub mod measure;
 pub mod procfs;
 pub mod render;
+pub mod soak;
 pub mod synthetic;
 pub mod table;
 pub mod tools;
