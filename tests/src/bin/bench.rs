@@ -102,6 +102,7 @@ enum Figure {
     ManyStale,
 }
 
+/// The settings the flags ask for, defaults resolved and checked.
 fn settings(a: &Args, bpftrace: bool) -> anyhow::Result<Settings> {
     let secs = |v: Option<f64>, normal: f64, quick: f64| -> anyhow::Result<Duration> {
         let s = v.unwrap_or(if a.quick { quick } else { normal });
@@ -155,6 +156,15 @@ extern "C" fn on_signal(_: nix::libc::c_int) {
     bench::INTERRUPTED.store(true, Ordering::Relaxed);
 }
 
+/// Ctrl-C and SIGTERM set [`bench::INTERRUPTED`], so the guards clean up.
+fn catch_signals() {
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        let _ = signal(Signal::SIGINT, SigHandler::Handler(on_signal));
+        let _ = signal(Signal::SIGTERM, SigHandler::Handler(on_signal));
+    }
+}
+
 fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some(tools::HOLD_EMPTY_PROGRAM) {
         return hold_empty_program();
@@ -166,11 +176,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        let _ = signal(Signal::SIGINT, SigHandler::Handler(on_signal));
-        let _ = signal(Signal::SIGTERM, SigHandler::Handler(on_signal));
-    }
+    catch_signals();
     match main_inner(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -188,11 +194,7 @@ fn main() -> ExitCode {
 /// The empty program's process (see `Tool::empty_program`): attached until
 /// SIGINT or SIGTERM.
 fn hold_empty_program() -> ExitCode {
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        let _ = signal(Signal::SIGINT, SigHandler::Handler(on_signal));
-        let _ = signal(Signal::SIGTERM, SigHandler::Handler(on_signal));
-    }
+    catch_signals();
     let btf = std::path::Path::new(stalewatch::kernel::DEFAULT_BTF);
     match stalewatch::kernel::attach_empty_kfree_skb(btf) {
         Ok(program) => {
