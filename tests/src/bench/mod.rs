@@ -14,9 +14,22 @@
 //! - [`synthetic`]: the correlator's memory, in process, at flow counts the
 //!   shared conntrack table must not be filled to.
 //! - [`table`]: medians and the printed table.
+//! - [`loads`]: the figures' loads.
+//! - [`measure`]: a load's runs, without and with each tool, and what one
+//!   run collects.
+//! - [`render`]: the report's header and the table's rows.
+//! - [`details`]: the report's per-run values.
+//! - [`figures`]: the figures, each its loads' runs and rows.
+//! - [`soak`]: `--soak`, stalewatch under one long stale flood.
 
+pub mod details;
+pub mod figures;
 pub mod flood;
+pub mod loads;
+pub mod measure;
 pub mod procfs;
+pub mod render;
+pub mod soak;
 pub mod synthetic;
 pub mod table;
 pub mod tools;
