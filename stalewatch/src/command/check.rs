@@ -12,7 +12,10 @@ use anyhow::Context as _;
 use crate::{
     correlate::audit,
     domain::Containers,
-    sink::{Format, Record, Reporter, fix::delete_entry, record::StaleEntry},
+    sink::{
+        Format, Record, Reporter,
+        record::{EntryDeleted, StaleEntry},
+    },
     source::{conntrack, engine::Engine, netns},
 };
 
@@ -62,10 +65,12 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
             left += 1;
             continue;
         }
-        match delete_entry(&path, &e.orig, &e.reply, &info)? {
-            Some(deleted) => reporter.write(&Record::EntryDeleted(Box::new(deleted)))?,
+        if conntrack::delete(Some(&path), &e.orig)? {
+            let deleted = EntryDeleted::new(&e.orig, &e.reply, info.clone());
+            reporter.write(&Record::EntryDeleted(Box::new(deleted)))?;
+        } else {
             // Gone on its own between the dump and the delete.
-            None => log::info!("entry already gone: {:?}", e.orig),
+            log::info!("entry already gone: {:?}", e.orig);
         }
     }
     reporter.flush()?;

@@ -1,25 +1,9 @@
-//! Fixes: the `conntrack -D` commands records print for a person, and
-//! the deletion `--fix` makes itself, logged as a record.
+//! Fixes for a person: the `conntrack -D` commands records print, each
+//! run in the flow's namespace.
 
-use std::{fmt::Write as _, path::Path};
+use std::fmt::Write as _;
 
-use super::record::EntryDeleted;
-use crate::{
-    domain::{Backend, NetnsInfo, Tuple},
-    source::conntrack,
-};
-
-/// Deletes the conntrack entry of `orig` in the namespace at `path`:
-/// the record of the deletion, or `None` when the entry was gone already.
-pub fn delete_entry(
-    path: &Path,
-    orig: &Tuple,
-    reply: &Tuple,
-    netns: &NetnsInfo,
-) -> Result<Option<EntryDeleted>, conntrack::Error> {
-    let deleted = conntrack::delete(Some(path), orig)?;
-    Ok(deleted.then(|| EntryDeleted::new(orig, reply, netns.clone())))
-}
+use crate::domain::{Backend, NetnsInfo, Tuple};
 
 /// The `conntrack -D` invocation that deletes only this flow's entry, run
 /// in the flow's namespace. A conntrack table holds one entry per original

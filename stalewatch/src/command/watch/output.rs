@@ -15,11 +15,11 @@ use crate::{
     error::chain,
     sink::{
         Format, Record, Reporter,
-        fix::delete_entry,
         metrics::Metrics,
-        record::{Clock, StaleFlow, StaleService, rfc3339},
+        record::{Clock, EntryDeleted, StaleFlow, StaleService, rfc3339},
         reminders::{ReminderGroup, Reminders},
     },
+    source::conntrack,
 };
 
 /// The names of one alert's flow, gathered before it is said: its
@@ -85,11 +85,13 @@ impl<W: io::Write> Output<W> {
             log::warn!("--fix: cannot enter network namespace {}", flow.netns);
             return Ok(());
         };
-        match delete_entry(path, &flow.orig, &flow.reply, &names.netns) {
-            Ok(Some(deleted)) => self
-                .reporter
-                .write(&Record::EntryDeleted(Box::new(deleted))),
-            Ok(None) => Ok(()),
+        match conntrack::delete(Some(path), &flow.orig) {
+            Ok(true) => {
+                let deleted = EntryDeleted::new(&flow.orig, &flow.reply, names.netns.clone());
+                self.reporter
+                    .write(&Record::EntryDeleted(Box::new(deleted)))
+            }
+            Ok(false) => Ok(()),
             Err(e) => {
                 log::warn!("--fix: {}", chain(&e));
                 Ok(())
