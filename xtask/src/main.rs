@@ -110,6 +110,7 @@ fn run(cli: Cli) -> Result<()> {
                 &root,
                 "test --release --workspace --exclude stalewatch-tests",
             )?;
+            unit_tests_unprivileged(&root)?;
             if no_e2e {
                 return Ok(());
             }
@@ -155,6 +156,50 @@ fn run(cli: Cli) -> Result<()> {
             exit(st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)));
         }
     }
+}
+
+/// Runs stalewatch's unit tests again as an ordinary user (nobody, no
+/// capabilities) when run as root: they must need no privilege, so that
+/// anyone can run `cargo test -p stalewatch`. Kernel tests live in the
+/// `tests` crate.
+fn unit_tests_unprivileged(root: &Path) -> Result<()> {
+    if !is_root() {
+        return Ok(());
+    }
+    let listing = Command::new("cargo")
+        .current_dir(root)
+        .args("test --release -p stalewatch --no-run --message-format=json".split(' '))
+        .output()
+        .context("cannot run cargo")?;
+    let text = String::from_utf8_lossy(&listing.stdout);
+    // One JSON message a line; test binaries are the executables cargo
+    // leaves in deps/ (the command's own binary goes next to it).
+    let tests: Vec<&str> = text
+        .lines()
+        .filter_map(|line| line.split("\"executable\":\"").nth(1))
+        .filter_map(|rest| rest.split('"').next())
+        .filter(|exe| exe.contains("/deps/"))
+        .collect();
+    if tests.is_empty() {
+        bail!("cargo listed no test binaries of stalewatch");
+    }
+    for test in tests {
+        eprintln!("xtask: {test} as nobody, without capabilities");
+        status(
+            Command::new("setpriv")
+                .args([
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    "--inh-caps=-all",
+                    "--bounding-set=-all",
+                    "--",
+                    test,
+                ])
+                .current_dir(root),
+        )?;
+    }
+    Ok(())
 }
 
 /// Where the builds put the binaries: CARGO_TARGET_DIR (relative to the
@@ -330,11 +375,15 @@ fn find_in_path(cmd: &str) -> Option<PathBuf> {
 
 /// Fails with `message` unless running as root.
 fn require_root(message: &str) -> Result<()> {
-    // /proc/self is owned by the effective uid: no libc needed.
-    if fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(1) != 0 {
+    if !is_root() {
         bail!("{message}");
     }
     Ok(())
+}
+
+fn is_root() -> bool {
+    // /proc/self is owned by the effective uid: no libc needed.
+    fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(1) == 0
 }
 
 /// Runs `cargo` in the workspace root; `args` are space-separated.

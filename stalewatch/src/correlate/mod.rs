@@ -27,6 +27,7 @@
 
 pub mod audit;
 mod judge;
+mod tracked;
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
@@ -34,9 +35,10 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 use foldhash::HashMap;
 use indexmap::IndexMap;
 
+use self::tracked::{FlowKey, NEVER, Reasons, Tracked, ct_of, entry_id, key_of, nanos};
 use crate::domain::{
-    Alert, AlertState, Backend, DropEvidence, Evidence, IcmpEvidence, Judgement, Observation,
-    Resolution, Service, Siblings, Tuple,
+    Alert, AlertState, Backend, Evidence, Judgement, Observation, Resolution, Service, Siblings,
+    Tuple,
 };
 
 #[derive(Clone, Debug)]
@@ -77,92 +79,10 @@ pub struct RaisedFlow {
     pub last: Duration,
 }
 
-/// A tracked conntrack entry: its namespace and `nf_conn` address (see
-/// [`entry_id`]). A reused address with another flow in it means the old
-/// entry is gone.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct FlowKey {
-    netns: u32,
-    id: u64,
-}
-
 /// How much earlier than `remind_every` a reminder may go out: flows raised
 /// within a second of each other (one tick of the watch loop) are reminded
 /// of together, and so can be told of in one record.
 const REMIND_SLACK: Duration = Duration::from_secs(1);
-
-/// `Tracked` times (monotonic, ns) that have not happened.
-const NEVER: u64 = u64::MAX;
-
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(NEVER - 1)
-}
-
-/// What the correlator keeps of a flow, compact: at hundreds of thousands
-/// of flows every byte here is a quarter of a MiB. Times are monotonic
-/// nanoseconds, the drop reason an index into the correlator's names.
-#[derive(Debug)]
-struct Tracked {
-    orig: Tuple,
-    reply: Tuple,
-    /// First and latest failure.
-    first: u64,
-    last: u64,
-    /// When the latest report arrived.
-    seen: u64,
-    /// Raised: its latest alert. Not raised: when its siblings were last
-    /// looked at and did not make it stale (a refused datagram with no DNAT
-    /// beside it), or NEVER. One field for both: a flow is raised for good.
-    mark: u64,
-    status: u32,
-    icmp_count: u32,
-    drop_count: u32,
-    reason: u16,
-    icmp_type: u8,
-    icmp_code: u8,
-    local: bool,
-    raised: bool,
-    /// The verdict of the latest alert, shared by the flows of a service
-    /// judged alike (see `judgements`).
-    judged: Option<Arc<Judgement>>,
-}
-
-impl Tracked {
-    /// As [`Observation::failures`].
-    fn failures(&self) -> u32 {
-        self.icmp_count.max(self.drop_count)
-    }
-
-    /// Whether `flow` is this flow. An entry's address is reused by the
-    /// kernel for other flows, or for the same flow to another backend; a
-    /// flow known without an address (refused datagrams, the audit) is
-    /// its original tuple, whatever reply each source derived.
-    fn is(&self, flow: &Observation) -> bool {
-        self.orig == flow.orig && (flow.ct == 0 || self.reply == flow.reply)
-    }
-
-    fn backend(&self) -> Backend {
-        self.reply.source()
-    }
-
-    /// Takes the kernel's facts of `flow` (the alert state stays).
-    fn set_facts(&mut self, flow: &Observation, reason: u16) {
-        self.orig = flow.orig;
-        self.reply = flow.reply;
-        self.first = nanos(flow.first);
-        self.last = nanos(flow.last);
-        self.status = flow.status;
-        let icmp = flow.icmp.unwrap_or(IcmpEvidence {
-            icmp_type: 0,
-            code: 0,
-            count: 0,
-        });
-        (self.icmp_type, self.icmp_code, self.icmp_count) = (icmp.icmp_type, icmp.code, icmp.count);
-        self.drop_count = flow.drops.as_ref().map_or(0, |d| d.count);
-        self.reason = reason;
-        self.local = flow.local;
-    }
-}
 
 #[derive(Debug, Default)]
 pub struct Correlator {
@@ -171,18 +91,14 @@ pub struct Correlator {
     /// hundreds of thousands of flows a plain hash map leaves up to half
     /// its (large) slots empty.
     flows: IndexMap<FlowKey, Tracked, foldhash::fast::RandomState>,
-    /// The tracked flows of each service, so that judging one flow looks at
-    /// its service's flows only, not at every flow.
-    /// How many tracked flows of each service fail at each backend.
+    /// How many tracked flows of each service fail at each backend, so
+    /// that judging one flow looks at its service's flows only, not at
+    /// every flow.
     by_service: HashMap<ServiceKey, HashMap<Backend, u32>>,
-    /// The conntrack entries (by address) tracked for each original tuple:
-    /// an entry's address is reused by the kernel, a tuple rarely twice.
     /// The latest judgement of each service, for flows judged alike to
     /// share.
     judgements: HashMap<ServiceKey, Arc<Judgement>>,
-    /// Drop reason names, by the index flows keep (0: none).
-    reasons: Vec<Arc<str>>,
-    reason_ids: HashMap<Arc<str>, u16>,
+    reasons: Reasons,
     /// Flows raised and not resolved: asked every second, so counted, not
     /// found by a walk over every flow.
     raised: usize,
@@ -202,52 +118,14 @@ impl Correlator {
             flows: IndexMap::default(),
             by_service: HashMap::default(),
             judgements: HashMap::default(),
-            reasons: vec![Arc::from("")],
-            reason_ids: HashMap::default(),
+            reasons: Reasons::default(),
             raised: 0,
         }
-    }
-
-    /// The index of a flow's drop reason (0 for none).
-    fn reason_id(&mut self, flow: &Observation) -> u16 {
-        flow.drops.as_ref().map_or(0, |d| self.intern(&d.reason))
-    }
-
-    /// The index of a drop reason's name (0, no name, past 65,535 names).
-    fn intern(&mut self, name: &Arc<str>) -> u16 {
-        if let Some(id) = self.reason_ids.get(name) {
-            return *id;
-        }
-        let Ok(id) = u16::try_from(self.reasons.len()) else {
-            return 0;
-        };
-        self.reasons.push(name.clone());
-        self.reason_ids.insert(name.clone(), id);
-        id
     }
 
     /// The flow tracked under `flow`'s entry, if it is that flow.
     fn tracked_as(&self, flow: &Observation) -> Option<&Tracked> {
         self.flows.get(&key_of(flow)).filter(|t| t.is(flow))
-    }
-
-    /// The flow as a report, from what is kept of it.
-    fn observation(&self, key: &FlowKey, t: &Tracked) -> Observation {
-        Observation {
-            local: t.local,
-            ct: ct_of(key),
-            netns: key.netns,
-            orig: t.orig,
-            reply: t.reply,
-            status: t.status,
-            first: Duration::from_nanos(t.first),
-            last: Duration::from_nanos(t.last),
-            icmp: IcmpEvidence::of(t.icmp_type, t.icmp_code, t.icmp_count),
-            drops: (t.drop_count > 0).then(|| DropEvidence {
-                reason: self.reasons[usize::from(t.reason)].clone(),
-                count: t.drop_count,
-            }),
-        }
     }
 
     fn alert(
@@ -262,7 +140,7 @@ impl Correlator {
             Some(j) => Judgement::clone(j),
             None => Judgement::unconfirmed(),
         };
-        let flow = self.observation(key, tracked);
+        let flow = tracked.observation(key, &self.reasons);
         Alert {
             state,
             verdict: judgement.verdict,
@@ -409,7 +287,7 @@ impl Correlator {
         let judged = state
             .and_then(|_| self.judge(&flow, siblings))
             .map(|j| self.shared(service_of(&flow), j));
-        let reason = self.reason_id(&flow);
+        let reason = self.reasons.id_of(&flow);
         if !self.flows.contains_key(&key) {
             let backends = self.by_service.entry(service_of(&flow)).or_default();
             *backends.entry(flow.backend()).or_default() += 1;
@@ -524,8 +402,8 @@ impl Correlator {
             return Some(false);
         }
         let reason = match &flow.drops {
-            Some(d) if *self.reasons[usize::from(known.reason)] == *d.reason => known.reason,
-            _ => self.reason_id(flow),
+            Some(d) if **self.reasons.name(known.reason) == *d.reason => known.reason,
+            _ => self.reasons.id_of(flow),
         };
         let remind_every = nanos(self.config.remind_every);
         let t = &mut self.flows[at];
@@ -604,36 +482,12 @@ fn is_not_translated(flow: &Observation) -> bool {
     flow.backend() == Backend::new(flow.orig.dst, flow.orig.dport)
 }
 
-fn key_of(flow: &Observation) -> FlowKey {
-    FlowKey {
-        netns: flow.netns,
-        id: entry_id(flow.ct, &flow.orig),
-    }
-}
-
-/// The entry's `nf_conn` address, or for a flow known without one (refused
-/// datagrams, the audit) a stand-in made from its original tuple: odd, so
-/// never an `nf_conn` address (those are 8-byte aligned).
-fn entry_id(ct: u64, orig: &Tuple) -> u64 {
-    if ct != 0 {
-        return ct;
-    }
-    use std::hash::{Hash as _, Hasher as _};
-    let mut h = std::hash::DefaultHasher::new();
-    orig.hash(&mut h);
-    h.finish() | 1
-}
-
-fn ct_of(key: &FlowKey) -> u64 {
-    if key.id & 1 == 1 { 0 } else { key.id }
-}
-
 #[cfg(test)]
 mod tests {
     use stalewatch_common::ct_status;
 
     use super::*;
-    use crate::domain::{Verdict, udp};
+    use crate::domain::{DropEvidence, IcmpEvidence, Verdict, udp};
 
     const NETNS: u32 = 4026532100;
     const CT: u64 = 0xffff_8880_1234_5000;
@@ -853,7 +707,7 @@ mod tests {
         c.observe_plain(local.clone(), secs(12));
         let key = key_of(&local);
         assert_eq!(ct_of(&key), 0, "a stand-in id is never an address");
-        assert_eq!(c.observation(&key, &c.flows[&key]), local);
+        assert_eq!(c.flows[&key].observation(&key, &c.reasons), local);
     }
 
     #[test]
