@@ -7,6 +7,7 @@
 mod alert;
 mod evidence;
 mod flow;
+mod intent;
 mod names;
 
 pub use alert::{Alert, AlertState, Judgement, Resolution, Verdict};
@@ -16,4 +17,8 @@ pub use evidence::{
 #[doc(hidden)]
 pub use flow::udp;
 pub use flow::{Backend, Family, Proto, Service, Tuple, addr_port};
+pub use intent::{
+    AddrSpan, Cond, Conditions, DnatRule, EngineRead, Fit, NatIntent, NatTarget, PortSpan,
+    RuleEngine,
+};
 pub use names::{ContainerRef, Containers, NetnsInfo, Publication};

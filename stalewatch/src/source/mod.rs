@@ -7,5 +7,6 @@
 
 pub mod conntrack;
 pub mod engine;
+pub mod intent;
 pub mod kernel;
 pub mod netns;
