@@ -13,6 +13,9 @@ pub const TUPLE_SIZE: usize = 40;
 
 /// `enum ip_conntrack_status` bits that stalewatch reads.
 pub mod ct_status {
+    /// A connection a helper expected (FTP data, SIP media): its NAT comes
+    /// from the helper, not from a rule.
+    pub const EXPECTED: u32 = 1 << 0;
     pub const SEEN_REPLY: u32 = 1 << 1;
     pub const ASSURED: u32 = 1 << 2;
     pub const CONFIRMED: u32 = 1 << 3;

@@ -2,8 +2,9 @@
 //! without eBPF. Exit status 0 when nothing is stale (or `--fix` deleted
 //! every stale entry), 1 when stale entries remain, 2 on error.
 //!
-//! Evidence first (the table, the namespace's addresses and neighbours, the
-//! engine's containers), then the audit's judgement, then records.
+//! Evidence first (the table, the namespace's addresses and neighbours, its
+//! NAT rules, the engine's containers), then the audit's judgement, then
+//! records.
 
 use std::{io, process::ExitCode};
 
@@ -16,7 +17,7 @@ use crate::{
         Format, Record, Reporter,
         record::{EntryDeleted, StaleEntry},
     },
-    source::{conntrack, engine::Engine, netns},
+    source::{conntrack, engine::Engine, intent, netns},
 };
 
 #[derive(Debug, clap::Args)]
@@ -46,7 +47,10 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     if let Some(snapshot) = snapshot.as_ref().filter(|_| info.is_own) {
         facts.proxied_sources = snapshot.container_addresses();
     }
-    let findings = audit::audit(&entries, &facts);
+    let intent = intent::read(&path)
+        .map_err(|e| log::warn!("NAT intent: {}", crate::error::chain(&e)))
+        .ok();
+    let findings = audit::audit(&entries, &facts, intent.as_ref());
     let mut reporter = Reporter::new(args.format, io::stdout().lock());
     let mut left = 0;
     for finding in &findings {

@@ -15,8 +15,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use stalewatch_common::ct_status;
+
 use super::judge::list;
-use crate::domain::{Backend, Entry, KnownFacts, Service, Verdict};
+use crate::domain::{Backend, Entry, KnownFacts, NatIntent, NatTarget, Service, Verdict};
 
 /// One stale entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,8 +30,10 @@ pub struct Finding {
     pub evidence: Vec<String>,
 }
 
-/// Finds the stale entries among `entries`, in a stable order.
-pub fn audit(entries: &[Entry], facts: &KnownFacts) -> Vec<Finding> {
+/// Finds the stale entries among `entries`, in a stable order; with the
+/// host's NAT `intent`, also the DNATed entries that no current rule would
+/// send where they go.
+pub fn audit(entries: &[Entry], facts: &KnownFacts, intent: Option<&NatIntent>) -> Vec<Finding> {
     // Where each service sends its DNATed entries.
     let mut dnat: BTreeMap<Service, BTreeSet<Backend>> = BTreeMap::new();
     for entry in entries.iter().filter(|e| e.is_dnat()) {
@@ -66,6 +70,7 @@ pub fn audit(entries: &[Entry], facts: &KnownFacts) -> Vec<Finding> {
         }
         let addr = entry.backend().addr;
         if !facts.neighbour_failed(addr) {
+            findings.extend(intent.and_then(|i| against_intent(entry, i, facts)));
             continue;
         }
         let current: Vec<Backend> = backends
@@ -97,6 +102,85 @@ pub fn audit(entries: &[Entry], facts: &KnownFacts) -> Vec<Finding> {
     findings
 }
 
+/// A DNATed entry that the host's current rules would not send where it
+/// goes: its service's rules name other backends, or none any more.
+pub fn against_intent(entry: &Entry, intent: &NatIntent, facts: &KnownFacts) -> Option<Finding> {
+    // A helper's expected connection takes its NAT from the helper.
+    if entry.status & ct_status::EXPECTED != 0 {
+        return None;
+    }
+    let orig = &entry.orig;
+    let (backend, service) = (entry.backend(), orig.service());
+    let rules = intent.for_flow(orig, None, |a| facts.is_local(a));
+    if rules
+        .iter()
+        .any(|(r, _)| r.to.iter().any(|t| t.reaches(orig.dport, backend)))
+    {
+        return None;
+    }
+    let mut evidence = Vec::new();
+    let mut current: Vec<Backend> = Vec::new();
+    if rules.is_empty() {
+        // Only a reading that understood every DNAT can say there is none.
+        if !intent.complete() {
+            return None;
+        }
+        evidence.push(format!(
+            "no current rule ({}) DNATs {service} any more, yet its entry sends it to {backend}",
+            intent.engines()
+        ));
+    } else {
+        let mut engines: Vec<&str> = rules.iter().map(|(r, _)| r.engine.name()).collect();
+        engines.sort_unstable();
+        engines.dedup();
+        let mut targets: Vec<String> = Vec::new();
+        for (rule, _) in &rules {
+            for t in &rule.to {
+                match t.backend(orig.dport) {
+                    Some(b) if !current.contains(&b) => current.push(b),
+                    Some(_) => {}
+                    None => targets.push(span(t)),
+                }
+            }
+        }
+        current.sort();
+        targets.splice(0..0, current.iter().map(Backend::to_string));
+        evidence.push(format!(
+            "the current {} rules DNAT {service} to {}, not to {backend}",
+            engines.join(" and "),
+            targets.join(", ")
+        ));
+    }
+    let serves = intent.services_sending_to(backend, &service);
+    if !serves.is_empty() {
+        let names: Vec<String> = serves.iter().map(Service::to_string).collect();
+        evidence.push(format!(
+            "{backend} is now a backend of {} only",
+            names.join(", ")
+        ));
+    }
+    Some(Finding {
+        entry: entry.clone(),
+        verdict: Verdict::Stale,
+        current_backends: current,
+        evidence,
+    })
+}
+
+/// A target that is no one backend: `10.1.0.1-10.1.0.5:3000-4000`.
+fn span(t: &NatTarget) -> String {
+    let addrs = if t.addr.lo == t.addr.hi {
+        t.addr.lo.to_string()
+    } else {
+        format!("{}-{}", t.addr.lo, t.addr.hi)
+    };
+    match t.port {
+        Some(p) if p.lo == p.hi => format!("{addrs}:{}", p.lo),
+        Some(p) => format!("{addrs}:{}-{}", p.lo, p.hi),
+        None => addrs,
+    }
+}
+
 fn dnat_count(entries: &[Entry], of: &Entry) -> usize {
     let service: Service = of.orig.service();
     entries
@@ -107,10 +191,10 @@ fn dnat_count(entries: &[Entry], of: &Entry) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use stalewatch_common::ct_status;
-
     use super::*;
-    use crate::domain::udp;
+    use crate::domain::{
+        AddrSpan, Cond, Conditions, DnatRule, EngineRead, PortSpan, Proto, RuleEngine, udp,
+    };
 
     /// A flow from `sport` to the host's 198.51.100.1:8888, sent on to
     /// `to` (DNAT) or delivered to the host (`None`).
@@ -149,7 +233,7 @@ mod tests {
             entry(40001, Some("172.18.0.2")),
             entry(40002, Some("172.18.0.2")),
         ];
-        let findings = audit(&entries, &host());
+        let findings = audit(&entries, &host(), None);
         assert_eq!(findings.len(), 1);
         let f = &findings[0];
         assert_eq!(f.entry.orig.sport, 40000);
@@ -173,19 +257,19 @@ mod tests {
         let entries = [from_container, entry(40001, Some("172.18.0.2"))];
         let mut facts = host();
         assert_eq!(
-            audit(&entries, &facts).len(),
+            audit(&entries, &facts, None).len(),
             1,
             "without the engine's word"
         );
         facts.proxied_sources.insert("172.18.0.3".parse().unwrap());
-        assert!(audit(&entries, &facts).is_empty());
+        assert!(audit(&entries, &facts, None).is_empty());
     }
 
     #[test]
     fn a_port_that_nothing_publishes_is_not_bypassed() {
         // Delivered to the host with no DNAT anywhere: a service of the
         // host's own, or nothing listening; not a stale entry either way.
-        assert!(audit(&[entry(40000, None), entry(40001, None)], &host()).is_empty());
+        assert!(audit(&[entry(40000, None), entry(40001, None)], &host(), None).is_empty());
     }
 
     #[test]
@@ -195,7 +279,7 @@ mod tests {
         routed.orig.dst = "203.0.113.9".parse().unwrap();
         routed.reply.src = routed.orig.dst;
         let dnated = entry(40001, Some("172.18.0.2"));
-        assert!(audit(&[routed, dnated], &host()).is_empty());
+        assert!(audit(&[routed, dnated], &host(), None).is_empty());
     }
 
     #[test]
@@ -205,7 +289,7 @@ mod tests {
             entry(40000, Some("172.17.0.2")),
             entry(40001, Some("172.18.0.2")),
         ];
-        let findings = audit(&entries, &facts);
+        let findings = audit(&entries, &facts, None);
         assert_eq!(findings.len(), 1);
         assert_eq!(findings[0].entry.orig.sport, 40000);
         assert_eq!(findings[0].verdict, Verdict::Stale);
@@ -222,7 +306,7 @@ mod tests {
             entry(40000, Some("10.0.0.1")),
             entry(40001, Some("10.0.0.2")),
         ];
-        assert!(audit(&entries, &host()).is_empty());
+        assert!(audit(&entries, &host(), None).is_empty());
     }
 
     #[test]
@@ -232,8 +316,140 @@ mod tests {
             entry(40000, Some("172.17.0.2")),
             entry(40001, Some("172.17.0.2")),
         ];
-        let findings = audit(&entries, &facts);
+        let findings = audit(&entries, &facts, None);
         assert_eq!(findings.len(), 2);
         assert!(findings.iter().all(|f| f.verdict == Verdict::BackendDown));
+    }
+
+    /// A kube-proxy-style rule: service `vip`:53/udp DNATed to `to`:53.
+    fn dns_rule(vip: &str, to: &str) -> DnatRule {
+        DnatRule {
+            engine: RuleEngine::Nftables,
+            chain: "ip kube-proxy/endpoint".into(),
+            when: Conditions {
+                proto: vec![Cond::is(vec![Proto::UDP])],
+                daddr: vec![Cond::is(vec![AddrSpan::one(vip.parse().unwrap())])],
+                dport: vec![Cond::is(vec![PortSpan::one(53)])],
+                ..Conditions::default()
+            },
+            to: vec![NatTarget {
+                addr: AddrSpan::one(to.parse().unwrap()),
+                port: Some(PortSpan::one(53)),
+            }],
+        }
+    }
+
+    fn intent(rules: Vec<DnatRule>, complete: bool) -> NatIntent {
+        NatIntent::new(
+            rules,
+            vec![EngineRead {
+                engine: RuleEngine::Nftables,
+                complete,
+            }],
+        )
+    }
+
+    /// Node A's entry of a client's DNS stream, DNATed to `to`.
+    fn pinned(to: &str) -> Entry {
+        Entry {
+            orig: udp("192.0.2.2", 40000, "10.96.0.10", 53),
+            reply: udp(to, 53, "192.0.2.2", 40000),
+            status: ct_status::DST_NAT | ct_status::CONFIRMED | ct_status::SEEN_REPLY,
+            timeout: Some(120),
+            id: Some(1),
+        }
+    }
+
+    #[test]
+    fn an_entry_pinned_to_a_backend_no_rule_names_is_stale() {
+        let rules = intent(vec![dns_rule("10.96.0.10", "10.244.1.8")], true);
+        let findings = audit(&[pinned("10.244.1.7")], &host(), Some(&rules));
+        assert_eq!(findings.len(), 1);
+        let f = &findings[0];
+        assert_eq!(f.verdict, Verdict::Stale);
+        assert_eq!(
+            f.current_backends,
+            [Backend::new("10.244.1.8".parse().unwrap(), 53)]
+        );
+        assert_eq!(
+            f.evidence,
+            [
+                "the current nftables rules DNAT 10.96.0.10:53:udp to 10.244.1.8:53, not to 10.244.1.7:53"
+            ]
+        );
+        // The entry that goes where the rules send it is healthy.
+        assert!(audit(&[pinned("10.244.1.8")], &host(), Some(&rules)).is_empty());
+        // Without the intent, nothing tells.
+        assert!(audit(&[pinned("10.244.1.7")], &host(), None).is_empty());
+    }
+
+    #[test]
+    fn a_service_with_no_rule_left_is_stale_only_when_every_dnat_was_read() {
+        let elsewhere = dns_rule("10.96.0.99", "10.244.1.9");
+        let findings = audit(
+            &[pinned("10.244.1.7")],
+            &host(),
+            Some(&intent(vec![elsewhere.clone()], true)),
+        );
+        assert_eq!(findings.len(), 1);
+        assert!(findings[0].current_backends.is_empty());
+        assert_eq!(
+            findings[0].evidence,
+            [
+                "no current rule (nftables) DNATs 10.96.0.10:53:udp any more, yet its entry sends it to 10.244.1.7:53"
+            ]
+        );
+        let partial = intent(vec![elsewhere], false);
+        assert!(audit(&[pinned("10.244.1.7")], &host(), Some(&partial)).is_empty());
+    }
+
+    #[test]
+    fn an_address_given_to_another_services_pod_is_named() {
+        let rules = intent(
+            vec![
+                dns_rule("10.96.0.10", "10.244.1.8"),
+                dns_rule("10.96.0.11", "10.244.1.7"),
+            ],
+            true,
+        );
+        let findings = audit(&[pinned("10.244.1.7")], &host(), Some(&rules));
+        assert_eq!(findings.len(), 1);
+        assert_eq!(
+            findings[0].evidence[1],
+            "10.244.1.7:53 is now a backend of 10.96.0.11:53:udp only"
+        );
+    }
+
+    #[test]
+    fn load_balancing_ranges_and_helpers_are_quiet() {
+        let balanced = intent(
+            vec![
+                dns_rule("10.96.0.10", "10.244.1.7"),
+                dns_rule("10.96.0.10", "10.244.1.8"),
+            ],
+            true,
+        );
+        assert!(
+            audit(
+                &[pinned("10.244.1.7"), pinned("10.244.1.8")],
+                &host(),
+                Some(&balanced)
+            )
+            .is_empty()
+        );
+        let mut range = dns_rule("10.96.0.10", "10.244.1.1");
+        range.to[0].addr.hi = "10.244.1.9".parse().unwrap();
+        assert!(
+            audit(
+                &[pinned("10.244.1.7")],
+                &host(),
+                Some(&intent(vec![range], true))
+            )
+            .is_empty()
+        );
+        let mut expected = pinned("10.244.1.7");
+        expected.status |= ct_status::EXPECTED;
+        let moved = intent(vec![dns_rule("10.96.0.10", "10.244.1.8")], true);
+        assert!(audit(&[expected], &host(), Some(&moved)).is_empty());
     }
 }

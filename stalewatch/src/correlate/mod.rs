@@ -107,6 +107,13 @@ pub struct Correlator {
 /// A service in a namespace.
 type ServiceKey = (u32, Service);
 
+/// What a verdict is made from: the flow's siblings (the correlator
+/// judges), or a judgement the audit made.
+enum Basis<'a> {
+    Siblings(Option<&'a Siblings>),
+    Judged(Judgement),
+}
+
 fn service_of(flow: &Observation) -> ServiceKey {
     (flow.netns, flow.orig.service())
 }
@@ -252,7 +259,12 @@ impl Correlator {
             alerts.extend(self.entry_gone(flow.netns, flow.ct, &flow.orig, now));
             return alerts;
         }
-        alerts.extend(self.observe_inner(flow, evidence.siblings.as_ref(), now, false));
+        alerts.extend(self.observe_inner(
+            flow,
+            Basis::Siblings(evidence.siblings.as_ref()),
+            now,
+            false,
+        ));
         alerts
     }
 
@@ -265,19 +277,69 @@ impl Correlator {
         siblings: &Siblings,
         now: Duration,
     ) -> Option<Alert> {
-        self.observe_inner(flow, Some(siblings), now, true)
+        self.observe_inner(flow, Basis::Siblings(Some(siblings)), now, true)
+    }
+
+    /// Takes a DNATed flow that the audit judged against the host's NAT
+    /// intent: no packet of it fails here (the failure, if any, is on
+    /// another host), so it is due at once. Left to the kernel path when
+    /// flows of its service fail at the same backend here.
+    pub fn observe_judged(
+        &mut self,
+        flow: Observation,
+        judgement: Judgement,
+        now: Duration,
+    ) -> Option<Alert> {
+        let ours = self.flows.contains_key(&key_of(&flow));
+        let failing_here = self
+            .by_service
+            .get(&service_of(&flow))
+            .is_some_and(|b| b.contains_key(&flow.backend()));
+        if !ours && failing_here {
+            return None;
+        }
+        self.observe_inner(flow, Basis::Judged(judgement), now, true)
+    }
+
+    /// A kernel report of a flow that an audit raised (known by its
+    /// original tuple alone, the kernel's entry address unknown to the
+    /// audit): the same flow, kept under the address from now on, raised
+    /// once.
+    fn adopt(&mut self, flow: &Observation) {
+        if flow.ct == 0 {
+            return;
+        }
+        let key = key_of(flow);
+        if self.flows.contains_key(&key) {
+            return;
+        }
+        let stand_in = FlowKey {
+            netns: flow.netns,
+            id: entry_id(0, &flow.orig),
+        };
+        if !self
+            .flows
+            .get(&stand_in)
+            .is_some_and(|t| t.orig == flow.orig && t.reply == flow.reply)
+        {
+            return;
+        }
+        if let Some(tracked) = self.flows.swap_remove(&stand_in) {
+            self.flows.insert(key, tracked);
+        }
     }
 
     fn observe_inner(
         &mut self,
         flow: Observation,
-        siblings: Option<&Siblings>,
+        basis: Basis<'_>,
         now: Duration,
         audited: bool,
     ) -> Option<Alert> {
         if !self.relevant(&flow) {
             return None;
         }
+        self.adopt(&flow);
         let key = key_of(&flow);
         // Another flow in a reused entry: the old one is gone.
         if self.flows.get(&key).is_some_and(|t| !t.is(&flow)) {
@@ -285,7 +347,10 @@ impl Correlator {
         }
         let state = self.due_at(&flow, now, audited);
         let judged = state
-            .and_then(|_| self.judge(&flow, siblings))
+            .and_then(|_| match basis {
+                Basis::Siblings(siblings) => self.judge(&flow, siblings),
+                Basis::Judged(judgement) => Some(judgement),
+            })
             .map(|j| self.shared(service_of(&flow), j));
         let reason = self.reasons.id_of(&flow);
         if !self.flows.contains_key(&key) {
@@ -962,5 +1027,59 @@ mod tests {
             1,
             "resolved once the audits stop finding it"
         );
+    }
+
+    /// The story's flow as the audit knows it: no entry address, no
+    /// failures.
+    fn audited(at: u64) -> Observation {
+        let mut flow = stale(0, at);
+        flow.ct = 0;
+        flow.first = secs(at);
+        flow.icmp = None;
+        flow.drops = None;
+        flow
+    }
+
+    fn against_intent() -> Judgement {
+        Judgement {
+            verdict: Verdict::Stale,
+            current: vec![backend("172.18.0.2")],
+            evidence: vec!["the current nftables rules DNAT ...".into()],
+        }
+    }
+
+    #[test]
+    fn an_audit_judged_flow_is_raised_once_and_kept_while_found() {
+        let mut c = Correlator::new(Config::default());
+        let a = c
+            .observe_judged(audited(10), against_intent(), secs(10))
+            .expect("raised at once");
+        assert_eq!((a.state, a.verdict), (AlertState::Raised, Verdict::Stale));
+        assert_eq!(a.current_backends, [backend("172.18.0.2")]);
+        for t in [20, 30, 40] {
+            assert_eq!(
+                c.observe_judged(audited(t), against_intent(), secs(t)),
+                None
+            );
+            assert!(c.tick(secs(t)).is_empty());
+        }
+        // Then the kernel sees it fail here: the same flow, not a new one.
+        let alerts = c.observe(stale(5, 45), Evidence::default(), secs(45));
+        assert!(alerts.is_empty(), "{alerts:?}");
+        assert_eq!((c.tracked(), c.raised_count()), (1, 1));
+        // And its counters come from the kernel's reports from now on.
+        assert_eq!(c.refresh(&stale(9, 50), secs(50)), Some(false));
+        assert_eq!(c.tick(secs(81)).len(), 1, "resolved once both go quiet");
+    }
+
+    #[test]
+    fn the_audit_leaves_to_the_kernel_a_flow_it_sees_failing() {
+        let mut c = Correlator::new(Config::default());
+        c.observe_plain(stale(5, 11), secs(11)).expect("raised");
+        assert_eq!(
+            c.observe_judged(audited(12), against_intent(), secs(12)),
+            None
+        );
+        assert_eq!(c.tracked(), 1);
     }
 }

@@ -139,12 +139,17 @@ pub fn read_table(netns: &Path) -> Result<Vec<Entry>, Error> {
     Ok(entries)
 }
 
-/// Reads what a bypass needs, and no more: the entries without NAT that
-/// deliver to this host, and only if there are any, the DNATed entries to
-/// their destinations. The watch loop's periodic audit looks for nothing
-/// else (pinned entries fail packets, which the kernel path sees), and on
-/// a host with many DNATed flows reading them all every interval costs.
-pub fn read_bypass_candidates(netns: &Path, facts: &KnownFacts) -> Result<Vec<Entry>, Error> {
+/// Reads what the watch's periodic audit needs, and no more: the entries
+/// without NAT that deliver to this host (bypass candidates), and the
+/// DNATed entries: every one when `every_dnat` (to judge them against the
+/// host's NAT intent), else only those to the candidates' destinations
+/// (pinned entries fail packets, which the kernel path sees, and on a host
+/// with many DNATed flows reading them all every interval costs).
+pub fn read_audit_candidates(
+    netns: &Path,
+    facts: &KnownFacts,
+    every_dnat: bool,
+) -> Result<Vec<Entry>, Error> {
     /// Destinations asked one by one; beyond, one dump of every DNAT.
     const BY_DESTINATION: usize = 16;
     let conn = Conn::open(Some(netns))?;
@@ -164,7 +169,7 @@ pub fn read_bypass_candidates(netns: &Path, facts: &KnownFacts) -> Result<Vec<En
         status: Some((ct_status::DST_NAT, ct_status::DST_NAT)),
         orig_dst,
     };
-    if services.len() > BY_DESTINATION {
+    if every_dnat || services.len() > BY_DESTINATION {
         entries.extend(conn.dump(&dnat(None, None, None))?);
     } else {
         for service in services {

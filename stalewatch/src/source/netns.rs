@@ -10,8 +10,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use std::{collections::HashSet, net::IpAddr};
+
 use crate::{
-    domain::{KnownFacts, NetnsInfo},
+    domain::{AddrSpan, KnownFacts, NetnsInfo},
     error::Error,
 };
 
@@ -167,25 +169,48 @@ pub fn is_own(file: &fs::File) -> bool {
 /// neighbour table holds no IPv6 entries).
 pub fn facts(path: &Path) -> io::Result<KnownFacts> {
     in_netns(path, || -> io::Result<KnownFacts> {
-        let local = nix::ifaddrs::getifaddrs()?
-            .filter_map(|ifa| {
-                let addr = ifa.address?;
-                if let Some(v4) = addr.as_sockaddr_in() {
-                    Some(std::net::IpAddr::V4(v4.ip()))
-                } else {
-                    addr.as_sockaddr_in6()
-                        .map(|v6| std::net::IpAddr::V6(v6.ip()))
-                }
-            })
-            .collect();
+        let (local, connected) = own_addresses()?;
         // /proc/thread-self: this thread's namespace, not the process's.
         let arp = fs::read_to_string("/proc/thread-self/net/arp")?;
         Ok(KnownFacts {
             local,
             failed_neighbours: failed_in_arp_table(&arp),
             proxied_sources: Default::default(),
+            connected,
         })
     })?
+}
+
+/// The addresses of this thread's namespace, and the subnets they are on.
+fn own_addresses() -> io::Result<(HashSet<IpAddr>, Vec<AddrSpan>)> {
+    let mut local = HashSet::new();
+    let mut connected = Vec::new();
+    for ifa in nix::ifaddrs::getifaddrs()? {
+        let (Some(addr), mask) = (ifa.address, ifa.netmask) else {
+            continue;
+        };
+        let (ip, len) = if let Some(v4) = addr.as_sockaddr_in() {
+            let len = mask
+                .as_ref()
+                .and_then(|m| m.as_sockaddr_in())
+                .map(|m| u32::from(m.ip()).leading_ones());
+            (IpAddr::V4(v4.ip()), len)
+        } else if let Some(v6) = addr.as_sockaddr_in6() {
+            let len = mask
+                .as_ref()
+                .and_then(|m| m.as_sockaddr_in6())
+                .map(|m| u128::from(m.ip()).leading_ones());
+            (IpAddr::V6(v6.ip()), len)
+        } else {
+            continue;
+        };
+        local.insert(ip);
+        // A host route (/32, /128) connects nothing else.
+        if let Some(len) = len.filter(|l| *l < if ip.is_ipv4() { 32 } else { 128 }) {
+            connected.push(AddrSpan::prefix(ip, len as u8));
+        }
+    }
+    Ok((local, connected))
 }
 
 /// IPv4 neighbours without a link-layer address (flags without ATF_COM):

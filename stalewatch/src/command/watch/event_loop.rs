@@ -20,6 +20,12 @@ use crate::source::kernel::{
 /// How long after a wakeup the loop reads the ring buffer again: a little
 /// more than the kernel's gap between wakeups (see `WAKE_GAP_NS`).
 const LOOK_AGAIN: Duration = Duration::from_nanos(WAKE_GAP_NS + 1_000_000);
+/// How long after a ruleset change the loop audits: an orchestrator
+/// writes its rules in several steps.
+const RULES_SETTLE: Duration = Duration::from_millis(500);
+/// How long after an audit that judged entries stale the loop looks again
+/// to confirm them (see `pipeline::CONFIRM_AFTER`).
+const CONFIRM: Duration = Duration::from_secs(1);
 /// Reports handled before the loop looks at signals and timers again.
 const DRAIN_BATCH: usize = 256;
 /// Reports read on each tick, at most: more than the ring buffer holds
@@ -47,6 +53,9 @@ pub async fn run<W: io::Write>(
     // once per WAKE_GAP_NS, so urgent reports sent in the gap after a
     // wakeup wait for this look, not for the next tick.
     let mut look_again: Option<tokio::time::Instant> = None;
+    // An audit sooner than the interval: to confirm what the last one
+    // judged stale, or because the rules changed.
+    let mut audit_soon: Option<tokio::time::Instant> = None;
 
     loop {
         tokio::select! {
@@ -79,6 +88,9 @@ pub async fn run<W: io::Write>(
                     // (conntrack dumps) freed behind.
                     release_free_memory();
                 }
+                if !audit_every.is_zero() && audit_soon.is_none() && pipeline.rules_changed() {
+                    audit_soon = Some(tokio::time::Instant::now() + RULES_SETTLE);
+                }
                 let stats = probes.stats()?;
                 if stats.events_lost > lost_reported {
                     pipeline
@@ -88,8 +100,17 @@ pub async fn run<W: io::Write>(
                 }
             }
             _ = auditor.tick(), if !audit_every.is_zero() => {
-                pipeline.audit()?;
+                if pipeline.audit()? {
+                    audit_soon = Some(tokio::time::Instant::now() + CONFIRM);
+                }
                 // The audit's dump was the largest buffer of the round.
+                release_free_memory();
+            }
+            _ = tokio::time::sleep_until(audit_soon.unwrap_or_else(tokio::time::Instant::now)), if audit_soon.is_some() => {
+                audit_soon = None;
+                if pipeline.audit()? {
+                    audit_soon = Some(tokio::time::Instant::now() + CONFIRM);
+                }
                 release_free_memory();
             }
             _ = sigint.recv() => break,

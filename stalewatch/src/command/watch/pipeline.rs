@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     correlate::{Correlator, RaisedFlow, audit},
-    domain::{Alert, Containers, Evidence, Observation, Siblings, Verdict},
+    domain::{Alert, Containers, Evidence, Judgement, Observation, Siblings, Tuple, Verdict},
     error::chain,
     sink::record::Clock,
     source::{
@@ -28,6 +28,10 @@ use crate::{
         netns,
     },
 };
+
+/// An entry the audit judges stale is raised when a look at least this
+/// much later still does.
+pub const CONFIRM_AFTER: Duration = Duration::from_millis(900);
 
 /// A report younger than this is taken as proof that its entry exists.
 pub const FRESH_REPORT: Duration = Duration::from_millis(250);
@@ -58,6 +62,9 @@ pub struct Pipeline<W: io::Write> {
     resolve_after: Duration,
     /// The namespace the audit reads.
     audit_path: PathBuf,
+    /// Entries the audit judged stale against the NAT intent, with when it
+    /// first did (monotonic): raised at the next look that still does.
+    pending: HashMap<(Tuple, Tuple), Duration>,
 }
 
 impl<W: io::Write> Pipeline<W> {
@@ -75,6 +82,7 @@ impl<W: io::Write> Pipeline<W> {
             engine,
             resolve_after,
             audit_path,
+            pending: HashMap::new(),
         }
     }
 
@@ -194,11 +202,16 @@ impl<W: io::Write> Pipeline<W> {
     }
 
     /// Flows that bypass a DNAT while a proxy on the host serves them fail
-    /// no packet: only the conntrack table shows them.
-    pub fn audit(&mut self) -> io::Result<()> {
+    /// no packet, and flows pinned to a backend on another host fail none
+    /// here: only the conntrack table, held against the host's NAT intent,
+    /// shows them. Returns whether a follow-up audit is due soon: an entry
+    /// judged stale is raised only when a second look still finds it (an
+    /// orchestrator that deletes old entries right after changing the
+    /// rules is doing it right).
+    pub fn audit(&mut self) -> io::Result<bool> {
         let path = self.audit_path.clone();
         let Ok(inode) = std::fs::metadata(&path).map(|m| m.ino() as u32) else {
-            return Ok(());
+            return Ok(false);
         };
         let mut facts = self.view.facts(&path);
         if netns::own_inode() == Some(inode)
@@ -206,21 +219,21 @@ impl<W: io::Write> Pipeline<W> {
         {
             facts.proxied_sources = engine.snapshot().container_addresses();
         }
-        let entries = match conntrack::read_bypass_candidates(&path, &facts) {
+        let intent = self.view.intent(&path);
+        let judge_dnat = intent.as_ref().is_some_and(|i| !i.read().is_empty());
+        let entries = match conntrack::read_audit_candidates(&path, &facts, judge_dnat) {
             Ok(entries) => entries,
             Err(e) => {
                 log::warn!("audit: {}", chain(&e));
-                return Ok(());
+                return Ok(false);
             }
         };
         let now = monotonic();
-        for finding in audit::audit(&entries, &facts) {
-            if finding.verdict != Verdict::Bypass {
-                // Pinned entries fail packets: the kernel path has them.
-                continue;
-            }
+        let mut seen = HashMap::new();
+        let mut follow_up = false;
+        for finding in audit::audit(&entries, &facts, intent.as_deref()) {
             let e = &finding.entry;
-            let flow = Observation {
+            let mut flow = Observation {
                 local: true,
                 ct: 0,
                 netns: inode,
@@ -232,14 +245,45 @@ impl<W: io::Write> Pipeline<W> {
                 icmp: None,
                 drops: None,
             };
-            let siblings = Siblings {
-                dnat_backends: finding.current_backends.iter().map(|b| (*b, 1)).collect(),
+            let alert = if finding.verdict == Verdict::Bypass {
+                let siblings = Siblings {
+                    dnat_backends: finding.current_backends.iter().map(|b| (*b, 1)).collect(),
+                };
+                self.correlator.observe_audited(flow, &siblings, now)
+            } else if !e.is_dnat() || facts.on_link(e.backend().addr) {
+                // Pinned to a backend on this host's links: its packets
+                // fail here, where the kernel path sees them.
+                continue;
+            } else {
+                let first = *self.pending.get(&(e.orig, e.reply)).unwrap_or(&now);
+                seen.insert((e.orig, e.reply), first);
+                if now.saturating_sub(first) < CONFIRM_AFTER {
+                    follow_up = true;
+                    continue;
+                }
+                flow.local = false;
+                flow.first = first;
+                let judgement = Judgement {
+                    verdict: finding.verdict,
+                    current: finding.current_backends.clone(),
+                    evidence: finding.evidence.clone(),
+                };
+                self.correlator.observe_judged(flow, judgement, now)
             };
-            if let Some(alert) = self.correlator.observe_audited(flow, &siblings, now) {
+            if let Some(alert) = alert {
                 self.emit(&alert)?;
             }
         }
-        Ok(())
+        // An entry no longer judged stale starts afresh if it is again.
+        self.pending = seen;
+        Ok(follow_up)
+    }
+
+    /// Whether the audited namespace's rules changed since the last look:
+    /// then an audit is due (the flows they no longer send where their
+    /// entries do are stale now).
+    pub fn rules_changed(&mut self) -> bool {
+        self.view.intent_changed()
     }
 
     /// Says an alert: its names gathered first, then the output's record

@@ -7,6 +7,7 @@ use std::{
     collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     rc::Rc,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -14,10 +15,14 @@ use stalewatch_common::ct_status;
 
 use crate::{
     correlate::RaisedFlow,
-    domain::{AlertState, Evidence, KnownFacts, NetnsInfo, Observation, Service, Siblings, Tuple},
+    domain::{
+        AlertState, Evidence, KnownFacts, NatIntent, NetnsInfo, Observation, RuleEngine, Service,
+        Siblings, Tuple,
+    },
     error::chain,
     source::{
         conntrack::{self, Conn, Filter},
+        intent::{self, Changes},
         netns,
     },
 };
@@ -29,6 +34,9 @@ const SIBLINGS_TTL: Duration = Duration::from_secs(2);
 const REMINDER_SIBLINGS_TTL: Duration = Duration::from_secs(30);
 /// Raised flows of one namespace checked one by one; beyond, one dump.
 const LOOKUPS_PER_NETNS: usize = 32;
+/// The NAT intent is read again at least this often, whatever announces
+/// its changes (iptables-legacy announces none).
+const INTENT_TTL: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 pub struct View {
@@ -45,6 +53,17 @@ pub struct View {
     /// Whether the namespace facts could not be read at the last audit:
     /// said once, not every interval.
     facts_failed: bool,
+    /// The audited namespace's NAT intent, as last read.
+    intent: Option<IntentCache>,
+}
+
+struct IntentCache {
+    intent: Arc<NatIntent>,
+    read_at: Instant,
+    /// Ruleset announcements of the namespace, where they can be heard.
+    changes: Option<Changes>,
+    /// Announced since the last reading.
+    dirty: bool,
 }
 
 impl View {
@@ -191,6 +210,58 @@ impl View {
                 .copied()
                 .collect(),
         )
+    }
+
+    /// Whether the audited namespace announced a ruleset change since the
+    /// last look (without reading the rules).
+    pub fn intent_changed(&mut self) -> bool {
+        let Some(cache) = &mut self.intent else {
+            return false;
+        };
+        if let Some(changes) = &mut cache.changes
+            && changes.any()
+        {
+            cache.dirty = true;
+        }
+        cache.dirty
+    }
+
+    /// The NAT intent of the namespace at `path`: read again when its
+    /// ruleset changed, when iptables-legacy (which announces nothing)
+    /// has rules there, or every INTENT_TTL. `None` when it cannot be
+    /// read.
+    pub fn intent(&mut self, path: &Path) -> Option<Arc<NatIntent>> {
+        self.intent_changed();
+        if let Some(cache) = &self.intent {
+            let legacy = cache
+                .intent
+                .read()
+                .iter()
+                .any(|r| r.engine == RuleEngine::IptablesLegacy);
+            if !(cache.dirty || legacy || cache.read_at.elapsed() >= INTENT_TTL) {
+                return Some(cache.intent.clone());
+            }
+        }
+        // Listen before reading: a change made meanwhile is heard.
+        let changes = match self.intent.take() {
+            Some(IntentCache {
+                changes: Some(c), ..
+            }) => Some(c),
+            _ => Changes::listen(path)
+                .map_err(|e| log::debug!("ruleset announcements unheard: {e}"))
+                .ok(),
+        };
+        let intent = intent::read(path)
+            .map_err(|e| log::warn!("NAT intent: {}", chain(&e)))
+            .ok()
+            .map(Arc::new)?;
+        self.intent = Some(IntentCache {
+            intent: intent.clone(),
+            read_at: Instant::now(),
+            changes,
+            dirty: false,
+        });
+        Some(intent)
     }
 
     /// What the audit needs of the namespace at `path`: its addresses and
