@@ -311,6 +311,11 @@ impl StaleFlow {
                 "every flow to this service fails at {backend}: the backend is down, \
                  deleting the entry alone will not help"
             ),
+            // No packet failed here: judged against the rules.
+            Verdict::Stale if flow.failures() == 0 => format!(
+                "its conntrack entry still sends it to {backend}, where the host's current NAT \
+                 rules no longer send it; NAT rules are not consulted again while the entry lives"
+            ),
             Verdict::Stale | Verdict::Unconfirmed => format!(
                 "its conntrack entry still sends it to {backend}, which the host can no longer \
                  reach; NAT rules are not consulted again while the entry lives"

@@ -43,14 +43,17 @@ fn read_here() -> NatIntent {
     // iptables-nft's tables show in nft's listing as `nat` tables of rules
     // with compat statements; without nft, ask iptables-nft anyway.
     let mut nft_nat_tables: Option<(bool, bool)> = None;
+    // iptables-nft DNATs that nft showed, to be read by iptables-nft-save.
+    let mut iptables_nft_owed = false;
     if let Some(json) = run("nft", &["-j", "list", "ruleset"]) {
         match nft::parse(&json) {
-            Ok((found, complete)) => {
-                rules.extend(found);
+            Ok(parsed) => {
+                rules.extend(parsed.rules);
                 read.push(EngineRead {
                     engine: RuleEngine::Nftables,
-                    complete,
+                    complete: parsed.complete,
                 });
+                iptables_nft_owed = parsed.iptables_dnat;
             }
             Err(e) => log::warn!("nftables: cannot read `nft -j list ruleset`: {e}"),
         }
@@ -99,6 +102,15 @@ fn read_here() -> NatIntent {
         let (found, complete) = iptables::parse(&save, engine, family);
         rules.extend(found);
         read.push(EngineRead { engine, complete });
+        iptables_nft_owed &= engine != RuleEngine::IptablesNft;
+    }
+    if iptables_nft_owed {
+        // DNATs nft showed and no iptables-nft-save read: not a reading
+        // that can say a flow has no rule.
+        read.push(EngineRead {
+            engine: RuleEngine::IptablesNft,
+            complete: false,
+        });
     }
     NatIntent::new(rules, read)
 }

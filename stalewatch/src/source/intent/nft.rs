@@ -27,8 +27,18 @@ const MAX_DEPTH: usize = 16;
 /// A table's object: (family, table, name).
 type Key = (String, String, String);
 
-/// The DNATs of a ruleset, and whether every one was understood.
-pub fn parse(json: &str) -> Result<(Vec<DnatRule>, bool), serde_json::Error> {
+/// What a ruleset says of its DNATs.
+pub struct Parsed {
+    pub rules: Vec<DnatRule>,
+    /// Every DNAT of nftables' own was understood.
+    pub complete: bool,
+    /// iptables-nft DNATs are there too (compat statements), for its own
+    /// reader.
+    pub iptables_dnat: bool,
+}
+
+/// The DNATs of a ruleset.
+pub fn parse(json: &str) -> Result<Parsed, serde_json::Error> {
     let root: Value = serde_json::from_str(json)?;
     let objects = root
         .get("nftables")
@@ -42,6 +52,13 @@ pub fn parse(json: &str) -> Result<(Vec<DnatRule>, bool), serde_json::Error> {
     for object in objects {
         ruleset.add(object);
     }
+    let iptables_dnat = ruleset.rules.values().flatten().any(|r| {
+        r.expr.iter().any(|s| {
+            matches!(s, Statement::XT(Some(xt))
+                if xt.get("type").and_then(Value::as_str) == Some("target")
+                    && xt.get("name").and_then(Value::as_str) == Some("DNAT"))
+        })
+    });
     let mut walk = Walk {
         ruleset: &ruleset,
         out: Vec::new(),
@@ -61,7 +78,11 @@ pub fn parse(json: &str) -> Result<(Vec<DnatRule>, bool), serde_json::Error> {
         };
         walk.chain(key, when, 0);
     }
-    Ok((walk.out, walk.complete))
+    Ok(Parsed {
+        rules: walk.out,
+        complete: walk.complete,
+        iptables_dnat,
+    })
 }
 
 #[derive(Default)]

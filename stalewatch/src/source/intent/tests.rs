@@ -16,7 +16,9 @@ const MIXED: &str = include_str!("testdata/nft-mixed.json");
 
 #[test]
 fn kube_proxy_nftables_maps_lead_to_every_endpoint() {
-    let (rules, complete) = nft::parse(MIXED).unwrap();
+    let nft::Parsed {
+        rules, complete, ..
+    } = nft::parse(MIXED).unwrap();
     assert!(complete);
     let dns = udp("192.0.2.2", 40000, "10.96.0.10", 53);
     let to: Vec<Backend> = rules
@@ -38,7 +40,7 @@ fn kube_proxy_nftables_maps_lead_to_every_endpoint() {
 
 #[test]
 fn plain_dnats_keep_interface_range_set_and_map() {
-    let (rules, _) = nft::parse(MIXED).unwrap();
+    let rules = nft::parse(MIXED).unwrap().rules;
     let admitted = |flow: &Tuple, iif: Option<&str>| -> Vec<String> {
         rules
             .iter()
@@ -89,9 +91,10 @@ fn iptables_nft_rules_in_nft_listings_are_left_to_iptables() {
       {"chain": {"family": "ip", "table": "nat", "name": "PREROUTING", "handle": 1, "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}},
       {"rule": {"family": "ip", "table": "nat", "chain": "PREROUTING", "handle": 2, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "10.96.0.11"}}, {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 53}}, {"xt": {"type": "match", "name": "comment"}}, {"counter": {"packets": 0, "bytes": 0}}, {"xt": {"type": "target", "name": "DNAT"}}]}}
     ]}"#;
-    let (rules, complete) = nft::parse(json).unwrap();
-    assert!(rules.is_empty());
-    assert!(complete);
+    let parsed = nft::parse(json).unwrap();
+    assert!(parsed.rules.is_empty());
+    assert!(parsed.complete);
+    assert!(parsed.iptables_dnat, "for iptables-nft-save to read");
 }
 
 #[test]
@@ -100,7 +103,8 @@ fn a_dnat_that_cannot_be_read_makes_the_reading_incomplete() {
       {"chain": {"family": "ip", "table": "t", "name": "pre", "handle": 1, "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}},
       {"rule": {"family": "ip", "table": "t", "chain": "pre", "handle": 2, "expr": [{"dnat": {"addr": {"jhash": {"expr": {"payload": {"protocol": "ip", "field": "saddr"}}, "mod": 2}}}}]}}
     ]}"#;
-    let (rules, complete) = nft::parse(json).unwrap();
-    assert!(rules.is_empty());
-    assert!(!complete);
+    let parsed = nft::parse(json).unwrap();
+    assert!(parsed.rules.is_empty());
+    assert!(!parsed.complete);
+    assert!(!parsed.iptables_dnat);
 }
