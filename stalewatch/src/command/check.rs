@@ -50,6 +50,11 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let intent = intent::read(&path)
         .map_err(|e| log::warn!("NAT intent: {}", crate::error::chain(&e)))
         .ok();
+    if intent.as_ref().is_some_and(|i| !i.read().is_empty()) {
+        let sources = audit::bypass_sources(&entries, &facts);
+        facts.arrives_on = netns::arrival_interfaces(&path, sources)
+            .context("looking up the routes back to the sources")?;
+    }
     let findings = audit::audit(&entries, &facts, intent.as_ref());
     let mut reporter = Reporter::new(args.format, io::stdout().lock());
     let mut left = 0;

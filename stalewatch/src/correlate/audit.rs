@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use stalewatch_common::ct_status;
 
 use super::judge::list;
-use crate::domain::{Backend, Entry, KnownFacts, NatIntent, NatTarget, Service, Verdict};
+use crate::domain::{Backend, Entry, Fit, KnownFacts, NatIntent, NatTarget, Service, Verdict};
 
 /// One stale entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,20 +52,32 @@ pub fn audit(entries: &[Entry], facts: &KnownFacts, intent: Option<&NatIntent>) 
             let delivered_here = entry.reply.src == entry.orig.dst
                 && facts.is_local(entry.orig.dst)
                 && !facts.served_by_proxy(&entry.orig);
-            if delivered_here {
-                let current: Vec<Backend> = backends.iter().copied().collect();
-                findings.push(Finding {
-                    entry: entry.clone(),
-                    verdict: Verdict::Bypass,
-                    evidence: vec![format!(
-                        "its entry has no NAT and delivers it to this host, while {} other \
-                         entries to {destination} are DNATed to {}",
-                        dnat_count(entries, entry),
-                        list(&current)
-                    )],
-                    current_backends: current,
-                });
+            if !delivered_here {
+                continue;
             }
+            // With the rules read, a bypass needs one that would DNAT this
+            // very flow now.
+            let proof = match intent.filter(|i| !i.read().is_empty()) {
+                Some(intent) => match dnats_now(entry, intent, facts) {
+                    Some(proof) => Some(proof),
+                    None => continue,
+                },
+                None => None,
+            };
+            let current: Vec<Backend> = backends.iter().copied().collect();
+            let mut evidence = vec![format!(
+                "its entry has no NAT and delivers it to this host, while {} other \
+                 entries to {destination} are DNATed to {}",
+                dnat_count(entries, entry),
+                list(&current)
+            )];
+            evidence.extend(proof);
+            findings.push(Finding {
+                entry: entry.clone(),
+                verdict: Verdict::Bypass,
+                evidence,
+                current_backends: current,
+            });
             continue;
         }
         let addr = entry.backend().addr;
@@ -100,6 +112,37 @@ pub fn audit(entries: &[Entry], facts: &KnownFacts, intent: Option<&NatIntent>) 
     }
     findings.sort_by_key(|f| (f.entry.orig.service(), f.entry.orig));
     findings
+}
+
+/// The sources of the entries that could bypass a DNAT (no NAT, delivered
+/// to this host): whose arrival interfaces [`audit`] needs to know.
+pub fn bypass_sources(entries: &[Entry], facts: &KnownFacts) -> Vec<std::net::IpAddr> {
+    let mut sources: Vec<std::net::IpAddr> = entries
+        .iter()
+        .filter(|e| !e.is_dnat() && e.reply.src == e.orig.dst && facts.is_local(e.orig.dst))
+        .map(|e| e.orig.src)
+        .collect();
+    sources.sort_unstable();
+    sources.dedup();
+    sources
+}
+
+/// Whether a current rule would DNAT the flow of `entry` (made without
+/// NAT) now: its source, its destination and the interface it arrives on.
+/// The proof in words, or `None`.
+pub fn dnats_now(entry: &Entry, intent: &NatIntent, facts: &KnownFacts) -> Option<String> {
+    let orig = &entry.orig;
+    let iif = facts.arrives_on.get(&orig.src).map(String::as_str);
+    let (rule, _) = intent
+        .for_flow(orig, iif, |a| facts.is_local(a))
+        .into_iter()
+        .find(|(_, fit)| *fit == Fit::Yes)?;
+    let on = iif.map_or(String::new(), |i| format!(", arriving on {i}"));
+    Some(format!(
+        "a current {} rule ({}) DNATs this very flow now{on}",
+        rule.engine.name(),
+        rule.chain
+    ))
 }
 
 /// A DNATed entry that the host's current rules would not send where it
@@ -451,5 +494,36 @@ mod tests {
         expected.status |= ct_status::EXPECTED;
         let moved = intent(vec![dns_rule("10.96.0.10", "10.244.1.8")], true);
         assert!(audit(&[expected], &host(), Some(&moved)).is_empty());
+    }
+
+    #[test]
+    fn a_bypass_needs_a_rule_that_would_dnat_this_very_flow() {
+        // The router DNATs 8888 arriving on `ext` only, and serves 8888
+        // itself to its internal clients.
+        let mut published = dns_rule("198.51.100.1", "172.18.0.2");
+        published.when.dport = vec![Cond::is(vec![PortSpan::one(8888)])];
+        published.when.iif = vec![Cond::is(vec!["ext".to_owned()])];
+        published.to[0].port = Some(PortSpan::one(8888));
+        let rules = intent(vec![published], true);
+        let entries = [entry(40000, None), entry(40001, Some("172.18.0.2"))];
+        let mut facts = host();
+        let client: std::net::IpAddr = "198.51.100.2".parse().unwrap();
+        assert_eq!(bypass_sources(&entries, &facts), [client]);
+        facts.arrives_on.insert(client, "int".into());
+        assert!(
+            audit(&entries, &facts, Some(&rules)).is_empty(),
+            "internal: by design"
+        );
+        facts.arrives_on.insert(client, "ext".into());
+        let findings = audit(&entries, &facts, Some(&rules));
+        assert_eq!(findings.len(), 1);
+        assert_eq!(findings[0].verdict, Verdict::Bypass);
+        assert_eq!(
+            findings[0].evidence[1],
+            "a current nftables rule (ip kube-proxy/endpoint) DNATs this very flow now, arriving on ext"
+        );
+        // Where the route back is unknown, nothing proves it.
+        facts.arrives_on.clear();
+        assert!(audit(&entries, &facts, Some(&rules)).is_empty());
     }
 }

@@ -51,8 +51,17 @@ pub fn pinned(
 
 /// A flow delivered to this host without NAT (refused datagrams, or found
 /// by the audit): a bypass only when DNATed siblings show that its
-/// destination is published elsewhere now; else nothing to say.
-pub fn delivered_here(flow: &Observation, siblings: Option<&Siblings>) -> Option<Judgement> {
+/// destination is published elsewhere now, and, where the rules could be
+/// read (`dnat_now`), a current rule would DNAT this very flow; else
+/// nothing to say.
+pub fn delivered_here(
+    flow: &Observation,
+    siblings: Option<&Siblings>,
+    dnat_now: Option<bool>,
+) -> Option<Judgement> {
+    if dnat_now == Some(false) {
+        return None;
+    }
     let current: Vec<Backend> = siblings?.dnat_backends.keys().copied().collect();
     if current.is_empty() {
         return None;

@@ -110,7 +110,8 @@ type ServiceKey = (u32, Service);
 /// What a verdict is made from: the flow's siblings (the correlator
 /// judges), or a judgement the audit made.
 enum Basis<'a> {
-    Siblings(Option<&'a Siblings>),
+    /// Siblings, and whether a current rule would DNAT the flow now.
+    Siblings(Option<&'a Siblings>, Option<bool>),
     Judged(Judgement),
 }
 
@@ -261,7 +262,7 @@ impl Correlator {
         }
         alerts.extend(self.observe_inner(
             flow,
-            Basis::Siblings(evidence.siblings.as_ref()),
+            Basis::Siblings(evidence.siblings.as_ref(), evidence.dnat_now),
             now,
             false,
         ));
@@ -277,7 +278,7 @@ impl Correlator {
         siblings: &Siblings,
         now: Duration,
     ) -> Option<Alert> {
-        self.observe_inner(flow, Basis::Siblings(Some(siblings)), now, true)
+        self.observe_inner(flow, Basis::Siblings(Some(siblings), None), now, true)
     }
 
     /// Takes a DNATed flow that the audit judged against the host's NAT
@@ -348,7 +349,7 @@ impl Correlator {
         let state = self.due_at(&flow, now, audited);
         let judged = state
             .and_then(|_| match basis {
-                Basis::Siblings(siblings) => self.judge(&flow, siblings),
+                Basis::Siblings(siblings, dnat_now) => self.judge(&flow, siblings, dnat_now),
                 Basis::Judged(judgement) => Some(judgement),
             })
             .map(|j| self.shared(service_of(&flow), j));
@@ -405,9 +406,14 @@ impl Correlator {
     /// The verdict on `flow` (see [`judge`]), with the failing flows of its
     /// service that the correlator tracks; `None` for a flow delivered here
     /// that nothing shows to be a bypass.
-    fn judge(&self, flow: &Observation, siblings: Option<&Siblings>) -> Option<Judgement> {
+    fn judge(
+        &self,
+        flow: &Observation,
+        siblings: Option<&Siblings>,
+        dnat_now: Option<bool>,
+    ) -> Option<Judgement> {
         if flow.local {
-            return judge::delivered_here(flow, siblings);
+            return judge::delivered_here(flow, siblings, dnat_now);
         }
         let stale = flow.backend();
         // Other flows to the same service that fail too, by backend: the
@@ -605,6 +611,7 @@ mod tests {
             let evidence = Evidence {
                 entry_exists: None,
                 siblings: siblings.cloned(),
+                dnat_now: None,
             };
             let mut alerts = self.observe(flow, evidence, now);
             assert!(alerts.len() <= 1, "{alerts:?}");
@@ -858,6 +865,7 @@ mod tests {
         let gone = Evidence {
             entry_exists: Some(false),
             siblings: Some(siblings(&[("172.18.0.2", 1)])),
+            dnat_now: None,
         };
         let alerts = c.observe(stale(70, 71), gone.clone(), secs(71));
         assert_eq!(states(&alerts), [AlertState::Resolved]);
@@ -978,6 +986,27 @@ mod tests {
             "{:?}",
             a.evidence
         );
+    }
+
+    #[test]
+    fn a_refused_flow_no_current_rule_would_dnat_is_no_bypass() {
+        // The DNAT is limited to another interface: the host's own service
+        // takes this flow by design, whatever its siblings.
+        let mut c = Correlator::new(Config::default());
+        let view = siblings(&[("172.18.0.2", 2)]);
+        let not_now = Evidence {
+            entry_exists: None,
+            siblings: Some(view.clone()),
+            dnat_now: Some(false),
+        };
+        assert!(c.observe(refused(5, 11), not_now, secs(11)).is_empty());
+        let proven = Evidence {
+            dnat_now: Some(true),
+            siblings: Some(view),
+            entry_exists: None,
+        };
+        let alerts = c.observe(refused(80, 72), proven, secs(72));
+        assert_eq!(alerts[0].verdict, Verdict::Bypass);
     }
 
     #[test]

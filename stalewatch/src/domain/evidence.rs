@@ -4,7 +4,7 @@
 //! judged.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     sync::Arc,
     time::Duration,
@@ -137,6 +137,9 @@ pub struct KnownFacts {
     /// The subnets of the namespace's own addresses: hosts it reaches on
     /// its links, without a gateway.
     pub connected: Vec<AddrSpan>,
+    /// The interface flows from a source arrive on (the route back to
+    /// it), for the sources a judgement needs.
+    pub arrives_on: HashMap<IpAddr, String>,
 }
 
 impl KnownFacts {
@@ -170,4 +173,8 @@ pub struct Evidence {
     /// Its siblings; `None` when the table could not be read, or when they
     /// cannot make the flow stale (a flow the engine proxies by design).
     pub siblings: Option<Siblings>,
+    /// For a flow delivered to this host: whether a current rule would
+    /// DNAT it now (its source, destination and the interface it arrives
+    /// on); `None` when the rules could not be read.
+    pub dnat_now: Option<bool>,
 }

@@ -10,7 +10,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use std::{collections::HashSet, net::IpAddr};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+};
 
 use crate::{
     domain::{AddrSpan, KnownFacts, NetnsInfo},
@@ -177,6 +180,7 @@ pub fn facts(path: &Path) -> io::Result<KnownFacts> {
             failed_neighbours: failed_in_arp_table(&arp),
             proxied_sources: Default::default(),
             connected,
+            arrives_on: HashMap::new(),
         })
     })?
 }
@@ -211,6 +215,32 @@ fn own_addresses() -> io::Result<(HashSet<IpAddr>, Vec<AddrSpan>)> {
         }
     }
     Ok((local, connected))
+}
+
+/// The interface the namespace at `path` routes each of `sources` out of:
+/// the one their flows arrive on. A source without a route is left out.
+pub fn arrival_interfaces(
+    path: &Path,
+    sources: Vec<IpAddr>,
+) -> io::Result<HashMap<IpAddr, String>> {
+    in_netns(path, move || {
+        sources
+            .into_iter()
+            .filter_map(|src| Some((src, route_dev(src)?)))
+            .collect()
+    })
+}
+
+/// `ip -j route get ADDR`'s device, in this thread's namespace.
+fn route_dev(addr: IpAddr) -> Option<String> {
+    let out = std::process::Command::new("ip")
+        .args(["-j", "route", "get", &addr.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let routes: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    routes.get(0)?.get("dev")?.as_str().map(str::to_owned)
 }
 
 /// IPv4 neighbours without a link-layer address (flags without ATF_COM):

@@ -228,6 +228,13 @@ impl<W: io::Write> Pipeline<W> {
                 return Ok(false);
             }
         };
+        if judge_dnat {
+            let sources = audit::bypass_sources(&entries, &facts);
+            match netns::arrival_interfaces(&path, sources) {
+                Ok(routes) => facts.arrives_on = routes,
+                Err(e) => log::warn!("audit: routes back to the sources: {e}"),
+            }
+        }
         let now = monotonic();
         let mut seen = HashMap::new();
         let mut follow_up = false;

@@ -14,10 +14,10 @@ use std::{
 use stalewatch_common::ct_status;
 
 use crate::{
-    correlate::RaisedFlow,
+    correlate::{RaisedFlow, audit},
     domain::{
-        AlertState, Evidence, KnownFacts, NatIntent, NetnsInfo, Observation, RuleEngine, Service,
-        Siblings, Tuple,
+        AlertState, Entry, Evidence, KnownFacts, NatIntent, NetnsInfo, Observation, RuleEngine,
+        Service, Siblings, Tuple,
     },
     error::chain,
     source::{
@@ -58,6 +58,8 @@ pub struct View {
 }
 
 struct IntentCache {
+    /// The namespace's inode.
+    inode: u32,
     intent: Arc<NatIntent>,
     read_at: Instant,
     /// Ruleset announcements of the namespace, where they can be heard.
@@ -119,6 +121,7 @@ impl View {
             return Evidence {
                 entry_exists: Some(false),
                 siblings: None,
+                dnat_now: None,
             };
         }
         // A reminder may take siblings read a while ago: thousands of
@@ -127,14 +130,45 @@ impl View {
             AlertState::Reminder => REMINDER_SIBLINGS_TTL,
             _ => SIBLINGS_TTL,
         };
+        let siblings = if flow.local && proxied {
+            None
+        } else {
+            self.siblings_of(flow, max_age)
+        };
         Evidence {
             entry_exists: None,
-            siblings: if flow.local && proxied {
-                None
-            } else {
-                self.siblings_of(flow, max_age)
-            },
+            dnat_now: siblings
+                .as_ref()
+                .filter(|_| flow.local)
+                .and_then(|_| self.dnat_now(flow)),
+            siblings,
         }
+    }
+
+    /// Whether a current rule of the flow's namespace would DNAT a flow
+    /// delivered to this host now; `None` where its rules cannot be read
+    /// (the watch reads those of the audited namespace).
+    fn dnat_now(&mut self, flow: &Observation) -> Option<bool> {
+        let info = self.netns_info(flow.netns);
+        let path = netns::path_of(&info)?;
+        let audited = self.intent.as_ref()?;
+        if audited.inode != flow.netns {
+            return None;
+        }
+        let intent = self.intent(&path)?;
+        if intent.read().is_empty() {
+            return None;
+        }
+        let mut facts = self.facts(&path);
+        facts.arrives_on = netns::arrival_interfaces(&path, vec![flow.orig.src]).ok()?;
+        let entry = Entry {
+            orig: flow.orig,
+            reply: flow.reply,
+            status: flow.status,
+            timeout: None,
+            id: None,
+        };
+        Some(audit::dnats_now(&entry, &intent, &facts).is_some())
     }
 
     /// Whether the conntrack entry of a flow still exists (see the free
@@ -255,7 +289,11 @@ impl View {
             .map_err(|e| log::warn!("NAT intent: {}", chain(&e)))
             .ok()
             .map(Arc::new)?;
+        let inode = std::fs::metadata(path)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32)
+            .unwrap_or(0);
         self.intent = Some(IntentCache {
+            inode,
             intent: intent.clone(),
             read_at: Instant::now(),
             changes,
