@@ -249,6 +249,7 @@ pub mod globals {
     pub const NF_CONN_BTF_ID: &str = "NF_CONN_BTF_ID";
     pub const DROP_REASONS: &str = "DROP_REASONS";
     pub const DROP_REASONS_V6: &str = "DROP_REASONS_V6";
+    pub const DEAD_REASONS: &str = "DEAD_REASONS";
     pub const OFF_SKB_PROTOCOL: &str = "OFF_SKB_PROTOCOL";
     pub const OFF_SKB_HEAD: &str = "OFF_SKB_HEAD";
     pub const OFF_SKB_NETWORK_HEADER: &str = "OFF_SKB_NETWORK_HEADER";

@@ -4,7 +4,9 @@
 //! `icmp:icmp_send` (this host answers "destination unreachable") and
 //! `skb:kfree_skb` (the packet is dropped, with a reason). Both hand the
 //! packet to [`record_failure`], which keeps only packets whose conntrack
-//! entry was DNATed, aggregates failures per entry in the `FLOWS` map and
+//! entry was DNATed, or whose destination no neighbour answers (a dead
+//! destination, whatever the entry's NAT), aggregates failures per entry
+//! in the `FLOWS` map and
 //! tells userspace about an entry on its first failure, on the failure that
 //! reaches `MIN_FAILURES`, and then at most once per `EMIT_INTERVAL_NS`
 //! (`REPORTED_INTERVAL_NS` once reported): userspace work grows with
@@ -98,6 +100,12 @@ mod programs {
     /// follow for every packet.
     #[unsafe(no_mangle)]
     static DROP_REASONS_V6: [u64; DROP_REASON_WORDS] = [0; DROP_REASON_WORDS];
+    /// Reasons that say no neighbour answers for the packet's destination:
+    /// a failure worth following for an entry without NAT too (a host that
+    /// receives traffic for a dead address, pinned by another host's
+    /// entry).
+    #[unsafe(no_mangle)]
+    static DEAD_REASONS: [u64; DROP_REASON_WORDS] = [0; DROP_REASON_WORDS];
     #[unsafe(no_mangle)]
     static OFF_SKB_PROTOCOL: u64 = 0;
     #[unsafe(no_mangle)]
@@ -337,7 +345,9 @@ mod programs {
         }
         let icmp_code: i32 = ctx.arg(2);
         let skb: u64 = ctx.arg(0);
-        if record_failure(skb, hook::ICMP_SEND, icmp_code as u8, 0) == Ok(false)
+        // Host unreachable: no neighbour answers for the destination.
+        let dead = icmp_code == 1;
+        if record_failure(skb, hook::ICMP_SEND, icmp_code as u8, 0, dead) == Ok(false)
             && icmp_code as u32 == ICMP_PORT_UNREACH
         {
             let _ = record_local(skb, icmp_code as u8);
@@ -444,7 +454,10 @@ mod programs {
                 return 0;
             }
         }
-        let _ = record_failure(skb, hook::KFREE_SKB, 0, reason);
+        // IPv6's neighbour failures come as NOT_SPECIFIED, a reason too
+        // vague to follow without NAT: dead destinations are IPv4's.
+        let dead = has(&DEAD_REASONS, reason);
+        let _ = record_failure(skb, hook::KFREE_SKB, 0, reason, dead);
         0
     }
 
@@ -478,14 +491,22 @@ mod programs {
     /// Counts a failed packet against its DNATed conntrack entry. `Ok(false)`
     /// when the packet has no conntrack entry at all.
     #[inline(always)]
-    fn record_failure(skb: u64, hook_id: u8, icmp_code: u8, drop_reason: u32) -> Result<bool, ()> {
+    /// A failing packet: kept when its entry was DNATed, or when `dead`
+    /// (no neighbour answers for its destination) whatever its NAT.
+    fn record_failure(
+        skb: u64,
+        hook_id: u8,
+        icmp_code: u8,
+        drop_reason: u32,
+        dead: bool,
+    ) -> Result<bool, ()> {
         let nfct: u64 = skb_field(skb, &OFF_SKB_NFCT);
         let ct = nfct & NFCT_PTRMASK;
         if ct == 0 {
             return Ok(false);
         }
         let status = ct_status_of(ct)?;
-        if status & ct_status::DST_NAT == 0 {
+        if status & ct_status::DST_NAT == 0 && !dead {
             return Ok(true);
         }
         // The clock first: its read waits for the loads before it (an

@@ -80,6 +80,24 @@ pub fn delivered_here(
     Some(judged(Verdict::Bypass, current, evidence))
 }
 
+/// Traffic without NAT that fails because no neighbour answers for its
+/// destination: another host's entry may still send it here.
+pub fn is_dead_destination(flow: &Observation) -> bool {
+    !flow.is_dnat() && !flow.local && neighbour_failed(flow)
+}
+
+/// The verdict on a dead destination: what this host sees of it.
+pub fn dead_destination(flow: &Observation) -> Judgement {
+    judged(
+        Verdict::DeadDestination,
+        Vec::new(),
+        format!(
+            "no neighbour answers for {} here, yet traffic for it keeps coming",
+            flow.orig.dst
+        ),
+    )
+}
+
 /// Whether the kernel failed to resolve the flow's backend as a
 /// neighbour: the backend has left the link.
 fn neighbour_failed(flow: &Observation) -> bool {

@@ -227,7 +227,9 @@ impl Correlator {
     }
 
     fn relevant(&self, flow: &Observation) -> bool {
-        flow.local || (flow.is_dnat() && !is_not_translated(flow))
+        flow.local
+            || (flow.is_dnat() && !is_not_translated(flow))
+            || judge::is_dead_destination(flow)
     }
 
     /// The alert `flow` is due for now, if any.
@@ -414,6 +416,9 @@ impl Correlator {
     ) -> Option<Judgement> {
         if flow.local {
             return judge::delivered_here(flow, siblings, dnat_now);
+        }
+        if !flow.is_dnat() {
+            return Some(judge::dead_destination(flow));
         }
         let stale = flow.backend();
         // Other flows to the same service that fail too, by backend: the
@@ -709,11 +714,47 @@ mod tests {
     }
 
     #[test]
+    fn traffic_without_nat_to_an_address_no_neighbour_answers_is_a_dead_destination() {
+        // Node B of two: it forwards a client's stream, pinned by node A's
+        // entry, to a pod address nobody holds any more.
+        let mut c = Correlator::new(Config::default());
+        let mut flow = stale(1, 10);
+        flow.status = ct_status::CONFIRMED;
+        flow.orig = udp("192.0.2.2", 40000, "10.244.1.7", 53);
+        flow.reply = udp("10.244.1.7", 53, "192.0.2.2", 40000);
+        assert_eq!(c.observe_plain(flow.clone(), secs(10)), None, "one packet");
+        flow.icmp.as_mut().unwrap().count = 5;
+        flow.drops.as_mut().unwrap().count = 5;
+        flow.last = secs(11);
+        let a = c.observe_plain(flow.clone(), secs(11)).expect("raised");
+        assert_eq!(a.verdict, Verdict::DeadDestination);
+        assert_eq!(
+            a.evidence,
+            ["no neighbour answers for 10.244.1.7 here, yet traffic for it keeps coming"]
+        );
+        // Dropped by a firewall instead: nothing tells a dead address.
+        let mut filtered = flow;
+        filtered.orig.sport = 40001;
+        filtered.reply.dport = 40001;
+        filtered.ct += 8;
+        filtered.icmp = None;
+        filtered.drops = Some(DropEvidence {
+            reason: "NETFILTER_DROP".into(),
+            count: 9,
+        });
+        assert_eq!(c.observe_plain(filtered, secs(11)), None);
+    }
+
+    #[test]
     fn a_flow_without_dnat_is_not_stale() {
+        // (One whose destination no neighbour answers is a dead
+        // destination: see above.)
         let mut c = Correlator::new(Config::default());
         let mut flow = stale(50, 20);
         flow.status = ct_status::CONFIRMED;
         flow.reply = udp("192.0.2.1", 8888, "192.0.2.2", 40000);
+        flow.icmp = None;
+        flow.drops.as_mut().unwrap().reason = "NETFILTER_DROP".into();
         assert_eq!(c.observe_with(flow, None, secs(20)), None);
         assert_eq!(c.tracked(), 0);
     }

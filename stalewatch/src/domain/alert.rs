@@ -19,6 +19,9 @@ pub enum Verdict {
     BackendDown,
     Unconfirmed,
     Bypass,
+    /// Traffic without NAT for an address no neighbour answers for: this
+    /// host receives what another host's stale entry still sends.
+    DeadDestination,
 }
 
 impl Verdict {
@@ -29,6 +32,7 @@ impl Verdict {
             Verdict::BackendDown => "backend_down",
             Verdict::Unconfirmed => "unconfirmed",
             Verdict::Bypass => "bypass",
+            Verdict::DeadDestination => "dead_destination",
         }
     }
 }

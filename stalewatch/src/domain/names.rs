@@ -1,7 +1,7 @@
 //! What names a flow for a person: its network namespace and the
 //! containers behind its addresses.
 
-use std::path::PathBuf;
+use std::{net::IpAddr, path::PathBuf};
 
 use super::flow::Backend;
 
@@ -71,4 +71,15 @@ impl Containers {
     pub fn is_empty(&self) -> bool {
         *self == Containers::default()
     }
+}
+
+/// Where a dead destination's traffic leaves and comes from, by the
+/// namespace's routes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hops {
+    /// The interface the dead address is routed out of.
+    pub interface: Option<String>,
+    /// The neighbour the traffic comes from: the gateway of the route back
+    /// to its source (the source itself on a link of this host).
+    pub previous_hop: Option<IpAddr>,
 }

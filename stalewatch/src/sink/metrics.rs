@@ -27,6 +27,17 @@ struct AlertLabels {
     verdict: String,
 }
 
+/// A raised flow's labels: the same for a stale flow (its stale backend)
+/// and a dead destination (the dead address), so that a fleet's
+/// Prometheus joins "A pins flows to X" with "B receives traffic for dead
+/// X" on `backend`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FlowLabels {
+    verdict: String,
+    netns: String,
+    backend: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CauseLabels {
     cause: String,
@@ -56,6 +67,7 @@ pub struct Metrics {
     program_run_seconds: Family<ProgramLabels, Counter<f64>>,
     flows_tracked: Gauge,
     flows_raised: Gauge,
+    raised_by_backend: Family<FlowLabels, Gauge>,
     /// The kernel's cumulative counters at the last refresh: counters move
     /// by the difference.
     last: Counters,
@@ -81,6 +93,7 @@ impl Metrics {
         let program_run_seconds = Family::<ProgramLabels, Counter<f64>>::default();
         let flows_tracked = Gauge::default();
         let flows_raised = Gauge::default();
+        let raised_by_backend = Family::<FlowLabels, Gauge>::default();
         registry.register(
             "alerts",
             "Alerts printed, by state and verdict",
@@ -132,7 +145,14 @@ impl Metrics {
             "Flows raised and not yet resolved",
             flows_raised.clone(),
         );
+        registry.register(
+            "raised_flows",
+            "Flows raised and not yet resolved, by verdict, namespace and backend (the stale \
+             backend, or the dead address)",
+            raised_by_backend.clone(),
+        );
         Metrics {
+            raised_by_backend,
             registry,
             alerts,
             failing_packets,
@@ -156,6 +176,33 @@ impl Metrics {
                 verdict: verdict.label().into(),
             })
             .inc();
+    }
+
+    /// A flow raised (+1) or resolved (-1), by its labels.
+    pub fn flow(
+        &self,
+        state: AlertState,
+        verdict: Verdict,
+        netns: &str,
+        backend: std::net::IpAddr,
+    ) {
+        let labels = FlowLabels {
+            verdict: verdict.label().into(),
+            netns: netns.into(),
+            backend: backend.to_string(),
+        };
+        match state {
+            AlertState::Raised => {
+                self.raised_by_backend.get_or_create(&labels).inc();
+            }
+            AlertState::Resolved => {
+                let gauge = self.raised_by_backend.get_or_create(&labels);
+                if gauge.get() > 0 {
+                    gauge.dec();
+                }
+            }
+            AlertState::Reminder => {}
+        }
     }
 
     pub fn flows(&self, tracked: usize, raised: usize) {

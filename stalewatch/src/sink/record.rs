@@ -17,8 +17,8 @@ use super::{
 use crate::{
     correlate::audit::Finding,
     domain::{
-        Alert, AlertState, Backend, ContainerRef, Containers, DropEvidence, Family, IcmpEvidence,
-        NetnsInfo, Proto, Resolution, Tuple, Verdict,
+        Alert, AlertState, Backend, ContainerRef, Containers, DropEvidence, Family, Hops,
+        IcmpEvidence, NetnsInfo, Proto, Resolution, Tuple, Verdict,
     },
 };
 
@@ -90,6 +90,8 @@ pub enum Record {
     StaleEntry(Box<StaleEntry>),
     /// A stale entry deleted by `--fix`.
     EntryDeleted(Box<EntryDeleted>),
+    /// Traffic for an address no neighbour answers for.
+    DeadDestination(Box<DeadDestination>),
     /// Events the kernel could not hand over (ring buffer full).
     EventsLost {
         time: String,
@@ -316,7 +318,7 @@ impl StaleFlow {
                 "its conntrack entry still sends it to {backend}, where the host's current NAT \
                  rules no longer send it; NAT rules are not consulted again while the entry lives"
             ),
-            Verdict::Stale | Verdict::Unconfirmed => format!(
+            Verdict::Stale | Verdict::Unconfirmed | Verdict::DeadDestination => format!(
                 "its conntrack entry still sends it to {backend}, which the host can no longer \
                  reach; NAT rules are not consulted again while the entry lives"
             ),
@@ -336,15 +338,83 @@ impl StaleFlow {
                 containers,
             ),
             orig: Endpoint::of(o),
-            failures: Failures {
-                packets: flow.failures(),
-                first: rfc3339(clock.wall_of(flow.first)),
-                last: rfc3339(clock.wall_of(flow.last)),
-                duration_s: (alert.failing_for.as_millis() as f64) / 1000.0,
-                icmp: flow.icmp,
-                drop: flow.drops.clone(),
-            },
+            failures: Failures::of(alert, clock),
             cause,
+        }
+    }
+}
+
+impl Failures {
+    fn of(alert: &Alert, clock: &Clock) -> Failures {
+        let flow = &alert.flow;
+        Failures {
+            packets: flow.failures(),
+            first: rfc3339(clock.wall_of(flow.first)),
+            last: rfc3339(clock.wall_of(flow.last)),
+            duration_s: (alert.failing_for.as_millis() as f64) / 1000.0,
+            icmp: flow.icmp,
+            drop: flow.drops.clone(),
+        }
+    }
+}
+
+/// Traffic this host keeps receiving, without NAT, for an address no
+/// neighbour answers for: the far end of a stale entry on another host
+/// (the previous hop), which pins the flow there.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct DeadDestination {
+    pub state: AlertState,
+    pub time: String,
+    pub netns: NetnsInfo,
+    pub family: Family,
+    pub proto: Proto,
+    pub orig: Endpoint,
+    /// The address nobody answers for, with the flow's port.
+    pub dead: BackendRef,
+    /// The interface the dead address is routed out of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// The neighbour the traffic comes from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_hop: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<Resolution>,
+    pub failures: Failures,
+    pub evidence: Vec<String>,
+    /// Why, in a sentence.
+    pub cause: String,
+}
+
+impl DeadDestination {
+    pub fn new(
+        alert: &Alert,
+        netns: NetnsInfo,
+        containers: &Containers,
+        hops: &Hops,
+        clock: &Clock,
+    ) -> Self {
+        let o = &alert.flow.orig;
+        let from = hops
+            .previous_hop
+            .map_or_else(|| "the host that sends it".to_owned(), |h| h.to_string());
+        DeadDestination {
+            state: alert.state,
+            time: rfc3339(clock.wall_of(alert.at)),
+            family: o.family,
+            proto: o.proto,
+            orig: Endpoint::of(o),
+            dead: BackendRef::new(alert.flow.backend(), containers.stale.clone()),
+            interface: hops.interface.clone(),
+            previous_hop: hops.previous_hop,
+            resolution: alert.resolution,
+            failures: Failures::of(alert, clock),
+            evidence: alert.evidence.clone(),
+            cause: format!(
+                "nothing holds {} any more, yet {from} keeps sending this flow here: a conntrack \
+                 entry there likely still pins it (run `stalewatch check` on {from})",
+                o.dst
+            ),
+            netns,
         }
     }
 }

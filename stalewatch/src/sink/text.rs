@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use super::record::{BackendRef, Pinned, Record};
+use super::record::{BackendRef, Failures, Pinned, Record};
 use crate::{
     domain::{AlertState, NetnsInfo, Resolution, Verdict, addr_port},
     linux::icmp,
@@ -46,6 +46,59 @@ pub fn text(record: &Record) -> String {
                 addr_port(d.stale_backend.addr, d.stale_backend.port),
                 netns_label(&d.netns),
             );
+        }
+        Record::DeadDestination(d) => {
+            let o = &d.orig;
+            let state = match d.state {
+                AlertState::Raised => "DEAD DESTINATION",
+                AlertState::Reminder => "DEAD DESTINATION (still failing)",
+                AlertState::Resolved => "RESOLVED",
+            };
+            let _ = writeln!(
+                s,
+                "{} {state}  {} {} -> {}  ({})",
+                d.time,
+                d.proto.name(),
+                addr_port(o.src, o.sport),
+                addr_port(o.dst, o.dport),
+                netns_label(&d.netns),
+            );
+            let f = &d.failures;
+            if d.state == AlertState::Resolved {
+                let _ = writeln!(
+                    s,
+                    "  was sent to {}; failures stopped (last failure {}; {} packets lost)",
+                    backend_label(&d.dead),
+                    f.last,
+                    f.packets
+                );
+                return s;
+            }
+            let on = d
+                .interface
+                .as_deref()
+                .map_or(String::new(), |i| format!(" on {i}"));
+            let _ = writeln!(
+                s,
+                "  dead       {}{on}: no neighbour answers",
+                backend_label(&d.dead)
+            );
+            if let Some(hop) = d.previous_hop {
+                let _ = writeln!(s, "  from       {hop} (the previous hop)");
+            }
+            let _ = writeln!(
+                s,
+                "  verdict    dead destination{}",
+                colon_list(&d.evidence)
+            );
+            let _ = writeln!(
+                s,
+                "  kernel     {} packets failed in {:.1}s: {}",
+                f.packets,
+                f.duration_s,
+                kernel_evidence(f).join(", ")
+            );
+            let _ = writeln!(s, "  cause      {}", d.cause);
         }
         Record::EventsLost { time, count, total } => {
             let _ = writeln!(
@@ -129,19 +182,7 @@ pub fn text(record: &Record) -> String {
             );
             let backend = backend_label(&a.pin.stale_backend);
             let f = &a.failures;
-            let mut evidence = Vec::new();
-            if let Some(icmp) = &f.icmp {
-                evidence.push(format!(
-                    "ICMP {} (type {} code {}) sent x{}",
-                    icmp::meaning(icmp.code),
-                    icmp.icmp_type,
-                    icmp.code,
-                    icmp.count
-                ));
-            }
-            if let Some(drop) = &f.drop {
-                evidence.push(format!("dropped {} x{}", drop.reason, drop.count));
-            }
+            let evidence = kernel_evidence(f);
             if a.state == AlertState::Resolved {
                 let why = match a.resolution {
                     Some(Resolution::EntryGone) => "its conntrack entry is gone",
@@ -214,7 +255,26 @@ fn verdict_word(verdict: Verdict) -> &'static str {
         Verdict::BackendDown => "backend down",
         Verdict::Unconfirmed => "unconfirmed",
         Verdict::Bypass => "bypass",
+        Verdict::DeadDestination => "dead destination",
     }
+}
+
+/// What the kernel saw of a flow's failures, in words.
+fn kernel_evidence(f: &Failures) -> Vec<String> {
+    let mut evidence = Vec::new();
+    if let Some(icmp) = &f.icmp {
+        evidence.push(format!(
+            "ICMP {} (type {} code {}) sent x{}",
+            icmp::meaning(icmp.code),
+            icmp.icmp_type,
+            icmp.code,
+            icmp.count
+        ));
+    }
+    if let Some(drop) = &f.drop {
+        evidence.push(format!("dropped {} x{}", drop.reason, drop.count));
+    }
+    evidence
 }
 
 /// `": a; b"`, or nothing for no items.

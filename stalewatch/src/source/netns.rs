@@ -16,7 +16,7 @@ use std::{
 };
 
 use crate::{
-    domain::{AddrSpan, KnownFacts, NetnsInfo},
+    domain::{AddrSpan, Hops, KnownFacts, NetnsInfo},
     error::Error,
 };
 
@@ -226,13 +226,23 @@ pub fn arrival_interfaces(
     in_netns(path, move || {
         sources
             .into_iter()
-            .filter_map(|src| Some((src, route_dev(src)?)))
+            .filter_map(|src| Some((src, route(src)?.0)))
             .collect()
     })
 }
 
-/// `ip -j route get ADDR`'s device, in this thread's namespace.
-fn route_dev(addr: IpAddr) -> Option<String> {
+/// Where the traffic of a flow to `dead` from `src` leaves and comes from,
+/// by the routes of the namespace at `path`.
+pub fn hops(path: &Path, dead: IpAddr, src: IpAddr) -> io::Result<Hops> {
+    in_netns(path, move || Hops {
+        interface: route(dead).map(|(dev, _)| dev),
+        previous_hop: route(src).map(|(_, via)| via.unwrap_or(src)),
+    })
+}
+
+/// `ip -j route get ADDR`: the device, and the gateway if any, in this
+/// thread's namespace.
+fn route(addr: IpAddr) -> Option<(String, Option<IpAddr>)> {
     let out = std::process::Command::new("ip")
         .args(["-j", "route", "get", &addr.to_string()])
         .stdin(std::process::Stdio::null())
@@ -240,7 +250,13 @@ fn route_dev(addr: IpAddr) -> Option<String> {
         .output()
         .ok()?;
     let routes: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    routes.get(0)?.get("dev")?.as_str().map(str::to_owned)
+    let first = routes.get(0)?;
+    let dev = first.get("dev")?.as_str()?.to_owned();
+    let via = first
+        .get("gateway")
+        .and_then(|g| g.as_str())
+        .and_then(|g| g.parse().ok());
+    Some((dev, via))
 }
 
 /// IPv4 neighbours without a link-layer address (flags without ATF_COM):

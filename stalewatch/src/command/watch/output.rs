@@ -11,16 +11,31 @@ use std::{
 };
 
 use crate::{
-    domain::{Alert, AlertState, Containers, NetnsInfo, Verdict},
+    domain::{Alert, AlertState, Containers, Hops, NetnsInfo, Verdict},
     error::chain,
     sink::{
         Format, Record, Reporter,
         metrics::Metrics,
-        record::{Clock, EntryDeleted, StaleFlow, StaleService, rfc3339},
+        record::{Clock, DeadDestination, EntryDeleted, StaleFlow, StaleService, rfc3339},
         reminders::{ReminderGroup, Reminders},
     },
     source::conntrack,
 };
+
+/// The record of one flow's alert.
+fn record_of(alert: &Alert, names: &Names, clock: &Clock) -> Record {
+    let netns = names.netns.clone();
+    if alert.verdict == Verdict::DeadDestination {
+        let record = DeadDestination::new(alert, netns, &names.containers, &names.hops, clock);
+        return Record::DeadDestination(Box::new(record));
+    }
+    Record::StaleFlow(Box::new(StaleFlow::new(
+        alert,
+        netns,
+        &names.containers,
+        clock,
+    )))
+}
 
 /// The names of one alert's flow, gathered before it is said: its
 /// namespace (and a path to enter it, for `--fix`) and its containers.
@@ -28,6 +43,8 @@ pub struct Names {
     pub netns: NetnsInfo,
     pub path: Option<PathBuf>,
     pub containers: Containers,
+    /// For a dead destination: where its traffic leaves and comes from.
+    pub hops: Hops,
 }
 
 pub struct Output<W: io::Write> {
@@ -50,11 +67,12 @@ impl<W: io::Write> Output<W> {
 
     /// Counts an alert, and tells whether its record is due now (a
     /// reminder waits for the tick, in its group).
-    pub fn count(&mut self, alert: &Alert) -> bool {
+    pub fn count(&mut self, alert: &Alert, netns: &str) -> bool {
         if let Some(metrics) = &self.metrics
             && let Ok(m) = metrics.lock()
         {
             m.alert(alert.state, alert.verdict);
+            m.flow(alert.state, alert.verdict, netns, alert.flow.backend().addr);
         }
         if alert.state == AlertState::Reminder {
             self.reminders.add(alert);
@@ -74,8 +92,7 @@ impl<W: io::Write> Output<W> {
 
     /// Prints the record of an alert that [`Output::count`] said is due.
     pub fn say(&mut self, alert: &Alert, names: &Names, clock: &Clock) -> io::Result<()> {
-        let record = StaleFlow::new(alert, names.netns.clone(), &names.containers, clock);
-        self.reporter.write(&Record::StaleFlow(Box::new(record)))
+        self.reporter.write(&record_of(alert, names, clock))
     }
 
     /// Deletes the entry of an alert's flow, and prints the deletion.

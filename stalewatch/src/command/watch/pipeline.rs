@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     correlate::{Correlator, RaisedFlow, audit},
-    domain::{Alert, Containers, Evidence, Judgement, Observation, Siblings, Tuple, Verdict},
+    domain::{Alert, Containers, Evidence, Hops, Judgement, Observation, Siblings, Tuple, Verdict},
     error::chain,
     sink::record::Clock,
     source::{
@@ -296,7 +296,12 @@ impl<W: io::Write> Pipeline<W> {
     /// Says an alert: its names gathered first, then the output's record
     /// and, with `--fix`, the deletion.
     fn emit(&mut self, alert: &Alert) -> io::Result<()> {
-        let due = self.output.count(alert);
+        let netns = self.view.netns_info(alert.flow.netns);
+        let label = netns
+            .name
+            .clone()
+            .unwrap_or_else(|| netns.inode.to_string());
+        let due = self.output.count(alert, &label);
         let fixes = self.output.fixes(alert);
         if !(due || fixes) {
             return Ok(());
@@ -334,10 +339,18 @@ impl<W: io::Write> Pipeline<W> {
                 alert.current_backends.first().copied(),
             )
         });
+        let path = netns::path_of(&netns);
+        let hops = match (&path, alert.verdict) {
+            (Some(path), Verdict::DeadDestination) => {
+                netns::hops(path, alert.flow.orig.dst, alert.flow.orig.src).unwrap_or_default()
+            }
+            _ => Hops::default(),
+        };
         Names {
-            path: netns::path_of(&netns),
+            path,
             netns,
             containers,
+            hops,
         }
     }
 

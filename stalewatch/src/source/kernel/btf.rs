@@ -117,6 +117,7 @@ pub struct DropReasons {
     names: HashMap<u32, Arc<str>>,
     failure_bitmap: [u64; DROP_REASON_WORDS],
     failure_bitmap_v6: [u64; DROP_REASON_WORDS],
+    dead_bitmap: [u64; DROP_REASON_WORDS],
 }
 
 impl DropReasons {
@@ -131,6 +132,9 @@ impl DropReasons {
                 }
                 if drop_reason::FAILURES_V6.contains(&name) {
                     reasons.failure_bitmap_v6[word] |= bit;
+                }
+                if drop_reason::is_neighbour_failure(name, false) {
+                    reasons.dead_bitmap[word] |= bit;
                 }
             }
             reasons.names.insert(value, Arc::from(name));
@@ -154,6 +158,11 @@ impl DropReasons {
     /// The reasons that count only for IPv6 packets.
     pub fn failure_bitmap_v6(&self) -> [u64; DROP_REASON_WORDS] {
         self.failure_bitmap_v6
+    }
+
+    /// The reasons that say no neighbour answers (any NAT).
+    pub fn dead_bitmap(&self) -> [u64; DROP_REASON_WORDS] {
+        self.dead_bitmap
     }
 }
 
@@ -372,6 +381,7 @@ mod tests {
         let bitmap = reasons.failure_bitmap();
         assert_eq!(bitmap[0], 1 << 12 | 1 << 58);
         assert_eq!(reasons.failure_bitmap_v6()[0], 1 << 2);
+        assert_eq!(reasons.dead_bitmap()[0], 1 << 58);
         assert_eq!(bitmap[1], 0, "TCP_CSUM is not a delivery failure");
     }
 

@@ -216,6 +216,7 @@ impl Probes {
     ) -> Result<Ebpf, Error> {
         let drop_reasons = layout.drop_reasons.failure_bitmap();
         let drop_reasons_v6 = layout.drop_reasons.failure_bitmap_v6();
+        let dead_reasons = layout.drop_reasons.dead_bitmap();
         let netns = options.netns.unwrap_or(0);
         let interval = options.emit_interval.as_nanos() as u64;
         let reported_interval = options.reported_interval.as_nanos() as u64;
@@ -241,6 +242,7 @@ impl Probes {
             .override_global(globals::REPORTED_INTERVAL_NS, &reported_interval, true)
             .override_global(globals::DROP_REASONS, &drop_reasons, true)
             .override_global(globals::DROP_REASONS_V6, &drop_reasons_v6, true)
+            .override_global(globals::DEAD_REASONS, &dead_reasons, true)
             .override_global(globals::OFF_SKB_PROTOCOL, &layout.skb_protocol, true)
             .override_global(globals::OFF_SKB_HEAD, &layout.skb_head, true)
             .override_global(
