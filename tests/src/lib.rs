@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod docker;
+pub mod multihost;
 pub mod netns;
 pub mod story;
 pub mod traffic;
@@ -43,6 +44,36 @@ pub fn run(args: &[&str]) -> anyhow::Result<String> {
     if !out.status.success() {
         bail!(
             "`{}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a command with `input` on its standard input (`nft -f -`,
+/// `iptables-restore`), failing with its output when it fails.
+pub fn run_input(args: &[&str], input: &str) -> anyhow::Result<String> {
+    use std::{io::Write as _, process::Stdio};
+    let (program, rest) = args.split_first().context("empty command")?;
+    let mut child = Command::new(program)
+        .args(rest)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", args.join(" ")))?;
+    // Small inputs: the pipe holds them, so writing before reading is safe.
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed ({}): {}\ninput:\n{input}",
             args.join(" "),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()

@@ -58,6 +58,13 @@ impl Netns {
         run(&full)
     }
 
+    /// Runs a command inside the namespace with `input` on its stdin.
+    pub fn exec_input(&self, args: &[&str], input: &str) -> anyhow::Result<String> {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        crate::run_input(&full, input)
+    }
+
     pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
         let mut full = vec!["ip", "-n", &self.name];
         full.extend_from_slice(args);

@@ -377,7 +377,7 @@ fn parse(addr: &str) -> IpAddr {
     addr.parse().expect("the plan's addresses are valid")
 }
 
-fn add_addr(ns: &Netns, dev: &str, addr: &str, prefix: u8) -> anyhow::Result<()> {
+pub(crate) fn add_addr(ns: &Netns, dev: &str, addr: &str, prefix: u8) -> anyhow::Result<()> {
     let with_prefix = format!("{addr}/{prefix}");
     let mut args = vec!["addr", "add", with_prefix.as_str(), "dev", dev];
     if addr.contains(':') {
@@ -387,7 +387,7 @@ fn add_addr(ns: &Netns, dev: &str, addr: &str, prefix: u8) -> anyhow::Result<()>
 }
 
 /// A container: a namespace linked to a bridge of the router.
-fn attach(
+pub(crate) fn attach(
     router: &Netns,
     bridge: &str,
     container: &Netns,
