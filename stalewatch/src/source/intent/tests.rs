@@ -2,8 +2,10 @@
 
 use std::net::IpAddr;
 
-use super::nft;
-use crate::domain::{Backend, Fit, PortSpan, Proto, RuleEngine, Tuple, udp};
+use super::{iptables, nft};
+use crate::domain::{
+    Backend, EngineRead, Family, Fit, NatIntent, PortSpan, Proto, RuleEngine, Tuple, udp,
+};
 
 fn backend(s: &str, port: u16) -> Backend {
     Backend::new(s.parse().unwrap(), port)
@@ -107,4 +109,213 @@ fn a_dnat_that_cannot_be_read_makes_the_reading_incomplete() {
     assert!(parsed.rules.is_empty());
     assert!(!parsed.complete);
     assert!(!parsed.iptables_dnat);
+}
+
+/// What node A's rules of one engine say, read as `read_here` reads them:
+/// `nft -j` always, the engine's `*-save` where it has one.
+fn intent_of(engine: &str, state: &str) -> NatIntent {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/source/intent/testdata");
+    let file = |name: String| std::fs::read_to_string(format!("{dir}/{name}")).ok();
+    let (mut rules, mut read) = (Vec::new(), Vec::new());
+    let nft_json = file(format!("{engine}-{state}.json"))
+        .or_else(|| file(format!("{engine}-{state}.nft.json")));
+    if let Some(json) = nft_json {
+        let parsed = nft::parse(&json).unwrap();
+        rules.extend(parsed.rules);
+        read.push(EngineRead {
+            engine: RuleEngine::Nftables,
+            complete: parsed.complete,
+        });
+    }
+    let (tool, engine_read) = match engine {
+        "iptables-nft-kube" => ("save", RuleEngine::IptablesNft),
+        "iptables-legacy-kube" => ("save", RuleEngine::IptablesLegacy),
+        _ => ("", RuleEngine::Nftables),
+    };
+    if !tool.is_empty() {
+        let family = if state.contains("v6") {
+            Family::Ipv6
+        } else {
+            Family::Ipv4
+        };
+        let save = file(format!("{engine}-{state}.txt")).expect("a save file");
+        let (found, complete) = iptables::parse(&save, engine_read, family);
+        rules.extend(found);
+        read.push(EngineRead {
+            engine: engine_read,
+            complete,
+        });
+    }
+    NatIntent::new(rules, read)
+}
+
+/// Where node A's rules can send the client's DNS stream now.
+fn dns_targets(intent: &NatIntent, v6: bool) -> Vec<String> {
+    let flow = if v6 {
+        udp("2001:db8:0:1::2", 40000, "2001:db8:96::10", 53)
+    } else {
+        udp("192.0.2.2", 40000, "10.96.0.10", 53)
+    };
+    let mut out: Vec<String> = intent
+        .for_flow(&flow, Some("eth0"), |_| false)
+        .into_iter()
+        .flat_map(|(r, _)| r.to.iter().map(|t| format!("{t:?}")))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn pod(host: u8, port: u16) -> Backend {
+    backend(&format!("10.244.1.{host}"), port)
+}
+
+fn reaches(intent: &NatIntent, to: Backend) -> bool {
+    let flow = udp("192.0.2.2", 40000, "10.96.0.10", 53);
+    intent
+        .for_flow(&flow, Some("eth0"), |_| false)
+        .iter()
+        .any(|(r, _)| r.to.iter().any(|t| t.reaches(53, to)))
+}
+
+const ENGINES: [&str; 4] = [
+    "nft-plain",
+    "nft-kube",
+    "iptables-nft-kube",
+    "iptables-legacy-kube",
+];
+
+#[test]
+fn every_engine_moves_the_service_from_seven_to_eight() {
+    for engine in ENGINES {
+        let before = intent_of(engine, "v4-before");
+        assert!(before.complete(), "{engine}: {:?}", before.read());
+        assert!(
+            reaches(&before, pod(7, 5353)),
+            "{engine} before: {:?}",
+            dns_targets(&before, false)
+        );
+        assert!(!reaches(&before, pod(8, 5353)), "{engine} before");
+        let after = intent_of(engine, "v4-after-move");
+        assert!(
+            reaches(&after, pod(8, 5353)),
+            "{engine} after: {:?}",
+            dns_targets(&after, false)
+        );
+        assert!(
+            !reaches(&after, pod(7, 5353)),
+            "{engine} after: {:?}",
+            dns_targets(&after, false)
+        );
+        assert_eq!(dns_targets(&after, false).len(), 1, "{engine}");
+    }
+}
+
+#[test]
+fn every_engine_in_ipv6_too() {
+    for engine in ENGINES {
+        let after = intent_of(engine, "v6-after-move");
+        let flow = udp("2001:db8:0:1::2", 40000, "2001:db8:96::10", 53);
+        let to = |h: &str| backend(&format!("2001:db8:244:1::{h}"), 5353);
+        let rules = after.for_flow(&flow, Some("eth0"), |_| false);
+        assert!(
+            rules
+                .iter()
+                .any(|(r, _)| r.to.iter().any(|t| t.reaches(53, to("8")))),
+            "{engine}: {:?}",
+            dns_targets(&after, true)
+        );
+        assert!(
+            !rules
+                .iter()
+                .any(|(r, _)| r.to.iter().any(|t| t.reaches(53, to("7"))))
+        );
+    }
+}
+
+#[test]
+fn scaled_to_zero_leaves_no_rule_for_the_service_and_says_so_completely() {
+    for engine in ENGINES {
+        let zero = intent_of(engine, "v4-scaled-to-zero");
+        assert!(
+            dns_targets(&zero, false).is_empty(),
+            "{engine}: {:?}",
+            dns_targets(&zero, false)
+        );
+        assert!(zero.complete(), "{engine}: {:?}", zero.read());
+    }
+}
+
+#[test]
+fn a_reused_address_is_another_services_backend() {
+    for engine in ENGINES {
+        let reused = intent_of(engine, "v4-address-reused");
+        assert!(!reaches(&reused, pod(7, 5353)), "{engine}");
+        let dns = udp("192.0.2.2", 1, "10.96.0.10", 53).service();
+        let serves = reused.services_sending_to(pod(7, 5353), &dns);
+        assert_eq!(
+            serves.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            ["10.96.0.11:8080:udp"],
+            "{engine}"
+        );
+    }
+}
+
+#[test]
+fn load_balancing_ranges_port_ranges_and_maps_reach_their_backends() {
+    for engine in ENGINES {
+        let lb = intent_of(engine, "v4-load-balanced");
+        assert!(
+            reaches(&lb, pod(7, 5353)) && reaches(&lb, pod(8, 5353)),
+            "{engine}"
+        );
+        let one_left = intent_of(engine, "v4-load-balanced-one-removed");
+        assert!(
+            !reaches(&one_left, pod(7, 5353)) && reaches(&one_left, pod(8, 5353)),
+            "{engine}"
+        );
+        let range = intent_of(engine, "v4-range");
+        assert!(
+            reaches(&range, pod(7, 5353)) && reaches(&range, pod(8, 5353)),
+            "{engine}: {:?}",
+            dns_targets(&range, false)
+        );
+        let ports = intent_of(engine, "v4-port-range");
+        assert!(
+            reaches(&ports, pod(8, 5354)) && !reaches(&ports, pod(7, 5353)),
+            "{engine}: {:?}",
+            dns_targets(&ports, false)
+        );
+    }
+    for engine in ["nft-plain", "nft-kube"] {
+        let map = intent_of(engine, "v4-map");
+        assert!(
+            reaches(&map, pod(8, 5353)),
+            "{engine}: {:?}",
+            dns_targets(&map, false)
+        );
+        assert!(!reaches(&map, pod(7, 5353)), "{engine}");
+    }
+}
+
+#[test]
+fn tcp_services_are_told_from_udp_ones() {
+    for engine in ["nft-kube", "iptables-nft-kube", "iptables-legacy-kube"] {
+        let after = intent_of(engine, "v4-tcp-after-move");
+        let tcp = Tuple {
+            proto: Proto::TCP,
+            ..udp("192.0.2.2", 40000, "10.96.0.10", 53)
+        };
+        let rules = after.for_flow(&tcp, Some("eth0"), |_| false);
+        assert!(
+            rules
+                .iter()
+                .any(|(r, _)| r.to.iter().any(|t| t.reaches(53, pod(8, 5353)))),
+            "{engine}"
+        );
+        assert!(
+            !reaches(&after, pod(8, 5353)),
+            "{engine}: the UDP flow has no rule"
+        );
+    }
 }
