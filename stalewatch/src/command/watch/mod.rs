@@ -7,9 +7,11 @@
 //! the host's conntrack tables, asks the correlator, and hands what it says
 //! to the [`output`].
 
+mod audit;
 mod event_loop;
 mod output;
 mod pipeline;
+mod rules;
 mod view;
 
 use std::{

@@ -4,34 +4,25 @@
 //! of what it says and give it to the output. The same for the tick's
 //! refreshes and resolutions, and for the periodic audit.
 
-use std::{
-    collections::HashMap, io, net::IpAddr, os::unix::fs::MetadataExt as _, path::PathBuf,
-    time::Duration,
-};
-
-use stalewatch_common::LocalKey;
+use std::{collections::HashMap, io, path::PathBuf, time::Duration};
 
 use super::{
+    audit::Auditor,
     clock, monotonic,
     output::{Names, Output},
     view::View,
 };
 use crate::{
-    correlate::{Correlator, RaisedFlow, audit},
-    domain::{Alert, Containers, Evidence, Hops, Judgement, Observation, Siblings, Tuple, Verdict},
+    correlate::{Correlator, RaisedFlow},
+    domain::{Alert, Containers, Evidence, Hops, Observation, Verdict},
     error::chain,
     sink::record::Clock,
     source::{
-        conntrack,
         engine::Engine,
         kernel::{Probes, decode},
         netns,
     },
 };
-
-/// An entry the audit judges stale is raised when a look at least this
-/// much later still does.
-pub const CONFIRM_AFTER: Duration = Duration::from_millis(900);
 
 /// A report younger than this is taken as proof that its entry exists.
 pub const FRESH_REPORT: Duration = Duration::from_millis(250);
@@ -60,11 +51,7 @@ pub struct Pipeline<W: io::Write> {
     /// tells the flows its own rules deliver to the host.
     engine: Option<Engine>,
     resolve_after: Duration,
-    /// The namespace the audit reads.
-    audit_path: PathBuf,
-    /// Entries the audit judged stale against the NAT intent, with when it
-    /// first did (monotonic): raised at the next look that still does.
-    pending: HashMap<(Tuple, Tuple), Duration>,
+    auditor: Auditor,
 }
 
 impl<W: io::Write> Pipeline<W> {
@@ -81,8 +68,7 @@ impl<W: io::Write> Pipeline<W> {
             view: View::default(),
             engine,
             resolve_after,
-            audit_path,
-            pending: HashMap::new(),
+            auditor: Auditor::new(audit_path),
         }
     }
 
@@ -156,7 +142,11 @@ impl<W: io::Write> Pipeline<W> {
         let quiet = QUIET_BEFORE_LOOKUP + Duration::from_secs(every - 1);
         for flow in self.correlator.quiet_raised(monotonic(), quiet) {
             // Refused datagrams are few: looked up one by one.
-            match fresh_local(probes, &flow) {
+            let latest = flow
+                .local
+                .then(|| probes.refused_now(flow.netns, &flow.orig, &flow.reply))
+                .flatten();
+            match latest {
                 Some(report) if report.last > flow.last => self.observe(report, FRESH_REPORT)?,
                 _ => stalled.entry(flow.netns).or_default().push(flow),
             }
@@ -201,88 +191,16 @@ impl<W: io::Write> Pipeline<W> {
         due
     }
 
-    /// Flows that bypass a DNAT while a proxy on the host serves them fail
-    /// no packet, and flows pinned to a backend on another host fail none
-    /// here: only the conntrack table, held against the host's NAT intent,
-    /// shows them. Returns whether a follow-up audit is due soon: an entry
-    /// judged stale is raised only when a second look still finds it (an
-    /// orchestrator that deletes old entries right after changing the
-    /// rules is doing it right).
+    /// The periodic audit (see [`Auditor`]); says what it raises.
+    /// Returns whether a follow-up audit is due soon.
     pub fn audit(&mut self) -> io::Result<bool> {
-        let path = self.audit_path.clone();
-        let Ok(inode) = std::fs::metadata(&path).map(|m| m.ino() as u32) else {
-            return Ok(false);
-        };
-        let mut facts = self.view.facts(&path);
-        if netns::own_inode() == Some(inode)
-            && let Some(engine) = &self.engine
-        {
-            facts.proxied_sources = engine.snapshot().container_addresses();
+        let engine = self.engine.as_ref();
+        let (alerts, follow_up) = self
+            .auditor
+            .run(&mut self.view, engine, &mut self.correlator);
+        for alert in alerts {
+            self.emit(&alert)?;
         }
-        let intent = self.view.intent(&path);
-        let judge_dnat = intent.as_ref().is_some_and(|i| !i.read().is_empty());
-        let entries = match conntrack::read_audit_candidates(&path, &facts, judge_dnat) {
-            Ok(entries) => entries,
-            Err(e) => {
-                log::warn!("audit: {}", chain(&e));
-                return Ok(false);
-            }
-        };
-        if judge_dnat {
-            let sources = audit::bypass_sources(&entries, &facts);
-            match netns::arrival_interfaces(&path, sources) {
-                Ok(routes) => facts.arrives_on = routes,
-                Err(e) => log::warn!("audit: routes back to the sources: {e}"),
-            }
-        }
-        let now = monotonic();
-        let mut seen = HashMap::new();
-        let mut follow_up = false;
-        for finding in audit::audit(&entries, &facts, intent.as_deref()) {
-            let e = &finding.entry;
-            let mut flow = Observation {
-                local: true,
-                ct: 0,
-                netns: inode,
-                orig: e.orig,
-                reply: e.reply,
-                status: e.status,
-                first: now,
-                last: now,
-                icmp: None,
-                drops: None,
-            };
-            let alert = if finding.verdict == Verdict::Bypass {
-                let siblings = Siblings {
-                    dnat_backends: finding.current_backends.iter().map(|b| (*b, 1)).collect(),
-                };
-                self.correlator.observe_audited(flow, &siblings, now)
-            } else if !e.is_dnat() || facts.on_link(e.backend().addr) {
-                // Pinned to a backend on this host's links: its packets
-                // fail here, where the kernel path sees them.
-                continue;
-            } else {
-                let first = *self.pending.get(&(e.orig, e.reply)).unwrap_or(&now);
-                seen.insert((e.orig, e.reply), first);
-                if now.saturating_sub(first) < CONFIRM_AFTER {
-                    follow_up = true;
-                    continue;
-                }
-                flow.local = false;
-                flow.first = first;
-                let judgement = Judgement {
-                    verdict: finding.verdict,
-                    current: finding.current_backends.clone(),
-                    evidence: finding.evidence.clone(),
-                };
-                self.correlator.observe_judged(flow, judgement, now)
-            };
-            if let Some(alert) = alert {
-                self.emit(&alert)?;
-            }
-        }
-        // An entry no longer judged stale starts afresh if it is again.
-        self.pending = seen;
         Ok(follow_up)
     }
 
@@ -360,36 +278,6 @@ impl<W: io::Write> Pipeline<W> {
         self.view.end_round();
         self.output.flush()
     }
-}
-
-/// The kernel's latest on a raised flow of refused datagrams, from the
-/// `LOCALS` map: `None` when the kernel no longer holds it.
-fn fresh_local(probes: &Probes, flow: &RaisedFlow) -> Option<Observation> {
-    if !flow.local {
-        return None;
-    }
-    let event = probes
-        .local(&local_key(flow)?)
-        .map_err(|e| log::warn!("reading LOCALS: {}", chain(&e)))
-        .ok()??;
-    let fresh = decode::local(&event);
-    (fresh.netns == flow.netns && fresh.orig == flow.orig && fresh.reply == flow.reply)
-        .then_some(fresh)
-}
-
-/// The `LOCALS` key of a flow seen as refused datagrams (IPv4 only).
-fn local_key(flow: &RaisedFlow) -> Option<LocalKey> {
-    let (IpAddr::V4(src), IpAddr::V4(dst)) = (flow.orig.src, flow.orig.dst) else {
-        return None;
-    };
-    Some(LocalKey {
-        netns: flow.netns,
-        saddr: src.octets(),
-        daddr: dst.octets(),
-        sport: flow.orig.sport.to_be_bytes(),
-        dport: flow.orig.dport.to_be_bytes(),
-        proto: u32::from(flow.orig.proto.0),
-    })
 }
 
 #[cfg(test)]

@@ -13,16 +13,16 @@ use std::{
 
 use stalewatch_common::ct_status;
 
+use super::rules::Rules;
 use crate::{
     correlate::{RaisedFlow, audit},
     domain::{
-        AlertState, Entry, Evidence, KnownFacts, NatIntent, NetnsInfo, Observation, RuleEngine,
-        Service, Siblings, Tuple,
+        AlertState, Entry, Evidence, KnownFacts, NatIntent, NetnsInfo, Observation, Service,
+        Siblings, Tuple,
     },
     error::chain,
     source::{
         conntrack::{self, Conn, Filter},
-        intent::{self, Changes},
         netns,
     },
 };
@@ -34,9 +34,6 @@ const SIBLINGS_TTL: Duration = Duration::from_secs(2);
 const REMINDER_SIBLINGS_TTL: Duration = Duration::from_secs(30);
 /// Raised flows of one namespace checked one by one; beyond, one dump.
 const LOOKUPS_PER_NETNS: usize = 32;
-/// The NAT intent is read again at least this often, whatever announces
-/// its changes (iptables-legacy announces none).
-const INTENT_TTL: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 pub struct View {
@@ -54,18 +51,7 @@ pub struct View {
     /// said once, not every interval.
     facts_failed: bool,
     /// The audited namespace's NAT intent, as last read.
-    intent: Option<IntentCache>,
-}
-
-struct IntentCache {
-    /// The namespace's inode.
-    inode: u32,
-    intent: Arc<NatIntent>,
-    read_at: Instant,
-    /// Ruleset announcements of the namespace, where they can be heard.
-    changes: Option<Changes>,
-    /// Announced since the last reading.
-    dirty: bool,
+    rules: Rules,
 }
 
 impl View {
@@ -151,8 +137,7 @@ impl View {
     fn dnat_now(&mut self, flow: &Observation) -> Option<bool> {
         let info = self.netns_info(flow.netns);
         let path = netns::path_of(&info)?;
-        let audited = self.intent.as_ref()?;
-        if audited.inode != flow.netns {
+        if self.rules.inode() != Some(flow.netns) {
             return None;
         }
         let intent = self.intent(&path)?;
@@ -249,57 +234,12 @@ impl View {
     /// Whether the audited namespace announced a ruleset change since the
     /// last look (without reading the rules).
     pub fn intent_changed(&mut self) -> bool {
-        let Some(cache) = &mut self.intent else {
-            return false;
-        };
-        if let Some(changes) = &mut cache.changes
-            && changes.any()
-        {
-            cache.dirty = true;
-        }
-        cache.dirty
+        self.rules.changed()
     }
 
-    /// The NAT intent of the namespace at `path`: read again when its
-    /// ruleset changed, when iptables-legacy (which announces nothing)
-    /// has rules there, or every INTENT_TTL. `None` when it cannot be
-    /// read.
+    /// The NAT intent of the namespace at `path` (see [`Rules::read`]).
     pub fn intent(&mut self, path: &Path) -> Option<Arc<NatIntent>> {
-        self.intent_changed();
-        if let Some(cache) = &self.intent {
-            let legacy = cache
-                .intent
-                .read()
-                .iter()
-                .any(|r| r.engine == RuleEngine::IptablesLegacy);
-            if !(cache.dirty || legacy || cache.read_at.elapsed() >= INTENT_TTL) {
-                return Some(cache.intent.clone());
-            }
-        }
-        // Listen before reading: a change made meanwhile is heard.
-        let changes = match self.intent.take() {
-            Some(IntentCache {
-                changes: Some(c), ..
-            }) => Some(c),
-            _ => Changes::listen(path)
-                .map_err(|e| log::debug!("ruleset announcements unheard: {e}"))
-                .ok(),
-        };
-        let intent = intent::read(path)
-            .map_err(|e| log::warn!("NAT intent: {}", chain(&e)))
-            .ok()
-            .map(Arc::new)?;
-        let inode = std::fs::metadata(path)
-            .map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32)
-            .unwrap_or(0);
-        self.intent = Some(IntentCache {
-            inode,
-            intent: intent.clone(),
-            read_at: Instant::now(),
-            changes,
-            dirty: false,
-        });
-        Some(intent)
+        self.rules.read(path)
     }
 
     /// What the audit needs of the namespace at `path`: its addresses and

@@ -8,6 +8,7 @@ pub mod decode;
 use std::{
     error::Error as StdError,
     io,
+    net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -25,6 +26,7 @@ use nix::libc;
 
 use self::btf::{KernelLayout, RdonlyCast};
 use crate::{
+    domain::{Observation, Tuple},
     error::Error,
     linux::{KFREE_SKB, TRACEPOINTS, Tracepoint},
 };
@@ -375,6 +377,29 @@ impl Probes {
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(kernel_error("LOCALS", e)),
         }
+    }
+
+    /// The kernel's latest on a flow of refused datagrams (IPv4), from the
+    /// `LOCALS` map: `None` when the kernel no longer holds it, or holds
+    /// another flow under its key.
+    pub fn refused_now(&self, netns: u32, orig: &Tuple, reply: &Tuple) -> Option<Observation> {
+        let (IpAddr::V4(src), IpAddr::V4(dst)) = (orig.src, orig.dst) else {
+            return None;
+        };
+        let key = LocalKey {
+            netns,
+            saddr: src.octets(),
+            daddr: dst.octets(),
+            sport: orig.sport.to_be_bytes(),
+            dport: orig.dport.to_be_bytes(),
+            proto: u32::from(orig.proto.0),
+        };
+        let event = self
+            .local(&key)
+            .map_err(|e| log::warn!("reading LOCALS: {}", crate::error::chain(&e)))
+            .ok()??;
+        let latest = decode::local(&event);
+        (latest.netns == netns && latest.orig == *orig && latest.reply == *reply).then_some(latest)
     }
 
     /// The counters for the metrics. Counting map entries walks the maps'

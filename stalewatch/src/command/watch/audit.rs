@@ -1,0 +1,121 @@
+//! The watch's periodic audit. Flows that bypass a DNAT while a proxy on
+//! the host serves them fail no packet, and flows pinned to a backend on
+//! another host fail none here: only the conntrack table, held against the
+//! host's NAT intent, shows them. An entry judged stale against the rules
+//! is raised only when a second look still finds it (an orchestrator that
+//! deletes old entries right after changing its rules is doing it right).
+
+use std::{collections::HashMap, os::unix::fs::MetadataExt as _, path::PathBuf, time::Duration};
+
+use super::{monotonic, view::View};
+use crate::{
+    correlate::{Correlator, audit},
+    domain::{Alert, Judgement, Observation, Siblings, Tuple, Verdict},
+    error::chain,
+    source::{conntrack, engine::Engine, netns},
+};
+
+/// An entry the audit judges stale is raised when a look at least this
+/// much later still does.
+pub const CONFIRM_AFTER: Duration = Duration::from_millis(900);
+
+pub struct Auditor {
+    /// The namespace the audit reads.
+    path: PathBuf,
+    /// Entries judged stale against the NAT intent, with when they first
+    /// were (monotonic): raised at the next look that still judges so.
+    pending: HashMap<(Tuple, Tuple), Duration>,
+}
+
+impl Auditor {
+    pub fn new(path: PathBuf) -> Self {
+        Auditor {
+            path,
+            pending: HashMap::new(),
+        }
+    }
+
+    /// One audit: the table's candidates judged, what the correlator
+    /// raises from them, and whether a follow-up audit is due soon.
+    pub fn run(
+        &mut self,
+        view: &mut View,
+        engine: Option<&Engine>,
+        correlator: &mut Correlator,
+    ) -> (Vec<Alert>, bool) {
+        let path = self.path.clone();
+        let Ok(inode) = std::fs::metadata(&path).map(|m| m.ino() as u32) else {
+            return (Vec::new(), false);
+        };
+        let mut facts = view.facts(&path);
+        if netns::own_inode() == Some(inode)
+            && let Some(engine) = engine
+        {
+            facts.proxied_sources = engine.snapshot().container_addresses();
+        }
+        let intent = view.intent(&path);
+        let judge_dnat = intent.as_ref().is_some_and(|i| !i.read().is_empty());
+        let entries = match conntrack::read_audit_candidates(&path, &facts, judge_dnat) {
+            Ok(entries) => entries,
+            Err(e) => {
+                log::warn!("audit: {}", chain(&e));
+                return (Vec::new(), false);
+            }
+        };
+        if judge_dnat {
+            let sources = audit::bypass_sources(&entries, &facts);
+            match netns::arrival_interfaces(&path, sources) {
+                Ok(routes) => facts.arrives_on = routes,
+                Err(e) => log::warn!("audit: routes back to the sources: {e}"),
+            }
+        }
+        let now = monotonic();
+        let mut seen = HashMap::new();
+        let mut follow_up = false;
+        let mut alerts = Vec::new();
+        for finding in audit::audit(&entries, &facts, intent.as_deref()) {
+            let e = &finding.entry;
+            let mut flow = Observation {
+                local: true,
+                ct: 0,
+                netns: inode,
+                orig: e.orig,
+                reply: e.reply,
+                status: e.status,
+                first: now,
+                last: now,
+                icmp: None,
+                drops: None,
+            };
+            let alert = if finding.verdict == Verdict::Bypass {
+                let siblings = Siblings {
+                    dnat_backends: finding.current_backends.iter().map(|b| (*b, 1)).collect(),
+                };
+                correlator.observe_audited(flow, &siblings, now)
+            } else if !e.is_dnat() || facts.on_link(e.backend().addr) {
+                // Pinned to a backend on this host's links: its packets
+                // fail here, where the kernel path sees them.
+                continue;
+            } else {
+                let first = *self.pending.get(&(e.orig, e.reply)).unwrap_or(&now);
+                seen.insert((e.orig, e.reply), first);
+                if now.saturating_sub(first) < CONFIRM_AFTER {
+                    follow_up = true;
+                    continue;
+                }
+                flow.local = false;
+                flow.first = first;
+                let judgement = Judgement {
+                    verdict: finding.verdict,
+                    current: finding.current_backends.clone(),
+                    evidence: finding.evidence.clone(),
+                };
+                correlator.observe_judged(flow, judgement, now)
+            };
+            alerts.extend(alert);
+        }
+        // An entry no longer judged stale starts afresh if it is again.
+        self.pending = seen;
+        (alerts, follow_up)
+    }
+}
