@@ -18,6 +18,8 @@ use crate::{
 /// The NAT intent is read again at least this often, whatever announces
 /// its changes.
 const INTENT_TTL: Duration = Duration::from_secs(60);
+/// The share of one core that reading the intent may take on average.
+const READ_BUDGET: f64 = 0.01;
 
 #[derive(Default)]
 pub struct Rules {
@@ -25,6 +27,8 @@ pub struct Rules {
 }
 
 struct IntentCache {
+    /// How long the last reading took (the tools' time and the parsing).
+    cost: Duration,
     /// The namespace's inode.
     inode: u32,
     intent: Arc<NatIntent>,
@@ -35,6 +39,16 @@ struct IntentCache {
     dirty: bool,
 }
 
+impl IntentCache {
+    /// Whether reading again now keeps reading within READ_BUDGET of a
+    /// core: a ruleset of thousands of services takes the tools seconds,
+    /// and however often it changes, detection then waits that much
+    /// longer rather than spend more.
+    fn affordable(&self) -> bool {
+        self.read_at.elapsed() >= self.cost.mul_f64(1.0 / READ_BUDGET)
+    }
+}
+
 impl Rules {
     /// The inode of the namespace read, once read.
     pub fn inode(&self) -> Option<u32> {
@@ -42,7 +56,7 @@ impl Rules {
     }
 
     /// Whether the audited namespace announced a ruleset change since the
-    /// last look (without reading the rules).
+    /// last reading, and reading it again is due now (without reading).
     pub fn changed(&mut self) -> bool {
         let Some(cache) = &mut self.cache else {
             return false;
@@ -52,7 +66,7 @@ impl Rules {
         {
             cache.dirty = true;
         }
-        cache.dirty
+        cache.dirty && cache.affordable()
     }
 
     /// The NAT intent of the namespace at `path`: read again when its
@@ -67,7 +81,8 @@ impl Rules {
                 .read()
                 .iter()
                 .any(|r| r.engine == RuleEngine::IptablesLegacy);
-            if !(cache.dirty || legacy || cache.read_at.elapsed() >= INTENT_TTL) {
+            let due = cache.dirty || legacy || cache.read_at.elapsed() >= INTENT_TTL;
+            if !(due && cache.affordable()) {
                 return Some(cache.intent.clone());
             }
         }
@@ -80,10 +95,12 @@ impl Rules {
                 .map_err(|e| log::debug!("ruleset announcements unheard: {e}"))
                 .ok(),
         };
+        let started = Instant::now();
         let intent = intent::read(path)
             .map_err(|e| log::warn!("NAT intent: {}", chain(&e)))
             .ok()
             .map(Arc::new)?;
+        let cost = started.elapsed();
         let inode = std::fs::metadata(path)
             .map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32)
             .unwrap_or(0);
@@ -91,6 +108,7 @@ impl Rules {
             inode,
             intent: intent.clone(),
             read_at: Instant::now(),
+            cost,
             changes,
             dirty: false,
         });

@@ -14,6 +14,7 @@ use nftables::{
     stmt::{Match, NAT, Operator, Statement},
     types::{NfChainType, NfFamily, NfHook},
 };
+use serde::Deserialize as _;
 use serde_json::Value;
 
 use crate::domain::{
@@ -98,12 +99,15 @@ struct Ruleset {
 
 impl Ruleset {
     fn add(&mut self, object: Value) {
-        let Some((kind, body)) = object.as_object().and_then(|o| o.iter().next()) else {
+        let Value::Object(object) = object else {
+            return;
+        };
+        let Some((kind, body)) = object.into_iter().next() else {
             return;
         };
         match kind.as_str() {
             "chain" => {
-                if let Ok(chain) = serde_json::from_value::<Chain>(body.clone())
+                if let Ok(chain) = serde_json::from_value::<Chain>(body)
                     && chain._type == Some(NfChainType::NAT)
                     && matches!(chain.hook, Some(NfHook::Prerouting | NfHook::Output))
                     && matches!(chain.family, NfFamily::IP | NfFamily::IP6 | NfFamily::INet)
@@ -112,7 +116,7 @@ impl Ruleset {
                         .push(key(chain.family, &chain.table, &chain.name));
                 }
             }
-            "rule" => match serde_json::from_value::<Rule<'static>>(body.clone()) {
+            "rule" => match Rule::<'static>::deserialize(&body) {
                 Ok(rule) => {
                     let k = key(rule.family, &rule.table, &rule.chain);
                     self.rules.entry(k).or_default().push(rule);
@@ -133,7 +137,7 @@ impl Ruleset {
                     .and_then(Value::as_array)
                     .into_iter()
                     .flatten()
-                    .filter_map(|e| serde_json::from_value(e.clone()).ok())
+                    .filter_map(|e| Expression::deserialize(e).ok())
                     .collect();
                 self.elements.insert(
                     (
@@ -167,13 +171,14 @@ struct Walk<'r> {
     complete: bool,
 }
 
-impl Walk<'_> {
+impl<'r> Walk<'r> {
     fn chain(&mut self, chain: &Key, when: Conditions, depth: usize) {
         if depth > MAX_DEPTH {
             self.complete = false;
             return;
         }
-        let Some(rules) = self.ruleset.rules.get(chain) else {
+        let ruleset: &'r Ruleset = self.ruleset;
+        let Some(rules) = ruleset.rules.get(chain) else {
             return;
         };
         for rule in rules {
@@ -190,7 +195,7 @@ impl Walk<'_> {
     fn rule(
         &mut self,
         chain: &Key,
-        statements: &[Statement<'_>],
+        statements: &'r [Statement<'static>],
         mut when: Conditions,
         depth: usize,
     ) {
@@ -205,7 +210,7 @@ impl Walk<'_> {
                 Statement::VerdictMap(vmap) => {
                     for (k, v) in self.pairs(chain, &vmap.data) {
                         let mut branch = when.clone();
-                        bind(&mut branch, &vmap.key, &k);
+                        bind(&mut branch, &vmap.key, k);
                         if let Expression::Verdict(Verdict::Jump(t) | Verdict::Goto(t)) = v {
                             let next = (chain.0.clone(), chain.1.clone(), t.target.to_string());
                             self.chain(&next, branch, depth + 1);
@@ -235,7 +240,7 @@ impl Walk<'_> {
     }
 
     /// Narrows `when` by a match; one it cannot read makes it opaque.
-    fn narrow(&self, chain: &Key, when: &mut Conditions, m: &Match<'_>) {
+    fn narrow(&self, chain: &Key, when: &mut Conditions, m: &'r Match<'static>) {
         let negated = match m.op {
             Operator::EQ | Operator::IN => false,
             Operator::NEQ => true,
@@ -252,21 +257,25 @@ impl Walk<'_> {
 
     /// The values an expression on the right of a match stands for, a
     /// named set's elements included.
-    fn values(&self, chain: &Key, right: &Expression<'_>) -> Vec<Expression<'static>> {
+    fn values(&self, chain: &Key, right: &'r Expression<'static>) -> Vec<&'r Expression<'static>> {
+        let ruleset: &'r Ruleset = self.ruleset;
         match right {
             Expression::String(s) if s.starts_with('@') => {
                 let set = (chain.0.clone(), chain.1.clone(), s[1..].to_owned());
-                self.ruleset.elements.get(&set).cloned().unwrap_or_default()
+                ruleset
+                    .elements
+                    .get(&set)
+                    .map(|e| e.iter().map(unwrap_elem).collect())
+                    .unwrap_or_default()
             }
             Expression::Named(NamedExpression::Set(items)) => items
                 .iter()
                 .filter_map(|i| match i {
-                    SetItem::Element(e) => Some(unwrap_elem(e).clone()),
+                    SetItem::Element(e) => Some(unwrap_elem(e)),
                     _ => None,
                 })
-                .map(owned)
                 .collect(),
-            other => vec![owned(other.clone())],
+            other => vec![other],
         }
     }
 
@@ -274,39 +283,35 @@ impl Walk<'_> {
     fn pairs(
         &self,
         chain: &Key,
-        data: &Expression<'_>,
-    ) -> Vec<(Expression<'static>, Expression<'static>)> {
-        let items: Vec<Expression<'static>> = match data {
+        data: &'r Expression<'static>,
+    ) -> Vec<(&'r Expression<'static>, &'r Expression<'static>)> {
+        let ruleset: &'r Ruleset = self.ruleset;
+        let pair = |e: &'r Expression<'static>| match e {
+            Expression::List(kv) if kv.len() == 2 => Some((unwrap_elem(&kv[0]), &kv[1])),
+            _ => None,
+        };
+        match data {
             Expression::String(s) if s.starts_with('@') => {
                 let map = (chain.0.clone(), chain.1.clone(), s[1..].to_owned());
-                self.ruleset.elements.get(&map).cloned().unwrap_or_default()
+                ruleset
+                    .elements
+                    .get(&map)
+                    .map(|e| e.iter().filter_map(pair).collect())
+                    .unwrap_or_default()
             }
             Expression::Named(NamedExpression::Set(items)) => items
                 .iter()
-                .map(|i| match i {
-                    SetItem::Element(e) => owned(e.clone()),
-                    SetItem::Mapping(k, v) => {
-                        Expression::List(vec![owned(k.clone()), owned(v.clone())])
-                    }
-                    SetItem::MappingStatement(k, _) => owned(k.clone()),
+                .filter_map(|i| match i {
+                    SetItem::Element(e) => pair(e),
+                    SetItem::Mapping(k, v) => Some((unwrap_elem(k), v)),
+                    SetItem::MappingStatement(..) => None,
                 })
                 .collect(),
             _ => Vec::new(),
-        };
-        items
-            .into_iter()
-            .filter_map(|item| match item {
-                Expression::List(mut kv) if kv.len() == 2 => {
-                    let v = kv.pop()?;
-                    let k = kv.pop()?;
-                    Some((owned(unwrap_elem(&k).clone()), v))
-                }
-                _ => None,
-            })
-            .collect()
+        }
     }
 
-    fn dnat(&mut self, chain: &Key, nat: &NAT<'_>, when: Conditions) {
+    fn dnat(&mut self, chain: &Key, nat: &'r NAT<'static>, when: Conditions) {
         let where_ = format!("{} {}/{}", chain.0, chain.1, chain.2);
         let Some(addr) = &nat.addr else {
             self.complete = false;
@@ -322,8 +327,8 @@ impl Walk<'_> {
         if let Expression::Named(NamedExpression::Map(map)) = addr {
             for (k, v) in self.pairs(chain, &map.data) {
                 let mut branch = when.clone();
-                bind(&mut branch, &map.key, &k);
-                match target(&v, port) {
+                bind(&mut branch, &map.key, k);
+                match target(v, port) {
                     Some(t) => self.out.push(DnatRule {
                         engine: RuleEngine::Nftables,
                         chain: where_.clone(),
@@ -348,19 +353,11 @@ impl Walk<'_> {
 }
 
 /// A set element may come wrapped with its timeout or comment.
-fn unwrap_elem<'e>(e: &'e Expression<'e>) -> &'e Expression<'e> {
+fn unwrap_elem<'e, 'a>(e: &'e Expression<'a>) -> &'e Expression<'a> {
     match e {
         Expression::Named(NamedExpression::Elem(elem)) => &elem.val,
         other => other,
     }
-}
-
-fn owned(e: Expression<'_>) -> Expression<'static> {
-    // The crate's types borrow from the JSON; a round trip owns them.
-    serde_json::to_value(&e)
-        .ok()
-        .and_then(|v| serde_json::from_value(v).ok())
-        .unwrap_or(Expression::Boolean(false))
 }
 
 /// A DNAT target: `addr`, `addr-addr`, or `addr . port` from a map.
@@ -382,12 +379,7 @@ fn target(value: &Expression<'_>, port: Option<PortSpan>) -> Option<NatTarget> {
 /// Adds the condition `left == right` (a vmap's or a map's key bound to
 /// one element).
 fn bind(when: &mut Conditions, left: &Expression<'_>, right: &Expression<'_>) {
-    if !constrain(
-        when,
-        left,
-        std::slice::from_ref(&owned(right.clone())),
-        false,
-    ) {
+    if !constrain(when, left, &[right], false) {
         when.opaque = true;
     }
 }
@@ -397,7 +389,7 @@ fn bind(when: &mut Conditions, left: &Expression<'_>, right: &Expression<'_>) {
 fn constrain(
     when: &mut Conditions,
     left: &Expression<'_>,
-    right: &[Expression<'_>],
+    right: &[&Expression<'_>],
     negated: bool,
 ) -> bool {
     match left {
@@ -406,7 +398,7 @@ fn constrain(
             if negated {
                 return false;
             }
-            let mut columns: Vec<Vec<Expression<'_>>> = vec![Vec::new(); parts.len()];
+            let mut columns: Vec<Vec<&Expression<'_>>> = vec![Vec::new(); parts.len()];
             for value in right {
                 let Expression::Named(NamedExpression::Concat(vs)) = value else {
                     return false;
@@ -415,7 +407,7 @@ fn constrain(
                     return false;
                 }
                 for (column, v) in columns.iter_mut().zip(vs.iter()) {
-                    column.push(v.clone());
+                    column.push(v);
                 }
             }
             // One element pins every column; several only when one column
@@ -430,21 +422,23 @@ fn constrain(
             match (field.protocol.as_ref(), field.field.as_ref()) {
                 ("ip" | "ip6", "daddr") => {
                     when.daddr.push(Cond::new(
-                        right.iter().flat_map(addr_spans).collect(),
+                        right.iter().flat_map(|v| addr_spans(v)).collect(),
                         negated,
                     ));
                     true
                 }
                 ("ip" | "ip6", "saddr") => {
                     when.saddr.push(Cond::new(
-                        right.iter().flat_map(addr_spans).collect(),
+                        right.iter().flat_map(|v| addr_spans(v)).collect(),
                         negated,
                     ));
                     true
                 }
                 ("ip", "protocol") | ("ip6", "nexthdr") => {
-                    when.proto
-                        .push(Cond::new(right.iter().filter_map(proto).collect(), negated));
+                    when.proto.push(Cond::new(
+                        right.iter().filter_map(|v| proto(v)).collect(),
+                        negated,
+                    ));
                     true
                 }
                 (l4 @ ("udp" | "tcp" | "sctp" | "udplite" | "th"), "dport") => {
@@ -452,7 +446,7 @@ fn constrain(
                         when.proto.push(Cond::is(vec![p]));
                     }
                     when.dport.push(Cond::new(
-                        right.iter().flat_map(port_spans).collect(),
+                        right.iter().flat_map(|v| port_spans(v)).collect(),
                         negated,
                     ));
                     true
@@ -462,8 +456,10 @@ fn constrain(
         }
         Expression::Named(NamedExpression::Meta(Meta { key })) => match key {
             MetaKey::L4proto => {
-                when.proto
-                    .push(Cond::new(right.iter().filter_map(proto).collect(), negated));
+                when.proto.push(Cond::new(
+                    right.iter().filter_map(|v| proto(v)).collect(),
+                    negated,
+                ));
                 true
             }
             MetaKey::Iifname | MetaKey::Iif => {

@@ -319,3 +319,18 @@ fn tcp_services_are_told_from_udp_ones() {
         );
     }
 }
+
+/// How long parsing a large ruleset takes: `STALEWATCH_BIG_RULESET=FILE`
+/// (an `nft -j list ruleset`), run with `--ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn parse_a_large_ruleset() {
+    let Some(file) = std::env::var_os("STALEWATCH_BIG_RULESET") else {
+        return;
+    };
+    let json = std::fs::read_to_string(file).unwrap();
+    let started = std::time::Instant::now();
+    let parsed = nft::parse(&json).unwrap();
+    let intent = NatIntent::new(parsed.rules, Vec::new());
+    println!("{} rules in {:?}", intent.rules().len(), started.elapsed());
+}
