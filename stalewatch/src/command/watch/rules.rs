@@ -101,6 +101,12 @@ impl Rules {
             .ok()
             .map(Arc::new)?;
         let cost = started.elapsed();
+        log::info!(
+            "NAT intent of {}: {} DNAT rules ({}), read in {cost:?}",
+            path.display(),
+            intent.rules().len(),
+            intent.engines()
+        );
         let inode = std::fs::metadata(path)
             .map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32)
             .unwrap_or(0);
