@@ -361,3 +361,37 @@ fn load_balancing_and_ranges_stay_quiet() {
         watcher.stop().expect("stop");
     }
 }
+
+/// Quiet: an orchestrator that deletes the old entries right after
+/// rewriting its rules (kube-proxy does for UDP) leaves nothing stale, even
+/// if an audit looked between the two steps. The positive control: the
+/// next move, with the entry left alone, is raised.
+#[test]
+fn a_redeploy_that_deletes_old_entries_at_once_stays_quiet() {
+    let Pinned { mut c, mut stream } = pinned(Engine::NftKube, Family::V4);
+    let watcher = watch(&c.node_a.name.clone());
+    c.move_backend(&DNS, 7, 8).expect("move to .8");
+    let old = c.pod_ip(7).to_string();
+    c.node_a
+        .exec(&["conntrack", "-D", "-p", "udp", "-r", &old])
+        .expect("delete the old entries");
+    let rx8 = c.udp_receiver(8, &DNS).expect("receiver .8");
+    assert!(
+        rx8.wait_from(c.client_addr(STALE_SPORT), 3, secs(5)),
+        "the stream's new entry reaches .8"
+    );
+    std::thread::sleep(secs(12));
+    let records = watcher.records();
+    assert!(
+        !records.iter().any(|v| v["type"] == "stale_flow"),
+        "quiet: {records:?}"
+    );
+    // The positive control: moved again, the entry left alone.
+    c.move_backend(&DNS, 8, 9).expect("move to .9");
+    let raised = watcher
+        .wait_for(secs(10), |v| is_stale_flow(v, "raised", STALE_SPORT))
+        .unwrap_or_else(|| panic!("raised: {:?}", watcher.records()));
+    assert_eq!(addr_of(&raised["stale_backend"]), c.pod_ip(8).to_string());
+    stream.stop();
+    watcher.stop().expect("stop");
+}
