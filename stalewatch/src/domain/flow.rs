@@ -49,6 +49,20 @@ impl Proto {
         }
     }
 
+    /// From its name as rule engines write it (`udp`, `ipv6-icmp`) or its
+    /// number.
+    pub fn from_name(name: &str) -> Option<Proto> {
+        match name {
+            "icmp" => Some(Proto(1)),
+            "tcp" => Some(Proto::TCP),
+            "udp" => Some(Proto::UDP),
+            "ipv6-icmp" | "icmpv6" => Some(Proto(58)),
+            "sctp" => Some(Proto::SCTP),
+            "udplite" => Some(Proto(136)),
+            other => other.parse().ok().map(Proto),
+        }
+    }
+
     /// Whether the tuple's port fields are ports (not ICMP ids).
     pub fn has_ports(self) -> bool {
         matches!(self.0, 6 | 17 | 33 | 132 | 136)
@@ -171,5 +185,9 @@ mod tests {
         let v4 = udp("192.0.2.2", 40000, "192.0.2.1", 8888);
         assert_eq!(v4.service().to_string(), "192.0.2.1:8888:udp");
         assert_eq!(v4.service().family(), Family::Ipv4);
+        for p in [1, 6, 17, 58, 132, 136, 250] {
+            assert_eq!(Proto::from_name(&Proto(p).name()), Some(Proto(p)));
+        }
+        assert_eq!(Proto::from_name("ipv6-icmp"), Some(Proto(58)));
     }
 }

@@ -66,13 +66,6 @@ pub struct Containers {
     pub publishers: Vec<Publication>,
 }
 
-impl Containers {
-    /// Whether an engine said anything at all.
-    pub fn is_empty(&self) -> bool {
-        *self == Containers::default()
-    }
-}
-
 /// Where a dead destination's traffic leaves and comes from, by the
 /// namespace's routes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

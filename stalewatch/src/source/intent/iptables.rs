@@ -106,7 +106,7 @@ impl Walk<'_> {
                     });
                 }
                 "-p" | "--protocol" => {
-                    let p = next(&mut i).and_then(proto);
+                    let p = next(&mut i).and_then(Proto::from_name);
                     match p {
                         Some(p) => when.proto.push(if negated {
                             Cond::not(vec![p])
@@ -263,18 +263,6 @@ fn port_spans(value: &str) -> Vec<PortSpan> {
             None => one.parse().ok().map(PortSpan::one),
         })
         .collect()
-}
-
-fn proto(name: &str) -> Option<Proto> {
-    match name {
-        "tcp" => Some(Proto::TCP),
-        "udp" => Some(Proto::UDP),
-        "sctp" => Some(Proto::SCTP),
-        "udplite" => Some(Proto(136)),
-        "icmp" => Some(Proto(1)),
-        "ipv6-icmp" | "icmpv6" => Some(Proto(58)),
-        other => other.parse().ok().map(Proto),
-    }
 }
 
 #[cfg(test)]

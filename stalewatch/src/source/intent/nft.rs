@@ -542,17 +542,9 @@ fn port_spans(value: &Expression<'_>) -> Vec<PortSpan> {
 fn proto(value: &Expression<'_>) -> Option<Proto> {
     match value {
         Expression::Number(n) => u8::try_from(*n).ok().map(Proto),
-        Expression::String(s) => match s.as_ref() {
-            "tcp" => Some(Proto::TCP),
-            "udp" => Some(Proto::UDP),
-            "sctp" => Some(Proto::SCTP),
-            "udplite" => Some(Proto(136)),
-            "icmp" => Some(Proto(1)),
-            "ipv6-icmp" | "icmpv6" => Some(Proto(58)),
-            // `th dport`: any transport with ports.
-            "th" => None,
-            other => other.parse().ok().map(Proto),
-        },
+        // `th dport`: any transport with ports.
+        Expression::String(s) if s == "th" => None,
+        Expression::String(s) => Proto::from_name(s),
         _ => None,
     }
 }
