@@ -112,6 +112,12 @@ fn metrics_count_a_stale_flow() -> anyhow::Result<()> {
         Some(1.0),
         "{body}"
     );
+    // The labels packaging/prometheus's alerts read.
+    let by_backend = format!(
+        r#"stalewatch_raised_flows{{verdict="stale",netns="{}",service="192.0.2.1:8888/udp",backend="172.17.0.2"}}"#,
+        story.router.name
+    );
+    assert_eq!(sample(&body, &by_backend), Some(1.0), "{body}");
     assert!(
         sample(&body, r#"stalewatch_map_entries{map="flows"}"#) >= Some(1.0),
         "{body}"

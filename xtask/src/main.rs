@@ -39,6 +39,8 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     // container.
     ("debootstrap", "debootstrap"),
     ("virtualenv", "python3-virtualenv"),
+    // The alerting rules' unit tests.
+    ("promtool", "prometheus"),
 ];
 
 /// What only the benchmark needs: its bpftrace column.

@@ -16,7 +16,7 @@ use tokio::{
 };
 
 use crate::{
-    domain::{AlertState, Verdict},
+    domain::{Alert, AlertState, Verdict, addr_port},
     linux::icmp,
     source::kernel::{Counters, btf::DropReasons},
 };
@@ -35,6 +35,9 @@ struct AlertLabels {
 struct FlowLabels {
     verdict: String,
     netns: String,
+    /// `addr:port/proto` of a pinned flow's destination; empty for a dead
+    /// destination (its service is on the host that sends it).
+    service: String,
     backend: String,
 }
 
@@ -147,8 +150,8 @@ impl Metrics {
         );
         registry.register(
             "raised_flows",
-            "Flows raised and not yet resolved, by verdict, namespace and backend (the stale \
-             backend, or the dead address)",
+            "Flows raised and not yet resolved, by verdict, namespace, service and backend (the \
+             stale backend, or the dead address)",
             raised_by_backend.clone(),
         );
         Metrics {
@@ -179,19 +182,20 @@ impl Metrics {
     }
 
     /// A flow raised (+1) or resolved (-1), by its labels.
-    pub fn flow(
-        &self,
-        state: AlertState,
-        verdict: Verdict,
-        netns: &str,
-        backend: std::net::IpAddr,
-    ) {
-        let labels = FlowLabels {
-            verdict: verdict.label().into(),
-            netns: netns.into(),
-            backend: backend.to_string(),
+    pub fn flow(&self, alert: &Alert, netns: &str) {
+        let o = &alert.flow.orig;
+        let service = if alert.verdict == Verdict::DeadDestination {
+            String::new()
+        } else {
+            format!("{}/{}", addr_port(o.dst, o.dport), o.proto.name())
         };
-        match state {
+        let labels = FlowLabels {
+            verdict: alert.verdict.label().into(),
+            netns: netns.into(),
+            service,
+            backend: alert.flow.backend().addr.to_string(),
+        };
+        match alert.state {
             AlertState::Raised => {
                 self.raised_by_backend.get_or_create(&labels).inc();
             }

@@ -72,7 +72,7 @@ impl<W: io::Write> Output<W> {
             && let Ok(m) = metrics.lock()
         {
             m.alert(alert.state, alert.verdict);
-            m.flow(alert.state, alert.verdict, netns, alert.flow.backend().addr);
+            m.flow(alert, netns);
         }
         if alert.state == AlertState::Reminder {
             self.reminders.add(alert);
