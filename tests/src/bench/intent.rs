@@ -405,6 +405,10 @@ pub struct AuditRun {
     pub entries_after: u64,
     pub check: Cost,
     pub list: Cost,
+    /// The same two on the emptied table just before: their fixed cost
+    /// (starting, the namespace's facts, the intent).
+    pub empty_check: Cost,
+    pub empty_list: Cost,
     /// What check said: entries checked, stale found.
     pub checked: Option<u64>,
     pub stale: Option<u64>,
@@ -412,9 +416,10 @@ pub struct AuditRun {
     pub check_first: bool,
 }
 
-/// Fills the router's table with `entries` DNATed flows (sent twice each;
-/// their entries live 30 s), then measures check and `conntrack -L`, in
-/// the order `check_first` says.
+/// Empties the router's table (figure 3's entries would be audited too)
+/// and measures check and `conntrack -L` on it; then fills it with
+/// `entries` DNATed flows (sent twice each; their entries live 30 s) and
+/// measures them again. Each time in the order `check_first` says.
 pub fn audit_run(
     bin: &Path,
     sender: &Netns,
@@ -422,20 +427,6 @@ pub fn audit_run(
     entries: u32,
     check_first: bool,
 ) -> anyhow::Result<AuditRun> {
-    let spec = fill_spec(entries);
-    let until = Instant::now() + spec.limit + Duration::from_secs(2);
-    let mut flood = Flood::start(sender, spec)?;
-    while !flood.finished() && Instant::now() < until {
-        super::sleep(Duration::from_millis(20))?;
-    }
-    flood.stop()?;
-    let count =
-        || -> anyhow::Result<u64> { Ok(router.exec(&["conntrack", "-C"])?.trim().parse()?) };
-    let mut r = AuditRun {
-        entries_before: count()?,
-        check_first,
-        ..AuditRun::default()
-    };
     let limit = Duration::from_secs(120);
     let bin = bin.to_string_lossy();
     let check = || {
@@ -452,14 +443,38 @@ pub fn audit_run(
             limit,
         )
     };
-    if check_first {
-        r.check = check()?;
-        r.list = list()?;
-    } else {
-        r.list = list()?;
-        r.check = check()?;
+    let both = || -> anyhow::Result<(Cost, Cost)> {
+        Ok(if check_first {
+            let c = check()?;
+            (c, list()?)
+        } else {
+            let l = list()?;
+            (check()?, l)
+        })
+    };
+    router.exec(&["conntrack", "-F"])?;
+    let (empty_check, empty_list) = both()?;
+    let spec = fill_spec(entries);
+    let until = Instant::now() + spec.limit + Duration::from_secs(2);
+    let mut flood = Flood::start(sender, spec)?;
+    while !flood.finished() && Instant::now() < until {
+        super::sleep(Duration::from_millis(20))?;
     }
-    r.entries_after = count()?;
+    flood.stop()?;
+    let count =
+        || -> anyhow::Result<u64> { Ok(router.exec(&["conntrack", "-C"])?.trim().parse()?) };
+    let entries_before = count()?;
+    let (check, list) = both()?;
+    let mut r = AuditRun {
+        entries_before,
+        entries_after: count()?,
+        check,
+        list,
+        empty_check,
+        empty_list,
+        check_first,
+        ..AuditRun::default()
+    };
     // "stalewatch: N conntrack entries checked, M stale"
     let said = r
         .check
@@ -474,14 +489,14 @@ pub fn audit_run(
     };
     r.checked = number_before(" conntrack entries checked");
     r.stale = number_before(" stale");
-    if r.check.code > 1 {
+    if r.check.code > 1 || r.empty_check.code > 1 {
         bail!(
             "stalewatch check failed ({}): {}",
             r.check.code,
             r.check.stderr.trim()
         );
     }
-    if r.list.code != 0 {
+    if r.list.code != 0 || r.empty_list.code != 0 {
         bail!(
             "conntrack -L failed ({}): {}",
             r.list.code,
