@@ -548,7 +548,8 @@ mod tests {
         .map(String::from);
         assert_eq!(readings(&lines), vec![2.51234, 0.3125]);
         assert_eq!(rules_read(&lines), Some(10_000));
-        assert_eq!(debug_duration("12.5µs"), Some(12.5e-6));
+        let micros = debug_duration("12.5µs").expect("parsed");
+        assert!((micros - 12.5e-6).abs() < 1e-12);
     }
 
     #[test]
