@@ -30,6 +30,14 @@ pub struct Settings {
     pub rate: u64,
     pub cpu_flows: u32,
     pub bpftrace: bool,
+    /// Figure 4a: services of the ruleset, seconds measured after the
+    /// first reading, runs (each without and with rewrites).
+    pub services: u32,
+    pub rules_window: Duration,
+    pub rules_runs: u32,
+    /// Figure 4b: DNATed entries in the router's table, runs.
+    pub audit_entries: u32,
+    pub audit_runs: u32,
 }
 
 /// The topology and the counters, alive for the whole bench. Fields drop in

@@ -21,10 +21,14 @@
 //! - [`details`]: the report's per-run values.
 //! - [`figures`]: the figures, each its loads' runs and rows.
 //! - [`soak`]: `--soak`, stalewatch under one long stale flood.
+//! - [`intent`]: figure 4's loads: a ruleset of thousands of services
+//!   rewritten as it is read, a table of DNATed entries, and the CPU of
+//!   one-shot commands.
 
 pub mod details;
 pub mod figures;
 pub mod flood;
+pub mod intent;
 pub mod loads;
 pub mod measure;
 pub mod procfs;

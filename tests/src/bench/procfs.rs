@@ -128,6 +128,24 @@ impl CpuSample {
     }
 }
 
+/// CPU time of a process and of the children it waited for, seconds:
+/// utime + stime + cutime + cstime from /proc/<pid>/stat (10 ms
+/// resolution). A child still running counts once it is reaped.
+pub fn cpu_with_children_s(pid: u32) -> anyhow::Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14-17; `after` starts at field 3.
+    let ticks: f64 = f
+        .get(11..15)
+        .context("short /proc/<pid>/stat")?
+        .iter()
+        .map(|v| v.parse::<f64>().unwrap_or(0.0))
+        .sum();
+    Ok(ticks / ticks_per_sec())
+}
+
 /// Resident memory of a process, KiB: (VmRSS, VmHWM).
 pub fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))

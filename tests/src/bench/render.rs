@@ -56,6 +56,14 @@ pub fn header(report: &mut Report, ctx: &Ctx) -> anyhow::Result<()> {
         ),
     ];
     report.header.push(format!(
+        "         figure 4: {} services, {:.0} s after the first reading, {} run(s) without and with rewrites; {} DNATed entries, {} runs",
+        s.services,
+        s.rules_window.as_secs_f64(),
+        s.rules_runs,
+        s.audit_entries,
+        s.audit_runs
+    ));
+    report.header.push(format!(
         "load     1-minute load average at the start: {} (other work on the machine competes for the same CPUs)",
         load_average()
     ));

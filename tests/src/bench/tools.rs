@@ -142,21 +142,44 @@ impl Tool {
         max_flows: u32,
         keep: bool,
     ) -> anyhow::Result<Tool> {
-        let mut tool = Tool::spawn(
-            "stalewatch",
-            Command::new(bin).args([
-                "watch",
-                "--format",
-                "json",
-                "--netns",
-                router,
-                "--max-flows",
-                &max_flows.to_string(),
-            ]),
-            keep,
-        )?;
+        Tool::stalewatch_with(bin, router, max_flows, keep, None)
+    }
+
+    /// The same with `RUST_LOG` set to `log` (figure 4 counts the info
+    /// lines of its intent readings).
+    pub fn stalewatch_with(
+        bin: &Path,
+        router: &str,
+        max_flows: u32,
+        keep: bool,
+        log: Option<&str>,
+    ) -> anyhow::Result<Tool> {
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "watch",
+            "--format",
+            "json",
+            "--netns",
+            router,
+            "--max-flows",
+            &max_flows.to_string(),
+        ]);
+        if let Some(log) = log {
+            cmd.env("RUST_LOG", log);
+        }
+        let mut tool = Tool::spawn("stalewatch", &mut cmd, keep)?;
         tool.wait_ready(|t| t.stderr_text().contains("attached"))?;
         Ok(tool)
+    }
+
+    /// Its stderr lines so far.
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.lock().expect("lock").clone()
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// This bench again, holding an empty program of the kind stalewatch

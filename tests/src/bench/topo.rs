@@ -41,7 +41,7 @@ pub struct Topology {
 }
 
 /// Creates `<prefix>-<role>`; deleted on drop like any [`Netns`].
-fn netns(role: &str) -> anyhow::Result<Netns> {
+pub fn netns(role: &str) -> anyhow::Result<Netns> {
     let name = format!("{}-{role}", super::prefix());
     run(&["ip", "netns", "add", &name])?;
     let ns = Netns { name };

@@ -20,7 +20,8 @@ use nix::sys::signal::{SigHandler, Signal, signal};
 use stalewatch_tests::{
     bench::{
         self,
-        figures::{figure_1, figure_2, figure_3a, figure_3bc, notes},
+        figures::{figure_1, figure_2, figure_3a, figure_3bc, figure_4a, figure_4b, notes},
+        intent,
         measure::{Ctx, Settings},
         render::{header, load_average},
         soak::soak,
@@ -77,10 +78,26 @@ struct Args {
     /// Flows of the CPU load, figure 3a
     #[arg(long, default_value_t = 1_000)]
     cpu_flows: u32,
+    /// Services of figure 4a's kube-proxy-style nftables ruleset, at most
+    /// 65,536 [default: 5,000; 500 with --quick]
+    #[arg(long)]
+    services: Option<u32>,
+    /// Seconds of figure 4a measured after stalewatch's first reading of
+    /// the intent [default: 60; 30 with --quick]
+    #[arg(long)]
+    rules_window: Option<f64>,
+    /// Runs of figure 4a, each without and with rewrites [default: 1]
+    #[arg(long, default_value_t = 1)]
+    rules_runs: u32,
+    /// DNATed conntrack entries of figure 4b, at most 60,000
+    /// [default: 50,000; 5,000 with --quick]
+    #[arg(long)]
+    audit_entries: Option<u32>,
     /// Leave out the bpftrace column
     #[arg(long)]
     no_bpftrace: bool,
-    /// Only these figures, comma-separated (3b includes 3c) [default: all]
+    /// Only these figures, comma-separated (3b includes 3c; 4 is 4a and
+    /// 4b) [default: all]
     #[arg(long, value_enum, value_delimiter = ',')]
     figures: Vec<Figure>,
     /// Instead of the figures: steady stale flows for this many minutes,
@@ -100,6 +117,8 @@ enum Figure {
     FewStale,
     #[value(name = "3b")]
     ManyStale,
+    #[value(name = "4")]
+    Intent,
 }
 
 /// The settings the flags ask for, defaults resolved and checked.
@@ -133,13 +152,31 @@ fn settings(a: &Args, bpftrace: bool) -> anyhow::Result<Settings> {
             .unwrap_or(if a.soak.is_some() { 20_000 } else { 100_000 }),
         cpu_flows: a.cpu_flows,
         bpftrace,
+        services: a.services.unwrap_or(if a.quick { 500 } else { 5_000 }),
+        rules_window: secs(a.rules_window, 60.0, 30.0)?,
+        rules_runs: a.rules_runs,
+        audit_entries: a
+            .audit_entries
+            .unwrap_or(if a.quick { 5_000 } else { 50_000 }),
+        audit_runs: if a.quick { 3 } else { 5 },
     };
-    for (what, n) in [("--runs", s.runs), ("--stale-runs", s.stale_runs)] {
+    for (what, n) in [
+        ("--runs", s.runs),
+        ("--stale-runs", s.stale_runs),
+        ("--rules-runs", s.rules_runs),
+    ] {
         if n == 0 || n > 100 {
             bail!("{what} is 1 to 100, not {n}");
         }
     }
-    for (what, n) in [("--flows", s.flows), ("--cpu-flows", s.cpu_flows)] {
+    if s.services == 0 || s.services > intent::MAX_SERVICES {
+        bail!("--services is 1 to {}", intent::MAX_SERVICES);
+    }
+    for (what, n) in [
+        ("--flows", s.flows),
+        ("--cpu-flows", s.cpu_flows),
+        ("--audit-entries", s.audit_entries),
+    ] {
         if n == 0 || n > MAX_REAL_FLOWS {
             bail!(
                 "{what} is 1 to {MAX_REAL_FLOWS}: the conntrack table is shared by the whole machine"
@@ -267,6 +304,10 @@ fn figures(ctx: &mut Ctx, report: &mut Report, only: &[Figure]) -> anyhow::Resul
     }
     if want(Figure::ManyStale) {
         figure_3bc(ctx, report)?;
+    }
+    if want(Figure::Intent) {
+        figure_4a(ctx, report)?;
+        figure_4b(ctx, report)?;
     }
     notes(report);
     Ok(())
