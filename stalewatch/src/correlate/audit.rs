@@ -125,6 +125,7 @@ mod tests {
             status,
             timeout: Some(30),
             id: Some(u32::from(sport)),
+            zone: 0,
         }
     }
 

@@ -90,8 +90,9 @@ pub fn text(record: &Record) -> String {
             let _ = writeln!(s, "  cause      of each, {}", a.cause);
             let _ = writeln!(
                 s,
-                "  fix        {}  (the {} entries pinned to {})",
+                "  fix        {}  (the {} entries judged stale of the {} flows pinned to {})",
                 a.fix,
+                a.fix_entries,
                 a.flows,
                 addr_port(a.pin.stale_backend.addr, a.pin.stale_backend.port)
             );

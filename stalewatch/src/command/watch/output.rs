@@ -11,15 +11,16 @@ use std::{
 };
 
 use crate::{
-    domain::{Alert, AlertState, Containers, NetnsInfo, Verdict},
+    domain::{Alert, AlertState, Containers, NetnsInfo, addr_port},
     error::chain,
     sink::{
         Format, Record, Reporter,
+        fix::Target,
         metrics::Metrics,
         record::{Clock, EntryDeleted, StaleFlow, StaleService, rfc3339},
         reminders::{ReminderGroup, Reminders},
     },
-    source::conntrack,
+    source::conntrack::{self, Deletion},
 };
 
 /// The names of one alert's flow, gathered before it is said: its
@@ -28,6 +29,11 @@ pub struct Names {
     pub netns: NetnsInfo,
     pub path: Option<PathBuf>,
     pub containers: Containers,
+    /// The conntrack zone of the flow's entry, where it was looked up.
+    pub zone: u16,
+    /// For a group of reminders: the entries of its listed flows that are
+    /// still the ones judged, which its fix names.
+    pub targets: Vec<Target>,
 }
 
 pub struct Output<W: io::Write> {
@@ -67,33 +73,67 @@ impl<W: io::Write> Output<W> {
     /// (or reminded of) as stale or bypassing, never one whose backend is
     /// down.
     pub fn fixes(&self, alert: &Alert) -> bool {
-        self.fix
-            && matches!(alert.verdict, Verdict::Stale | Verdict::Bypass)
-            && alert.state != AlertState::Resolved
+        self.fix && alert.verdict.deleted_by_fix() && alert.state != AlertState::Resolved
     }
 
     /// Prints the record of an alert that [`Output::count`] said is due.
     pub fn say(&mut self, alert: &Alert, names: &Names, clock: &Clock) -> io::Result<()> {
-        let record = StaleFlow::new(alert, names.netns.clone(), &names.containers, clock);
+        let record = StaleFlow::in_zone(
+            alert,
+            names.netns.clone(),
+            &names.containers,
+            clock,
+            names.zone,
+        );
         self.reporter.write(&Record::StaleFlow(Box::new(record)))
     }
 
-    /// Deletes the entry of an alert's flow, and prints the deletion.
+    /// Deletes the entry of an alert's flow, exactly the one judged (see
+    /// [`conntrack::delete_judged`]), and prints the deletion; anything
+    /// else deletes nothing and says why in one log line.
     pub fn fix(&mut self, alert: &Alert, names: &Names) -> io::Result<()> {
         let flow = &alert.flow;
         let Some(path) = &names.path else {
             log::warn!("--fix: cannot enter network namespace {}", flow.netns);
             return Ok(());
         };
-        match conntrack::delete(Some(path), &flow.orig) {
-            Ok(true) => {
-                let deleted = EntryDeleted::new(&flow.orig, &flow.reply, names.netns.clone());
+        let what = format!(
+            "{} {} -> {} pinned to {}",
+            flow.orig.proto.name(),
+            addr_port(flow.orig.src, flow.orig.sport),
+            addr_port(flow.orig.dst, flow.orig.dport),
+            flow.backend()
+        );
+        match conntrack::delete_judged(Some(path), &flow.orig, &flow.reply) {
+            Ok(Deletion::Deleted(entry)) => {
+                let deleted = EntryDeleted::new(&entry, names.netns.clone());
                 self.reporter
                     .write(&Record::EntryDeleted(Box::new(deleted)))
             }
-            Ok(false) => Ok(()),
+            Ok(Deletion::Gone) => {
+                log::info!("--fix: nothing deleted: the entry of {what} is already gone");
+                Ok(())
+            }
+            Ok(Deletion::Replaced(now)) => {
+                let to: Vec<String> = now.iter().map(|e| e.backend().to_string()).collect();
+                log::info!(
+                    "--fix: nothing deleted: the entry of {what} is no longer the one judged \
+                     (now to {})",
+                    to.join(", ")
+                );
+                Ok(())
+            }
+            Ok(Deletion::Ambiguous(found)) => {
+                let zones: Vec<String> = found.iter().map(|e| e.zone.to_string()).collect();
+                log::warn!(
+                    "--fix: nothing deleted: {what} has an entry in each of conntrack zones {} \
+                     and the kernel's report does not tell which one failed",
+                    zones.join(", ")
+                );
+                Ok(())
+            }
             Err(e) => {
-                log::warn!("--fix: {}", chain(&e));
+                log::warn!("--fix: nothing deleted for {what}: {}", chain(&e));
                 Ok(())
             }
         }
@@ -116,7 +156,12 @@ impl<W: io::Write> Output<W> {
         let record = if group.flows == 1 {
             Record::StaleFlow(Box::new(one))
         } else {
-            Record::StaleService(Box::new(StaleService::of(one, group, clock)))
+            Record::StaleService(Box::new(StaleService::of(
+                one,
+                group,
+                clock,
+                &names.targets,
+            )))
         };
         self.reporter.write(&record)
     }

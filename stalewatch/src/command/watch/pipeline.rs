@@ -18,9 +18,9 @@ use super::{
 };
 use crate::{
     correlate::{Correlator, RaisedFlow, audit},
-    domain::{Alert, Containers, Evidence, Observation, Siblings, Verdict},
+    domain::{Alert, AlertState, Containers, Evidence, Observation, Siblings, Verdict},
     error::chain,
-    sink::record::Clock,
+    sink::{fix::Target, record::Clock},
     source::{
         conntrack,
         engine::Engine,
@@ -266,7 +266,16 @@ impl<W: io::Write> Pipeline<W> {
     pub fn remind(&mut self) -> io::Result<()> {
         let clock: Clock = clock();
         for group in self.output.take_reminders() {
-            let names = self.names(&group.alert);
+            let mut names = self.names(&group.alert);
+            if group.flows > 1 {
+                let netns = group.alert.flow.netns;
+                names.targets = group
+                    .members
+                    .iter()
+                    .filter_map(|(orig, reply)| self.view.locate(netns, orig, reply))
+                    .map(|entry| Target::of(&entry))
+                    .collect();
+            }
             self.output.remind(&group, &names, &clock)?;
         }
         Ok(())
@@ -283,10 +292,20 @@ impl<W: io::Write> Pipeline<W> {
                 alert.current_backends.first().copied(),
             )
         });
+        // The zone its fix names: looked up for what is still failing.
+        let zone = match alert.state {
+            AlertState::Resolved => 0,
+            _ => self
+                .view
+                .locate(alert.flow.netns, &alert.flow.orig, &alert.flow.reply)
+                .map_or(0, |e| e.zone),
+        };
         Names {
             path: netns::path_of(&netns),
             netns,
             containers,
+            zone,
+            targets: Vec::new(),
         }
     }
 
