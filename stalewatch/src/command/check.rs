@@ -7,7 +7,7 @@
 //! Evidence first (the table, the namespace's addresses and neighbours, the
 //! engine's containers), then the audit's judgement, then records.
 
-use std::{collections::HashSet, io, process::ExitCode};
+use std::{collections::HashSet, io, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 
@@ -20,6 +20,10 @@ use crate::{
     },
     source::{conntrack, engine::Engine, netns},
 };
+
+/// How long `check` waits, at most, for the kernel to settle neighbours that
+/// are being resolved (its own default resolution time is 3 s).
+const SETTLE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, clap::Args)]
 pub struct CheckArgs {
@@ -40,7 +44,10 @@ pub struct CheckArgs {
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let (info, path) = netns::target(args.netns.as_deref())?;
     let entries = conntrack::read_table(&path)?;
-    let mut facts = netns::facts(&path).context("reading the namespace's addresses")?;
+    // A backend being resolved right now is looked at again until the
+    // kernel settles it: no verdict on a neighbour without its word.
+    let mut facts = netns::settled_facts(&path, SETTLE)
+        .context("reading the namespace's addresses and neighbours")?;
     // Names containers where an engine answers; in the host's namespace it
     // also tells the flows that its own rules deliver to the host.
     let engine = Engine::connect();
