@@ -192,6 +192,11 @@ fn a_replaced_entry_is_not_deleted() -> anyhow::Result<()> {
         Deletion::Replaced(now) if now.len() == 1 && now[0].id == replaced.id
     ));
     assert!(!conntrack::delete_entry(Some(&path), &judged)?);
+    // Not even with the new entry's id: the kernel finds an entry by the
+    // judged reply tuple, and there is none.
+    let mut with_new_id = judged.clone();
+    with_new_id.id = replaced.id;
+    assert!(!conntrack::delete_entry(Some(&path), &with_new_id)?);
     let still = story
         .router
         .conntrack()?
@@ -351,5 +356,114 @@ fn a_backend_being_resolved_is_not_failed() -> anyhow::Result<()> {
     assert_eq!(code, 0);
     assert!(incomplete(), "still being resolved after the check");
     flow.stop();
+    Ok(())
+}
+
+/// A service load-balanced over two live backends; two flows at one of
+/// them are dropped on the way and judged stale. The reminder's fix
+/// deletes exactly those two entries: the healthy flows of the same
+/// backend (which a fix by service and backend would delete too) and of
+/// the other keep their entries.
+#[test]
+fn the_service_fix_on_a_load_balanced_service_spares_healthy_entries() -> anyhow::Result<()> {
+    let story = Story::build(Variant::v4(Rules::Nftables))?;
+    let plan = story.plan;
+    story.router.exec(&[
+        "nft",
+        &format!(
+            "flush chain ip stale pre; add rule ip stale pre meta l4proto udp th dport 8888 \
+             dnat to numgen inc mod 2 map {{ 0 : {}, 1 : {} }}",
+            plan.old_backend, plan.new_backend
+        ),
+    ])?;
+    let _old = Receiver::start(story.old.as_ref().expect("old"), 8888)?;
+    let _new = Receiver::start(&story.new, 8888)?;
+    let watcher = Watcher::start(&[
+        "--netns",
+        &story.router.name,
+        "--remind-every",
+        "3s",
+        "--resolve-after",
+        "30s",
+    ])?;
+    let sports: Vec<u16> = (41000..41006).collect();
+    let mut flows = Vec::new();
+    for &sport in &sports {
+        flows.push(Producer::start(
+            &story.producer,
+            story.producer_addr(sport),
+            story.service(),
+            EVERY,
+            600,
+            secs(60),
+        )?);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let new: std::net::IpAddr = plan.new_backend.parse()?;
+    let table = poll(secs(5), || {
+        let t = story.router.conntrack().ok()?;
+        let ours: Vec<_> = t
+            .into_iter()
+            .filter(|e| e.orig.dport == 8888 && sports.contains(&e.orig.sport))
+            .collect();
+        (ours.len() == sports.len()).then_some(ours)
+    })
+    .expect("an entry per flow");
+    let at_new: Vec<_> = table.iter().filter(|e| e.reply.src == new).collect();
+    assert!(at_new.len() >= 3, "round robin: {table:?}");
+    let (judged, healthy_new) = at_new.split_at(2);
+    let dropped: Vec<u16> = judged.iter().map(|e| e.orig.sport).collect();
+    story.router.exec(&[
+        "nft",
+        &format!(
+            "add table ip swdrop; \
+             add chain ip swdrop fw {{ type filter hook forward priority 0; }}; \
+             add rule ip swdrop fw ip daddr {} udp sport {{ {}, {} }} drop",
+            plan.new_backend, dropped[0], dropped[1]
+        ),
+    ])?;
+    let reminder = watcher
+        .wait_for(secs(30), |v| v["type"] == "stale_service")
+        .unwrap_or_else(|| panic!("no stale_service: {:?}", watcher.records()));
+    assert_eq!(reminder["verdict"], "stale", "{reminder}");
+    assert_eq!(reminder["flows"], 2, "{reminder}");
+    assert_eq!(reminder["fix_entries"], 2, "{reminder}");
+    assert_eq!(
+        reminder["stale_backend"]["addr"], plan.new_backend,
+        "{reminder}"
+    );
+    assert_eq!(
+        reminder["current_backend"]["addr"], plan.old_backend,
+        "{reminder}"
+    );
+    // The judged flows stop first, so that no new entry of theirs can be
+    // taken for the old one (a new entry of the same original tuple may
+    // even get the same id: the kernel's id hashes the entry's address and
+    // original tuple only, and the freed slot is reused).
+    for &sport in &dropped {
+        flows[usize::from(sport - sports[0])].stop();
+    }
+    stalewatch_tests::sh(reminder["fix"].as_str().expect("fix"))?;
+
+    let after = story.router.conntrack()?;
+    let same = |a: &stalewatch::domain::Entry| {
+        after
+            .iter()
+            .any(|b| (b.orig, b.reply, b.id) == (a.orig, a.reply, a.id))
+    };
+    for e in judged {
+        assert!(!same(e), "judged {} deleted: {after:?}", e.orig.sport);
+    }
+    for e in healthy_new
+        .iter()
+        .copied()
+        .chain(table.iter().filter(|e| e.reply.src != new))
+    {
+        assert!(same(e), "healthy {} kept: {after:?}", e.orig.sport);
+    }
+    for f in &mut flows {
+        f.stop();
+    }
+    watcher.stop()?;
     Ok(())
 }

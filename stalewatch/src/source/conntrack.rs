@@ -13,9 +13,9 @@
 //!
 //! [`dump`] and [`find`] return the entries of every conntrack zone, each
 //! with its zone; [`get`] looks in zone 0 only. Deletions name one entry
-//! exactly: its original tuple, its zone and its id ([`delete_entry`]), so
-//! that an entry that replaced the one judged (same original tuple, new id)
-//! is never deleted in its place.
+//! exactly: its reply tuple, its zone and its id ([`delete_entry`]), so
+//! that an entry that replaced the one judged (same original tuple,
+//! another reply) is never deleted in its place.
 //!
 //! Kernel tests of this module live in the `tests` crate
 //! (`tests/tests/conntrack.rs`): they need root.
@@ -324,11 +324,10 @@ impl Conn {
         self.dump(&Filter::original(orig))
     }
 
-    /// As [`delete_entry`]. The kernel finds the entry by its original
-    /// tuple in its zone, and deletes it only if its id is the one given
-    /// (ENOENT otherwise): the id is a hash over the entry's address and
-    /// both its tuples, so a new entry with the same tuples has another.
-    /// An entry without an id is never deleted.
+    /// As [`delete_entry`]. The kernel finds the entry by its reply tuple
+    /// in its zone, and deletes it only if its id is the one given (ENOENT
+    /// otherwise): see [`delete_request`]. An entry without an id is never
+    /// deleted.
     pub fn delete_entry(&self, entry: &Entry) -> Result<bool, Error> {
         let Some(request) = delete_request(entry) else {
             return Ok(false);
@@ -373,13 +372,18 @@ impl Conn {
     }
 }
 
-/// The request that deletes exactly `entry`: original tuple, zone and id.
-/// `None` without an id. Never a delete without a tuple: the kernel reads
-/// that as a flush of the whole table.
+/// The request that deletes exactly `entry`: its reply tuple, zone and
+/// id. The kernel finds the entry by the reply tuple (so its reply is the
+/// one given), and compares the id, a hash of the entry's address and its
+/// original tuple (so its original tuple is the one given, and it is the
+/// same allocation). The id alone is not enough: a new entry with the same
+/// original tuple reuses a freed slot at once and then has the same id,
+/// whatever its reply. `None` without an id. Never a delete without a
+/// tuple: the kernel reads that as a flush of the whole table.
 fn delete_request(entry: &Entry) -> Option<ConntrackMessage> {
     let id = entry.id?;
     Some(ConntrackMessage::Delete(vec![
-        ConntrackAttribute::CtaTupleOrig(tuple_nlas(&entry.orig)),
+        ConntrackAttribute::CtaTupleReply(tuple_nlas(&entry.reply)),
         ConntrackAttribute::Other(DefaultNla::new(CTA_ZONE, entry.zone.to_be_bytes().to_vec())),
         ConntrackAttribute::Other(DefaultNla::new(CTA_ID, id.to_be_bytes().to_vec())),
     ]))
@@ -1245,8 +1249,8 @@ mod tests {
         assert_eq!(msg.flags(), NLM_F_REQUEST | NLM_F_ACK);
         let attrs = request_attrs(&bytes);
         let kinds: Vec<u16> = attrs.iter().map(|a| a.0).collect();
-        assert_eq!(kinds, [CTA_TUPLE_ORIG | NLA_F_NESTED, CTA_ZONE, CTA_ID]);
-        assert_eq!(parse_tuple(&attrs[0].1, Family::Ipv4).unwrap(), e.orig);
+        assert_eq!(kinds, [CTA_TUPLE_REPLY | NLA_F_NESTED, CTA_ZONE, CTA_ID]);
+        assert_eq!(parse_tuple(&attrs[0].1, Family::Ipv4).unwrap(), e.reply);
         assert_eq!(attrs[1].1, 7u16.to_be_bytes());
         assert_eq!(attrs[2].1, 0xdead_beefu32.to_be_bytes());
         // Without an id there is nothing exact to ask for.
