@@ -50,6 +50,43 @@ pub fn no_engine() -> Option<String> {
     }
 }
 
+/// The engines this machine is expected to have working, from
+/// `STALEWATCH_EXPECT_ENGINES` (comma-separated, set by `cargo xtask test`).
+pub fn expected_engines() -> Vec<String> {
+    std::env::var("STALEWATCH_EXPECT_ENGINES")
+        .unwrap_or_default()
+        .split(',')
+        .map(|e| e.trim().to_owned())
+        .filter(|e| !e.is_empty())
+        .collect()
+}
+
+/// `true` when `test` must be skipped for want of a Docker engine, after
+/// saying so on stderr and in `STALEWATCH_SKIPPED_FILE` (which `cargo xtask
+/// test` sums up). Panics instead when Docker is expected on this machine:
+/// a broken engine there is a failure, never a silent pass.
+pub fn skip(test: &str) -> bool {
+    let Some(why) = no_engine() else {
+        return false;
+    };
+    if expected_engines().iter().any(|e| e == "docker") {
+        panic!("{test}: this machine should have a working Docker engine, but {why}");
+    }
+    let line = format!("{test}: no Docker engine here ({why})");
+    eprintln!("SKIPPED {line}");
+    if let Some(file) = std::env::var_os("STALEWATCH_SKIPPED_FILE") {
+        use std::io::Write as _;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(file)
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+    true
+}
+
 /// The engine's version, for messages.
 pub fn engine_version() -> String {
     run(&["docker", "info", "--format", "{{.ServerVersion}}"])

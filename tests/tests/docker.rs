@@ -32,15 +32,10 @@ fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
 
-/// `true` (after saying so) when no engine answers: the one permitted skip.
+/// `true` (after saying so) when no engine answers and none is expected:
+/// the one permitted skip (see [`docker::skip`]).
 fn skipped(test: &str) -> bool {
-    match docker::no_engine() {
-        Some(why) => {
-            eprintln!("SKIPPED {test}: no Docker engine here ({why})");
-            true
-        }
-        None => false,
-    }
+    docker::skip(test)
 }
 
 /// A stream of the producer's, bounded in count and time.
