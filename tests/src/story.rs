@@ -357,6 +357,12 @@ impl Story {
     /// The `conntrack -D` stalewatch should print for a flow from `sport`
     /// pinned to the old backend: its whole original and reply tuples.
     pub fn expected_fix(&self, proto: &str, sport: u16) -> String {
+        self.expected_fix_to(proto, sport, self.plan.old_backend)
+    }
+
+    /// The same for a flow whose entry sends it to `backend` (the router's
+    /// own address for a bypass).
+    pub fn expected_fix_to(&self, proto: &str, sport: u16, backend: &str) -> String {
         format!(
             "ip netns exec {} conntrack -D -f {} -p {proto} -s {} -d {} -r {} -q {} \
              --sport {sport} --dport {SERVICE_PORT} --reply-port-src {SERVICE_PORT} \
@@ -365,7 +371,7 @@ impl Story {
             self.family_flag(),
             self.plan.producer,
             self.plan.router_lan,
-            self.plan.old_backend,
+            backend,
             self.plan.producer,
         )
     }

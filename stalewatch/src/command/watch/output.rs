@@ -184,3 +184,33 @@ impl<W: io::Write> Output<W> {
         self.metrics.as_ref()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{domain::Verdict, sink::fixtures::alert};
+
+    #[test]
+    fn fix_deletes_only_stale_and_bypassing_flows_still_failing() {
+        let fixing = Output::new(Format::Json, Vec::new(), None, true);
+        let mut a = alert();
+        for (verdict, deleted) in [
+            (Verdict::Stale, true),
+            (Verdict::Bypass, true),
+            (Verdict::BackendDown, false),
+            (Verdict::Unconfirmed, false),
+        ] {
+            a.verdict = verdict;
+            for state in [AlertState::Raised, AlertState::Reminder] {
+                a.state = state;
+                assert_eq!(fixing.fixes(&a), deleted, "{verdict:?} {state:?}");
+            }
+            a.state = AlertState::Resolved;
+            assert!(!fixing.fixes(&a), "{verdict:?} resolved");
+        }
+        let watching = Output::new(Format::Json, Vec::new(), None, false);
+        a.verdict = Verdict::Stale;
+        a.state = AlertState::Raised;
+        assert!(!watching.fixes(&a), "never without --fix");
+    }
+}
