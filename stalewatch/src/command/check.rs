@@ -79,7 +79,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
             let record = EntryDeleted::new(e, info.clone());
             reporter.write(&Record::EntryDeleted(Box::new(record)))?;
         } else {
-            log::info!(
+            log::warn!(
                 "nothing deleted: the entry of {} {} -> {} pinned to {} is gone or no longer \
                  the one judged",
                 e.orig.proto.name(),

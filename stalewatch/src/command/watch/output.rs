@@ -111,12 +111,12 @@ impl<W: io::Write> Output<W> {
                     .write(&Record::EntryDeleted(Box::new(deleted)))
             }
             Ok(Deletion::Gone) => {
-                log::info!("--fix: nothing deleted: the entry of {what} is already gone");
+                log::warn!("--fix: nothing deleted: the entry of {what} is already gone");
                 Ok(())
             }
             Ok(Deletion::Replaced(now)) => {
                 let to: Vec<String> = now.iter().map(|e| e.backend().to_string()).collect();
-                log::info!(
+                log::warn!(
                     "--fix: nothing deleted: the entry of {what} is no longer the one judged \
                      (now to {})",
                     to.join(", ")
