@@ -50,6 +50,43 @@ pub fn no_engine() -> Option<String> {
     }
 }
 
+/// The engines this machine is expected to have working, from
+/// `STALEWATCH_EXPECT_ENGINES` (comma-separated, set by `cargo xtask test`).
+pub fn expected_engines() -> Vec<String> {
+    std::env::var("STALEWATCH_EXPECT_ENGINES")
+        .unwrap_or_default()
+        .split(',')
+        .map(|e| e.trim().to_owned())
+        .filter(|e| !e.is_empty())
+        .collect()
+}
+
+/// `true` when `test` must be skipped for want of a Docker engine, after
+/// saying so on stderr and in `STALEWATCH_SKIPPED_FILE` (which `cargo xtask
+/// test` sums up). Panics instead when Docker is expected on this machine:
+/// a broken engine there is a failure, never a silent pass.
+pub fn skip(test: &str) -> bool {
+    let Some(why) = no_engine() else {
+        return false;
+    };
+    if expected_engines().iter().any(|e| e == "docker") {
+        panic!("{test}: this machine should have a working Docker engine, but {why}");
+    }
+    let line = format!("{test}: no Docker engine here ({why})");
+    eprintln!("SKIPPED {line}");
+    if let Some(file) = std::env::var_os("STALEWATCH_SKIPPED_FILE") {
+        use std::io::Write as _;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(file)
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+    true
+}
+
 /// The engine's version, for messages.
 pub fn engine_version() -> String {
     run(&["docker", "info", "--format", "{{.ServerVersion}}"])
@@ -518,36 +555,38 @@ fn lock() -> anyhow::Result<nix::fcntl::Flock<fs::File>> {
     }
 }
 
-/// The conntrack entry of the root namespace whose original tuple is the
-/// producer's flow from `sport` to `to`, as `conntrack -L` prints it.
-pub fn entry(sport: u16, to: SocketAddr) -> Option<String> {
-    run(&[
-        "conntrack",
-        "-L",
-        "-p",
-        "udp",
-        "--orig-src",
-        &PRODUCER.to_string(),
-        "--orig-dst",
-        &to.ip().to_string(),
-        "--sport",
-        &sport.to_string(),
-        "--dport",
-        &to.port().to_string(),
-    ])
-    .ok()
-    .filter(|l| !l.trim().is_empty())
+/// The conntrack entry of the root namespace (any zone) whose original
+/// tuple is the producer's flow from `sport` to `to`, parsed.
+pub fn entry(sport: u16, to: SocketAddr) -> Option<stalewatch::domain::Entry> {
+    use stalewatch::domain::{Family, Proto, Tuple};
+    let orig = Tuple {
+        family: Family::Ipv4,
+        proto: Proto::UDP,
+        src: IpAddr::V4(PRODUCER),
+        sport,
+        dst: to.ip(),
+        dport: to.port(),
+    };
+    stalewatch::source::conntrack::find(None, &orig)
+        .ok()?
+        .into_iter()
+        .next()
+}
+
+/// The entries of the root namespace whose original source is `src`.
+pub fn entries_from(src: SocketAddr) -> Vec<stalewatch::domain::Entry> {
+    use stalewatch::source::conntrack::{Filter, dump};
+    let filter = Filter {
+        orig_src: Some((src.ip(), src.port())),
+        ..Filter::default()
+    };
+    dump(None, &filter).unwrap_or_default()
 }
 
 /// The reply source of that entry: the backend of a DNATed flow, or the
 /// host itself for a flow without NAT.
-pub fn reply_src(entry: &str) -> Option<IpAddr> {
-    entry
-        .split_whitespace()
-        .filter_map(|w| w.strip_prefix("src="))
-        .nth(1)?
-        .parse()
-        .ok()
+pub fn reply_src(entry: &stalewatch::domain::Entry) -> Option<IpAddr> {
+    Some(entry.reply.src)
 }
 
 /// `stalewatch check --format json ARGS`: exit code and records.
@@ -623,12 +662,5 @@ mod tests {
         assert_eq!(parse_cidr("10.0.0.7"), Some((0x0a00_0007, u32::MAX)));
         assert_eq!(parse_cidr("default"), None);
         assert_eq!(first_host("172.18.240.0/24").to_string(), "172.18.240.1");
-    }
-
-    #[test]
-    fn the_reply_source_is_the_backend() {
-        let line = "udp      17 29 src=198.51.100.2 dst=198.51.100.1 sport=40000 dport=8888 \
-                    [UNREPLIED] src=172.18.0.2 dst=198.51.100.2 sport=8888 dport=40000 mark=0 use=1";
-        assert_eq!(reply_src(line), Some("172.18.0.2".parse().unwrap()));
     }
 }

@@ -46,6 +46,16 @@ impl Netns {
         PathBuf::from("/run/netns").join(&self.name)
     }
 
+    /// The namespace's conntrack table, every zone, parsed (never a grep
+    /// of `conntrack -L`).
+    pub fn conntrack(&self) -> anyhow::Result<Vec<stalewatch::domain::Entry>> {
+        use stalewatch::source::conntrack;
+        Ok(conntrack::dump(
+            Some(&self.path()),
+            &conntrack::Filter::default(),
+        )?)
+    }
+
     /// The namespace's inode, as the kernel and stalewatch identify it.
     pub fn inode(&self) -> anyhow::Result<u32> {
         Ok(std::fs::metadata(self.path())?.ino() as u32)

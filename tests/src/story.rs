@@ -354,15 +354,38 @@ impl Story {
         SocketAddr::new(parse(self.plan.producer), sport)
     }
 
-    /// The `conntrack -D` stalewatch should print for a flow from `sport`.
+    /// The `conntrack -D` stalewatch should print for a flow from `sport`
+    /// pinned to the old backend: its whole original and reply tuples.
     pub fn expected_fix(&self, proto: &str, sport: u16) -> String {
+        self.expected_fix_to(proto, sport, self.plan.old_backend)
+    }
+
+    /// The same for a flow whose entry sends it to `backend` (the router's
+    /// own address for a bypass).
+    pub fn expected_fix_to(&self, proto: &str, sport: u16, backend: &str) -> String {
         format!(
-            "ip netns exec {} conntrack -D -f {} -p {proto} -s {} -d {} --sport {sport} --dport {SERVICE_PORT}",
+            "ip netns exec {} conntrack -D -f {} -p {proto} -s {} -d {} -r {} -q {} \
+             --sport {sport} --dport {SERVICE_PORT} --reply-port-src {SERVICE_PORT} \
+             --reply-port-dst {sport}",
             self.router.name,
             self.family_flag(),
             self.plan.producer,
-            self.plan.router_lan
+            self.plan.router_lan,
+            backend,
+            self.plan.producer,
         )
+    }
+
+    /// Whether the router's table holds an entry from `sport` to the
+    /// service pinned to `backend`.
+    pub fn has_entry(&self, sport: u16, backend: &str) -> anyhow::Result<bool> {
+        let backend = parse(backend);
+        Ok(self.router.conntrack()?.iter().any(|e| {
+            e.orig.src == parse(self.plan.producer)
+                && e.orig.sport == sport
+                && e.orig.dport == SERVICE_PORT
+                && e.reply.src == backend
+        }))
     }
 }
 

@@ -6,7 +6,6 @@ use std::{process::Command, thread, time::Duration};
 
 use serde_json::Value;
 use stalewatch_tests::{
-    sh,
     story::{Rules, Story, Variant},
     traffic::{Producer, Receiver},
     watcher::{Watcher, binary, is_stale_flow},
@@ -105,7 +104,12 @@ fn assert_bypass_alert(alert: &Value, b: &Bypass) {
         alert["current_backend"],
         serde_json::json!({"addr": "172.18.0.2", "port": 8888})
     );
-    assert_eq!(alert["fix"], b.story.expected_fix("udp", SPORT));
+    // Its entry delivers it to the router itself.
+    let plan = b.story.plan;
+    assert_eq!(
+        alert["fix"],
+        b.story.expected_fix_to("udp", SPORT, plan.router_lan)
+    );
 }
 
 /// Without a proxy the host refuses every datagram: ICMP port unreachable.
@@ -140,10 +144,13 @@ fn lossy_bypass_is_raised_checked_and_fixed() -> anyhow::Result<()> {
     assert_eq!(fixed[1]["type"], "entry_deleted", "{fixed:?}");
     assert_eq!(fixed[1]["orig"]["sport"], SPORT);
     // Only that entry went: the new flow's DNATed entry is still there.
-    let sibling = sh(&format!(
-        "ip netns exec {router} conntrack -L -p udp --sport {NEW_SPORT} 2>/dev/null"
-    ))?;
-    assert!(sibling.contains("src=172.18.0.2"), "{sibling}");
+    assert_eq!(fixed[1]["stale_backend"]["addr"], "192.0.2.1", "{fixed:?}");
+    assert!(
+        b.story.has_entry(NEW_SPORT, "172.18.0.2")?,
+        "{:?}",
+        b.story.router.conntrack()?
+    );
+    assert!(!b.story.has_entry(SPORT, "192.0.2.1")?);
 
     assert!(
         b.new_service

@@ -13,7 +13,7 @@ use std::{
 use stalewatch::{
     domain::{Entry, Family, Proto, Tuple, udp},
     source::{
-        conntrack::{Conn, Error, Filter, delete, dump, get},
+        conntrack::{Conn, Deletion, Error, Filter, delete_entry, delete_judged, dump, find, get},
         netns::in_netns,
     },
 };
@@ -157,6 +157,7 @@ fn dump_get_and_delete_in_a_namespace() {
         proto: Some(Proto::UDP),
         status: Some((dnat, dnat)),
         orig_dst: Some((a.dst, a.dport)),
+        orig_src: None,
     };
     assert_eq!(dumped(f), [a, b]);
     let f = Filter {
@@ -179,11 +180,28 @@ fn dump_get_and_delete_in_a_namespace() {
     let missing = udp("127.0.0.1", 41009, "127.0.0.1", 9999);
     assert_eq!(get(ns.path(), &missing).unwrap(), None);
 
-    assert!(delete(ns.path(), &a).unwrap());
+    let found = find(ns.path(), &a).unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        (found[0].reply, found[0].id, found[0].zone),
+        (entry_a.reply, entry_a.id, 0)
+    );
+    // An entry with another id (what replaces one) is not deleted.
+    let mut other_id = entry_a.clone();
+    other_id.id = entry_a.id.map(|id| id ^ 1);
+    assert!(!delete_entry(ns.path(), &other_id).unwrap());
+    let mut other_zone = entry_a.clone();
+    other_zone.zone = 9;
+    assert!(!delete_entry(ns.path(), &other_zone).unwrap());
+    assert_eq!(dumped(Filter::default()), [a, b, c]);
+    assert!(delete_entry(ns.path(), entry_a).unwrap());
     assert_eq!(dumped(Filter::default()), [b, c]);
     assert_eq!(get(ns.path(), &a).unwrap(), None);
-    assert!(!delete(ns.path(), &a).unwrap());
-    assert!(!delete(ns.path(), &missing).unwrap());
+    assert!(!delete_entry(ns.path(), entry_a).unwrap());
+    assert_eq!(
+        delete_judged(ns.path(), &a, &entry_a.reply).unwrap(),
+        Deletion::Gone
+    );
     assert_eq!(dumped(Filter::default()), [b, c]);
 
     // One socket for many requests, as the watch loop holds it: each
@@ -195,8 +213,18 @@ fn dump_get_and_delete_in_a_namespace() {
         assert_eq!(origs(&conn.dump(&status(dnat, dnat)).unwrap()), [b]);
         assert_eq!(origs(&conn.dump(&Filter::default()).unwrap()), [b, c]);
     }
-    assert!(conn.delete(&b).unwrap());
-    assert!(!conn.delete(&b).unwrap());
+    let entry_b = conn.get(&b).unwrap().unwrap();
+    // Judged with another reply: a new entry replaced the one judged.
+    let judged_reply = udp("127.0.0.9", 9999, "127.0.0.1", 41002);
+    assert!(matches!(
+        conn.delete_judged(&b, &judged_reply).unwrap(),
+        Deletion::Replaced(now) if now.len() == 1 && now[0].id == entry_b.id
+    ));
+    assert!(matches!(
+        conn.delete_judged(&b, &entry_b.reply).unwrap(),
+        Deletion::Deleted(e) if e.id == entry_b.id
+    ));
+    assert!(!conn.delete_entry(&entry_b).unwrap());
     assert_eq!(conn.get(&b).unwrap(), None);
     assert_eq!(origs(&conn.dump(&Filter::default()).unwrap()), [c]);
 }
@@ -288,9 +316,56 @@ fn ipv6_entries_filter_get_and_delete() {
     }
     let got = get(ns.path(), &x).unwrap().unwrap();
     assert_eq!(got.reply, udp("::1", 20002, "::1", 41011));
-    assert!(delete(ns.path(), &x).unwrap());
+    let found = find(ns.path(), &x).unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!((found[0].reply, found[0].id), (got.reply, got.id));
+    assert!(delete_entry(ns.path(), &got).unwrap());
     assert_eq!(dumped(v6), [y]);
-    assert!(!delete(ns.path(), &x).unwrap());
+    assert!(!delete_entry(ns.path(), &got).unwrap());
+}
+
+#[test]
+fn a_zoned_entry_is_found_and_deleted_in_its_zone() {
+    let ns = TestNetns::new();
+    // Port 7777 is tracked in zone 5 (set before conntrack sees it). This
+    // nft parses `ct zone set` only in the command form, not in a block.
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &ns.name,
+            "nft",
+            "add table inet swct_zone; \
+             add chain inet swct_zone o { type filter hook output priority -300; }; \
+             add rule inet swct_zone o udp dport 7777 ct zone set 5",
+        ],
+        None,
+    );
+    ns.send("127.0.0.1:41031", &[addr("127.0.0.1:7777")]);
+    ns.send("127.0.0.1:41032", &[addr("127.0.0.1:20001")]);
+    let z = udp("127.0.0.1", 41031, "127.0.0.1", 7777);
+    let plain = udp("127.0.0.1", 41032, "127.0.0.1", 20001);
+    let all = dump(ns.path(), &Filter::default()).unwrap();
+    let zoned = all.iter().find(|e| e.orig == z).unwrap().clone();
+    assert_eq!(zoned.zone, 5);
+    assert_eq!(all.iter().find(|e| e.orig == plain).unwrap().zone, 0);
+    // The default zone does not hold it; a look-up over every zone does.
+    assert_eq!(get(ns.path(), &z).unwrap(), None);
+    let found = find(ns.path(), &z).unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!((found[0].id, found[0].zone), (zoned.id, 5));
+    let mut zone0 = zoned.clone();
+    zone0.zone = 0;
+    assert!(!delete_entry(ns.path(), &zone0).unwrap());
+    assert!(matches!(
+        delete_judged(ns.path(), &z, &zoned.reply).unwrap(),
+        Deletion::Deleted(e) if e.id == zoned.id && e.zone == 5
+    ));
+    assert_eq!(
+        origs(&dump(ns.path(), &Filter::default()).unwrap()),
+        [plain]
+    );
 }
 
 #[test]
@@ -301,7 +376,10 @@ fn a_path_that_is_no_network_namespace_is_an_error() {
     assert!(e.to_string().contains("swct-no-such-namespace"), "{e}");
     let t = udp("127.0.0.1", 1, "127.0.0.1", 2);
     assert!(matches!(get(Some(missing), &t), Err(Error::Netns(..))));
-    assert!(matches!(delete(Some(missing), &t), Err(Error::Netns(..))));
+    assert!(matches!(
+        delete_judged(Some(missing), &t, &t),
+        Err(Error::Netns(..))
+    ));
     // A file, but not an nsfs one: setns refuses it.
     let not_ns = Path::new("/proc/self/status");
     let e = dump(Some(not_ns), &Filter::default()).unwrap_err();

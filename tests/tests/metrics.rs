@@ -73,11 +73,16 @@ fn metrics_count_a_stale_flow() -> anyhow::Result<()> {
             is_stale_flow(v, "raised", 40000)
         })
         .expect("raised");
-    // Metrics refresh every 5 s.
-    std::thread::sleep(Duration::from_secs(6));
-    let (body, _) = scrape(&url);
+    // Alerts are counted at once, the kernel's counters every 5 s: poll
+    // until both show.
     let raised = r#"stalewatch_alerts_total{state="raised",verdict="stale"}"#;
-    assert_eq!(sample(&body, raised), Some(1.0), "{body}");
+    let body = stalewatch_tests::poll(Duration::from_secs(15), || {
+        let (body, _) = scrape(&url);
+        (sample(&body, raised) == Some(1.0)
+            && sample(&body, "stalewatch_kernel_wakeups_total") >= Some(1.0))
+        .then_some(body)
+    })
+    .unwrap_or_else(|| panic!("the raised alert is never counted: {}", scrape(&url).0));
     assert!(
         sample(
             &body,

@@ -5,6 +5,7 @@
 use std::{
     io::{BufRead as _, BufReader},
     process::{Command, Stdio},
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -25,8 +26,44 @@ fn ignores(pid: i32, signal: Signal) -> bool {
     mask & (1 << (signal as i32 - 1)) != 0
 }
 
+/// The lines of a pipe, read on a thread of their own, so that a test
+/// waits for each at most a while instead of hanging.
+fn lines_of(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Ends what the test started, by PID, when it fails midway.
+struct Cleanup {
+    pids: Vec<i32>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for pid in &self.pids {
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        }
+    }
+}
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn next(rx: &mpsc::Receiver<String>, what: &str) -> String {
+    rx.recv_timeout(LIMIT)
+        .unwrap_or_else(|e| panic!("no {what} within {LIMIT:?}: {e}"))
+}
+
 /// Starts `watch` as a background job of `sh -c` and stops it with
 /// `signal`: it detaches and exits 0, and the shell's `wait` returns.
+/// Every wait is bounded.
 fn stops_on(signal: Signal) {
     let script = format!(
         "trap '' INT; '{}' watch --audit-every 0s & echo $!; wait $!; echo \"exit $?\"",
@@ -39,13 +76,14 @@ fn stops_on(signal: Signal) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("sh");
-    let mut out = BufReader::new(shell.stdout.take().expect("stdout"));
-    let mut err = BufReader::new(shell.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("the PID");
-    let pid: i32 = line.trim().parse().expect("a PID");
-    line.clear();
-    err.read_line(&mut line).expect("stderr");
+    let mut cleanup = Cleanup {
+        pids: vec![shell.id() as i32],
+    };
+    let out = lines_of(shell.stdout.take().expect("stdout"));
+    let err = lines_of(shell.stderr.take().expect("stderr"));
+    let pid: i32 = next(&out, "PID").trim().parse().expect("a PID");
+    cleanup.pids.push(pid);
+    let line = next(&err, "stderr line");
     assert!(line.contains("attached"), "{line}");
     assert!(
         !ignores(pid, Signal::SIGINT),
@@ -53,16 +91,16 @@ fn stops_on(signal: Signal) {
     );
     let sent = Instant::now();
     kill(Pid::from_raw(pid), signal).expect("kill");
-    let mut rest = String::new();
-    out.read_line(&mut rest).expect("the exit line");
+    let rest = next(&out, "exit line");
     let took = sent.elapsed();
-    let status = shell.wait().expect("sh");
-    line.clear();
-    err.read_line(&mut line).expect("stderr");
+    let status = stalewatch_tests::poll(LIMIT, || shell.try_wait().ok().flatten())
+        .unwrap_or_else(|| panic!("the shell did not end within {LIMIT:?}"));
+    let line = next(&err, "stderr line");
     assert_eq!(rest.trim(), "exit 0", "{signal}: {line}");
     assert!(line.contains("detached"), "{line}");
     assert!(status.success());
     assert!(took < Duration::from_secs(5), "{signal} took {took:?}");
+    cleanup.pids.clear();
 }
 
 #[test]

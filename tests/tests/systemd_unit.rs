@@ -131,8 +131,7 @@ fn status_field(status: &str, name: &str) -> String {
 
 #[test]
 fn the_unit_runs_under_systemd_and_raises_a_stale_flow() -> anyhow::Result<()> {
-    if let Some(why) = docker::no_engine() {
-        eprintln!("skipped: the systemd unit test needs a Docker engine: {why}");
+    if docker::skip("the systemd unit test") {
         return Ok(());
     }
     let id = std::process::id();

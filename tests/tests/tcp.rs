@@ -73,8 +73,16 @@ fn tcp_story(fin: bool) -> anyhow::Result<()> {
     // afresh and DNATed to the new container, which resets the unknown
     // connection, and the failures stop.
     sh(fix)?;
-    let resolved = watcher.wait_for(secs(30), |v| is_stale_flow(v, "resolved", SPORT));
-    assert!(resolved.is_some(), "not resolved: {:?}", watcher.records());
+    let resolved = watcher
+        .wait_for(secs(30), |v| is_stale_flow(v, "resolved", SPORT))
+        .unwrap_or_else(|| panic!("not resolved: {:?}", watcher.records()));
+    // Resolved because the fix deleted its entry, not because it went quiet.
+    assert_eq!(resolved["resolution"], "entry_gone", "{resolved}");
+    assert_eq!(resolved["proto"], "tcp", "{resolved}");
+    assert_eq!(
+        resolved["stale_backend"]["addr"], "172.17.0.2",
+        "{resolved}"
+    );
     client.stop();
     let (status, _) = watcher.stop()?;
     assert!(status.success());

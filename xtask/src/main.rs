@@ -116,6 +116,9 @@ fn run(cli: Cli) -> Result<()> {
             if no_e2e {
                 return Ok(());
             }
+            let engines = expected_engines();
+            let skipped_file = target_dir(&root).join("e2e-skipped.txt");
+            let _ = fs::remove_file(&skipped_file);
             let mut cmd = Command::new("cargo");
             cmd.current_dir(&root)
                 .args("test --release -p stalewatch-tests -- --test-threads=1".split(' '))
@@ -123,8 +126,28 @@ fn run(cli: Cli) -> Result<()> {
                 .env(
                     "STALEWATCH_BIN",
                     target_dir(&root).join("release/stalewatch"),
-                );
-            status(&mut cmd)
+                )
+                .env("STALEWATCH_EXPECT_ENGINES", engines.join(","))
+                .env("STALEWATCH_SKIPPED_FILE", &skipped_file);
+            let result = status(&mut cmd);
+            let skipped = fs::read_to_string(&skipped_file).unwrap_or_default();
+            eprintln!(
+                "xtask: engines expected on this machine: {}",
+                if engines.is_empty() {
+                    "none".to_owned()
+                } else {
+                    engines.join(", ")
+                }
+            );
+            if skipped.trim().is_empty() {
+                eprintln!("xtask: no end-to-end test was skipped");
+            } else {
+                eprintln!("xtask: end-to-end tests skipped (not passed):");
+                for line in skipped.lines() {
+                    eprintln!("xtask:   {line}");
+                }
+            }
+            result
         }
         Verb::Demo { args } => {
             require_root("the demo needs root: run it as root")?;
@@ -206,6 +229,26 @@ fn unit_tests_unprivileged(root: &Path) -> Result<()> {
 
 /// Where the builds put the binaries: CARGO_TARGET_DIR (relative to the
 /// workspace root, where cargo ran) when set.
+/// The container engines this machine should have working, so that their
+/// tests fail instead of skipping when one is broken:
+/// `STALEWATCH_EXPECT_ENGINES` when set (comma-separated, empty for none);
+/// otherwise Docker on CI (its machine has one) or wherever dockerd is
+/// installed.
+fn expected_engines() -> Vec<String> {
+    if let Ok(list) = env::var("STALEWATCH_EXPECT_ENGINES") {
+        return list
+            .split(',')
+            .map(|e| e.trim().to_owned())
+            .filter(|e| !e.is_empty())
+            .collect();
+    }
+    if env::var_os("CI").is_some() || find_in_path("dockerd").is_some() {
+        vec!["docker".to_owned()]
+    } else {
+        Vec::new()
+    }
+}
+
 fn target_dir(root: &Path) -> PathBuf {
     env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |dir| root.join(dir))
 }

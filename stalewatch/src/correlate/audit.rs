@@ -252,6 +252,7 @@ mod tests {
             status,
             timeout: Some(30),
             id: Some(u32::from(sport)),
+            zone: 0,
         }
     }
 
@@ -400,6 +401,7 @@ mod tests {
             status: ct_status::DST_NAT | ct_status::CONFIRMED | ct_status::SEEN_REPLY,
             timeout: Some(120),
             id: Some(1),
+            zone: 0,
         }
     }
 

@@ -25,6 +25,13 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// Whether `--fix` deletes the entry of a flow judged so: a stale or
+    /// bypassing entry; never one whose backend is down (deleting it will
+    /// not help) nor one not proven stale.
+    pub fn deleted_by_fix(self) -> bool {
+        matches!(self, Verdict::Stale | Verdict::Bypass)
+    }
+
     /// As metrics label it.
     pub fn label(self) -> &'static str {
         match self {

@@ -99,8 +99,12 @@ pub struct Entry {
     pub status: u32,
     /// CTA_TIMEOUT: seconds left.
     pub timeout: Option<u32>,
-    /// CTA_ID.
+    /// CTA_ID: the kernel's id of this entry, which changes when an entry
+    /// with the same tuples replaces it.
     pub id: Option<u32>,
+    /// CTA_ZONE: the conntrack zone (0, the default, when the kernel sends
+    /// none). Entries of different zones may share their tuples.
+    pub zone: u16,
 }
 
 impl Entry {

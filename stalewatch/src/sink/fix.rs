@@ -3,35 +3,72 @@
 
 use std::fmt::Write as _;
 
-use crate::domain::{Backend, NetnsInfo, Tuple};
+use crate::domain::{NetnsInfo, Tuple};
 
-/// The `conntrack -D` invocation that deletes only this flow's entry, run
-/// in the flow's namespace. A conntrack table holds one entry per original
-/// tuple, so the full tuple selects exactly one.
-pub fn fix_command(orig: &Tuple, netns: &NetnsInfo) -> String {
+/// One conntrack entry as a fix names it: both its tuples and its zone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub orig: Tuple,
+    pub reply: Tuple,
+    pub zone: u16,
+}
+
+/// The `conntrack -D` invocation that deletes only this entry, run in the
+/// flow's namespace: its whole original tuple, its whole reply tuple (an
+/// entry that replaced it with the same original tuple but another
+/// backend is not matched) and its zone when not the default one.
+pub fn fix_command(target: &Target, netns: &NetnsInfo) -> String {
+    let Target { orig, reply, zone } = target;
     let mut cmd = conntrack_delete(orig, netns);
-    let _ = write!(cmd, " -s {} -d {}", orig.src, orig.dst);
-    if orig.proto.has_ports() {
-        let _ = write!(cmd, " --sport {} --dport {}", orig.sport, orig.dport);
+    let _ = write!(
+        cmd,
+        " -s {} -d {} -r {} -q {}",
+        orig.src, orig.dst, reply.src, reply.dst
+    );
+    match orig.proto.0 {
+        ICMP | ICMPV6 => {
+            let v6 = if orig.proto.0 == ICMPV6 { "v6" } else { "" };
+            // The kernel keeps the echo id as the source port and type and
+            // code as the destination port; conntrack's options match the
+            // original direction.
+            let _ = write!(
+                cmd,
+                " --icmp{v6}-type {} --icmp{v6}-code {} --icmp{v6}-id {}",
+                orig.dport >> 8,
+                orig.dport & 0xff,
+                orig.sport
+            );
+        }
+        _ if orig.proto.has_ports() => {
+            let _ = write!(
+                cmd,
+                " --sport {} --dport {} --reply-port-src {} --reply-port-dst {}",
+                orig.sport, orig.dport, reply.sport, reply.dport
+            );
+        }
+        _ => {}
+    }
+    if *zone != 0 {
+        let _ = write!(cmd, " --zone {zone}");
     }
     cmd
 }
 
-/// The `conntrack -D` invocation that deletes every entry of the service
-/// `orig` goes to that is pinned to `backend` (the reply comes from it),
-/// and no other.
-pub fn service_fix_command(orig: &Tuple, backend: Backend, netns: &NetnsInfo) -> String {
-    let mut cmd = conntrack_delete(orig, netns);
-    let _ = write!(cmd, " -d {} -r {}", orig.dst, backend.addr);
-    if orig.proto.has_ports() {
-        let _ = write!(
-            cmd,
-            " --dport {} --reply-port-src {}",
-            orig.dport, backend.port
-        );
-    }
-    cmd
+/// The commands that delete exactly the entries of `targets` and no other
+/// (the flows of one service judged stale alike), one after the other in
+/// one shell line. A filter on the service and the backend alone would
+/// also match entries that were never judged: healthy flows of a backend
+/// that still serves others.
+pub fn fix_commands(targets: &[Target], netns: &NetnsInfo) -> String {
+    targets
+        .iter()
+        .map(|t| fix_command(t, netns))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
+
+const ICMP: u8 = 1;
+const ICMPV6: u8 = 58;
 
 /// `conntrack -D` for entries of `orig`'s family and protocol, run in
 /// `netns`: the caller adds which.
@@ -73,17 +110,24 @@ mod tests {
     use super::*;
     use crate::{domain::udp, sink::fixtures::named};
 
+    fn target(orig: Tuple, reply: Tuple, zone: u16) -> Target {
+        Target { orig, reply, zone }
+    }
+
     #[test]
     fn fix_command_fits_where_the_namespace_is() {
         let orig = udp("2001:db8::2", 5353, "2001:db8::1", 53);
+        let reply = udp("2001:db8:1::10", 53, "2001:db8::2", 5353);
+        let t = target(orig, reply, 0);
         let own = NetnsInfo {
             inode: 1,
             is_own: true,
             ..Default::default()
         };
         assert_eq!(
-            fix_command(&orig, &own),
-            "conntrack -D -f ipv6 -p udp -s 2001:db8::2 -d 2001:db8::1 --sport 5353 --dport 53"
+            fix_command(&t, &own),
+            "conntrack -D -f ipv6 -p udp -s 2001:db8::2 -d 2001:db8::1 -r 2001:db8:1::10 \
+             -q 2001:db8::2 --sport 5353 --dport 53 --reply-port-src 53 --reply-port-dst 5353"
         );
         let by_pid = NetnsInfo {
             inode: 7,
@@ -91,14 +135,63 @@ mod tests {
             ..Default::default()
         };
         assert!(
-            fix_command(&orig, &by_pid).starts_with("nsenter --net=/proc/4242/ns/net conntrack -D")
+            fix_command(&t, &by_pid).starts_with("nsenter --net=/proc/4242/ns/net conntrack -D")
         );
         let docker = NetnsInfo {
             path: Some("/var/run/docker/netns/abc".into()),
             ..named("abc")
         };
-        assert!(
-            fix_command(&orig, &docker).starts_with("nsenter --net=/var/run/docker/netns/abc ")
+        assert!(fix_command(&t, &docker).starts_with("nsenter --net=/var/run/docker/netns/abc "));
+    }
+
+    #[test]
+    fn a_fix_names_the_zone_and_icmp_fields() {
+        let own = NetnsInfo {
+            is_own: true,
+            ..Default::default()
+        };
+        let orig = udp("192.0.2.2", 40000, "192.0.2.1", 8888);
+        let reply = udp("172.17.0.2", 8888, "192.0.2.2", 40000);
+        assert!(fix_command(&target(orig, reply, 5), &own).ends_with(
+            "-r 172.17.0.2 -q 192.0.2.2 --sport 40000 --dport 8888 --reply-port-src 8888 \
+             --reply-port-dst 40000 --zone 5"
+        ));
+        let icmp = Tuple {
+            proto: crate::domain::Proto(ICMP),
+            ..udp("192.0.2.2", 0x1234, "192.0.2.1", 8 << 8)
+        };
+        let icmp_reply = Tuple {
+            proto: crate::domain::Proto(ICMP),
+            ..udp("172.17.0.2", 0x1234, "192.0.2.2", 0)
+        };
+        assert_eq!(
+            fix_command(&target(icmp, icmp_reply, 0), &own),
+            "conntrack -D -f ipv4 -p icmp -s 192.0.2.2 -d 192.0.2.1 -r 172.17.0.2 -q 192.0.2.2 \
+             --icmp-type 8 --icmp-code 0 --icmp-id 4660"
         );
+    }
+
+    #[test]
+    fn a_service_fix_names_each_judged_entry_and_no_other() {
+        let own = NetnsInfo {
+            is_own: true,
+            ..Default::default()
+        };
+        let targets: Vec<Target> = [40000, 40001]
+            .into_iter()
+            .map(|sport| {
+                target(
+                    udp("192.0.2.2", sport, "192.0.2.1", 8888),
+                    udp("172.17.0.2", 8888, "192.0.2.2", sport),
+                    0,
+                )
+            })
+            .collect();
+        let line = fix_commands(&targets, &own);
+        let commands: Vec<&str> = line.split("; ").collect();
+        assert_eq!(commands.len(), 2);
+        assert!(commands[0].contains("--sport 40000 --dport 8888"), "{line}");
+        assert!(commands[1].contains("--sport 40001 --dport 8888"), "{line}");
+        assert!(commands.iter().all(|c| c.contains("-s 192.0.2.2")));
     }
 }

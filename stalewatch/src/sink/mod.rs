@@ -10,7 +10,7 @@ pub mod reminders;
 pub mod text;
 
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 
 use std::io::{self, Write};
 

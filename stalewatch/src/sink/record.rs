@@ -11,13 +11,13 @@ use std::{
 use serde::Serialize;
 
 use super::{
-    fix::{fix_command, service_fix_command},
+    fix::{Target, fix_command, fix_commands},
     reminders::ReminderGroup,
 };
 use crate::{
     correlate::audit::Finding,
     domain::{
-        Alert, AlertState, Backend, ContainerRef, Containers, DropEvidence, Family, Hops,
+        Alert, AlertState, Backend, ContainerRef, Containers, DropEvidence, Entry, Family, Hops,
         IcmpEvidence, NetnsInfo, Proto, Resolution, Tuple, Verdict,
     },
 };
@@ -192,7 +192,11 @@ pub struct StaleService {
     pub failures: ServiceFailures,
     /// Why, in a sentence (of each flow).
     pub cause: String,
+    /// Commands that delete exactly the entries judged, one by one.
     pub fix: String,
+    /// How many entries `fix` names: the first few flows of the group
+    /// whose entries are still the ones judged.
+    pub fix_entries: usize,
 }
 
 /// The destination of a stale service's flows.
@@ -214,12 +218,15 @@ pub struct ServiceFailures {
 impl StaleService {
     /// The record of a group of reminders, from the record of one of its
     /// flows (named and annotated as any flow is).
-    pub fn of(one: StaleFlow, group: &ReminderGroup, clock: &Clock) -> Self {
+    /// `targets`: the entries of the group's flows still as judged, which
+    /// its fix names.
+    pub fn of(one: StaleFlow, group: &ReminderGroup, clock: &Clock, targets: &[Target]) -> Self {
         let orig = &group.alert.flow.orig;
         StaleService {
             state: one.state,
             time: one.time,
-            fix: service_fix_command(orig, group.alert.flow.backend(), &one.pin.netns),
+            fix: fix_commands(targets, &one.pin.netns),
+            fix_entries: targets.len(),
             pin: one.pin,
             service: ServiceAddr {
                 dst: orig.dst,
@@ -249,7 +256,7 @@ impl StaleEntry {
     pub fn new(finding: &Finding, netns: NetnsInfo, containers: &Containers) -> Self {
         let e = &finding.entry;
         StaleEntry {
-            fix: fix_command(&e.orig, &netns),
+            fix: fix_command(&Target::of(e), &netns),
             orig: Endpoint::of(&e.orig),
             pin: Pinned::new(
                 finding.verdict,
@@ -264,7 +271,7 @@ impl StaleEntry {
     }
 }
 
-/// A conntrack entry that `--fix` deleted.
+/// A conntrack entry that `--fix` deleted: exactly this one.
 #[derive(Debug, Serialize, PartialEq)]
 pub struct EntryDeleted {
     pub time: String,
@@ -273,17 +280,43 @@ pub struct EntryDeleted {
     pub proto: Proto,
     pub orig: Endpoint,
     pub stale_backend: BackendRef,
+    /// The entry's reply direction (its source is the stale backend).
+    pub reply: Endpoint,
+    /// Its conntrack zone, when not the default one.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub zone: u16,
+    /// Its conntrack id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<u32>,
+}
+
+fn is_zero(zone: &u16) -> bool {
+    *zone == 0
 }
 
 impl EntryDeleted {
-    pub fn new(orig: &Tuple, reply: &Tuple, netns: NetnsInfo) -> Self {
+    pub fn new(entry: &Entry, netns: NetnsInfo) -> Self {
         EntryDeleted {
             time: rfc3339(SystemTime::now()),
             netns,
-            family: orig.family,
-            proto: orig.proto,
-            orig: Endpoint::of(orig),
-            stale_backend: BackendRef::new(reply.source(), None),
+            family: entry.orig.family,
+            proto: entry.orig.proto,
+            orig: Endpoint::of(&entry.orig),
+            stale_backend: BackendRef::new(entry.reply.source(), None),
+            reply: Endpoint::of(&entry.reply),
+            zone: entry.zone,
+            id: entry.id,
+        }
+    }
+}
+
+impl Target {
+    /// The entry as a dump listed it.
+    pub fn of(entry: &Entry) -> Target {
+        Target {
+            orig: entry.orig,
+            reply: entry.reply,
+            zone: entry.zone,
         }
     }
 }
@@ -300,7 +333,19 @@ impl Endpoint {
 }
 
 impl StaleFlow {
+    /// A flow whose entry is in the default zone (or whose zone is unknown).
     pub fn new(alert: &Alert, netns: NetnsInfo, containers: &Containers, clock: &Clock) -> Self {
+        Self::in_zone(alert, netns, containers, clock, 0)
+    }
+
+    /// A flow whose entry is in conntrack zone `zone`, which its fix names.
+    pub fn in_zone(
+        alert: &Alert,
+        netns: NetnsInfo,
+        containers: &Containers,
+        clock: &Clock,
+        zone: u16,
+    ) -> Self {
         let flow = &alert.flow;
         let o = &flow.orig;
         let backend = flow.backend();
@@ -327,7 +372,14 @@ impl StaleFlow {
             state: alert.state,
             resolution: alert.resolution,
             time: rfc3339(clock.wall_of(alert.at)),
-            fix: fix_command(o, &netns),
+            fix: fix_command(
+                &Target {
+                    orig: *o,
+                    reply: flow.reply,
+                    zone,
+                },
+                &netns,
+            ),
             pin: Pinned::new(
                 alert.verdict,
                 netns,
@@ -467,7 +519,9 @@ mod tests {
         assert_eq!(v["time"], "2026-09-21T14:13:19.000Z");
         assert_eq!(
             v["fix"],
-            "ip netns exec sw-router conntrack -D -f ipv4 -p udp -s 192.0.2.2 -d 192.0.2.1 --sport 40000 --dport 8888"
+            "ip netns exec sw-router conntrack -D -f ipv4 -p udp -s 192.0.2.2 -d 192.0.2.1 \
+             -r 172.17.0.2 -q 192.0.2.2 --sport 40000 --dport 8888 --reply-port-src 8888 \
+             --reply-port-dst 40000"
         );
     }
 
@@ -484,7 +538,17 @@ mod tests {
             &Containers::default(),
             &clock(),
         );
-        let record = Record::StaleService(Box::new(StaleService::of(one, &group, &clock())));
+        let targets: Vec<Target> = group
+            .members
+            .iter()
+            .map(|&(orig, reply)| Target {
+                orig,
+                reply,
+                zone: 0,
+            })
+            .collect();
+        let record =
+            Record::StaleService(Box::new(StaleService::of(one, &group, &clock(), &targets)));
         let v = serde_json::to_value(&record).unwrap();
         assert_eq!(v["type"], "stale_service");
         assert_eq!(v["state"], "reminder");
@@ -502,9 +566,14 @@ mod tests {
         assert!(v.get("orig").is_none(), "no one flow's tuple: {v}");
         assert_eq!(
             v["fix"],
-            "ip netns exec sw-router conntrack -D -f ipv4 -p udp -d 192.0.2.1 -r 172.17.0.2 \
-             --dport 8888 --reply-port-src 8888"
+            "ip netns exec sw-router conntrack -D -f ipv4 -p udp -s 192.0.2.2 -d 192.0.2.1 \
+             -r 172.17.0.2 -q 192.0.2.2 --sport 40000 --dport 8888 --reply-port-src 8888 \
+             --reply-port-dst 40000; \
+             ip netns exec sw-router conntrack -D -f ipv4 -p udp -s 192.0.2.2 -d 192.0.2.1 \
+             -r 172.17.0.2 -q 192.0.2.2 --sport 40001 --dport 8888 --reply-port-src 8888 \
+             --reply-port-dst 40001"
         );
+        assert_eq!(v["fix_entries"], 2);
         let t = text(&record);
         assert!(
             t.contains("STALE FLOWS (still failing)  udp 2 flows -> 192.0.2.1:8888  (netns sw-router, inode 4026532100)"),
@@ -519,7 +588,7 @@ mod tests {
             "{t}"
         );
         assert!(
-            t.contains("(the 2 entries pinned to 172.17.0.2:8888)"),
+            t.contains("(the 2 entries judged stale of the 2 flows pinned to 172.17.0.2:8888)"),
             "{t}"
         );
     }

@@ -3,7 +3,11 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use crate::domain::{Alert, Backend, Service, Verdict};
+use crate::domain::{Alert, Backend, Service, Tuple, Verdict};
+
+/// Flows of a group whose entries its record names in its fix, at most:
+/// beyond, `--fix` deletes each as it is judged.
+pub const LISTED: usize = 16;
 
 /// Reminders gathered over one round of the watch loop, grouped by
 /// namespace, service, verdict and stale backend.
@@ -24,6 +28,9 @@ pub struct ReminderGroup {
     /// The earliest first failure and the latest failure (monotonic).
     pub first: Duration,
     pub last: Duration,
+    /// The original and reply tuples of the group's first [`LISTED`]
+    /// flows: the entries judged, which its fix names one by one.
+    pub members: Vec<(Tuple, Tuple)>,
 }
 
 impl Reminders {
@@ -37,6 +44,9 @@ impl Reminders {
                 g.packets += packets;
                 g.first = g.first.min(f.first);
                 g.last = g.last.max(f.last);
+                if g.members.len() < LISTED {
+                    g.members.push((f.orig, f.reply));
+                }
             }
             None => {
                 self.groups.insert(
@@ -47,6 +57,7 @@ impl Reminders {
                         packets,
                         first: f.first,
                         last: f.last,
+                        members: vec![(f.orig, f.reply)],
                     },
                 );
             }
@@ -87,6 +98,8 @@ mod tests {
         assert_eq!(three.first, Duration::from_secs(40));
         assert_eq!(three.last, Duration::from_secs(99));
         assert_eq!(three.alert.flow.orig.sport, 40000);
+        let sports: Vec<u16> = three.members.iter().map(|(o, _)| o.sport).collect();
+        assert_eq!(sports, [40000, 40001, 40002]);
         assert!(groups.iter().filter(|g| g.flows == 1).count() == 2);
         assert!(reminders.take().is_empty(), "take leaves nothing behind");
     }

@@ -143,8 +143,9 @@ pub fn text(record: &Record) -> String {
             let _ = writeln!(s, "  cause      of each, {}", a.cause);
             let _ = writeln!(
                 s,
-                "  fix        {}  (the {} entries pinned to {})",
+                "  fix        {}  (the {} entries judged stale of the {} flows pinned to {})",
                 a.fix,
+                a.fix_entries,
                 a.flows,
                 addr_port(a.pin.stale_backend.addr, a.pin.stale_backend.port)
             );
@@ -183,16 +184,28 @@ pub fn text(record: &Record) -> String {
             let backend = backend_label(&a.pin.stale_backend);
             let f = &a.failures;
             let evidence = kernel_evidence(f);
+            // Raised by the periodic audit: no packet failed, the table
+            // alone shows it.
+            let audited = f.packets == 0 && f.icmp.is_none() && f.drop.is_none();
             if a.state == AlertState::Resolved {
                 let why = match a.resolution {
                     Some(Resolution::EntryGone) => "its conntrack entry is gone",
                     _ => "failures stopped",
                 };
-                let _ = writeln!(
-                    s,
-                    "  was pinned to {backend}; {why} (last failure {}; {} packets lost over {:.1}s)",
-                    f.last, f.packets, f.duration_s
-                );
+                if audited {
+                    let _ = writeln!(
+                        s,
+                        "  was pinned to {backend}; {why} (found by the audit of the conntrack \
+                         table; no packet failed)"
+                    );
+                } else {
+                    let _ = writeln!(
+                        s,
+                        "  was pinned to {backend}; {why} (last failure {}; {} packets lost \
+                         over {:.1}s)",
+                        f.last, f.packets, f.duration_s
+                    );
+                }
                 return s;
             }
             if a.pin.verdict == Verdict::Bypass {
@@ -210,13 +223,22 @@ pub fn text(record: &Record) -> String {
                 verdict_word(a.pin.verdict),
                 colon_list(&a.pin.evidence)
             );
-            let _ = writeln!(
-                s,
-                "  kernel     {} packets failed in {:.1}s: {}",
-                f.packets,
-                f.duration_s,
-                evidence.join(", ")
-            );
+            if audited {
+                let _ = writeln!(
+                    s,
+                    "  audit      found in the conntrack table at {}; no packet failed \
+                     (something on this host takes them)",
+                    f.last
+                );
+            } else {
+                let _ = writeln!(
+                    s,
+                    "  kernel     {} packets failed in {:.1}s: {}",
+                    f.packets,
+                    f.duration_s,
+                    evidence.join(", ")
+                );
+            }
             let _ = writeln!(s, "  cause      {}", a.cause);
             let _ = writeln!(s, "  fix        {}", a.fix);
         }
@@ -323,6 +345,42 @@ mod tests {
             t.contains("fix        ip netns exec sw-router conntrack -D"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn an_audited_record_shows_the_audit_not_an_empty_kernel_line() {
+        let mut a = alert();
+        a.verdict = Verdict::Bypass;
+        a.flow.icmp = None;
+        a.flow.drops = None;
+        a.flow.first = a.flow.last;
+        a.failing_for = std::time::Duration::ZERO;
+        let record = Record::StaleFlow(Box::new(StaleFlow::new(
+            &a,
+            named("r"),
+            &Containers::default(),
+            &clock(),
+        )));
+        let t = text(&record);
+        assert!(!t.contains("kernel "), "{t}");
+        assert!(
+            t.contains("audit      found in the conntrack table at 2026-09-21T14:13:18.500Z"),
+            "{t}"
+        );
+        a.state = AlertState::Resolved;
+        a.resolution = Some(Resolution::EntryGone);
+        let record = Record::StaleFlow(Box::new(StaleFlow::new(
+            &a,
+            named("r"),
+            &Containers::default(),
+            &clock(),
+        )));
+        let t = text(&record);
+        assert!(
+            t.contains("found by the audit of the conntrack table"),
+            "{t}"
+        );
+        assert!(!t.contains("0 packets lost"), "{t}");
     }
 
     #[test]

@@ -11,8 +11,11 @@
 //! is `type << 8 | code`, which is where the kernel keeps them in its tuple
 //! (and so what [`Tuple::decode`] reads from eBPF events too).
 //!
-//! Only conntrack zone 0 is addressed by [`get`] and [`delete`]; [`dump`]
-//! returns the entries of every zone.
+//! [`dump`] and [`find`] return the entries of every conntrack zone, each
+//! with its zone; [`get`] looks in zone 0 only. Deletions name one entry
+//! exactly: its reply tuple, its zone and its id ([`delete_entry`]), so
+//! that an entry that replaced the one judged (same original tuple,
+//! another reply) is never deleted in its place.
 //!
 //! Kernel tests of this module live in the `tests` crate
 //! (`tests/tests/conntrack.rs`): they need root.
@@ -54,6 +57,8 @@ pub struct Filter {
     pub status: Option<(u32, u32)>,
     /// Destination address and port of the original direction.
     pub orig_dst: Option<(IpAddr, u16)>,
+    /// Source address and port of the original direction.
+    pub orig_src: Option<(IpAddr, u16)>,
 }
 
 impl Filter {
@@ -67,16 +72,34 @@ impl Filter {
             && self
                 .orig_dst
                 .is_none_or(|(addr, port)| orig.dst == addr && orig.dport == port)
+            && self
+                .orig_src
+                .is_none_or(|(addr, port)| orig.src == addr && orig.sport == port)
+    }
+
+    /// The entries whose original tuple is `orig`, in every zone.
+    pub fn original(orig: &Tuple) -> Filter {
+        Filter {
+            family: Some(orig.family),
+            proto: Some(orig.proto),
+            status: None,
+            orig_dst: Some((orig.dst, orig.dport)),
+            orig_src: Some((orig.src, orig.sport)),
+        }
     }
 
     /// The family to ask the kernel for, or `None` when the filter
     /// contradicts itself and nothing can match.
     fn dump_family(&self) -> Option<Option<Family>> {
-        let of_dst = self.orig_dst.map(|(addr, _)| Family::of(addr));
-        match (self.family, of_dst) {
-            (Some(a), Some(b)) if a != b => None,
-            (a, b) => Some(a.or(b)),
+        let mut family = self.family;
+        let addrs = [self.orig_dst, self.orig_src];
+        for of_addr in addrs.iter().flatten().map(|(addr, _)| Family::of(*addr)) {
+            match family {
+                Some(f) if f != of_addr => return None,
+                _ => family = Some(of_addr),
+            }
         }
+        Some(family)
     }
 }
 
@@ -117,10 +140,38 @@ pub fn get(netns: Option<&Path>, orig: &Tuple) -> Result<Option<Entry>, Error> {
     Conn::open(netns)?.get(orig)
 }
 
-/// Deletes exactly the entry whose original tuple is `orig`: `Ok(false)`
-/// when there is no such entry.
-pub fn delete(netns: Option<&Path>, orig: &Tuple) -> Result<bool, Error> {
-    Conn::open(netns)?.delete(orig)
+/// The entries whose original tuple is `orig`, in every zone: one dump
+/// that the kernel filters (IPv4) or that is filtered here (IPv6).
+pub fn find(netns: Option<&Path>, orig: &Tuple) -> Result<Vec<Entry>, Error> {
+    Conn::open(netns)?.find(orig)
+}
+
+/// Deletes exactly `entry`, as a dump listed it: `Ok(false)` when it is
+/// gone or was replaced by another entry with its original tuple.
+pub fn delete_entry(netns: Option<&Path>, entry: &Entry) -> Result<bool, Error> {
+    Conn::open(netns)?.delete_entry(entry)
+}
+
+/// Deletes the entry judged from a kernel report, which carries its tuples
+/// but not its id or zone: see [`Conn::delete_judged`].
+pub fn delete_judged(netns: Option<&Path>, orig: &Tuple, reply: &Tuple) -> Result<Deletion, Error> {
+    Conn::open(netns)?.delete_judged(orig, reply)
+}
+
+/// What became of a deletion of a judged entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Deletion {
+    /// This entry, the one judged, was deleted.
+    Deleted(Entry),
+    /// No entry has the original tuple any more.
+    Gone,
+    /// The entries with the original tuple are not the one judged (their
+    /// reply differs: a new entry replaced it), or changed between the
+    /// look-up and the deletion. Nothing was deleted.
+    Replaced(Vec<Entry>),
+    /// Entries of several zones have the judged tuples, and the report does
+    /// not tell which one failed. Nothing was deleted.
+    Ambiguous(Vec<Entry>),
 }
 
 /// Reads the table an audit needs: DNATed entries first (the kernel skips
@@ -168,6 +219,7 @@ pub fn read_audit_candidates(
         proto,
         status: Some((ct_status::DST_NAT, ct_status::DST_NAT)),
         orig_dst,
+        orig_src: None,
     };
     if every_dnat || services.len() > BY_DESTINATION {
         entries.extend(conn.dump(&dnat(None, None, None))?);
@@ -272,21 +324,74 @@ impl Conn {
         }
     }
 
-    /// As [`delete`].
-    pub fn delete(&self, orig: &Tuple) -> Result<bool, Error> {
+    /// As [`find`].
+    pub fn find(&self, orig: &Tuple) -> Result<Vec<Entry>, Error> {
+        self.dump(&Filter::original(orig))
+    }
+
+    /// As [`delete_entry`]. The kernel finds the entry by its reply tuple
+    /// in its zone, and deletes it only if its id is the one given (ENOENT
+    /// otherwise): see [`delete_request`]. An entry without an id is never
+    /// deleted.
+    pub fn delete_entry(&self, entry: &Entry) -> Result<bool, Error> {
+        let Some(request) = delete_request(entry) else {
+            return Ok(false);
+        };
         let mut buf = Vec::with_capacity(SMALL_RECV_BUF);
-        // Never send a delete without a tuple: the kernel reads that as a
-        // flush of the whole table.
-        let request =
-            ConntrackMessage::Delete(vec![ConntrackAttribute::CtaTupleOrig(tuple_nlas(orig))]);
         let seq = self.next_seq();
-        send(&self.sock, seq, NLM_F_ACK, Some(orig.family), request, None)?;
+        send(
+            &self.sock,
+            seq,
+            NLM_F_ACK,
+            Some(entry.orig.family),
+            request,
+            None,
+        )?;
         match receive(&self.sock, seq, &mut buf, &mut |_| {})? {
             Outcome::Done => Ok(true),
             Outcome::Errno(libc::ENOENT) => Ok(false),
             Outcome::Errno(errno) => Err(refused("delete", errno)),
         }
     }
+
+    /// As [`delete_judged`]: finds the entries with the original tuple in
+    /// every zone, keeps the one whose reply is the judged one, and deletes
+    /// it by id and zone; anything else deletes nothing.
+    pub fn delete_judged(&self, orig: &Tuple, reply: &Tuple) -> Result<Deletion, Error> {
+        let found = self.find(orig)?;
+        let (judged, others): (Vec<Entry>, Vec<Entry>) =
+            found.into_iter().partition(|e| e.reply == *reply);
+        match judged.len() {
+            0 if others.is_empty() => Ok(Deletion::Gone),
+            0 => Ok(Deletion::Replaced(others)),
+            1 => {
+                let entry = judged.into_iter().next().expect("one entry");
+                if self.delete_entry(&entry)? {
+                    Ok(Deletion::Deleted(entry))
+                } else {
+                    Ok(Deletion::Replaced(vec![entry]))
+                }
+            }
+            _ => Ok(Deletion::Ambiguous(judged)),
+        }
+    }
+}
+
+/// The request that deletes exactly `entry`: its reply tuple, zone and
+/// id. The kernel finds the entry by the reply tuple (so its reply is the
+/// one given), and compares the id, a hash of the entry's address and its
+/// original tuple (so its original tuple is the one given, and it is the
+/// same allocation). The id alone is not enough: a new entry with the same
+/// original tuple reuses a freed slot at once and then has the same id,
+/// whatever its reply. `None` without an id. Never a delete without a
+/// tuple: the kernel reads that as a flush of the whole table.
+fn delete_request(entry: &Entry) -> Option<ConntrackMessage> {
+    let id = entry.id?;
+    Some(ConntrackMessage::Delete(vec![
+        ConntrackAttribute::CtaTupleReply(tuple_nlas(&entry.reply)),
+        ConntrackAttribute::Other(DefaultNla::new(CTA_ZONE, entry.zone.to_be_bytes().to_vec())),
+        ConntrackAttribute::Other(DefaultNla::new(CTA_ID, id.to_be_bytes().to_vec())),
+    ]))
 }
 
 // Netlink and ctnetlink numbers (linux/netfilter/nfnetlink_conntrack.h).
@@ -298,6 +403,7 @@ const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_STATUS: u16 = 3;
 const CTA_TIMEOUT: u16 = 7;
 const CTA_ID: u16 = 12;
+const CTA_ZONE: u16 = 18;
 const CTA_FILTER: u16 = 25;
 const CTA_STATUS_MASK: u16 = 26;
 const CTA_TUPLE_IP: u16 = 1;
@@ -317,8 +423,10 @@ const CTA_PROTO_ICMPV6_TYPE: u16 = 8;
 const CTA_PROTO_ICMPV6_CODE: u16 = 9;
 const CTA_FILTER_ORIG_FLAGS: u16 = 1;
 // Which fields of CTA_TUPLE_ORIG a dump filter compares (net/netfilter/nf_internals.h).
+const CTA_FILTER_F_IP_SRC: u32 = 1 << 0;
 const CTA_FILTER_F_IP_DST: u32 = 1 << 1;
 const CTA_FILTER_F_PROTO_NUM: u32 = 1 << 3;
+const CTA_FILTER_F_PROTO_SRC_PORT: u32 = 1 << 4;
 const CTA_FILTER_F_PROTO_DST_PORT: u32 = 1 << 5;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
@@ -461,19 +569,31 @@ fn dump_attributes(
     let mut tuple = Vec::new();
     // IPv4 only: the kernel's IPv6 address comparison in dump filters is
     // inverted (it skips the entries that match).
+    let mut ips = Vec::new();
+    if let Some((addr @ IpAddr::V4(_), _)) = filter.orig_src {
+        flags |= CTA_FILTER_F_IP_SRC;
+        ips.push(IPTuple::SourceAddress(addr));
+    }
     if let Some((addr @ IpAddr::V4(_), _)) = filter.orig_dst {
         flags |= CTA_FILTER_F_IP_DST;
-        tuple.push(NlTuple::Ip(vec![IPTuple::DestinationAddress(addr)]));
+        ips.push(IPTuple::DestinationAddress(addr));
+    }
+    if !ips.is_empty() {
+        tuple.push(NlTuple::Ip(ips));
     }
     // Ports need the protocol: the kernel refuses a port filter without one.
     if let Some(proto) = filter.proto {
         flags |= CTA_FILTER_F_PROTO_NUM;
         let mut nlas = vec![ProtoTuple::Protocol(Protocol::from(proto.0))];
-        if let Some((_, port)) = filter.orig_dst
-            && proto.has_ports()
-        {
-            flags |= CTA_FILTER_F_PROTO_DST_PORT;
-            nlas.push(ProtoTuple::DestinationPort(port));
+        if proto.has_ports() {
+            if let Some((_, port)) = filter.orig_src {
+                flags |= CTA_FILTER_F_PROTO_SRC_PORT;
+                nlas.push(ProtoTuple::SourcePort(port));
+            }
+            if let Some((_, port)) = filter.orig_dst {
+                flags |= CTA_FILTER_F_PROTO_DST_PORT;
+                nlas.push(ProtoTuple::DestinationPort(port));
+            }
         }
         tuple.push(NlTuple::Proto(nlas));
     }
@@ -616,6 +736,7 @@ fn parse_entry(payload: &[u8]) -> Result<Option<Entry>, Error> {
         _ => return Ok(None),
     };
     let (mut orig, mut reply, mut status, mut timeout, mut id) = (None, None, None, None, None);
+    let mut zone = 0;
     for nla in Nlas(attrs) {
         let (kind, value) = nla?;
         match kind {
@@ -624,6 +745,7 @@ fn parse_entry(payload: &[u8]) -> Result<Option<Entry>, Error> {
             CTA_STATUS => status = Some(u32::from_be_bytes(fixed(value, "CTA_STATUS")?)),
             CTA_TIMEOUT => timeout = Some(u32::from_be_bytes(fixed(value, "CTA_TIMEOUT")?)),
             CTA_ID => id = Some(u32::from_be_bytes(fixed(value, "CTA_ID")?)),
+            CTA_ZONE => zone = u16::from_be_bytes(fixed(value, "CTA_ZONE")?),
             _ => {}
         }
     }
@@ -634,6 +756,7 @@ fn parse_entry(payload: &[u8]) -> Result<Option<Entry>, Error> {
             status,
             timeout,
             id,
+            zone,
         })),
         _ => Err(Error::Malformed(
             "a conntrack entry lacks its original tuple, reply tuple or status".into(),
@@ -764,6 +887,7 @@ mod tests {
             status: ct_status::CONFIRMED | ct_status::DST_NAT | ct_status::DST_NAT_DONE,
             timeout: Some(29),
             id: Some(0xdead_beef),
+            zone: 0,
         }
     }
 
@@ -788,6 +912,12 @@ mod tests {
         attrs.extend(e.id.map(|id| {
             ConntrackAttribute::Other(DefaultNla::new(CTA_ID, id.to_be_bytes().to_vec()))
         }));
+        if e.zone != 0 {
+            attrs.push(ConntrackAttribute::Other(DefaultNla::new(
+                CTA_ZONE,
+                e.zone.to_be_bytes().to_vec(),
+            )));
+        }
         let mut bytes = request_bytes(
             seq,
             0,
@@ -962,6 +1092,7 @@ mod tests {
                 proto: Some(Proto::UDP),
                 status: Some((ct_status::DST_NAT, ct_status::DST_NAT)),
                 orig_dst: Some(dst),
+                orig_src: Some((e.orig.src, e.orig.sport)),
             },
             Filter {
                 status: Some((0, ct_status::SEEN_REPLY)),
@@ -987,6 +1118,10 @@ mod tests {
             },
             Filter {
                 orig_dst: Some((e.reply.src, dst.1)),
+                ..Filter::default()
+            },
+            Filter {
+                orig_src: Some((e.orig.src, e.orig.sport + 1)),
                 ..Filter::default()
             },
         ];
@@ -1027,6 +1162,7 @@ mod tests {
                 ct_status::DST_NAT | ct_status::SEEN_REPLY,
             )),
             orig_dst: Some(("192.0.2.1".parse().unwrap(), 8888)),
+            orig_src: None,
         };
         let bytes = dump_request(&filter);
         // nfgen_family comes from the destination address.
@@ -1108,17 +1244,56 @@ mod tests {
     }
 
     #[test]
-    fn get_and_delete_requests_carry_the_whole_original_tuple() {
-        let t = udp("192.0.2.2", 40000, "192.0.2.1", 8888);
-        let m = ConntrackMessage::Delete(vec![ConntrackAttribute::CtaTupleOrig(tuple_nlas(&t))]);
-        let bytes = request_bytes(1, NLM_F_ACK, Some(t.family), m, None);
+    fn a_delete_names_the_entry_by_tuple_zone_and_id() {
+        let mut e = dnat_entry();
+        e.zone = 7;
+        let m = delete_request(&e).unwrap();
+        let bytes = request_bytes(1, NLM_F_ACK, Some(e.orig.family), m, None);
         let msg = NetlinkBuffer::new_checked(&bytes[..]).unwrap();
         assert_eq!(msg.message_type(), NFNL_SUBSYS_CTNETLINK << 8 | 2);
         assert_eq!(msg.flags(), NLM_F_REQUEST | NLM_F_ACK);
         let attrs = request_attrs(&bytes);
-        assert_eq!(attrs.len(), 1);
-        assert_eq!(attrs[0].0, CTA_TUPLE_ORIG | NLA_F_NESTED);
-        assert_eq!(parse_tuple(&attrs[0].1, Family::Ipv4).unwrap(), t);
+        let kinds: Vec<u16> = attrs.iter().map(|a| a.0).collect();
+        assert_eq!(kinds, [CTA_TUPLE_REPLY | NLA_F_NESTED, CTA_ZONE, CTA_ID]);
+        assert_eq!(parse_tuple(&attrs[0].1, Family::Ipv4).unwrap(), e.reply);
+        assert_eq!(attrs[1].1, 7u16.to_be_bytes());
+        assert_eq!(attrs[2].1, 0xdead_beefu32.to_be_bytes());
+        // Without an id there is nothing exact to ask for.
+        e.id = None;
+        assert!(delete_request(&e).is_none());
+    }
+
+    #[test]
+    fn zones_are_parsed_from_dumps() {
+        let mut e = dnat_entry();
+        e.zone = 0x1234;
+        let (entries, _) = parse_all(&entry_message(2, &e), 2).unwrap();
+        assert_eq!(entries, vec![e]);
+    }
+
+    #[test]
+    fn a_look_up_of_an_original_tuple_filters_on_all_of_it() {
+        let t = udp("192.0.2.2", 40000, "192.0.2.1", 8888);
+        let attrs = request_attrs(&dump_request(&Filter::original(&t)));
+        let flags = CTA_FILTER_F_IP_SRC
+            | CTA_FILTER_F_IP_DST
+            | CTA_FILTER_F_PROTO_NUM
+            | CTA_FILTER_F_PROTO_SRC_PORT
+            | CTA_FILTER_F_PROTO_DST_PORT;
+        let filter = attrs.last().unwrap();
+        assert_eq!(filter.0, CTA_FILTER | NLA_F_NESTED);
+        assert_eq!(filter.1[4..8], flags.to_ne_bytes());
+        // IPv6: ports only, addresses are compared here.
+        let t6 = udp("2001:db8::2", 40000, "2001:db8::1", 8888);
+        let attrs = request_attrs(&dump_request(&Filter::original(&t6)));
+        let flags =
+            CTA_FILTER_F_PROTO_NUM | CTA_FILTER_F_PROTO_SRC_PORT | CTA_FILTER_F_PROTO_DST_PORT;
+        assert_eq!(attrs.last().unwrap().1[4..8], flags.to_ne_bytes());
+        let mut other = dnat_entry();
+        other.orig = udp("2001:db8::3", 40000, "2001:db8::1", 8888);
+        assert!(!Filter::original(&t6).matches(&other));
+        other.orig = t6;
+        assert!(Filter::original(&t6).matches(&other));
     }
 
     #[test]

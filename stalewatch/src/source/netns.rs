@@ -1,19 +1,20 @@
 //! Network namespaces by inode: their names (`ip netns` names under
 //! /run/netns) and a process that lives in them, for the fix command; what
-//! a namespace shows of itself (its addresses, its failed neighbours); and
+//! a namespace shows of itself (its addresses, its failed neighbours, read
+//! in [`neighbours`]); and
 //! the one way stalewatch enters a namespace ([`in_netns`]), which the
 //! other sources use too.
 
 use std::{
+    collections::{HashMap, HashSet},
     fs, io,
+    net::IpAddr,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
-use std::{
-    collections::{HashMap, HashSet},
-    net::IpAddr,
-};
+pub mod neighbours;
 
 use crate::{
     domain::{AddrSpan, Hops, KnownFacts, NetnsInfo},
@@ -167,17 +168,35 @@ pub fn is_own(file: &fs::File) -> bool {
     file.metadata().map(|m| m.ino() as u32).ok() == own_inode()
 }
 
-/// What the audit needs to know of a namespace: its own addresses, and the
-/// neighbours it failed to resolve (IPv4; the kernel's /proc view of the
-/// neighbour table holds no IPv6 entries).
+/// What the audit needs to know of a namespace, at one look: its own
+/// addresses, and the neighbours the kernel failed to resolve (see
+/// [`neighbours`]: IPv4 and IPv6, read over rtnetlink). A neighbour being
+/// resolved at that moment is not failed.
 pub fn facts(path: &Path) -> io::Result<KnownFacts> {
     in_netns(path, || -> io::Result<KnownFacts> {
+        let looks = neighbours::read()?;
         let (local, connected) = own_addresses()?;
-        // /proc/thread-self: this thread's namespace, not the process's.
-        let arp = fs::read_to_string("/proc/thread-self/net/arp")?;
         Ok(KnownFacts {
             local,
-            failed_neighbours: failed_in_arp_table(&arp),
+            failed_neighbours: neighbours::failed_now(&looks),
+            proxied_sources: Default::default(),
+            connected,
+            arrives_on: HashMap::new(),
+        })
+    })?
+}
+
+/// As [`facts`], but a neighbour being resolved at the first look is
+/// looked at again until the kernel settles it (resolved, or failed), for
+/// at most `max_wait`: a backend that a stream keeps asking for is mostly
+/// being resolved, between the moments the kernel gives up on it.
+pub fn settled_facts(path: &Path, max_wait: Duration) -> io::Result<KnownFacts> {
+    in_netns(path, move || -> io::Result<KnownFacts> {
+        let looks = neighbours::read()?;
+        let (local, connected) = own_addresses()?;
+        Ok(KnownFacts {
+            local,
+            failed_neighbours: neighbours::settle(looks, max_wait)?,
             proxied_sources: Default::default(),
             connected,
             arrives_on: HashMap::new(),
@@ -259,21 +278,6 @@ fn route(addr: IpAddr) -> Option<(String, Option<IpAddr>)> {
     Some((dev, via))
 }
 
-/// IPv4 neighbours without a link-layer address (flags without ATF_COM):
-/// resolution failed or is failing.
-fn failed_in_arp_table(arp: &str) -> std::collections::HashSet<std::net::IpAddr> {
-    const ATF_COM: u32 = 0x2;
-    arp.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let mut cols = line.split_whitespace();
-            let addr = cols.next()?.parse().ok()?;
-            let flags = u32::from_str_radix(cols.nth(1)?.trim_start_matches("0x"), 16).ok()?;
-            (flags & ATF_COM == 0).then_some(addr)
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,16 +290,5 @@ mod tests {
         let systemd = format!("0::/system.slice/docker-{id}.scope\n");
         assert_eq!(container_id_in(&systemd).as_deref(), Some(id));
         assert_eq!(container_id_in("0::/user.slice/session-2.scope\n"), None);
-    }
-
-    #[test]
-    fn failed_neighbours_are_the_incomplete_ones() {
-        let arp = "IP address       HW type     Flags       HW address            Mask     Device
-172.17.0.2       0x1         0x0         00:00:00:00:00:00     *        br-old
-172.18.0.2       0x1         0x2         6a:1f:00:aa:bb:cc     *        br-new
-";
-        let failed = failed_in_arp_table(arp);
-        assert_eq!(failed.len(), 1);
-        assert!(failed.contains(&"172.17.0.2".parse().unwrap()));
     }
 }

@@ -11,15 +11,16 @@ use std::{
 };
 
 use crate::{
-    domain::{Alert, AlertState, Containers, Hops, NetnsInfo, Verdict},
+    domain::{Alert, AlertState, Containers, Hops, NetnsInfo, Verdict, addr_port},
     error::chain,
     sink::{
         Format, Record, Reporter,
+        fix::Target,
         metrics::Metrics,
         record::{Clock, DeadDestination, EntryDeleted, StaleFlow, StaleService, rfc3339},
         reminders::{ReminderGroup, Reminders},
     },
-    source::conntrack,
+    source::conntrack::{self, Deletion},
 };
 
 /// The record of one flow's alert.
@@ -29,11 +30,12 @@ fn record_of(alert: &Alert, names: &Names, clock: &Clock) -> Record {
         let record = DeadDestination::new(alert, netns, &names.containers, &names.hops, clock);
         return Record::DeadDestination(Box::new(record));
     }
-    Record::StaleFlow(Box::new(StaleFlow::new(
+    Record::StaleFlow(Box::new(StaleFlow::in_zone(
         alert,
         netns,
         &names.containers,
         clock,
+        names.zone,
     )))
 }
 
@@ -45,6 +47,11 @@ pub struct Names {
     pub containers: Containers,
     /// For a dead destination: where its traffic leaves and comes from.
     pub hops: Hops,
+    /// The conntrack zone of the flow's entry, where it was looked up.
+    pub zone: u16,
+    /// For a group of reminders: the entries of its listed flows that are
+    /// still the ones judged, which its fix names.
+    pub targets: Vec<Target>,
 }
 
 pub struct Output<W: io::Write> {
@@ -85,9 +92,7 @@ impl<W: io::Write> Output<W> {
     /// (or reminded of) as stale or bypassing, never one whose backend is
     /// down.
     pub fn fixes(&self, alert: &Alert) -> bool {
-        self.fix
-            && matches!(alert.verdict, Verdict::Stale | Verdict::Bypass)
-            && alert.state != AlertState::Resolved
+        self.fix && alert.verdict.deleted_by_fix() && alert.state != AlertState::Resolved
     }
 
     /// Prints the record of an alert that [`Output::count`] said is due.
@@ -95,22 +100,52 @@ impl<W: io::Write> Output<W> {
         self.reporter.write(&record_of(alert, names, clock))
     }
 
-    /// Deletes the entry of an alert's flow, and prints the deletion.
+    /// Deletes the entry of an alert's flow, exactly the one judged (see
+    /// [`conntrack::delete_judged`]), and prints the deletion; anything
+    /// else deletes nothing and says why in one log line.
     pub fn fix(&mut self, alert: &Alert, names: &Names) -> io::Result<()> {
         let flow = &alert.flow;
         let Some(path) = &names.path else {
             log::warn!("--fix: cannot enter network namespace {}", flow.netns);
             return Ok(());
         };
-        match conntrack::delete(Some(path), &flow.orig) {
-            Ok(true) => {
-                let deleted = EntryDeleted::new(&flow.orig, &flow.reply, names.netns.clone());
+        let what = format!(
+            "{} {} -> {} pinned to {}",
+            flow.orig.proto.name(),
+            addr_port(flow.orig.src, flow.orig.sport),
+            addr_port(flow.orig.dst, flow.orig.dport),
+            flow.backend()
+        );
+        match conntrack::delete_judged(Some(path), &flow.orig, &flow.reply) {
+            Ok(Deletion::Deleted(entry)) => {
+                let deleted = EntryDeleted::new(&entry, names.netns.clone());
                 self.reporter
                     .write(&Record::EntryDeleted(Box::new(deleted)))
             }
-            Ok(false) => Ok(()),
+            Ok(Deletion::Gone) => {
+                log::warn!("--fix: nothing deleted: the entry of {what} is already gone");
+                Ok(())
+            }
+            Ok(Deletion::Replaced(now)) => {
+                let to: Vec<String> = now.iter().map(|e| e.backend().to_string()).collect();
+                log::warn!(
+                    "--fix: nothing deleted: the entry of {what} is no longer the one judged \
+                     (now to {})",
+                    to.join(", ")
+                );
+                Ok(())
+            }
+            Ok(Deletion::Ambiguous(found)) => {
+                let zones: Vec<String> = found.iter().map(|e| e.zone.to_string()).collect();
+                log::warn!(
+                    "--fix: nothing deleted: {what} has an entry in each of conntrack zones {} \
+                     and the kernel's report does not tell which one failed",
+                    zones.join(", ")
+                );
+                Ok(())
+            }
             Err(e) => {
-                log::warn!("--fix: {}", chain(&e));
+                log::warn!("--fix: nothing deleted for {what}: {}", chain(&e));
                 Ok(())
             }
         }
@@ -129,11 +164,16 @@ impl<W: io::Write> Output<W> {
         names: &Names,
         clock: &Clock,
     ) -> io::Result<()> {
-        let one = StaleFlow::new(&group.alert, names.netns.clone(), &names.containers, clock);
-        let record = if group.flows == 1 {
-            Record::StaleFlow(Box::new(one))
+        let record = if group.flows == 1 || group.alert.verdict == Verdict::DeadDestination {
+            record_of(&group.alert, names, clock)
         } else {
-            Record::StaleService(Box::new(StaleService::of(one, group, clock)))
+            let one = StaleFlow::new(&group.alert, names.netns.clone(), &names.containers, clock);
+            Record::StaleService(Box::new(StaleService::of(
+                one,
+                group,
+                clock,
+                &names.targets,
+            )))
         };
         self.reporter.write(&record)
     }
@@ -154,5 +194,35 @@ impl<W: io::Write> Output<W> {
 
     pub fn metrics(&self) -> Option<&Arc<Mutex<Metrics>>> {
         self.metrics.as_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{domain::Verdict, sink::fixtures::alert};
+
+    #[test]
+    fn fix_deletes_only_stale_and_bypassing_flows_still_failing() {
+        let fixing = Output::new(Format::Json, Vec::new(), None, true);
+        let mut a = alert();
+        for (verdict, deleted) in [
+            (Verdict::Stale, true),
+            (Verdict::Bypass, true),
+            (Verdict::BackendDown, false),
+            (Verdict::Unconfirmed, false),
+        ] {
+            a.verdict = verdict;
+            for state in [AlertState::Raised, AlertState::Reminder] {
+                a.state = state;
+                assert_eq!(fixing.fixes(&a), deleted, "{verdict:?} {state:?}");
+            }
+            a.state = AlertState::Resolved;
+            assert!(!fixing.fixes(&a), "{verdict:?} resolved");
+        }
+        let watching = Output::new(Format::Json, Vec::new(), None, false);
+        a.verdict = Verdict::Stale;
+        a.state = AlertState::Raised;
+        assert!(!watching.fixes(&a), "never without --fix");
     }
 }

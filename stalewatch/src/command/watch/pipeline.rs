@@ -14,9 +14,9 @@ use super::{
 };
 use crate::{
     correlate::{Correlator, RaisedFlow},
-    domain::{Alert, Containers, Evidence, Hops, Observation, Verdict},
+    domain::{Alert, AlertState, Containers, Evidence, Hops, Observation, Verdict},
     error::chain,
-    sink::record::Clock,
+    sink::{fix::Target, record::Clock},
     source::{
         engine::Engine,
         kernel::{Probes, decode},
@@ -240,7 +240,16 @@ impl<W: io::Write> Pipeline<W> {
     pub fn remind(&mut self) -> io::Result<()> {
         let clock: Clock = clock();
         for group in self.output.take_reminders() {
-            let names = self.names(&group.alert);
+            let mut names = self.names(&group.alert);
+            if group.flows > 1 {
+                let netns = group.alert.flow.netns;
+                names.targets = group
+                    .members
+                    .iter()
+                    .filter_map(|(orig, reply)| self.view.locate(netns, orig, reply))
+                    .map(|entry| Target::of(&entry))
+                    .collect();
+            }
             self.output.remind(&group, &names, &clock)?;
         }
         Ok(())
@@ -264,11 +273,21 @@ impl<W: io::Write> Pipeline<W> {
             }
             _ => Hops::default(),
         };
+        // The zone its fix names: looked up for what is still failing.
+        let zone = match alert.state {
+            AlertState::Resolved => 0,
+            _ => self
+                .view
+                .locate(alert.flow.netns, &alert.flow.orig, &alert.flow.reply)
+                .map_or(0, |e| e.zone),
+        };
         Names {
             path,
             netns,
             containers,
             hops,
+            zone,
+            targets: Vec::new(),
         }
     }
 

@@ -152,6 +152,7 @@ impl View {
             status: flow.status,
             timeout: None,
             id: None,
+            zone: 0,
         };
         Some(audit::dnats_now(&entry, &intent, &facts).is_some())
     }
@@ -161,6 +162,17 @@ impl View {
     fn entry_exists(&mut self, netns: u32, orig: &Tuple, reply: &Tuple) -> Option<bool> {
         let path = self.netns_path(netns)?;
         entry_exists(&*self.conn(&path)?, orig, reply)
+    }
+
+    /// The conntrack entry of a flow as judged (its tuples), with its zone
+    /// and id: `None` when it is gone, was replaced, is found in several
+    /// zones alike, or cannot be read.
+    pub fn locate(&mut self, netns: u32, orig: &Tuple, reply: &Tuple) -> Option<Entry> {
+        let path = self.netns_path(netns)?;
+        match locate(&*self.conn(&path)?, orig, reply) {
+            Some(Located::Found(entry)) => Some(entry),
+            _ => None,
+        }
     }
 
     /// What the conntrack table of the flow's namespace shows of its
@@ -181,6 +193,7 @@ impl View {
             proto: Some(service.proto),
             status: Some((ct_status::DST_NAT, ct_status::DST_NAT)),
             orig_dst: Some((service.addr, service.port)),
+            orig_src: None,
         };
         let siblings = path.and_then(|path| {
             let entries = self
@@ -268,12 +281,42 @@ impl View {
 }
 
 /// Whether the conntrack entry `orig`/`reply` still exists in the namespace
-/// of `conn`; `None` when that cannot be told. A live flow gets a new entry
-/// with the same original tuple at once when its entry is deleted: that one
-/// differs in its reply (the backend), and is not the stale entry.
+/// of `conn`, in any zone; `None` when that cannot be told. A live flow gets
+/// a new entry with the same original tuple at once when its entry is
+/// deleted: that one differs in its reply (the backend), and is not the
+/// stale entry.
 fn entry_exists(conn: &Conn, orig: &Tuple, reply: &Tuple) -> Option<bool> {
-    conn.get(orig)
-        .map(|entry| entry.is_some_and(|e| e.reply == *reply))
-        .map_err(|e: conntrack::Error| log::warn!("looking up a conntrack entry: {}", chain(&e)))
-        .ok()
+    locate(conn, orig, reply).map(|l| !matches!(l, Located::Missing))
+}
+
+/// Where a judged entry is now.
+enum Located {
+    Found(Entry),
+    /// Entries of several zones have its tuples.
+    Ambiguous,
+    Missing,
+}
+
+/// Finds the entry `orig`/`reply`: first in the default zone (one hash
+/// look-up), then, when it is not there, in every zone (a dump filtered to
+/// the original tuple, which walks the table: zoned flows cost more).
+fn locate(conn: &Conn, orig: &Tuple, reply: &Tuple) -> Option<Located> {
+    let warn = |e: conntrack::Error| log::warn!("looking up a conntrack entry: {}", chain(&e));
+    if let Some(entry) = conn.get(orig).map_err(warn).ok()?
+        && entry.reply == *reply
+    {
+        return Some(Located::Found(entry));
+    }
+    let mut found: Vec<Entry> = conn
+        .find(orig)
+        .map_err(warn)
+        .ok()?
+        .into_iter()
+        .filter(|e| e.reply == *reply)
+        .collect();
+    Some(match found.len() {
+        0 => Located::Missing,
+        1 => Located::Found(found.remove(0)),
+        _ => Located::Ambiguous,
+    })
 }
