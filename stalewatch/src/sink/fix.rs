@@ -83,16 +83,25 @@ fn conntrack_delete(orig: &Tuple, netns: &NetnsInfo) -> String {
     cmd
 }
 
-/// The words that run a command in `netns` (none for our own).
+/// The words that run a command in `netns` (none for our own), quoted
+/// for a shell: a namespace's name may hold spaces and any shell
+/// metacharacter, and the command a person pastes must enter exactly that
+/// namespace and run nothing else.
 fn netns_prefix(netns: &NetnsInfo) -> String {
     let mut cmd = String::new();
     if !netns.is_own {
         match (&netns.name, &netns.path, netns.pid) {
             (Some(_), Some(path), _) => {
-                let _ = write!(cmd, "nsenter --net={} ", path.display());
+                let path = path.to_string_lossy();
+                let _ = write!(cmd, "nsenter --net={} ", quoted(&path));
+            }
+            // `ip netns exec` would take it for an option.
+            (Some(name), None, _) if name.starts_with('-') => {
+                let path = format!("/run/netns/{name}");
+                let _ = write!(cmd, "nsenter --net={} ", quoted(&path));
             }
             (Some(name), None, _) => {
-                let _ = write!(cmd, "ip netns exec {name} ");
+                let _ = write!(cmd, "ip netns exec {} ", quoted(name));
             }
             (None, _, Some(pid)) => {
                 let _ = write!(cmd, "nsenter --net=/proc/{pid}/ns/net ");
@@ -105,10 +114,34 @@ fn netns_prefix(netns: &NetnsInfo) -> String {
     cmd
 }
 
+/// `s` as one shell word.
+fn quoted(s: &str) -> String {
+    // Only a NUL byte cannot be quoted, and no path or name holds one.
+    shlex::try_quote(s).map_or_else(|_| s.replace('\0', ""), |q| q.into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{domain::udp, sink::fixtures::named};
+
+    #[test]
+    fn a_namespace_name_is_one_shell_word() {
+        let orig = udp("192.0.2.2", 40000, "192.0.2.1", 8888);
+        let reply = udp("172.17.0.2", 8888, "192.0.2.2", 40000);
+        let t = target(orig, reply, 0);
+        let weird = named("lab a;b$(touch x)'c");
+        let cmd = fix_command(&t, &weird);
+        let words = shlex::split(&cmd).expect("a shell line");
+        assert_eq!(
+            words[..4],
+            ["ip", "netns", "exec", "lab a;b$(touch x)'c"],
+            "{cmd}"
+        );
+        assert_eq!(words[4..7], ["conntrack", "-D", "-f"], "{cmd}");
+        let dash = named("-n");
+        assert!(fix_command(&t, &dash).starts_with("nsenter --net=/run/netns/-n conntrack"));
+    }
 
     fn target(orig: Tuple, reply: Tuple, zone: u16) -> Target {
         Target { orig, reply, zone }
