@@ -275,6 +275,52 @@ fn the_unit_runs_under_systemd_and_raises_a_stale_flow() -> anyhow::Result<()> {
         )
     });
     story.assert_raised(&raised, STALE_SPORT);
+    // Priorities: `journalctl -p warning` shows exactly the raised flows
+    // (reminders and resolutions come at notice, logs at info).
+    let warnings = exec(
+        &cleanup.container,
+        &[
+            "journalctl",
+            "_SYSTEMD_UNIT=stalewatch.service",
+            "-p",
+            "warning",
+            "-o",
+            "cat",
+            "--no-pager",
+        ],
+    )?;
+    let records: Vec<Value> = warnings
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?} in {warnings}")))
+        .collect();
+    assert!(
+        records
+            .iter()
+            .any(|v| is_stale_flow(v, "raised", STALE_SPORT) && v["netns"]["inode"] == inode),
+        "the raised flow is a warning: {warnings}"
+    );
+    assert!(
+        records
+            .iter()
+            .all(|v| v["state"] == "raised" && v["type"] != "events_lost"),
+        "only raised flows are warnings: {warnings}"
+    );
+    let notices = exec(
+        &cleanup.container,
+        &[
+            "journalctl",
+            "_SYSTEMD_UNIT=stalewatch.service",
+            "-p",
+            "notice",
+            "-o",
+            "json",
+            "--no-pager",
+        ],
+    )?;
+    assert!(
+        notices.contains("\"PRIORITY\":\"4\""),
+        "the journal keeps the priority: {notices}"
+    );
     let lines = journal(&cleanup.container).join("\n");
     assert!(
         !lines.contains("not permitted") && !lines.contains("WARN"),

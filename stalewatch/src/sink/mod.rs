@@ -16,6 +16,20 @@ use std::io::{self, Write};
 
 pub use record::Record;
 
+/// A record's syslog priority: warning for a flow raised, notice for the
+/// rest (reminders, resolutions, deletions, lost reports).
+pub fn priority(record: &Record) -> u8 {
+    const WARNING: u8 = 4;
+    const NOTICE: u8 = 5;
+    let raised = match record {
+        Record::StaleFlow(f) => f.state == crate::domain::AlertState::Raised,
+        Record::DeadDestination(d) => d.state == crate::domain::AlertState::Raised,
+        Record::StaleEntry(_) => true,
+        _ => false,
+    };
+    if raised { WARNING } else { NOTICE }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     Text,
@@ -28,25 +42,98 @@ pub enum Format {
 pub struct Reporter<W: Write> {
     format: Format,
     out: W,
+    /// Each line carries its syslog priority as a `<N>` prefix, which the
+    /// journal takes off and keeps (see [`Reporter::for_journal`]).
+    priorities: bool,
 }
 
 impl<W: Write> Reporter<W> {
     pub fn new(format: Format, out: W) -> Self {
-        Reporter { format, out }
+        Reporter {
+            format,
+            out,
+            priorities: false,
+        }
+    }
+
+    /// Writes to systemd's journal (stdout is its stream): each line gets
+    /// its record's priority, so that `journalctl -p warning` shows exactly
+    /// the raised flows, and resolutions and reminders come at notice.
+    pub fn for_journal(mut self, on: bool) -> Self {
+        self.priorities = on;
+        self
     }
 
     pub fn write(&mut self, record: &Record) -> io::Result<()> {
-        match self.format {
+        let mut line = match self.format {
             Format::Json => {
-                serde_json::to_writer(&mut self.out, record)?;
-                self.out.write_all(b"\n")?;
+                let mut line = serde_json::to_string(record)?;
+                line.push('\n');
+                line
             }
-            Format::Text => self.out.write_all(text::text(record).as_bytes())?,
+            Format::Text => text::text(record),
+        };
+        if self.priorities {
+            let prefix = format!("<{}>", priority(record));
+            line = line.lines().map(|l| format!("{prefix}{l}\n")).collect();
         }
-        Ok(())
+        self.out.write_all(line.as_bytes())
     }
 
     pub fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        domain::{AlertState, Containers},
+        sink::{
+            fixtures::{alert, clock, named},
+            record::StaleFlow,
+        },
+    };
+
+    fn record(state: AlertState) -> Record {
+        let mut a = alert();
+        a.state = state;
+        Record::StaleFlow(Box::new(StaleFlow::new(
+            &a,
+            named("r"),
+            &Containers::default(),
+            &clock(),
+        )))
+    }
+
+    #[test]
+    fn for_the_journal_raised_flows_are_warnings_and_the_rest_notices() {
+        let mut out = Vec::new();
+        let mut reporter = Reporter::new(Format::Text, &mut out).for_journal(true);
+        reporter.write(&record(AlertState::Raised)).unwrap();
+        reporter.write(&record(AlertState::Resolved)).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines.len() > 3);
+        assert!(
+            lines[0].starts_with("<4>") && lines[0].contains("STALE FLOW"),
+            "{text}"
+        );
+        assert!(
+            lines
+                .iter()
+                .all(|l| l.starts_with("<4>") || l.starts_with("<5>")),
+            "{text}"
+        );
+        assert!(
+            lines.last().unwrap().starts_with("<5>  was pinned"),
+            "{text}"
+        );
+        let mut out = Vec::new();
+        Reporter::new(Format::Json, &mut out)
+            .write(&record(AlertState::Reminder))
+            .unwrap();
+        assert!(out.starts_with(b"{\"type\""), "no prefix off the journal");
     }
 }

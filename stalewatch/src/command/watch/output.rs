@@ -23,6 +23,20 @@ use crate::{
     source::conntrack::{self, Deletion},
 };
 
+/// Whether stdout is systemd's journal: systemd says so in JOURNAL_STREAM
+/// (the stream's `device:inode`), which a child may inherit with another
+/// stdout, so it is held against stdout itself.
+fn stdout_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(stdout) = std::fs::metadata("/proc/self/fd/1") else {
+        return false;
+    };
+    stream.to_string_lossy() == format!("{}:{}", stdout.dev(), stdout.ino())
+}
+
 /// The record of one flow's alert.
 fn record_of(alert: &Alert, names: &Names, clock: &Clock) -> Record {
     let netns = names.netns.clone();
@@ -65,7 +79,7 @@ pub struct Output<W: io::Write> {
 impl<W: io::Write> Output<W> {
     pub fn new(format: Format, out: W, metrics: Option<Arc<Mutex<Metrics>>>, fix: bool) -> Self {
         Output {
-            reporter: Reporter::new(format, out),
+            reporter: Reporter::new(format, out).for_journal(stdout_is_journal()),
             reminders: Reminders::default(),
             metrics,
             fix,
