@@ -224,10 +224,17 @@ pub fn text(record: &Record) -> String {
                 colon_list(&a.pin.evidence)
             );
             if audited {
+                let why = match a.pin.verdict {
+                    Verdict::Bypass => "something on this host takes them",
+                    _ => {
+                        "judged against the host's NAT rules: its packets fail, if at all, \
+                          on another host"
+                    }
+                };
                 let _ = writeln!(
                     s,
-                    "  audit      found in the conntrack table at {}; no packet failed \
-                     (something on this host takes them)",
+                    "  audit      found in the conntrack table at {}; no packet failed here \
+                     ({why})",
                     f.last
                 );
             } else {
