@@ -65,6 +65,15 @@ impl AddrSpan {
         addr.is_ipv4() == self.lo.is_ipv4() && self.lo <= addr && addr <= self.hi
     }
 
+    /// Every address of a family: where a redirect sends a flow (one of
+    /// the host's own addresses, which the rule does not name).
+    pub fn all(family: Family) -> AddrSpan {
+        match family {
+            Family::Ipv4 => AddrSpan::prefix(IpAddr::from([0u8; 4]), 0),
+            Family::Ipv6 => AddrSpan::prefix(IpAddr::from([0u8; 16]), 0),
+        }
+    }
+
     pub fn family(&self) -> Family {
         Family::of(self.lo)
     }

@@ -149,8 +149,9 @@ impl Walk<'_> {
                     let target = next(&mut i).unwrap_or_default();
                     match target {
                         "DNAT" => self.dnat(chain, &words[i + 1..], when),
+                        "REDIRECT" => self.redirect(chain, &words[i + 1..], when),
                         "ACCEPT" | "RETURN" | "DROP" | "MARK" | "MASQUERADE" | "SNAT" | "LOG"
-                        | "REDIRECT" | "CONNMARK" => {}
+                        | "CONNMARK" => {}
                         chain_name => self.chain(chain_name, &when, depth + 1),
                     }
                     return;
@@ -167,6 +168,34 @@ impl Walk<'_> {
             negated = false;
             i += 1;
         }
+    }
+
+    /// A redirect DNATs to the host itself (the address of the interface
+    /// the packet came in on), to `--to-ports` or the same port.
+    fn redirect(&mut self, chain: &str, options: &[String], when: Conditions) {
+        let mut port = None;
+        let mut words = options.iter();
+        while let Some(word) = words.next() {
+            if word == "--to-ports" {
+                match words.next().and_then(|p| port_spans(p).first().copied()) {
+                    Some(p) => port = Some(p),
+                    None => {
+                        self.complete = false;
+                        return;
+                    }
+                }
+            }
+        }
+        let family = when.family.unwrap_or(Family::Ipv4);
+        self.out.push(DnatRule {
+            engine: self.engine,
+            chain: chain.to_owned(),
+            when,
+            to: vec![NatTarget {
+                addr: AddrSpan::all(family),
+                port,
+            }],
+        });
     }
 
     fn dnat(&mut self, chain: &str, options: &[String], when: Conditions) {
@@ -360,6 +389,19 @@ COMMIT
             "10.0.0.255".parse::<IpAddr>().unwrap()
         );
         assert_eq!(port_spans("53,1000:2000").len(), 2);
+    }
+
+    #[test]
+    fn a_redirect_sends_to_the_host_itself() {
+        let save = "*nat
+-A PREROUTING -p tcp -m tcp --dport 80 -j REDIRECT --to-ports 3128
+COMMIT
+";
+        let (rules, complete) = parse(save, RuleEngine::IptablesNft, Family::Ipv4);
+        assert!(complete);
+        let proxy = backend("192.0.2.1", 3128);
+        assert!(rules[0].to[0].reaches(80, proxy));
+        assert!(!rules[0].to[0].reaches(80, backend("192.0.2.1", 80)));
     }
 
     #[test]

@@ -222,12 +222,12 @@ impl<'r> Walk<'r> {
                     self.dnat(chain, nat, when);
                     return;
                 }
-                Statement::DNAT(None) | Statement::Redirect(_) => {
-                    // A redirect DNATs to the host itself: not a backend
-                    // stalewatch can name; nothing else is missed.
-                    if matches!(statement, Statement::DNAT(None)) {
-                        self.complete = false;
-                    }
+                Statement::Redirect(nat) => {
+                    self.redirect(chain, nat.as_ref(), when);
+                    return;
+                }
+                Statement::DNAT(None) => {
+                    self.complete = false;
                     return;
                 }
                 Statement::Accept(_)
@@ -309,6 +309,37 @@ impl<'r> Walk<'r> {
                 .collect(),
             _ => Vec::new(),
         }
+    }
+
+    /// A redirect DNATs to the host itself (the address of the interface
+    /// the packet came in on), to its port or the same one.
+    fn redirect(&mut self, chain: &Key, nat: Option<&'r NAT<'static>>, when: Conditions) {
+        let port = match nat.and_then(|n| n.port.as_ref()) {
+            Some(p) => match port_spans(p).first() {
+                Some(p) => Some(*p),
+                None => {
+                    self.complete = false;
+                    return;
+                }
+            },
+            None => None,
+        };
+        let families = match when.family {
+            Some(f) => vec![f],
+            None => vec![Family::Ipv4, Family::Ipv6],
+        };
+        self.out.push(DnatRule {
+            engine: RuleEngine::Nftables,
+            chain: format!("{} {}/{}", chain.0, chain.1, chain.2),
+            when,
+            to: families
+                .into_iter()
+                .map(|f| NatTarget {
+                    addr: AddrSpan::all(f),
+                    port,
+                })
+                .collect(),
+        });
     }
 
     fn dnat(&mut self, chain: &Key, nat: &'r NAT<'static>, when: Conditions) {

@@ -334,3 +334,29 @@ fn parse_a_large_ruleset() {
     let intent = NatIntent::new(parsed.rules, Vec::new());
     println!("{} rules in {:?}", intent.rules().len(), started.elapsed());
 }
+
+#[test]
+fn an_nftables_redirect_sends_to_the_host_itself() {
+    let json = r#"{"nftables": [
+      {"chain": {"family": "inet", "table": "t", "name": "pre", "handle": 1, "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}},
+      {"rule": {"family": "inet", "table": "t", "chain": "pre", "handle": 2, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 80}}, {"redirect": {"port": 3128}}]}}
+    ]}"#;
+    let parsed = nft::parse(json).unwrap();
+    assert!(parsed.complete);
+    let web = Tuple {
+        proto: Proto::TCP,
+        ..udp("192.0.2.9", 1, "192.0.2.1", 80)
+    };
+    let rule = &parsed.rules[0];
+    assert_eq!(rule.when.admits(&web, None, |_| false), Fit::Yes);
+    assert!(
+        rule.to
+            .iter()
+            .any(|t| t.reaches(80, backend("192.0.2.1", 3128)))
+    );
+    assert!(
+        rule.to
+            .iter()
+            .any(|t| t.reaches(80, backend("2001:db8::1", 3128)))
+    );
+}
