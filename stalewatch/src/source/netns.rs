@@ -250,6 +250,18 @@ pub fn arrival_interfaces(
     })
 }
 
+/// The gateway the namespace at `path` routes each of `addrs` through,
+/// for those it reaches through one (another host); an address on its own
+/// links, or with no route, is left out.
+pub fn gateways(path: &Path, addrs: Vec<IpAddr>) -> io::Result<HashMap<IpAddr, IpAddr>> {
+    in_netns(path, move || {
+        addrs
+            .into_iter()
+            .filter_map(|a| Some((a, route(a)?.1?)))
+            .collect()
+    })
+}
+
 /// Where the traffic of a flow to `dead` from `src` leaves and comes from,
 /// by the routes of the namespace at `path`.
 pub fn hops(path: &Path, dead: IpAddr, src: IpAddr) -> io::Result<Hops> {

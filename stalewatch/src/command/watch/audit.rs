@@ -5,7 +5,10 @@
 //! is raised only when a second look still finds it (an orchestrator that
 //! deletes old entries right after changing its rules is doing it right).
 
-use std::{collections::HashMap, os::unix::fs::MetadataExt as _, path::PathBuf, time::Duration};
+use std::{
+    collections::HashMap, net::IpAddr, os::unix::fs::MetadataExt as _, path::PathBuf,
+    time::Duration,
+};
 
 use super::{monotonic, view::View};
 use crate::{
@@ -73,7 +76,22 @@ impl Auditor {
         let mut seen = HashMap::new();
         let mut follow_up = false;
         let mut alerts = Vec::new();
-        for finding in audit::audit(&entries, &facts, intent.as_deref()) {
+        let findings = audit::audit(&entries, &facts, intent.as_deref());
+        // Judged against the rules only where the packets leave for another
+        // host: on this host's links, or with no route at all, they fail
+        // here, where the kernel path sees them (with their evidence).
+        let mut backends: Vec<IpAddr> = findings
+            .iter()
+            .filter(|f| f.verdict != Verdict::Bypass && f.entry.is_dnat())
+            .map(|f| f.entry.backend().addr)
+            .filter(|a| !facts.on_link(*a))
+            .collect();
+        backends.sort_unstable();
+        backends.dedup();
+        let remote = netns::gateways(&path, backends)
+            .map_err(|e| log::warn!("audit: routes to the backends: {e}"))
+            .unwrap_or_default();
+        for finding in findings {
             let e = &finding.entry;
             let mut flow = Observation {
                 local: true,
@@ -92,9 +110,7 @@ impl Auditor {
                     dnat_backends: finding.current_backends.iter().map(|b| (*b, 1)).collect(),
                 };
                 correlator.observe_audited(flow, &siblings, now)
-            } else if !e.is_dnat() || facts.on_link(e.backend().addr) {
-                // Pinned to a backend on this host's links: its packets
-                // fail here, where the kernel path sees them.
+            } else if !e.is_dnat() || !remote.contains_key(&e.backend().addr) {
                 continue;
             } else {
                 let first = *self.pending.get(&(e.orig, e.reply)).unwrap_or(&now);
