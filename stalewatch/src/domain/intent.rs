@@ -196,6 +196,47 @@ impl Conditions {
     }
 }
 
+impl Conditions {
+    /// What the rules after a `return` (or a NAT chain's `accept`) in the
+    /// same chain still see: `self` is the chain's conditions, `ret` the
+    /// returning rule's (they extend `self`). A rule with no match of its
+    /// own returns every packet: `None`, nothing after it is reached. One
+    /// match of its own is negated for the rules after it (Docker's
+    /// `-i br-X -j RETURN` before its `! -i br-Y ... -j DNAT`); with more,
+    /// its negation is a disjunction these conditions cannot hold, so the
+    /// rules after it are only a "maybe".
+    pub fn after_return(&self, ret: &Conditions) -> Option<Conditions> {
+        fn added<T: Clone>(base: &[Cond<T>], more: &[Cond<T>]) -> Vec<Cond<T>> {
+            more.get(base.len()..).unwrap_or_default().to_vec()
+        }
+        let proto = added(&self.proto, &ret.proto);
+        let daddr = added(&self.daddr, &ret.daddr);
+        let saddr = added(&self.saddr, &ret.saddr);
+        let dport = added(&self.dport, &ret.dport);
+        let iif = added(&self.iif, &ret.iif);
+        let extra = proto.len() + daddr.len() + saddr.len() + dport.len() + iif.len();
+        let other = ret.opaque != self.opaque
+            || ret.dst_local != self.dst_local
+            || ret.family != self.family;
+        let mut next = self.clone();
+        fn flip<T>(conds: Vec<Cond<T>>) -> impl Iterator<Item = Cond<T>> {
+            conds.into_iter().map(|c| Cond::new(c.any_of, !c.negated))
+        }
+        match (extra, other) {
+            (0, false) => return None,
+            (1, false) => {
+                next.proto.extend(flip(proto));
+                next.daddr.extend(flip(daddr));
+                next.saddr.extend(flip(saddr));
+                next.dport.extend(flip(dport));
+                next.iif.extend(flip(iif));
+            }
+            _ => next.opaque = true,
+        }
+        Some(next)
+    }
+}
+
 fn name_matches(pattern: &str, name: &str) -> bool {
     match pattern.strip_suffix(['*', '+']) {
         Some(prefix) => name.starts_with(prefix),
@@ -478,6 +519,23 @@ mod tests {
         rule.when.dst_local = true;
         assert_eq!(rule.when.admits(&flow, None, |_| false), Fit::No);
         assert_eq!(rule.when.admits(&flow, None, |_| true), Fit::Yes);
+    }
+
+    #[test]
+    fn a_return_negates_its_one_match_for_the_rules_after_it() {
+        let chain = Conditions {
+            dst_local: true,
+            ..Conditions::default()
+        };
+        let mut ret = chain.clone();
+        ret.iif.push(Cond::is(vec!["br-client".to_owned()]));
+        let after = chain.after_return(&ret).expect("reached");
+        assert_eq!(after.iif, [Cond::not(vec!["br-client".to_owned()])]);
+        assert!(!after.opaque);
+        let mut two = ret.clone();
+        two.proto.push(Cond::is(vec![Proto::UDP]));
+        assert!(chain.after_return(&two).unwrap().opaque);
+        assert_eq!(chain.after_return(&chain), None, "an unconditional return");
     }
 
     #[test]

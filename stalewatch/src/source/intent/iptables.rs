@@ -64,12 +64,27 @@ impl Walk<'_> {
         let Some(rules) = self.chains.get(name) else {
             return;
         };
+        // What a rule that ends the chain for its packets (RETURN, ACCEPT,
+        // DROP, a goto) leaves to the rules after it.
+        let mut base = when.clone();
         for words in rules {
-            self.rule(name, words, when.clone(), depth);
+            if let Some(ended) = self.rule(name, words, base.clone(), depth) {
+                match base.after_return(&ended) {
+                    Some(next) => base = next,
+                    None => return,
+                }
+            }
         }
     }
 
-    fn rule(&mut self, chain: &str, words: &[String], mut when: Conditions, depth: usize) {
+    /// One rule; the conditions under which it ends the chain, if it does.
+    fn rule(
+        &mut self,
+        chain: &str,
+        words: &[String],
+        mut when: Conditions,
+        depth: usize,
+    ) -> Option<Conditions> {
         let mut negated = false;
         let mut i = 0;
         let next = |i: &mut usize| -> Option<&str> {
@@ -146,15 +161,21 @@ impl Walk<'_> {
                 }
                 "--limit-iface-in" | "--limit-iface-out" => {}
                 "-j" | "--jump" | "-g" | "--goto" => {
+                    let goto = word.starts_with("-g") || word == "--goto";
                     let target = next(&mut i).unwrap_or_default();
                     match target {
                         "DNAT" => self.dnat(chain, &words[i + 1..], when),
                         "REDIRECT" => self.redirect(chain, &words[i + 1..], when),
-                        "ACCEPT" | "RETURN" | "DROP" | "MARK" | "MASQUERADE" | "SNAT" | "LOG"
-                        | "CONNMARK" => {}
-                        chain_name => self.chain(chain_name, &when, depth + 1),
+                        "ACCEPT" | "RETURN" | "DROP" => return Some(when),
+                        "MARK" | "MASQUERADE" | "SNAT" | "LOG" | "CONNMARK" => {}
+                        chain_name => {
+                            self.chain(chain_name, &when, depth + 1);
+                            if goto {
+                                return Some(when);
+                            }
+                        }
                     }
-                    return;
+                    return None;
                 }
                 _ if word.starts_with('-') => {
                     // An option stalewatch does not evaluate, and its value.
@@ -168,6 +189,7 @@ impl Walk<'_> {
             negated = false;
             i += 1;
         }
+        None
     }
 
     /// A redirect DNATs to the host itself (the address of the interface
@@ -362,6 +384,13 @@ COMMIT
         let (rules, complete) = parse(save, RuleEngine::IptablesLegacy, Family::Ipv4);
         assert!(complete);
         assert_eq!(rules.len(), 2, "one per base chain");
+        // The RETURN of the bridge's own traffic comes before the DNAT.
+        assert!(
+            rules[0]
+                .when
+                .iif
+                .contains(&Cond::not(vec!["br-1".to_owned()]))
+        );
         let flow = udp("198.51.100.2", 40000, "198.51.100.1", 8888);
         let local = |a: IpAddr| a == "198.51.100.1".parse::<IpAddr>().unwrap();
         assert_eq!(rules[0].when.admits(&flow, Some("veth0"), local), Fit::Yes);
@@ -370,6 +399,33 @@ COMMIT
         assert_eq!(
             rules[0].when.admits(&flow, Some("veth0"), |_| false),
             Fit::No
+        );
+    }
+
+    #[test]
+    fn traffic_another_bridge_returns_is_no_traffic_the_dnat_takes() {
+        // Docker: containers of another network send to a published port
+        // through their gateway; their bridge RETURNs before the DNAT,
+        // which excludes only the published container's bridge.
+        let save = "*nat
+:PREROUTING ACCEPT [0:0]
+:DOCKER - [0:0]
+-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
+-A DOCKER -i br-client -j RETURN
+-A DOCKER -i br-web -j RETURN
+-A DOCKER ! -i br-web -p udp -m udp --dport 8888 -j DNAT --to-destination 172.18.240.2:8888
+COMMIT
+";
+        let (rules, _) = parse(save, RuleEngine::IptablesNft, Family::Ipv4);
+        let from_client = udp("172.18.200.2", 40100, "172.18.200.1", 8888);
+        let local = |_| true;
+        assert_eq!(
+            rules[0].when.admits(&from_client, Some("br-client"), local),
+            Fit::No
+        );
+        assert_eq!(
+            rules[0].when.admits(&from_client, Some("eth0"), local),
+            Fit::Yes
         );
     }
 

@@ -181,31 +181,45 @@ impl<'r> Walk<'r> {
         let Some(rules) = ruleset.rules.get(chain) else {
             return;
         };
+        // What a rule that ends the chain for its packets (return,
+        // accept, drop, a goto) leaves to the rules after it.
+        let mut base = when;
         for rule in rules {
             if rule.expr.iter().any(|s| matches!(s, Statement::XT(_))) {
                 // iptables-nft's: read from iptables-nft-save.
                 continue;
             }
-            self.rule(chain, &rule.expr, when.clone(), depth);
+            if let Some(ended) = self.rule(chain, &rule.expr, base.clone(), depth) {
+                match base.after_return(&ended) {
+                    Some(next) => base = next,
+                    None => return,
+                }
+            }
         }
     }
 
     /// One rule's statements in order: matches narrow `when`, the first
-    /// verdict or NAT statement ends it.
+    /// verdict or NAT statement ends it. Returns the conditions under which
+    /// it ends the chain, if it does.
     fn rule(
         &mut self,
         chain: &Key,
         statements: &'r [Statement<'static>],
         mut when: Conditions,
         depth: usize,
-    ) {
+    ) -> Option<Conditions> {
         for statement in statements {
             match statement {
                 Statement::Match(m) => self.narrow(chain, &mut when, m),
-                Statement::Jump(t) | Statement::Goto(t) => {
+                Statement::Jump(t) => {
                     let next = (chain.0.clone(), chain.1.clone(), t.target.to_string());
                     self.chain(&next, when, depth + 1);
-                    return;
+                    return None;
+                }
+                Statement::Goto(t) => {
+                    let next = (chain.0.clone(), chain.1.clone(), t.target.to_string());
+                    self.chain(&next, when.clone(), depth + 1);
+                    return Some(when);
                 }
                 Statement::VerdictMap(vmap) => {
                     for (k, v) in self.pairs(chain, &vmap.data) {
@@ -216,27 +230,28 @@ impl<'r> Walk<'r> {
                             self.chain(&next, branch, depth + 1);
                         }
                     }
-                    return;
+                    return None;
                 }
                 Statement::DNAT(Some(nat)) => {
                     self.dnat(chain, nat, when);
-                    return;
+                    return None;
                 }
                 Statement::Redirect(nat) => {
                     self.redirect(chain, nat.as_ref(), when);
-                    return;
+                    return None;
                 }
                 Statement::DNAT(None) => {
                     self.complete = false;
-                    return;
+                    return None;
                 }
                 Statement::Accept(_)
                 | Statement::Drop(_)
                 | Statement::Return(_)
-                | Statement::Reject(_) => return,
+                | Statement::Reject(_) => return Some(when),
                 _ => {}
             }
         }
+        None
     }
 
     /// Narrows `when` by a match; one it cannot read makes it opaque.
