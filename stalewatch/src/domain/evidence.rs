@@ -12,10 +12,7 @@ use std::{
 
 use stalewatch_common::ct_status;
 
-use super::{
-    flow::{Backend, Tuple},
-    intent::AddrSpan,
-};
+use super::flow::{Backend, Tuple};
 
 /// The ICMP message this host sent back for a flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -138,9 +135,6 @@ pub struct KnownFacts {
     /// host by design (Docker returns traffic from its bridges to its
     /// proxy): such a flow has no NAT however often its entry is made.
     pub proxied_sources: HashSet<IpAddr>,
-    /// The subnets of the namespace's own addresses: hosts it reaches on
-    /// its links, without a gateway.
-    pub connected: Vec<AddrSpan>,
     /// The interface flows from a source arrive on (the route back to
     /// it), for the sources a judgement needs.
     pub arrives_on: HashMap<IpAddr, String>,
@@ -153,12 +147,6 @@ impl KnownFacts {
 
     pub fn neighbour_failed(&self, addr: IpAddr) -> bool {
         self.failed_neighbours.contains(&addr)
-    }
-
-    /// Whether `addr` is on one of the namespace's links: a backend there
-    /// fails its packets here, where the kernel path sees them.
-    pub fn on_link(&self, addr: IpAddr) -> bool {
-        self.connected.iter().any(|s| s.contains(addr))
     }
 
     /// Whether the engine's rules deliver a flow from `orig` to the host.

@@ -17,7 +17,7 @@ use std::{
 pub mod neighbours;
 
 use crate::{
-    domain::{AddrSpan, Hops, KnownFacts, NetnsInfo},
+    domain::{Hops, KnownFacts, NetnsInfo},
     error::Error,
 };
 
@@ -175,12 +175,11 @@ pub fn is_own(file: &fs::File) -> bool {
 pub fn facts(path: &Path) -> io::Result<KnownFacts> {
     in_netns(path, || -> io::Result<KnownFacts> {
         let looks = neighbours::read()?;
-        let (local, connected) = own_addresses()?;
+        let local = local_addresses()?;
         Ok(KnownFacts {
             local,
             failed_neighbours: neighbours::failed_now(&looks),
             proxied_sources: Default::default(),
-            connected,
             arrives_on: HashMap::new(),
         })
     })?
@@ -193,47 +192,28 @@ pub fn facts(path: &Path) -> io::Result<KnownFacts> {
 pub fn settled_facts(path: &Path, max_wait: Duration) -> io::Result<KnownFacts> {
     in_netns(path, move || -> io::Result<KnownFacts> {
         let looks = neighbours::read()?;
-        let (local, connected) = own_addresses()?;
+        let local = local_addresses()?;
         Ok(KnownFacts {
             local,
             failed_neighbours: neighbours::settle(looks, max_wait)?,
             proxied_sources: Default::default(),
-            connected,
             arrives_on: HashMap::new(),
         })
     })?
 }
 
-/// The addresses of this thread's namespace, and the subnets they are on.
-fn own_addresses() -> io::Result<(HashSet<IpAddr>, Vec<AddrSpan>)> {
-    let mut local = HashSet::new();
-    let mut connected = Vec::new();
-    for ifa in nix::ifaddrs::getifaddrs()? {
-        let (Some(addr), mask) = (ifa.address, ifa.netmask) else {
-            continue;
-        };
-        let (ip, len) = if let Some(v4) = addr.as_sockaddr_in() {
-            let len = mask
-                .as_ref()
-                .and_then(|m| m.as_sockaddr_in())
-                .map(|m| u32::from(m.ip()).leading_ones());
-            (IpAddr::V4(v4.ip()), len)
-        } else if let Some(v6) = addr.as_sockaddr_in6() {
-            let len = mask
-                .as_ref()
-                .and_then(|m| m.as_sockaddr_in6())
-                .map(|m| u128::from(m.ip()).leading_ones());
-            (IpAddr::V6(v6.ip()), len)
-        } else {
-            continue;
-        };
-        local.insert(ip);
-        // A host route (/32, /128) connects nothing else.
-        if let Some(len) = len.filter(|l| *l < if ip.is_ipv4() { 32 } else { 128 }) {
-            connected.push(AddrSpan::prefix(ip, len as u8));
-        }
-    }
-    Ok((local, connected))
+/// The addresses of the calling thread's namespace.
+fn local_addresses() -> io::Result<HashSet<IpAddr>> {
+    Ok(nix::ifaddrs::getifaddrs()?
+        .filter_map(|ifa| {
+            let addr = ifa.address?;
+            if let Some(v4) = addr.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect())
 }
 
 /// The interface the namespace at `path` routes each of `sources` out of:

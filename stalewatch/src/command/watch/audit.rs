@@ -84,7 +84,6 @@ impl Auditor {
             .iter()
             .filter(|f| f.verdict != Verdict::Bypass && f.entry.is_dnat())
             .map(|f| f.entry.backend().addr)
-            .filter(|a| !facts.on_link(*a))
             .collect();
         backends.sort_unstable();
         backends.dedup();
