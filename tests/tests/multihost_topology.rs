@@ -26,8 +26,11 @@ fn pinned(c: &Cluster, sport: u16) -> Option<IpAddr> {
 }
 
 /// B keeps forwarding the stale stream to .7 and its neighbour entry for
-/// .7 fails: the packets are dropped there.
-fn assert_b_drops_stale(c: &Cluster, before: u64) {
+/// .7 fails: the packets are dropped there. `more` is how many packets B
+/// must see after the move: a datagram stream sends ten a second, a TCP
+/// connection only its retransmissions, which back off (0.2 s, 0.4 s, ...),
+/// so the counter is polled rather than read once.
+fn assert_b_drops_stale(c: &Cluster, before: u64, more: u64) {
     let failed = poll(secs(10), || {
         (c.neighbour_state(7).ok().flatten().as_deref() == Some("FAILED")).then_some(())
     });
@@ -36,10 +39,14 @@ fn assert_b_drops_stale(c: &Cluster, before: u64) {
         "B's neighbour entry for .7 fails; it is {:?}",
         c.neighbour_state(7)
     );
-    let forwarded = c.forwarded_to(7).expect("B's counter");
+    let reached = poll(secs(10), || {
+        let n = c.forwarded_to(7).ok()?;
+        (n >= before + more).then_some(n)
+    });
     assert!(
-        forwarded >= before + 5,
-        "B still gets the stale stream for .7: {forwarded} packets, {before} before the move"
+        reached.is_some(),
+        "B still gets the stale stream for .7: {:?} packets, {before} before the move, {more} more expected",
+        c.forwarded_to(7)
     );
 }
 
@@ -75,7 +82,7 @@ fn udp_move(engine: Engine, family: Family) {
     );
     assert_eq!(pinned(&c, NEW_SPORT), Some(c.pod_ip(8)));
 
-    assert_b_drops_stale(&c, before);
+    assert_b_drops_stale(&c, before, 5);
     // Still pinned, and none of it reaches .8.
     assert_eq!(c.pinned_backend(STALE_SPORT).unwrap(), Some(c.pod_ip(7)));
     assert_eq!(rx8.from(stale_src), 0);
@@ -143,7 +150,7 @@ fn iptables_nft_kube_v4_tcp() {
     );
     assert_eq!(pinned(&c, NEW_SPORT), Some(c.pod_ip(8)));
     // The old connection's retransmissions go on to .7 and die at B.
-    assert_b_drops_stale(&c, before);
+    assert_b_drops_stale(&c, before, 3);
     assert_eq!(c.pinned_backend(STALE_SPORT).unwrap(), Some(c.pod_ip(7)));
     assert_eq!(rx8.bytes_from(stale_src), 0);
     fresh.stop();
@@ -168,7 +175,7 @@ fn scaled_to_zero_then_address_reused() {
     let before = c.forwarded_to(7).expect("counter");
     let rules = c.capture().expect("capture").nft_json;
     assert!(!rules.contains("\"dnat\""), "no DNAT left: {rules}");
-    assert_b_drops_stale(&c, before);
+    assert_b_drops_stale(&c, before, 5);
     assert_eq!(c.pinned_backend(STALE_SPORT).unwrap(), Some(c.pod_ip(7)));
 
     // A pod of another service gets .7: the stream is delivered to it.
