@@ -121,7 +121,7 @@ fn assert_bypass(alert: &Value, new: &Container, project: &str) {
     assert!(
         evidence.contains("newer flows to 198.51.100.1:8888 are DNATed to")
             && evidence.contains(&format!(
-                "the engine publishes udp/8888 on this host for container {}",
+                "Docker publishes udp/8888 on this host for container {}",
                 new.name
             )),
         "both sources of evidence: {alert}"

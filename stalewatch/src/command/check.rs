@@ -14,12 +14,12 @@ use anyhow::Context as _;
 
 use crate::{
     correlate::audit,
-    domain::{Containers, Entry, Tuple, addr_port},
+    domain::{Containers, Entry, Tuple, Verdict, addr_port},
     sink::{
         Format, Record, Reporter,
         record::{EntryDeleted, StaleEntry},
     },
-    source::{conntrack, engine::Engine, intent, netns},
+    source::{conntrack, engine::Engine, intent, netns, sockets},
 };
 
 /// How long `check` waits, at most, for the kernel to settle neighbours that
@@ -40,6 +40,13 @@ pub struct CheckArgs {
     /// Delete exactly the stale entries found, and print each deletion.
     #[arg(long)]
     pub fix: bool,
+
+    /// A container engine's API socket to name containers with (Docker's,
+    /// or Podman's `podman system service`); repeat for several. Default:
+    /// $DOCKER_HOST where it is unix://, /var/run/docker.sock and
+    /// /run/podman/podman.sock, each where it answers.
+    #[arg(long, value_name = "PATH")]
+    pub engine_socket: Vec<String>,
 }
 
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
@@ -51,7 +58,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         .context("reading the namespace's addresses and neighbours")?;
     // Names containers where an engine answers; in the host's namespace it
     // also tells the flows that its own rules deliver to the host.
-    let engine = Engine::connect();
+    let engine = Engine::connect(&args.engine_socket);
     let snapshot = engine.as_ref().map(Engine::snapshot);
     if let Some(snapshot) = snapshot.as_ref().filter(|_| info.is_own) {
         facts.proxied_sources = snapshot.container_addresses();
@@ -69,7 +76,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let mut deleted = 0;
     for finding in &findings {
         let e = &finding.entry;
-        let containers = snapshot.as_ref().map_or_else(Containers::default, |s| {
+        let mut containers = snapshot.as_ref().map_or_else(Containers::default, |s| {
             s.containers(
                 &info,
                 e.orig.service(),
@@ -77,6 +84,9 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
                 finding.current_backends.first().copied(),
             )
         });
+        if finding.verdict == Verdict::Bypass {
+            containers.holder = sockets::holder(&path, e.orig.proto, e.orig.dst, e.orig.dport);
+        }
         let entry = StaleEntry::new(finding, info.clone(), &containers);
         reporter.write(&Record::StaleEntry(Box::new(entry)))?;
         if !(args.fix && finding.verdict.deleted_by_fix()) {

@@ -86,6 +86,13 @@ pub struct WatchArgs {
     #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
     pub metrics: Option<std::net::SocketAddr>,
 
+    /// A container engine's API socket to name containers with (Docker's,
+    /// or Podman's `podman system service`); repeat for several. Default:
+    /// $DOCKER_HOST where it is unix://, /var/run/docker.sock and
+    /// /run/podman/podman.sock, each where it answers.
+    #[arg(long, value_name = "PATH")]
+    pub engine_socket: Vec<String>,
+
     /// Kernel BTF to read types and tracepoints from.
     #[arg(long, default_value = DEFAULT_BTF, value_name = "PATH")]
     pub btf: PathBuf,

@@ -18,7 +18,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use stalewatch_common::ct_status;
 
 use super::judge::list;
-use crate::domain::{Backend, Entry, Fit, KnownFacts, NatIntent, NatTarget, Service, Verdict};
+use crate::domain::{
+    Backend, Entry, Fit, KnownFacts, NatIntent, NatTarget, Service, Tuple, Verdict,
+};
 
 /// One stale entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,43 +45,15 @@ pub fn audit(entries: &[Entry], facts: &KnownFacts, intent: Option<&NatIntent>) 
     }
     let mut findings = Vec::new();
     for entry in entries {
-        let Some(backends) = dnat.get(&entry.orig.service()) else {
+        let siblings = dnat.get(&entry.orig.service());
+        if !entry.is_dnat() {
+            findings.extend(bypass(entry, siblings, entries, facts, intent));
+            continue;
+        }
+        let Some(backends) = siblings else {
             continue;
         };
         let destination = Backend::new(entry.orig.dst, entry.orig.dport);
-        if !entry.is_dnat() {
-            // Delivered here by the engine's own rules is no bypass.
-            let delivered_here = entry.reply.src == entry.orig.dst
-                && facts.is_local(entry.orig.dst)
-                && !facts.served_by_proxy(&entry.orig);
-            if !delivered_here {
-                continue;
-            }
-            // With the rules read, a bypass needs one that would DNAT this
-            // very flow now.
-            let proof = match intent.filter(|i| !i.read().is_empty()) {
-                Some(intent) => match dnats_now(entry, intent, facts) {
-                    Some(proof) => Some(proof),
-                    None => continue,
-                },
-                None => None,
-            };
-            let current: Vec<Backend> = backends.iter().copied().collect();
-            let mut evidence = vec![format!(
-                "its entry has no NAT and delivers it to this host, while {} other \
-                 entries to {destination} are DNATed to {}",
-                dnat_count(entries, entry),
-                list(&current)
-            )];
-            evidence.extend(proof);
-            findings.push(Finding {
-                entry: entry.clone(),
-                verdict: Verdict::Bypass,
-                evidence,
-                current_backends: current,
-            });
-            continue;
-        }
         let addr = entry.backend().addr;
         if !facts.neighbour_failed(addr) {
             findings.extend(intent.and_then(|i| against_intent(entry, i, facts)));
@@ -114,6 +88,61 @@ pub fn audit(entries: &[Entry], facts: &KnownFacts, intent: Option<&NatIntent>) 
     findings
 }
 
+/// An entry made without NAT that bypasses a DNAT: it delivers its flow to
+/// this host (not by the engine's own design), and either a current rule
+/// would DNAT this very flow now (with the rules read), or, without them,
+/// other entries to the same destination are DNATed. With the proof of a
+/// rule, no DNATed sibling is needed: a stream that bypassed the only
+/// container publishing a port is the one flow to it.
+fn bypass(
+    entry: &Entry,
+    siblings: Option<&BTreeSet<Backend>>,
+    entries: &[Entry],
+    facts: &KnownFacts,
+    intent: Option<&NatIntent>,
+) -> Option<Finding> {
+    // Delivered here by the engine's own rules is no bypass.
+    let delivered_here = entry.reply.src == entry.orig.dst
+        && facts.is_local(entry.orig.dst)
+        && !facts.served_by_proxy(&entry.orig);
+    if !delivered_here {
+        return None;
+    }
+    let destination = Backend::new(entry.orig.dst, entry.orig.dport);
+    let rule = match intent.filter(|i| !i.read().is_empty()) {
+        Some(intent) => Some(dnat_now(entry, intent, facts)?),
+        None => None,
+    };
+    let (current, first) = match siblings {
+        Some(backends) => {
+            let current: Vec<Backend> = backends.iter().copied().collect();
+            let first = format!(
+                "its entry has no NAT and delivers it to this host, while {} other entries to \
+                 {destination} are DNATed to {}",
+                dnat_count(entries, entry),
+                list(&current)
+            );
+            (current, first)
+        }
+        None => {
+            let current = rule.as_ref()?.backends.clone();
+            let first = format!(
+                "its entry has no NAT and delivers it to this host; no other entry to \
+                 {destination} is DNATed"
+            );
+            (current, first)
+        }
+    };
+    let mut evidence = vec![first];
+    evidence.extend(rule.map(|r| r.proof));
+    Some(Finding {
+        entry: entry.clone(),
+        verdict: Verdict::Bypass,
+        evidence,
+        current_backends: current,
+    })
+}
+
 /// The sources of the entries that could bypass a DNAT (no NAT, delivered
 /// to this host): whose arrival interfaces [`audit`] needs to know.
 pub fn bypass_sources(entries: &[Entry], facts: &KnownFacts) -> Vec<std::net::IpAddr> {
@@ -127,10 +156,18 @@ pub fn bypass_sources(entries: &[Entry], facts: &KnownFacts) -> Vec<std::net::Ip
     sources
 }
 
+/// A current rule that would DNAT a flow made without NAT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnatNow {
+    /// The proof in words: which engine's rule, in which chain.
+    pub proof: String,
+    /// Where it would send the flow (the rule's single backends).
+    pub backends: Vec<Backend>,
+}
+
 /// Whether a current rule would DNAT the flow of `entry` (made without
 /// NAT) now: its source, its destination and the interface it arrives on.
-/// The proof in words, or `None`.
-pub fn dnats_now(entry: &Entry, intent: &NatIntent, facts: &KnownFacts) -> Option<String> {
+pub fn dnat_now(entry: &Entry, intent: &NatIntent, facts: &KnownFacts) -> Option<DnatNow> {
     let orig = &entry.orig;
     let iif = facts.arrives_on.get(&orig.src).map(String::as_str);
     let (rule, _) = intent
@@ -138,11 +175,34 @@ pub fn dnats_now(entry: &Entry, intent: &NatIntent, facts: &KnownFacts) -> Optio
         .into_iter()
         .find(|(_, fit)| *fit == Fit::Yes)?;
     let on = iif.map_or(String::new(), |i| format!(", arriving on {i}"));
-    Some(format!(
-        "a current {} rule ({}) DNATs this very flow now{on}",
-        rule.engine.name(),
-        rule.chain
-    ))
+    let mut backends: Vec<Backend> = rule
+        .to
+        .iter()
+        .filter_map(|t| t.backend(orig.dport))
+        .collect();
+    backends.sort();
+    backends.dedup();
+    Some(DnatNow {
+        proof: format!(
+            "a current {} rule ({}) DNATs this very flow now{on}",
+            rule.engine.name(),
+            rule.chain
+        ),
+        backends,
+    })
+}
+
+/// Where the current rules DNAT the service of `orig` (its destination,
+/// port and protocol, from its source): the single backends they name.
+pub fn rule_backends(orig: &Tuple, intent: &NatIntent, facts: &KnownFacts) -> Vec<Backend> {
+    let mut backends: Vec<Backend> = intent
+        .for_flow(orig, None, |a| facts.is_local(a))
+        .iter()
+        .flat_map(|(rule, _)| rule.to.iter().filter_map(|t| t.backend(orig.dport)))
+        .collect();
+    backends.sort();
+    backends.dedup();
+    backends
 }
 
 /// A DNATed entry that the host's current rules would not send where it
@@ -527,5 +587,40 @@ mod tests {
         // Where the route back is unknown, nothing proves it.
         facts.arrives_on.clear();
         assert!(audit(&entries, &facts, Some(&rules)).is_empty());
+    }
+
+    #[test]
+    fn a_lone_stream_without_nat_is_a_bypass_where_a_rule_would_dnat_it() {
+        // Podman: the only container publishing 8888 was replaced while the
+        // stream's entry was deleted; no other flow to the port is DNATed,
+        // yet netavark's rule would DNAT this one.
+        let mut published = dns_rule("198.51.100.1", "10.89.77.13");
+        published.when.dport = vec![Cond::is(vec![PortSpan::one(8888)])];
+        published.to[0].port = Some(PortSpan::one(8888));
+        let rules = intent(vec![published], true);
+        let entries = [entry(40000, None)];
+        // Without the rules, a lone entry proves nothing.
+        assert!(audit(&entries, &host(), None).is_empty());
+        let findings = audit(&entries, &host(), Some(&rules));
+        assert_eq!(findings.len(), 1);
+        let f = &findings[0];
+        assert_eq!(f.verdict, Verdict::Bypass);
+        assert_eq!(
+            f.current_backends,
+            [Backend::new("10.89.77.13".parse().unwrap(), 8888)]
+        );
+        assert_eq!(
+            f.evidence[0],
+            "its entry has no NAT and delivers it to this host; no other entry to \
+             198.51.100.1:8888 is DNATed"
+        );
+        assert!(f.evidence[1].contains("DNATs this very flow now"));
+        assert_eq!(
+            rule_backends(&entries[0].orig, &rules, &host()),
+            f.current_backends
+        );
+        // A port no rule DNATs stays quiet, alone or not.
+        let other = intent(vec![dns_rule("198.51.100.1", "10.89.77.13")], true);
+        assert!(audit(&entries, &host(), Some(&other)).is_empty());
     }
 }

@@ -15,6 +15,7 @@ pub fn pinned(
     flow: &Observation,
     failing: &BTreeSet<Backend>,
     siblings: Option<&Siblings>,
+    rules: Option<&[Backend]>,
 ) -> Judgement {
     let stale = flow.backend();
     let service = flow.orig.service();
@@ -40,29 +41,54 @@ pub fn pinned(
         return judged(Verdict::BackendDown, vec![stale], evidence);
     }
     if neighbour_failed(flow) {
-        let evidence = format!(
+        let mut evidence = vec![format!(
             "the host no longer finds {} among its neighbours, yet the flow keeps coming",
             stale.addr
-        );
-        return judged(Verdict::Stale, Vec::new(), evidence);
+        )];
+        // No newer flow shows where the service goes now: its rules do.
+        let current: Vec<Backend> = rules
+            .unwrap_or_default()
+            .iter()
+            .filter(|b| **b != stale && !failing.contains(b))
+            .copied()
+            .collect();
+        if !current.is_empty() {
+            evidence.push(format!(
+                "the current rules DNAT {service} to {}",
+                list(&current)
+            ));
+        }
+        return Judgement {
+            verdict: Verdict::Stale,
+            current,
+            evidence,
+        };
     }
     Judgement::unconfirmed()
 }
 
 /// A flow delivered to this host without NAT (refused datagrams, or found
 /// by the audit): a bypass only when DNATed siblings show that its
-/// destination is published elsewhere now, and, where the rules could be
-/// read (`dnat_now`), a current rule would DNAT this very flow; else
-/// nothing to say.
+/// destination is published elsewhere now, or a current rule would DNAT
+/// this very flow (`dnat_now`, where the rules could be read; with them, a
+/// sibling is no proof without it); else nothing to say.
 pub fn delivered_here(
     flow: &Observation,
     siblings: Option<&Siblings>,
     dnat_now: Option<bool>,
+    rules: Option<&[Backend]>,
 ) -> Option<Judgement> {
     if dnat_now == Some(false) {
         return None;
     }
-    let current: Vec<Backend> = siblings?.dnat_backends.keys().copied().collect();
+    let mut current: Vec<Backend> = siblings
+        .map(|s| s.dnat_backends.keys().copied().collect())
+        .unwrap_or_default();
+    let by_rule = current.is_empty() && dnat_now == Some(true);
+    if by_rule {
+        // The one flow to the port: the rule that would DNAT it says where.
+        current = rules.unwrap_or_default().to_vec();
+    }
     if current.is_empty() {
         return None;
     }
@@ -72,11 +98,19 @@ pub fn delivered_here(
         "where something (a proxy) takes it"
     };
     let destination = Backend::new(flow.orig.dst, flow.orig.dport);
-    let evidence = format!(
-        "its conntrack entry has no NAT and delivers it to this host, {taken}, \
-         while newer flows to {destination} are DNATed to {}",
-        list(&current)
-    );
+    let evidence = if by_rule {
+        format!(
+            "its conntrack entry has no NAT and delivers it to this host, {taken}, \
+             while a current rule DNATs flows to {destination} to {}",
+            list(&current)
+        )
+    } else {
+        format!(
+            "its conntrack entry has no NAT and delivers it to this host, {taken}, \
+             while newer flows to {destination} are DNATed to {}",
+            list(&current)
+        )
+    };
     Some(judged(Verdict::Bypass, current, evidence))
 }
 

@@ -110,8 +110,9 @@ type ServiceKey = (u32, Service);
 /// What a verdict is made from: the flow's siblings (the correlator
 /// judges), or a judgement the audit made.
 enum Basis<'a> {
-    /// Siblings, and whether a current rule would DNAT the flow now.
-    Siblings(Option<&'a Siblings>, Option<bool>),
+    /// Siblings, whether a current rule would DNAT the flow now, and
+    /// where the current rules send its service.
+    Siblings(Option<&'a Siblings>, Option<bool>, Option<&'a [Backend]>),
     Judged(Judgement),
 }
 
@@ -264,7 +265,11 @@ impl Correlator {
         }
         alerts.extend(self.observe_inner(
             flow,
-            Basis::Siblings(evidence.siblings.as_ref(), evidence.dnat_now),
+            Basis::Siblings(
+                evidence.siblings.as_ref(),
+                evidence.dnat_now,
+                evidence.rule_backends.as_deref(),
+            ),
             now,
             false,
         ));
@@ -280,7 +285,7 @@ impl Correlator {
         siblings: &Siblings,
         now: Duration,
     ) -> Option<Alert> {
-        self.observe_inner(flow, Basis::Siblings(Some(siblings), None), now, true)
+        self.observe_inner(flow, Basis::Siblings(Some(siblings), None, None), now, true)
     }
 
     /// Takes a DNATed flow that the audit judged against the host's NAT
@@ -351,7 +356,9 @@ impl Correlator {
         let state = self.due_at(&flow, now, audited);
         let judged = state
             .and_then(|_| match basis {
-                Basis::Siblings(siblings, dnat_now) => self.judge(&flow, siblings, dnat_now),
+                Basis::Siblings(siblings, dnat_now, rules) => {
+                    self.judge(&flow, siblings, dnat_now, rules)
+                }
                 Basis::Judged(judgement) => Some(judgement),
             })
             .map(|j| self.shared(service_of(&flow), j));
@@ -413,9 +420,10 @@ impl Correlator {
         flow: &Observation,
         siblings: Option<&Siblings>,
         dnat_now: Option<bool>,
+        rules: Option<&[Backend]>,
     ) -> Option<Judgement> {
         if flow.local {
-            return judge::delivered_here(flow, siblings, dnat_now);
+            return judge::delivered_here(flow, siblings, dnat_now, rules);
         }
         if !flow.is_dnat() {
             return Some(judge::dead_destination(flow));
@@ -435,7 +443,7 @@ impl Correlator {
                     .collect()
             })
             .unwrap_or_default();
-        Some(judge::pinned(flow, &failing, siblings))
+        Some(judge::pinned(flow, &failing, siblings, rules))
     }
 
     /// Flows raised and not yet resolved that have failed no packet for
@@ -617,6 +625,7 @@ mod tests {
                 entry_exists: None,
                 siblings: siblings.cloned(),
                 dnat_now: None,
+                rule_backends: None,
             };
             let mut alerts = self.observe(flow, evidence, now);
             assert!(alerts.len() <= 1, "{alerts:?}");
@@ -907,6 +916,7 @@ mod tests {
             entry_exists: Some(false),
             siblings: Some(siblings(&[("172.18.0.2", 1)])),
             dnat_now: None,
+            rule_backends: None,
         };
         let alerts = c.observe(stale(70, 71), gone.clone(), secs(71));
         assert_eq!(states(&alerts), [AlertState::Resolved]);
@@ -1039,15 +1049,57 @@ mod tests {
             entry_exists: None,
             siblings: Some(view.clone()),
             dnat_now: Some(false),
+            rule_backends: None,
         };
         assert!(c.observe(refused(5, 11), not_now, secs(11)).is_empty());
         let proven = Evidence {
             dnat_now: Some(true),
+            rule_backends: None,
             siblings: Some(view),
             entry_exists: None,
         };
         let alerts = c.observe(refused(80, 72), proven, secs(72));
         assert_eq!(alerts[0].verdict, Verdict::Bypass);
+    }
+
+    #[test]
+    fn where_no_newer_flow_shows_the_current_backend_the_rules_do() {
+        // One stream, pinned to a container that is gone; nothing else
+        // flows to the service, but its rules DNAT it to 172.18.0.9 now.
+        let mut c = Correlator::new(Config::default());
+        let rules = Evidence {
+            entry_exists: None,
+            siblings: Some(Siblings::default()),
+            dnat_now: None,
+            rule_backends: Some(vec![backend("172.17.0.2"), backend("172.18.0.9")]),
+        };
+        let a = c.observe(stale(5, 11), rules, secs(11)).pop().expect("raised");
+        assert_eq!(a.verdict, Verdict::Stale);
+        // The stale backend itself is no current one.
+        assert_eq!(a.current_backends, [backend("172.18.0.9")]);
+        assert_eq!(
+            a.evidence[1],
+            "the current rules DNAT 192.0.2.1:8888:udp to 172.18.0.9:8888"
+        );
+    }
+
+    #[test]
+    fn a_lone_refused_flow_a_current_rule_would_dnat_bypasses_it() {
+        let mut c = Correlator::new(Config::default());
+        let lone = Evidence {
+            entry_exists: None,
+            siblings: Some(Siblings::default()),
+            dnat_now: Some(true),
+            rule_backends: Some(vec![backend("10.89.77.13")]),
+        };
+        let a = c.observe(refused(5, 11), lone, secs(11)).pop().expect("raised");
+        assert_eq!(a.verdict, Verdict::Bypass);
+        assert_eq!(a.current_backends, [backend("10.89.77.13")]);
+        assert!(
+            a.evidence[0].contains("while a current rule DNATs flows to 198.51.100.1:8888 to 10.89.77.13:8888"),
+            "{:?}",
+            a.evidence
+        );
     }
 
     #[test]

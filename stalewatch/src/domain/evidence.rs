@@ -169,4 +169,8 @@ pub struct Evidence {
     /// DNAT it now (its source, destination and the interface it arrives
     /// on); `None` when the rules could not be read.
     pub dnat_now: Option<bool>,
+    /// Where the current rules send the flow's service (a flow delivered
+    /// here: the rule that would DNAT it); `None` when the rules could not
+    /// be read. What names the current backend where no sibling does.
+    pub rule_backends: Option<Vec<Backend>>,
 }

@@ -21,4 +21,6 @@ pub use intent::{
     AddrSpan, Cond, Conditions, DnatRule, EngineRead, Fit, NatIntent, NatTarget, PortSpan,
     RuleEngine,
 };
-pub use names::{ContainerRef, Containers, Hops, NetnsInfo, Publication};
+pub use names::{
+    ContainerRef, Containers, EngineKind, Hops, NetnsInfo, PortHolder, Publication,
+};

@@ -15,9 +15,29 @@ pub struct ContainerRef {
     pub compose_project: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compose_service: Option<String>,
+    /// The engine that runs it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineKind>,
     /// The container no longer runs: it was seen earlier by this process.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub gone: bool,
+}
+
+/// A container engine that names containers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    Docker,
+    Podman,
+}
+
+impl EngineKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Docker => "Docker",
+            EngineKind::Podman => "Podman",
+        }
+    }
 }
 
 /// What is known of a network namespace, by inode.
@@ -64,6 +84,42 @@ pub struct Containers {
     /// The containers that publish the flow's destination port on this
     /// host (for a bypass).
     pub publishers: Vec<Publication>,
+    /// The process holding the host's socket that a bypassed flow is
+    /// delivered to (for a bypass), where one is bound.
+    pub holder: Option<PortHolder>,
+}
+
+/// The process that owns the socket a port's traffic is delivered to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortHolder {
+    /// Its command name (`/proc/PID/comm`).
+    pub program: String,
+    pub pid: u32,
+    /// Bytes waiting in the socket's receive queue.
+    pub queued_bytes: u64,
+}
+
+impl PortHolder {
+    /// What the holder does with a bypassed stream, in a sentence, for the
+    /// `proto/port` it holds.
+    pub fn evidence(&self, proto: &str, port: u16) -> String {
+        let who = format!(
+            "the host's socket on {proto}/{port} belongs to {} (pid {})",
+            self.program, self.pid
+        );
+        match self.program.as_str() {
+            "conmon" => format!(
+                "{who}, podman's port holder, not to an application: it never reads it \
+                 ({} bytes queued), so the stream is lost there without a trace",
+                self.queued_bytes
+            ),
+            "docker-proxy" => format!(
+                "{who}, Docker's userland proxy: it relays the stream to the container with \
+                 the host's address as the source"
+            ),
+            _ => format!("{who}, not to the container that publishes it"),
+        }
+    }
 }
 
 /// Where a dead destination's traffic leaves and comes from, by the

@@ -136,12 +136,16 @@ impl Pinned {
         if verdict == Verdict::Bypass {
             for p in &containers.publishers {
                 let at = p.at.map_or(String::new(), |b| format!(" at {b}"));
+                let engine = p.container.engine.map_or("the engine", |e| e.name());
                 evidence.push(format!(
-                    "the engine publishes {}/{} on this host for container {}{at}",
+                    "{engine} publishes {}/{} on this host for container {}{at}",
                     orig.proto.name(),
                     orig.dport,
                     p.container.name
                 ));
+            }
+            if let Some(holder) = &containers.holder {
+                evidence.push(holder.evidence(&orig.proto.name(), orig.dport));
             }
         }
         Pinned {
@@ -594,7 +598,7 @@ mod tests {
     }
 
     #[test]
-    fn a_bypass_names_the_container_that_publishes_its_port() {
+    fn a_bypass_names_the_container_that_publishes_its_port_and_who_holds_it() {
         let mut a = alert();
         a.verdict = Verdict::Bypass;
         a.flow.reply = crate::domain::udp("192.0.2.1", 8888, "192.0.2.2", 40000);
@@ -603,6 +607,7 @@ mod tests {
             id: "b147d4685a07".into(),
             compose_project: None,
             compose_service: None,
+            engine: Some(crate::domain::EngineKind::Podman),
             gone: false,
         };
         let current = Backend::new("172.18.0.2".parse().unwrap(), 8888);
@@ -612,17 +617,32 @@ mod tests {
                 container: web,
                 at: Some(current),
             }],
+            holder: Some(crate::domain::PortHolder {
+                program: "conmon".into(),
+                pid: 4242,
+                queued_bytes: 25792,
+            }),
             ..Containers::default()
         };
         let flow = StaleFlow::new(&a, named("sw-router"), &containers, &clock());
         assert!(flow.pin.stale_backend.container.is_none());
         assert_eq!(
-            flow.pin.current_backend.unwrap().container.unwrap().name,
+            flow.pin.current_backend.as_ref().unwrap().container.as_ref().unwrap().name,
             "web-1"
         );
         assert_eq!(
             flow.pin.evidence[1],
-            "the engine publishes udp/8888 on this host for container web-1 at 172.18.0.2:8888"
+            "Podman publishes udp/8888 on this host for container web-1 at 172.18.0.2:8888"
+        );
+        assert_eq!(
+            flow.pin.evidence[2],
+            "the host's socket on udp/8888 belongs to conmon (pid 4242), podman's port holder, \
+             not to an application: it never reads it (25792 bytes queued), so the stream is \
+             lost there without a trace"
+        );
+        assert_eq!(
+            serde_json::to_value(&flow.pin.current_backend).unwrap()["container"]["engine"],
+            "podman"
         );
         // Only a bypass says so.
         let stale = StaleFlow::new(&alert(), named("r"), &containers, &clock());

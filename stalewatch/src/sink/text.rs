@@ -403,6 +403,7 @@ mod tests {
             id: "b147d4685a07".into(),
             compose_project: Some("shop".into()),
             compose_service: Some("web".into()),
+            engine: None,
             gone,
         };
         flow.pin.stale_backend.container = Some(web(true));

@@ -174,9 +174,11 @@ pub enum Deletion {
     Ambiguous(Vec<Entry>),
 }
 
-/// Reads the table an audit needs: DNATed entries first (the kernel skips
-/// the rest, which is most of a busy table), and the others only when some
-/// service is DNATed at all.
+/// Reads the table an audit needs: the DNATed entries and the others. A
+/// bypass needs no DNATed sibling to be proven (the host's rules say what
+/// they would DNAT), so the entries without NAT are read even where no
+/// flow is DNATed now: a stream that bypassed the only container
+/// publishing a port is the one flow to it.
 pub fn read_table(netns: &Path) -> Result<Vec<Entry>, Error> {
     let conn = Conn::open(Some(netns))?;
     let dnat = |value| Filter {
@@ -184,9 +186,7 @@ pub fn read_table(netns: &Path) -> Result<Vec<Entry>, Error> {
         ..Filter::default()
     };
     let mut entries = conn.dump(&dnat(ct_status::DST_NAT))?;
-    if !entries.is_empty() {
-        entries.extend(conn.dump(&dnat(0))?);
-    }
+    entries.extend(conn.dump(&dnat(0))?);
     Ok(entries)
 }
 

@@ -1,8 +1,12 @@
-//! The container engine, where one answers on its socket with the Docker
-//! Engine API: which container an address or a network namespace belongs
-//! to, and which ports the engine publishes. Records name containers with
-//! what it tells ([`Snapshot::containers`]); without an engine everything
-//! works as before, with namespace inodes and names only.
+//! The container engines, where they answer on their sockets with the
+//! Docker Engine API: Docker's daemon, and Podman's API service (`podman
+//! system service`, which speaks the same API, version 1.41). Which
+//! container an address or a network namespace belongs to, and which ports
+//! an engine publishes. Records name containers with what they tell
+//! ([`Snapshot::containers`]); a host running both has each container
+//! attributed to the engine that runs it, so a flow is named by the engine
+//! whose network holds its address. Without an engine everything works as
+//! before, with namespace inodes and names only.
 //!
 //! The Engine API client (bollard) is async; `watch` runs a current-thread
 //! runtime and `check` none. So [`Engine`] owns a small runtime of its own
@@ -22,7 +26,10 @@ use std::{
 };
 
 use crate::{
-    domain::{Backend, ContainerRef, Containers, NetnsInfo, Proto, Publication, Service, Tuple},
+    domain::{
+        Backend, ContainerRef, Containers, EngineKind, NetnsInfo, Proto, Publication, Service,
+        Tuple,
+    },
     error::chain,
 };
 use bollard::{
@@ -30,8 +37,12 @@ use bollard::{
     models::{ContainerSummary, PortSummaryTypeEnum},
 };
 
-/// Where the engine answers.
-pub const SOCKET: &str = "/var/run/docker.sock";
+/// Where engines answer unless told otherwise: Docker's daemon, and
+/// Podman's API service run as root (its `podman.socket` unit, or `podman
+/// system service`). `DOCKER_HOST` (a `unix://` path) is asked first.
+pub const SOCKETS: &[&str] = &["/var/run/docker.sock", "/run/podman/podman.sock"];
+/// Podman's socket, for the hint given when Podman runs without it.
+const PODMAN_SOCKET: &str = "/run/podman/podman.sock";
 /// Least time between two snapshots of the engine.
 pub const REFRESH: Duration = Duration::from_secs(2);
 /// How long one exchange with the engine may take.
@@ -40,8 +51,10 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 /// container that is gone, and its name is what tells a person which one.
 const REMEMBER_GONE: Duration = Duration::from_secs(600);
 
-const COMPOSE_PROJECT: &str = "com.docker.compose.project";
-const COMPOSE_SERVICE: &str = "com.docker.compose.service";
+/// The compose labels: docker-compose's, and podman-compose's own (it sets
+/// both in its recent versions, only its own in older ones).
+const COMPOSE_PROJECT: &[&str] = &["com.docker.compose.project", "io.podman.compose.project"];
+const COMPOSE_SERVICE: &[&str] = &["com.docker.compose.service", "io.podman.compose.service"];
 
 /// A port the engine publishes on the host.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,14 +80,21 @@ pub struct Container {
 impl Container {
     /// From a `GET /containers/json` row and the container's SandboxKey
     /// (only `GET /containers/{id}/json` has that).
-    pub fn from_summary(summary: &ContainerSummary, netns: Option<u32>) -> Option<Container> {
+    pub fn from_summary(
+        engine: EngineKind,
+        summary: &ContainerSummary,
+        netns: Option<u32>,
+    ) -> Option<Container> {
         let id = summary.id.as_deref()?;
         let name = summary
             .names
             .as_ref()
             .and_then(|n| n.first())
             .map_or(id, |n| n.trim_start_matches('/'));
-        let label = |key: &str| summary.labels.as_ref().and_then(|l| l.get(key)).cloned();
+        let label = |keys: &[&str]| {
+            let labels = summary.labels.as_ref()?;
+            keys.iter().find_map(|k| labels.get(*k)).cloned()
+        };
         let mut ips: Vec<IpAddr> = summary
             .network_settings
             .iter()
@@ -116,6 +136,7 @@ impl Container {
                 id: id.chars().take(12).collect(),
                 compose_project: label(COMPOSE_PROJECT),
                 compose_service: label(COMPOSE_SERVICE),
+                engine: Some(engine),
                 gone: false,
             },
             ips,
@@ -194,17 +215,35 @@ impl Snapshot {
     /// from its bridges to the userland proxy instead of DNATing it. Such a
     /// flow has no NAT however often its entry is deleted: it is no bypass.
     pub fn served_by_proxy(&self, orig: &Tuple) -> bool {
-        self.is_container(orig.src)
+        self.proxied().any(|c| c.ips.contains(&orig.src))
     }
 
-    /// Every address of a running container: the sources whose flows the
-    /// engine's rules deliver to the host by design (see
-    /// [`Snapshot::served_by_proxy`]).
+    /// Every address of a running Docker container: the sources whose
+    /// flows the engine's rules deliver to the host by design (see
+    /// [`Snapshot::served_by_proxy`]). Podman's netavark DNATs a
+    /// container's traffic to a published port like anyone's.
     pub fn container_addresses(&self) -> HashSet<IpAddr> {
+        self.proxied().flat_map(|c| c.ips.iter().copied()).collect()
+    }
+
+    /// The containers of engines that return their own containers' traffic
+    /// to published ports to a userland proxy: Docker's.
+    fn proxied(&self) -> impl Iterator<Item = &Container> {
         self.running
             .iter()
-            .flat_map(|c| c.ips.iter().copied())
-            .collect()
+            .filter(|c| c.container.engine == Some(EngineKind::Docker))
+    }
+
+    /// One snapshot of several engines' containers.
+    fn merge<'a>(all: impl IntoIterator<Item = &'a Snapshot>) -> Snapshot {
+        let mut merged = Snapshot::default();
+        for s in all {
+            merged.running.extend(s.running.iter().cloned());
+            merged
+                .gone
+                .extend(s.gone.iter().map(|(ip, g)| (*ip, g.clone())));
+        }
+        merged
     }
 
     /// The containers behind one record: its namespace's, where its entry
@@ -249,48 +288,67 @@ impl Snapshot {
             stale: self.by_ip(stale.addr),
             current: current.and_then(|b| self.by_ip(b.addr)),
             publishers,
+            holder: None,
         }
     }
 }
 
-/// A connected engine, with its latest snapshot.
-pub struct Engine {
+/// One connected engine, with its latest snapshot.
+struct Client {
+    kind: EngineKind,
+    socket: String,
     /// Always `Some` until dropped.
     runtime: Option<tokio::runtime::Runtime>,
     docker: Docker,
     cache: Mutex<(Instant, Arc<Snapshot>)>,
 }
 
-impl Engine {
-    /// Connects to the engine on [`SOCKET`]; `None`, with one log line,
+impl Client {
+    /// Connects to the engine on `socket`; `None`, with one log line,
     /// where none answers.
-    pub fn connect() -> Option<Engine> {
-        if !Path::new(SOCKET).exists() {
-            log::debug!("no Docker engine: {SOCKET} does not exist");
+    fn connect(socket: &str) -> Option<Client> {
+        if !Path::new(socket).exists() {
+            log::debug!("no container engine: {socket} does not exist");
             return None;
         }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| log::info!("no Docker engine: {}", chain(&Error::Runtime(e))))
+            .map_err(|e| log::info!("no container engine: {}", chain(&Error::Runtime(e))))
             .ok()?;
-        let docker = on_runtime(&runtime, async {
+        let (docker, kind) = on_runtime(&runtime, async {
             let docker =
-                Docker::connect_with_unix(SOCKET, TIMEOUT.as_secs(), bollard::API_DEFAULT_VERSION)?;
-            // Settles on the engine's own API version (1.41 for 20.10).
-            docker.negotiate_version().await
+                Docker::connect_with_unix(socket, TIMEOUT.as_secs(), bollard::API_DEFAULT_VERSION)?;
+            // Settles on the engine's own API version (1.41 for 20.10 and
+            // for Podman 4).
+            let docker = docker.negotiate_version().await?;
+            let version = docker.version().await?;
+            let podman = version
+                .components
+                .iter()
+                .flatten()
+                .any(|c| c.name.starts_with("Podman"));
+            let kind = if podman {
+                EngineKind::Podman
+            } else {
+                EngineKind::Docker
+            };
+            Ok((docker, kind))
         })
-        .map_err(|e| log::info!("no Docker engine on {SOCKET}: {}", chain(&e)))
+        .map_err(|e| log::info!("no container engine on {socket}: {}", chain(&e)))
         .ok()?;
-        let running = on_runtime(&runtime, fetch(&docker))
-            .map_err(|e| log::info!("no Docker engine on {SOCKET}: {}", chain(&e)))
+        let running = on_runtime(&runtime, fetch(&docker, kind))
+            .map_err(|e| log::info!("no {} engine on {socket}: {}", kind.name(), chain(&e)))
             .ok()?;
         log::info!(
-            "Docker engine on {SOCKET}: {} running containers",
+            "{} engine on {socket}: {} running containers",
+            kind.name(),
             running.len()
         );
         let snapshot = Snapshot::default().next(running, Instant::now());
-        Some(Engine {
+        Some(Client {
+            kind,
+            socket: socket.to_owned(),
             runtime: Some(runtime),
             docker,
             cache: Mutex::new((Instant::now(), Arc::new(snapshot))),
@@ -299,17 +357,72 @@ impl Engine {
 
     /// The latest snapshot, fetched again when older than [`REFRESH`]. An
     /// engine that stops answering leaves the previous one in place.
-    pub fn snapshot(&self) -> Arc<Snapshot> {
+    fn snapshot(&self) -> Arc<Snapshot> {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.0.elapsed() >= REFRESH {
             let runtime = self.runtime.as_ref().expect("a runtime until dropped");
-            match on_runtime(runtime, fetch(&self.docker)) {
+            match on_runtime(runtime, fetch(&self.docker, self.kind)) {
                 Ok(running) => cache.1 = Arc::new(cache.1.next(running, Instant::now())),
-                Err(e) => log::debug!("Docker engine: {}", chain(&e)),
+                Err(e) => log::debug!("{} engine on {}: {}", self.kind.name(), self.socket, chain(&e)),
             }
             cache.0 = Instant::now();
         }
         cache.1.clone()
+    }
+}
+
+/// The host's container engines that answer: one or several.
+pub struct Engine {
+    clients: Vec<Client>,
+}
+
+impl Engine {
+    /// Connects to every engine that answers: on `sockets` when given
+    /// (paths, or `unix://` addresses), else on `DOCKER_HOST` where it is a
+    /// `unix://` one and on [`SOCKETS`]. A socket reached twice (Podman's
+    /// `podman-docker` links Docker's path to its own) is asked once.
+    /// `None` where none answers; where Podman is installed without its
+    /// API service, the log says once how to have its containers named.
+    pub fn connect(sockets: &[String]) -> Option<Engine> {
+        let wanted: Vec<String> = if sockets.is_empty() {
+            let from_env = std::env::var("DOCKER_HOST").ok().filter(|h| h.starts_with("unix://"));
+            from_env
+                .into_iter()
+                .chain(SOCKETS.iter().map(|s| (*s).to_owned()))
+                .collect()
+        } else {
+            sockets.to_vec()
+        };
+        let mut seen = HashSet::new();
+        let clients: Vec<Client> = wanted
+            .iter()
+            .map(|s| s.strip_prefix("unix://").unwrap_or(s))
+            .filter(|s| seen.insert(std::fs::canonicalize(s).unwrap_or_else(|_| s.into())))
+            .filter_map(Client::connect)
+            .collect();
+        if sockets.is_empty()
+            && !clients.iter().any(|c| c.kind == EngineKind::Podman)
+            && podman_installed()
+        {
+            log::info!(
+                "Podman is installed, but its API service does not answer on {PODMAN_SOCKET}: \
+                 its containers are named by their network namespaces only. To name them, run \
+                 `systemctl enable --now podman.socket` (or `podman system service --time=0 \
+                 unix://{PODMAN_SOCKET} &`)"
+            );
+        }
+        (!clients.is_empty()).then_some(Engine { clients })
+    }
+
+    /// The engines' containers now (see [`Client::snapshot`]), as one.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        match self.clients.as_slice() {
+            [one] => one.snapshot(),
+            all => {
+                let snapshots: Vec<Arc<Snapshot>> = all.iter().map(Client::snapshot).collect();
+                Arc::new(Snapshot::merge(snapshots.iter().map(|s| &**s)))
+            }
+        }
     }
 
     /// See [`Snapshot::served_by_proxy`].
@@ -318,7 +431,15 @@ impl Engine {
     }
 }
 
-impl Drop for Engine {
+/// Whether Podman is installed on this host (rootful): its binary, or its
+/// storage.
+fn podman_installed() -> bool {
+    ["/usr/bin/podman", "/var/lib/containers/storage"]
+        .iter()
+        .any(|p| Path::new(p).exists())
+}
+
+impl Drop for Client {
     fn drop(&mut self) {
         // `watch` drops the engine inside its own runtime, where a blocking
         // shutdown panics; nothing of ours is left running to wait for.
@@ -362,7 +483,7 @@ fn on_runtime<T: Send>(
 }
 
 /// The running containers, with their network namespaces.
-async fn fetch(docker: &Docker) -> Result<Vec<Container>, bollard::errors::Error> {
+async fn fetch(docker: &Docker, kind: EngineKind) -> Result<Vec<Container>, bollard::errors::Error> {
     let mut containers = Vec::new();
     for summary in docker.list_containers(None).await? {
         let Some(id) = summary.id.as_deref() else {
@@ -380,7 +501,7 @@ async fn fetch(docker: &Docker) -> Result<Vec<Container>, bollard::errors::Error
             .filter(|key| !key.is_empty())
             .and_then(|key| std::fs::metadata(key).ok())
             .map(|m| m.ino() as u32);
-        containers.extend(Container::from_summary(&summary, netns));
+        containers.extend(Container::from_summary(kind, &summary, netns));
     }
     Ok(containers)
 }
@@ -415,7 +536,7 @@ mod tests {
 
     #[test]
     fn a_summary_gives_name_short_id_compose_labels_addresses_and_ports() {
-        let c = Container::from_summary(&summary(), Some(4026532999)).unwrap();
+        let c = Container::from_summary(EngineKind::Docker, &summary(), Some(4026532999)).unwrap();
         assert_eq!(c.container.name, "swd1_web_1");
         assert_eq!(c.container.id, "b147d4685a07");
         assert_eq!(c.container.compose_project.as_deref(), Some("swd1"));
@@ -436,13 +557,14 @@ mod tests {
         assert_eq!(
             json,
             serde_json::json!({"name": "swd1_web_1", "id": "b147d4685a07",
-                               "compose_project": "swd1", "compose_service": "web"})
+                               "compose_project": "swd1", "compose_service": "web",
+                               "engine": "docker"})
         );
     }
 
     #[test]
     fn lookups_by_address_namespace_and_published_port() {
-        let c = Container::from_summary(&summary(), Some(4026532999)).unwrap();
+        let c = Container::from_summary(EngineKind::Docker, &summary(), Some(4026532999)).unwrap();
         let t0 = Instant::now();
         let snap = Snapshot::default().next(vec![c], t0);
         let ip = "172.18.0.2".parse().unwrap();
@@ -468,7 +590,7 @@ mod tests {
 
     #[test]
     fn a_record_in_the_host_names_its_containers_and_the_published_port() {
-        let c = Container::from_summary(&summary(), Some(4026532999)).unwrap();
+        let c = Container::from_summary(EngineKind::Docker, &summary(), Some(4026532999)).unwrap();
         let snap = Snapshot::default().next(vec![c], Instant::now());
         let orig = udp("198.51.100.2", 40000, "198.51.100.1", 8888);
         let host = NetnsInfo {
@@ -500,5 +622,57 @@ mod tests {
             snap.container_addresses(),
             ["172.18.0.2".parse().unwrap()].into()
         );
+    }
+
+    /// A row of Podman 4.3's compatible `GET /containers/json`, for a
+    /// podman-compose service (older podman-compose sets only its own
+    /// labels).
+    fn podman_summary() -> ContainerSummary {
+        serde_json::from_value(serde_json::json!({
+            "Id": "a2d18d79c54a37100a6c025fd5f45e94f449130a073deb3c65237f830f1a1c3b",
+            "Names": ["/shop_web_1"],
+            "Labels": {
+                "io.podman.compose.project": "shop",
+                "io.podman.compose.service": "web"
+            },
+            "State": "running",
+            "Ports": [{"PrivatePort": 8888, "PublicPort": 8888, "Type": "udp"}],
+            "NetworkSettings": {"Networks": {
+                "shop_default": {"IPAddress": "10.89.77.13", "Gateway": "10.89.77.1",
+                                 "GlobalIPv6Address": ""}
+            }}
+        }))
+        .expect("a container summary")
+    }
+
+    #[test]
+    fn a_host_with_both_engines_names_each_container_by_its_engine() {
+        let docker = Container::from_summary(EngineKind::Docker, &summary(), Some(1)).unwrap();
+        let podman =
+            Container::from_summary(EngineKind::Podman, &podman_summary(), Some(2)).unwrap();
+        assert_eq!(podman.container.compose_project.as_deref(), Some("shop"));
+        assert_eq!(podman.container.compose_service.as_deref(), Some("web"));
+        let t0 = Instant::now();
+        let both = Snapshot::merge([
+            &Snapshot::default().next(vec![docker], t0),
+            &Snapshot::default().next(vec![podman], t0),
+        ]);
+        let of = |ip: &str| both.by_ip(ip.parse().unwrap()).unwrap();
+        assert_eq!(of("172.18.0.2").engine, Some(EngineKind::Docker));
+        assert_eq!(of("10.89.77.13").engine, Some(EngineKind::Podman));
+        assert_eq!(of("10.89.77.13").name, "shop_web_1");
+        let json = serde_json::to_value(of("10.89.77.13")).unwrap();
+        assert_eq!(json["engine"], "podman");
+        // Only Docker hands its own containers' traffic to a proxy; netavark
+        // DNATs a podman container's like anyone's.
+        assert!(both.served_by_proxy(&udp("172.18.0.2", 40000, "198.51.100.1", 8888)));
+        assert!(!both.served_by_proxy(&udp("10.89.77.13", 40000, "198.51.100.1", 8888)));
+        assert_eq!(
+            both.container_addresses(),
+            ["172.18.0.2".parse().unwrap()].into()
+        );
+        // The one publishing the port, whichever engine runs it.
+        let host = "198.51.100.1".parse().unwrap();
+        assert_eq!(both.publishers(Proto::UDP, host, 8888).len(), 2);
     }
 }

@@ -10,3 +10,4 @@ pub mod engine;
 pub mod intent;
 pub mod kernel;
 pub mod netns;
+pub mod sockets;

@@ -134,7 +134,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
     let pipeline = Pipeline::new(
         correlator,
         output,
-        Engine::connect(),
+        Engine::connect(&args.engine_socket),
         args.resolve_after,
         audit_path,
     );

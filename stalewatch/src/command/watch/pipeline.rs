@@ -20,7 +20,7 @@ use crate::{
     source::{
         engine::Engine,
         kernel::{Probes, decode},
-        netns,
+        netns, sockets,
     },
 };
 
@@ -258,7 +258,7 @@ impl<W: io::Write> Pipeline<W> {
     /// The names of an alert's flow: its namespace and containers.
     fn names(&mut self, alert: &Alert) -> Names {
         let netns = self.view.netns_info(alert.flow.netns);
-        let containers = self.engine.as_ref().map_or_else(Containers::default, |e| {
+        let mut containers = self.engine.as_ref().map_or_else(Containers::default, |e| {
             e.snapshot().containers(
                 &netns,
                 alert.flow.orig.service(),
@@ -267,6 +267,14 @@ impl<W: io::Write> Pipeline<W> {
             )
         });
         let path = netns::path_of(&netns);
+        let orig = &alert.flow.orig;
+        if let (Some(path), Verdict::Bypass, false) = (
+            &path,
+            alert.verdict,
+            alert.state == AlertState::Resolved,
+        ) {
+            containers.holder = sockets::holder(path, orig.proto, orig.dst, orig.dport);
+        }
         let hops = match (&path, alert.verdict) {
             (Some(path), Verdict::DeadDestination) => {
                 netns::hops(path, alert.flow.orig.dst, alert.flow.orig.src).unwrap_or_default()

@@ -17,7 +17,7 @@ use super::rules::Rules;
 use crate::{
     correlate::{RaisedFlow, audit},
     domain::{
-        AlertState, Entry, Evidence, KnownFacts, NatIntent, NetnsInfo, Observation, Service,
+        AlertState, Backend, Entry, Evidence, KnownFacts, NatIntent, NetnsInfo, Observation, Service,
         Siblings, Tuple,
     },
     error::chain,
@@ -108,6 +108,7 @@ impl View {
                 entry_exists: Some(false),
                 siblings: None,
                 dnat_now: None,
+                rule_backends: None,
             };
         }
         // A reminder may take siblings read a while ago: thousands of
@@ -121,29 +122,36 @@ impl View {
         } else {
             self.siblings_of(flow, max_age)
         };
+        let rules = if flow.local {
+            siblings.as_ref().and_then(|_| self.dnat_now(flow))
+        } else {
+            self.rule_backends(flow).map(|b| (None, b))
+        };
         Evidence {
             entry_exists: None,
-            dnat_now: siblings
-                .as_ref()
-                .filter(|_| flow.local)
-                .and_then(|_| self.dnat_now(flow)),
+            dnat_now: rules.as_ref().and_then(|(now, _)| *now),
+            rule_backends: rules.map(|(_, b)| b),
             siblings,
         }
     }
 
-    /// Whether a current rule of the flow's namespace would DNAT a flow
-    /// delivered to this host now; `None` where its rules cannot be read
-    /// (the watch reads those of the audited namespace).
-    fn dnat_now(&mut self, flow: &Observation) -> Option<bool> {
-        let info = self.netns_info(flow.netns);
-        let path = netns::path_of(&info)?;
+    /// The audited namespace's NAT intent, where `flow` is in it and its
+    /// rules could be read (and name a DNAT at all), with the path.
+    fn intent_of(&mut self, flow: &Observation) -> Option<(PathBuf, Arc<NatIntent>)> {
         if self.rules.inode() != Some(flow.netns) {
             return None;
         }
+        let info = self.netns_info(flow.netns);
+        let path = netns::path_of(&info)?;
         let intent = self.intent(&path)?;
-        if intent.read().is_empty() {
-            return None;
-        }
+        (!intent.read().is_empty()).then_some((path, intent))
+    }
+
+    /// Whether a current rule of the flow's namespace would DNAT a flow
+    /// delivered to this host now, and where to; `None` where its rules
+    /// cannot be read (the watch reads those of the audited namespace).
+    fn dnat_now(&mut self, flow: &Observation) -> Option<(Option<bool>, Vec<Backend>)> {
+        let (path, intent) = self.intent_of(flow)?;
         let mut facts = self.facts(&path);
         facts.arrives_on = netns::arrival_interfaces(&path, vec![flow.orig.src]).ok()?;
         let entry = Entry {
@@ -154,7 +162,19 @@ impl View {
             id: None,
             zone: 0,
         };
-        Some(audit::dnats_now(&entry, &intent, &facts).is_some())
+        let now = audit::dnat_now(&entry, &intent, &facts);
+        Some((
+            Some(now.is_some()),
+            now.map(|n| n.backends).unwrap_or_default(),
+        ))
+    }
+
+    /// Where the current rules of the flow's namespace DNAT its service;
+    /// `None` where they cannot be read.
+    fn rule_backends(&mut self, flow: &Observation) -> Option<Vec<Backend>> {
+        let (path, intent) = self.intent_of(flow)?;
+        let facts = self.facts(&path);
+        Some(audit::rule_backends(&flow.orig, &intent, &facts))
     }
 
     /// Whether the conntrack entry of a flow still exists (see the free
