@@ -39,8 +39,12 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     // container.
     ("debootstrap", "debootstrap"),
     ("virtualenv", "python3-virtualenv"),
-    // The alerting rules' unit tests.
+    // The alerting rules' unit tests (promtool), and end to end: a real
+    // Prometheus server (same package) scraping two stalewatch instances,
+    // delivering through a real Alertmanager.
     ("promtool", "prometheus"),
+    ("prometheus", "prometheus"),
+    ("prometheus-alertmanager", "prometheus-alertmanager"),
 ];
 
 /// What only the benchmark needs: its bpftrace column.
