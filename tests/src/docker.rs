@@ -66,13 +66,19 @@ pub fn expected_engines() -> Vec<String> {
 /// test` sums up). Panics instead when Docker is expected on this machine:
 /// a broken engine there is a failure, never a silent pass.
 pub fn skip(test: &str) -> bool {
-    let Some(why) = no_engine() else {
+    skip_without("docker", no_engine(), test)
+}
+
+/// `true` when `test` must be skipped because `engine` cannot run here
+/// (`why`), after saying so; panics where `engine` is expected.
+pub fn skip_without(engine: &str, why: Option<String>, test: &str) -> bool {
+    let Some(why) = why else {
         return false;
     };
-    if expected_engines().iter().any(|e| e == "docker") {
-        panic!("{test}: this machine should have a working Docker engine, but {why}");
+    if expected_engines().iter().any(|e| e == engine) {
+        panic!("{test}: this machine should have a working {engine} engine, but {why}");
     }
-    let line = format!("{test}: no Docker engine here ({why})");
+    let line = format!("{test}: no {engine} engine here ({why})");
     eprintln!("SKIPPED {line}");
     if let Some(file) = std::env::var_os("STALEWATCH_SKIPPED_FILE") {
         use std::io::Write as _;
@@ -101,7 +107,7 @@ pub fn prefix() -> String {
 
 /// A per-process counter, so that two deployments of one test binary never
 /// share a name.
-fn seq() -> u32 {
+pub fn seq() -> u32 {
     static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
@@ -114,35 +120,12 @@ pub struct Image {
 
 impl Image {
     pub fn build(name: &str) -> anyhow::Result<Image> {
-        let busybox = Path::new("/bin/busybox");
-        let bytes = fs::read(busybox)
-            .context("no /bin/busybox: install Debian's busybox-static (cargo xtask setup)")?;
-        // A dynamic busybox cannot run in an empty image.
-        if bytes.windows(11).any(|w| w == b"/lib64/ld-l") {
-            bail!("/bin/busybox is dynamically linked: install Debian's busybox-static");
-        }
         let dir = std::env::temp_dir().join(format!("{name}-image"));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir)?;
         let image = Image {
             tag: format!("{name}-udp:latest"),
             dir,
         };
-        fs::copy(busybox, image.dir.join("busybox"))?;
-        fs::copy(
-            Path::new(SOURCES).join("Dockerfile"),
-            image.dir.join("Dockerfile"),
-        )?;
-        let udp = image.dir.join("udp");
-        run(&[
-            "gcc",
-            "-static",
-            "-O2",
-            "-o",
-            udp.to_str().context("path")?,
-            &format!("{SOURCES}/udp.c"),
-        ])
-        .context("compiling the UDP tool (gcc -static needs gcc and libc6-dev)")?;
+        Image::stage(&image.dir)?;
         let out = Command::new("docker")
             .args(["build", "-q", "-t", &image.tag])
             .arg(&image.dir)
@@ -155,6 +138,36 @@ impl Image {
             );
         }
         Ok(image)
+    }
+
+    /// Fills `dir` with what the image is built from: Debian's static
+    /// busybox, the Dockerfile and the UDP tool (gcc -static).
+    pub fn stage(dir: &Path) -> anyhow::Result<()> {
+        let busybox = Path::new("/bin/busybox");
+        let bytes = fs::read(busybox)
+            .context("no /bin/busybox: install Debian's busybox-static (cargo xtask setup)")?;
+        // A dynamic busybox cannot run in an empty image.
+        if bytes.windows(11).any(|w| w == b"/lib64/ld-l") {
+            bail!("/bin/busybox is dynamically linked: install Debian's busybox-static");
+        }
+        let _ = fs::remove_dir_all(dir);
+        fs::create_dir_all(dir)?;
+        fs::copy(busybox, dir.join("busybox"))?;
+        fs::copy(
+            Path::new(SOURCES).join("Dockerfile"),
+            dir.join("Dockerfile"),
+        )?;
+        let udp = dir.join("udp");
+        run(&[
+            "gcc",
+            "-static",
+            "-O2",
+            "-o",
+            udp.to_str().context("path")?,
+            &format!("{SOURCES}/udp.c"),
+        ])
+        .context("compiling the UDP tool (gcc -static needs gcc and libc6-dev)")?;
+        Ok(())
     }
 }
 
@@ -537,7 +550,7 @@ impl Deployment {
 }
 
 /// Takes the machine-wide lock, waiting for another deployment to finish.
-fn lock() -> anyhow::Result<nix::fcntl::Flock<fs::File>> {
+pub fn lock() -> anyhow::Result<nix::fcntl::Flock<fs::File>> {
     let until = Instant::now() + Duration::from_secs(600);
     loop {
         let file = fs::OpenOptions::new()

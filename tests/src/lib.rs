@@ -9,6 +9,7 @@ pub mod bench;
 pub mod docker;
 pub mod multihost;
 pub mod netns;
+pub mod podman;
 pub mod story;
 pub mod traffic;
 pub mod watcher;

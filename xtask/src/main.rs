@@ -47,6 +47,15 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("prometheus-alertmanager", "prometheus-alertmanager"),
 ];
 
+/// The Podman tests and `demo --podman`: Debian's podman 4.3 with netavark
+/// 1.4 (its network backend) and aardvark-dns, and podman-compose. Its
+/// runtime is runc, which the Docker engine's packages already bring (crun,
+/// the other choice, cannot run under these machines' cgroups).
+const PODMAN_TOOLS: &[(&str, &str)] = &[("podman", "podman"), ("podman-compose", "podman-compose")];
+const PODMAN_PACKAGES: &[&str] = &["netavark", "aardvark-dns"];
+/// Where Debian's netavark lives (not on PATH).
+const NETAVARK: &str = "/usr/lib/podman/netavark";
+
 /// What only the benchmark needs: its bpftrace column.
 const BENCH_TOOLS: &[(&str, &str)] = &[("bpftrace", "bpftrace")];
 
@@ -237,7 +246,7 @@ fn unit_tests_unprivileged(root: &Path) -> Result<()> {
 /// tests fail instead of skipping when one is broken:
 /// `STALEWATCH_EXPECT_ENGINES` when set (comma-separated, empty for none);
 /// otherwise Docker on CI (its machine has one) or wherever dockerd is
-/// installed.
+/// installed, and Podman on CI or wherever setup installed it.
 fn expected_engines() -> Vec<String> {
     if let Ok(list) = env::var("STALEWATCH_EXPECT_ENGINES") {
         return list
@@ -246,11 +255,15 @@ fn expected_engines() -> Vec<String> {
             .filter(|e| !e.is_empty())
             .collect();
     }
-    if env::var_os("CI").is_some() || find_in_path("dockerd").is_some() {
-        vec!["docker".to_owned()]
-    } else {
-        Vec::new()
+    let ci = env::var_os("CI").is_some();
+    let mut engines = Vec::new();
+    if ci || find_in_path("dockerd").is_some() {
+        engines.push("docker".to_owned());
     }
+    if ci || (find_in_path("podman").is_some() && Path::new(NETAVARK).exists()) {
+        engines.push("podman".to_owned());
+    }
+    engines
 }
 
 fn target_dir(root: &Path) -> PathBuf {
@@ -275,6 +288,10 @@ fn setup() -> Result<()> {
         .context("neither CARGO_HOME nor HOME is set")?;
     fix_path(&cargo_home.join("bin"))?;
     install_missing(DEBIAN_TOOLS)?;
+    install_missing(PODMAN_TOOLS)?;
+    if !Path::new(NETAVARK).exists() {
+        install_packages(PODMAN_PACKAGES)?;
+    }
 
     // RUSTUP_AUTO_INSTALL may be off, so `+nightly` alone would not install it.
     if !output("rustup", &["toolchain", "list"])?
@@ -334,11 +351,20 @@ fn install_missing(tools: &[(&str, &str)]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
+    install_packages(&missing)?;
+    if let Some((cmd, pkg)) = tools.iter().find(|(cmd, _)| find_in_path(cmd).is_none()) {
+        bail!("`{cmd}` still missing after installing {pkg}");
+    }
+    Ok(())
+}
+
+/// apt-get installs `packages`, without their recommendations.
+fn install_packages(packages: &[&str]) -> Result<()> {
     require_root(&format!(
         "setup needs root to apt-get install {}",
-        missing.join(" ")
+        packages.join(" ")
     ))?;
-    println!("setup: apt-get install {}", missing.join(" "));
+    println!("setup: apt-get install {}", packages.join(" "));
     let apt = |args: &[&str]| {
         status(
             Command::new("apt-get")
@@ -349,13 +375,9 @@ fn install_missing(tools: &[(&str, &str)]) -> Result<()> {
     apt(&["update", "-qq"])?;
     apt(&[
         &["install", "-y", "-qq", "--no-install-recommends"],
-        &missing[..],
+        packages,
     ]
-    .concat())?;
-    if let Some((cmd, pkg)) = tools.iter().find(|(cmd, _)| find_in_path(cmd).is_none()) {
-        bail!("`{cmd}` still missing after installing {pkg}");
-    }
-    Ok(())
+    .concat())
 }
 
 /// The recipe from shared/docs/KERNEL_AND_TOOLCHAIN.md.

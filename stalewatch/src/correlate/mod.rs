@@ -244,10 +244,12 @@ impl Correlator {
             tracked.filter(|t| !t.raised).and_then(|t| at(t.mark)),
         ) {
             (Some(last), _) => elapsed(last).then_some(AlertState::Reminder),
-            (None, checked) => ((audited
+            // The audit's finding is new proof (a rule published the port
+            // since the kernel's refused datagrams were judged): due at once.
+            (None, checked) => (audited
                 || (flow.failures() >= self.config.min_failures
-                    && flow.last.saturating_sub(flow.first) >= self.config.grace))
-                && checked.is_none_or(elapsed))
+                    && flow.last.saturating_sub(flow.first) >= self.config.grace
+                    && checked.is_none_or(elapsed)))
             .then_some(AlertState::Raised),
         }
     }
@@ -279,13 +281,18 @@ impl Correlator {
     /// Takes a flow that the periodic conntrack audit found bypassing a
     /// DNAT: no packet of it needs to fail (a proxy on the host may serve
     /// it), so it is due at once. Its kernel counters, if any, are kept.
+    /// `rules`: where no sibling is DNATed, the backends of the current
+    /// rule that the audit proved would DNAT it.
     pub fn observe_audited(
         &mut self,
         flow: Observation,
         siblings: &Siblings,
+        rules: Option<Vec<Backend>>,
         now: Duration,
     ) -> Option<Alert> {
-        self.observe_inner(flow, Basis::Siblings(Some(siblings), None, None), now, true)
+        let dnat_now = rules.as_ref().map(|_| true);
+        let basis = Basis::Siblings(Some(siblings), dnat_now, rules.as_deref());
+        self.observe_inner(flow, basis, now, true)
     }
 
     /// Takes a DNATed flow that the audit judged against the host's NAT
@@ -1073,7 +1080,10 @@ mod tests {
             dnat_now: None,
             rule_backends: Some(vec![backend("172.17.0.2"), backend("172.18.0.9")]),
         };
-        let a = c.observe(stale(5, 11), rules, secs(11)).pop().expect("raised");
+        let a = c
+            .observe(stale(5, 11), rules, secs(11))
+            .pop()
+            .expect("raised");
         assert_eq!(a.verdict, Verdict::Stale);
         // The stale backend itself is no current one.
         assert_eq!(a.current_backends, [backend("172.18.0.9")]);
@@ -1092,11 +1102,16 @@ mod tests {
             dnat_now: Some(true),
             rule_backends: Some(vec![backend("10.89.77.13")]),
         };
-        let a = c.observe(refused(5, 11), lone, secs(11)).pop().expect("raised");
+        let a = c
+            .observe(refused(5, 11), lone, secs(11))
+            .pop()
+            .expect("raised");
         assert_eq!(a.verdict, Verdict::Bypass);
         assert_eq!(a.current_backends, [backend("10.89.77.13")]);
         assert!(
-            a.evidence[0].contains("while a current rule DNATs flows to 198.51.100.1:8888 to 10.89.77.13:8888"),
+            a.evidence[0].contains(
+                "while a current rule DNATs flows to 198.51.100.1:8888 to 10.89.77.13:8888"
+            ),
             "{:?}",
             a.evidence
         );
@@ -1123,18 +1138,57 @@ mod tests {
     }
 
     #[test]
+    fn refused_while_nothing_published_then_audited_once_a_rule_would_dnat_it() {
+        // Podman's silent shape: the stream's datagrams are refused while
+        // no container publishes the port (no rule: not a bypass), then a
+        // container publishes it and conmon takes the stream unread. The
+        // audit's proof is not held back by the earlier look.
+        let mut c = Correlator::new(Config::default());
+        let unpublished = Evidence {
+            siblings: Some(Siblings::default()),
+            dnat_now: Some(false),
+            ..Evidence::default()
+        };
+        assert!(c.observe(refused(5, 11), unpublished, secs(11)).is_empty());
+        let a = c
+            .observe_audited(
+                refused(5, 14),
+                &Siblings::default(),
+                Some(vec![backend("10.89.77.13")]),
+                secs(14),
+            )
+            .expect("raised by the audit at once");
+        assert_eq!(a.verdict, Verdict::Bypass);
+        assert_eq!(a.current_backends, [backend("10.89.77.13")]);
+        assert!(
+            a.evidence[0].contains("while a current rule DNATs"),
+            "{:?}",
+            a.evidence
+        );
+        // Without the rule's word nor siblings, the audit proves nothing.
+        let mut c = Correlator::new(Config::default());
+        assert_eq!(
+            c.observe_audited(refused(0, 10), &Siblings::default(), None, secs(10)),
+            None
+        );
+    }
+
+    #[test]
     fn an_audited_bypass_is_raised_without_failures_and_kept_fresh() {
         let mut c = Correlator::new(Config::default());
         let view = siblings(&[("172.18.0.2", 1)]);
         let proxied = refused(0, 10);
         let a = c
-            .observe_audited(proxied.clone(), &view, secs(10))
+            .observe_audited(proxied.clone(), &view, None, secs(10))
             .expect("raised");
         assert_eq!((a.state, a.verdict), (AlertState::Raised, Verdict::Bypass));
         // Found again by the next audits: no new alert, and not resolved by
         // silence while it is still there.
         for t in [20, 30, 40] {
-            assert_eq!(c.observe_audited(proxied.clone(), &view, secs(t)), None);
+            assert_eq!(
+                c.observe_audited(proxied.clone(), &view, None, secs(t)),
+                None
+            );
             assert!(c.tick(secs(t)).is_empty());
         }
         // The same flow as the refused datagrams show it (their reply is

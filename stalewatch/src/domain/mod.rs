@@ -21,6 +21,4 @@ pub use intent::{
     AddrSpan, Cond, Conditions, DnatRule, EngineRead, Fit, NatIntent, NatTarget, PortSpan,
     RuleEngine,
 };
-pub use names::{
-    ContainerRef, Containers, EngineKind, Hops, NetnsInfo, PortHolder, Publication,
-};
+pub use names::{ContainerRef, Containers, EngineKind, Hops, NetnsInfo, PortHolder, Publication};

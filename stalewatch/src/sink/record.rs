@@ -627,7 +627,14 @@ mod tests {
         let flow = StaleFlow::new(&a, named("sw-router"), &containers, &clock());
         assert!(flow.pin.stale_backend.container.is_none());
         assert_eq!(
-            flow.pin.current_backend.as_ref().unwrap().container.as_ref().unwrap().name,
+            flow.pin
+                .current_backend
+                .as_ref()
+                .unwrap()
+                .container
+                .as_ref()
+                .unwrap()
+                .name,
             "web-1"
         );
         assert_eq!(

@@ -363,7 +363,12 @@ impl Client {
             let runtime = self.runtime.as_ref().expect("a runtime until dropped");
             match on_runtime(runtime, fetch(&self.docker, self.kind)) {
                 Ok(running) => cache.1 = Arc::new(cache.1.next(running, Instant::now())),
-                Err(e) => log::debug!("{} engine on {}: {}", self.kind.name(), self.socket, chain(&e)),
+                Err(e) => log::debug!(
+                    "{} engine on {}: {}",
+                    self.kind.name(),
+                    self.socket,
+                    chain(&e)
+                ),
             }
             cache.0 = Instant::now();
         }
@@ -385,7 +390,9 @@ impl Engine {
     /// API service, the log says once how to have its containers named.
     pub fn connect(sockets: &[String]) -> Option<Engine> {
         let wanted: Vec<String> = if sockets.is_empty() {
-            let from_env = std::env::var("DOCKER_HOST").ok().filter(|h| h.starts_with("unix://"));
+            let from_env = std::env::var("DOCKER_HOST")
+                .ok()
+                .filter(|h| h.starts_with("unix://"));
             from_env
                 .into_iter()
                 .chain(SOCKETS.iter().map(|s| (*s).to_owned()))
@@ -483,7 +490,10 @@ fn on_runtime<T: Send>(
 }
 
 /// The running containers, with their network namespaces.
-async fn fetch(docker: &Docker, kind: EngineKind) -> Result<Vec<Container>, bollard::errors::Error> {
+async fn fetch(
+    docker: &Docker,
+    kind: EngineKind,
+) -> Result<Vec<Container>, bollard::errors::Error> {
     let mut containers = Vec::new();
     for summary in docker.list_containers(None).await? {
         let Some(id) = summary.id.as_deref() else {

@@ -195,7 +195,10 @@ mod tests {
         assert!(!serves("127.0.0.1".parse().unwrap(), host));
         assert!(serves("::".parse().unwrap(), host));
         assert!(serves("::ffff:198.51.100.1".parse().unwrap(), host));
-        assert!(!serves("0.0.0.0".parse().unwrap(), "2001:db8::1".parse().unwrap()));
+        assert!(!serves(
+            "0.0.0.0".parse().unwrap(),
+            "2001:db8::1".parse().unwrap()
+        ));
     }
 
     #[test]
@@ -203,8 +206,8 @@ mod tests {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let port = socket.local_addr().unwrap().port();
         let own = Path::new("/proc/self/ns/net");
-        let found = holder(own, Proto::UDP, "127.0.0.1".parse().unwrap(), port)
-            .expect("our own socket");
+        let found =
+            holder(own, Proto::UDP, "127.0.0.1".parse().unwrap(), port).expect("our own socket");
         assert_eq!(found.pid, std::process::id());
         assert!(holder(own, Proto::TCP, "127.0.0.1".parse().unwrap(), port).is_none());
     }

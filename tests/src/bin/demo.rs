@@ -4,6 +4,10 @@
 //!
 //! `cargo xtask demo --docker`: the story on the machine's Docker engine
 //! with docker-compose (see `stalewatch_tests::docker`).
+//!
+//! `cargo xtask demo --podman`: both of Podman's shapes on the machine's
+//! podman (netavark): a stream pinned to a replaced container, then the
+//! silent bypass into conmon's socket (see `stalewatch_tests::podman`).
 
 use std::{
     process::ExitCode,
@@ -16,6 +20,7 @@ use anyhow::{Context as _, bail};
 use nix::sys::signal::{SigHandler, Signal, signal};
 use stalewatch_tests::{
     docker::{self, Deployment},
+    podman::{self, World},
     sh,
     story::{Rules, Story, V4, Variant},
     traffic::{Producer, Receiver},
@@ -51,24 +56,34 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    let with_docker = match std::env::args().skip(1).collect::<Vec<_>>().as_slice() {
-        [] => false,
-        [flag] if flag == "--docker" => true,
+    let engine = match std::env::args().skip(1).collect::<Vec<_>>().as_slice() {
+        [] => None,
+        [flag] if flag == "--docker" || flag == "--podman" => Some(flag.clone()),
         _ => {
-            eprintln!("usage: stalewatch-demo [--docker]");
+            eprintln!("usage: stalewatch-demo [--docker | --podman]");
             return ExitCode::from(2);
         }
     };
-    if with_docker && let Some(why) = docker::no_engine() {
+    let missing = match engine.as_deref() {
+        Some("--docker") => docker::no_engine().map(|why| ("a Docker engine", why)),
+        Some(_) => podman::no_podman().map(|why| ("podman with netavark", why)),
+        None => None,
+    };
+    if let (Some(flag), Some((what, why))) = (&engine, missing) {
         eprintln!(
-            "stalewatch-demo: --docker needs a Docker engine, and none answers here ({why}); \
+            "stalewatch-demo: {flag} needs {what}, and it cannot run here ({why}); \
              `cargo xtask demo` shows the story in private namespaces instead"
         );
         return ExitCode::from(2);
     }
     // SAFETY: the handler only stores to an atomic.
     let _ = unsafe { signal(Signal::SIGINT, SigHandler::Handler(on_interrupt)) };
-    match if with_docker { demo_docker() } else { demo() } {
+    let played = match engine.as_deref() {
+        Some("--docker") => demo_docker(),
+        Some(_) => demo_podman(),
+        None => demo(),
+    };
+    match played {
         Ok(()) => {
             step("Done: every namespace, link and rule the demo created is gone");
             ExitCode::SUCCESS
@@ -289,6 +304,130 @@ fn demo_docker() -> anyhow::Result<()> {
     }
     step(&format!(
         "Removing the compose project {project}, its image, the veth and the namespace"
+    ));
+    Ok(())
+}
+
+/// Both of Podman's shapes: the container publishing 8888/udp is replaced
+/// by one with a new address under a stream, which stays pinned to the old
+/// one; then, its entry deleted while nothing publishes the port, the
+/// stream bypasses the new DNAT into conmon's socket, silently.
+fn demo_podman() -> anyhow::Result<()> {
+    step(&format!(
+        "podman {}: building a local image (FROM scratch: busybox-static and a UDP receiver \
+         that logs each sender); starting podman's API service if it is not running",
+        podman::podman(&["--version"])?
+            .trim()
+            .trim_start_matches("podman version ")
+    ));
+    let mut w = World::new(true)?;
+    let subnet = docker::free_subnets(1)?.remove(0);
+    let net = w.network("net", &subnet)?;
+    let at = |n: u8| -> anyhow::Result<std::net::IpAddr> {
+        let first = docker::first_host(&subnet).to_string();
+        let prefix = first.rsplit_once('.').context("an IPv4 subnet")?.0;
+        Ok(format!("{prefix}.{n}").parse()?)
+    };
+    let old = w.service(&format!("{}-web-a", w.name), &net, Some(at(10)?))?;
+    step(&format!(
+        "podman run {}: publishes 8888:8888/udp, on network {net} at {}",
+        old.name, old.ip
+    ));
+
+    step("Starting stalewatch on the host: stalewatch watch --audit-every 2s");
+    let watcher = Watcher::start_with(
+        "text",
+        &["--audit-every", "2s", "--resolve-after", "5s"],
+        true,
+    )?;
+    let stream_src = Deployment::producer(40000);
+    let mut stream = Producer::start(
+        &w.link().ns,
+        stream_src,
+        Deployment::service(),
+        Duration::from_millis(100),
+        1800,
+        Duration::from_secs(180),
+    )?;
+    step(&format!(
+        "A producer in namespace {} streams 10 datagrams a second from {stream_src} to {}",
+        w.link().ns.name,
+        Deployment::service()
+    ));
+    if !w.wait_from(&old, stream_src, 10, Duration::from_secs(10)) {
+        bail!("the stream did not reach {}", old.name);
+    }
+
+    step("Redeploy: podman rm -f, then podman run with a new address on the same network");
+    w.remove(&old.name)?;
+    let new = w.service(&format!("{}-web-b", w.name), &net, Some(at(11)?))?;
+    println!("    container {} at {}", new.name, new.ip);
+    let fresh_src = Deployment::producer(40001);
+    let mut fresh = Producer::start(
+        &w.link().ns,
+        fresh_src,
+        Deployment::service(),
+        Duration::from_millis(100),
+        300,
+        Duration::from_secs(30),
+    )?;
+    pause(Duration::from_secs(2))?;
+    println!(
+        "    a NEW flow from port 40001 reaches {}: {} datagrams; the stream from port 40000: {}",
+        new.name,
+        w.sources(&new).get(&fresh_src).copied().unwrap_or(0),
+        w.sources(&new).get(&stream_src).copied().unwrap_or(0)
+    );
+    step("Waiting for stalewatch (the old address fails at the bridge)");
+    let fix = fix_command(&watcher, "--sport 40000")?;
+    step(&format!("Applying the fix stalewatch printed: {fix}"));
+    sh(&fix)?;
+    if !w.wait_from(&new, stream_src, 10, Duration::from_secs(10)) {
+        bail!("the stream did not reach {} after the fix", new.name);
+    }
+    println!("    {} now gets the stream", new.name);
+
+    step(
+        "The silent shape: the container is replaced again, and the stream's entry is deleted in the gap, while nothing publishes 8888",
+    );
+    w.remove(&new.name)?;
+    sh(
+        "conntrack -D -p udp --orig-src 198.51.100.2 --orig-port-src 40000 >/dev/null 2>&1 || true",
+    )?;
+    pause(Duration::from_secs(1))?;
+    let third = w.service(&format!("{}-web-c", w.name), &net, Some(at(12)?))?;
+    pause(Duration::from_secs(3))?;
+    println!(
+        "    {} at {} publishes 8888 now, and gets {} datagrams of the stream: its entry has no NAT, \
+         and the host's socket on 8888 is conmon's, which never reads it",
+        third.name,
+        third.ip,
+        w.sources(&third).get(&stream_src).copied().unwrap_or(0)
+    );
+    step("Waiting for stalewatch's audit (no packet fails: nothing else would tell)");
+    let fix = poll_interruptible(Duration::from_secs(30), || {
+        watcher.wait_line(Duration::from_millis(200), |l| {
+            l.trim_start().starts_with("fix ")
+                && l.contains("--sport 40000")
+                && l.contains("-r 198.51.100.1")
+        })
+    })?
+    .context("stalewatch raised no bypass within 30 s")?;
+    let fix = fix.trim_start().trim_start_matches("fix").trim().to_owned();
+    step(&format!("Applying the fix stalewatch printed: {fix}"));
+    sh(&fix)?;
+    if !w.wait_from(&third, stream_src, 10, Duration::from_secs(10)) {
+        bail!("the stream did not reach {} after the fix", third.name);
+    }
+    println!("    {} now gets the stream from {stream_src}", third.name);
+    stream.stop();
+    fresh.stop();
+    let (status, _) = watcher.stop()?;
+    if !status.success() {
+        bail!("stalewatch exited {status}");
+    }
+    step(&format!(
+        "Removing the containers, network {net}, the image, the veth, the FORWARD rules and the namespace"
     ));
     Ok(())
 }

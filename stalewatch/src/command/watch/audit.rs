@@ -105,10 +105,19 @@ impl Auditor {
                 drops: None,
             };
             let alert = if finding.verdict == Verdict::Bypass {
-                let siblings = Siblings {
-                    dnat_backends: finding.current_backends.iter().map(|b| (*b, 1)).collect(),
-                };
-                correlator.observe_audited(flow, &siblings, now)
+                // Its DNATed siblings where there are; else the rule that
+                // would DNAT it is the proof, and says where to.
+                let mut siblings = Siblings::default();
+                for other in entries.iter().filter(|o| o.is_dnat()) {
+                    if other.orig.service() == e.orig.service() {
+                        *siblings.dnat_backends.entry(other.backend()).or_default() += 1;
+                    }
+                }
+                let rules = siblings
+                    .dnat_backends
+                    .is_empty()
+                    .then(|| finding.current_backends.clone());
+                correlator.observe_audited(flow, &siblings, rules, now)
             } else if !e.is_dnat() || !remote.contains_key(&e.backend().addr) {
                 continue;
             } else {

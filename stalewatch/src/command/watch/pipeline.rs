@@ -268,11 +268,9 @@ impl<W: io::Write> Pipeline<W> {
         });
         let path = netns::path_of(&netns);
         let orig = &alert.flow.orig;
-        if let (Some(path), Verdict::Bypass, false) = (
-            &path,
-            alert.verdict,
-            alert.state == AlertState::Resolved,
-        ) {
+        if let (Some(path), Verdict::Bypass, false) =
+            (&path, alert.verdict, alert.state == AlertState::Resolved)
+        {
             containers.holder = sockets::holder(path, orig.proto, orig.dst, orig.dport);
         }
         let hops = match (&path, alert.verdict) {

@@ -17,8 +17,8 @@ use super::rules::Rules;
 use crate::{
     correlate::{RaisedFlow, audit},
     domain::{
-        AlertState, Backend, Entry, Evidence, KnownFacts, NatIntent, NetnsInfo, Observation, Service,
-        Siblings, Tuple,
+        AlertState, Backend, Entry, Evidence, KnownFacts, NatIntent, NetnsInfo, Observation,
+        Service, Siblings, Tuple,
     },
     error::chain,
     source::{
