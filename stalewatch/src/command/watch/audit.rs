@@ -21,6 +21,13 @@ use crate::{
 /// An entry the audit judges stale is raised when a look at least this
 /// much later still does.
 pub const CONFIRM_AFTER: Duration = Duration::from_millis(900);
+/// The same for an entry whose backend is on this host's links (a
+/// container's bridge, a pod's): its packets fail here once the host's
+/// neighbour entry for it fails, and the kernel path raises it then, with
+/// its evidence. That can take the kernel's reachable time (15-45 s) and a
+/// probe after a container was removed, while the bridge floods the
+/// packets unanswered: the audit raises it after this long instead.
+pub const ON_LINK_CONFIRM_AFTER: Duration = Duration::from_secs(12);
 
 pub struct Auditor {
     /// The namespace the audit reads.
@@ -77,9 +84,10 @@ impl Auditor {
         let mut follow_up = false;
         let mut alerts = Vec::new();
         let findings = audit::audit(&entries, &facts, intent.as_deref());
-        // Judged against the rules only where the packets leave for another
-        // host: on this host's links, or with no route at all, they fail
-        // here, where the kernel path sees them (with their evidence).
+        // Where the packets leave for another host, a second look confirms
+        // it; on this host's links, or with no route at all, they fail here,
+        // where the kernel path sees them (with their evidence), unless the
+        // host's neighbour entry lingers (see ON_LINK_CONFIRM_AFTER).
         let mut backends: Vec<IpAddr> = findings
             .iter()
             .filter(|f| f.verdict != Verdict::Bypass && f.entry.is_dnat())
@@ -118,13 +126,19 @@ impl Auditor {
                     .is_empty()
                     .then(|| finding.current_backends.clone());
                 correlator.observe_audited(flow, &siblings, rules, now)
-            } else if !e.is_dnat() || !remote.contains_key(&e.backend().addr) {
+            } else if !e.is_dnat() || facts.neighbour_failed(e.backend().addr) {
+                // Failing here: the kernel path raises it, with evidence.
                 continue;
             } else {
+                let hold = if remote.contains_key(&e.backend().addr) {
+                    CONFIRM_AFTER
+                } else {
+                    ON_LINK_CONFIRM_AFTER
+                };
                 let first = *self.pending.get(&(e.orig, e.reply)).unwrap_or(&now);
                 seen.insert((e.orig, e.reply), first);
-                if now.saturating_sub(first) < CONFIRM_AFTER {
-                    follow_up = true;
+                if now.saturating_sub(first) < hold {
+                    follow_up |= hold == CONFIRM_AFTER;
                     continue;
                 }
                 flow.local = false;
