@@ -119,7 +119,8 @@ fn assert_bypass(alert: &Value, new: &Container, project: &str) {
     assert_eq!(current["container"]["compose_service"], "web", "{alert}");
     let evidence = alert["evidence"].to_string();
     assert!(
-        evidence.contains("newer flows to 198.51.100.1:8888 are DNATed to")
+        (evidence.contains("newer flows to 198.51.100.1:8888 are DNATed to")
+            || evidence.contains("while a current rule DNATs flows to 198.51.100.1:8888 to"))
             && evidence.contains(&format!(
                 "Docker publishes udp/8888 on this host for container {}",
                 new.name

@@ -113,6 +113,10 @@ fn bypass(
         Some(intent) => Some(dnat_now(entry, intent, facts)?),
         None => None,
     };
+    let by_rule = rule
+        .as_ref()
+        .map(|r| r.backends.clone())
+        .filter(|b| !b.is_empty());
     let (current, first) = match siblings {
         Some(backends) => {
             let current: Vec<Backend> = backends.iter().copied().collect();
@@ -139,7 +143,9 @@ fn bypass(
         entry: entry.clone(),
         verdict: Verdict::Bypass,
         evidence,
-        current_backends: current,
+        // Where the rule sends new flows now, where it names backends: the
+        // siblings may be pinned themselves.
+        current_backends: by_rule.unwrap_or(current),
     })
 }
 

@@ -81,14 +81,16 @@ pub fn delivered_here(
     if dnat_now == Some(false) {
         return None;
     }
-    let mut current: Vec<Backend> = siblings
-        .map(|s| s.dnat_backends.keys().copied().collect())
-        .unwrap_or_default();
-    let by_rule = current.is_empty() && dnat_now == Some(true);
-    if by_rule {
-        // The one flow to the port: the rule that would DNAT it says where.
-        current = rules.unwrap_or_default().to_vec();
-    }
+    // The rule that would DNAT it says where new flows go now; its
+    // siblings may be pinned themselves (to a container replaced since).
+    let by_rule = dnat_now == Some(true) && rules.is_some_and(|r| !r.is_empty());
+    let current: Vec<Backend> = if by_rule {
+        rules.unwrap_or_default().to_vec()
+    } else {
+        siblings
+            .map(|s| s.dnat_backends.keys().copied().collect())
+            .unwrap_or_default()
+    };
     if current.is_empty() {
         return None;
     }

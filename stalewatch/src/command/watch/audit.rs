@@ -113,17 +113,16 @@ impl Auditor {
                 drops: None,
             };
             let alert = if finding.verdict == Verdict::Bypass {
-                // Its DNATed siblings where there are; else the rule that
-                // would DNAT it is the proof, and says where to.
+                // Its DNATed siblings, and the rule that would DNAT it.
                 let mut siblings = Siblings::default();
                 for other in entries.iter().filter(|o| o.is_dnat()) {
                     if other.orig.service() == e.orig.service() {
                         *siblings.dnat_backends.entry(other.backend()).or_default() += 1;
                     }
                 }
-                let rules = siblings
-                    .dnat_backends
-                    .is_empty()
+                // With the rules read, the audit judged it a bypass only
+                // on a rule's proof, whose backends are the current ones.
+                let rules = (judge_dnat || siblings.dnat_backends.is_empty())
                     .then(|| finding.current_backends.clone());
                 correlator.observe_audited(flow, &siblings, rules, now)
             } else if !e.is_dnat() || facts.neighbour_failed(e.backend().addr) {
