@@ -494,3 +494,34 @@ fn quiet_cases_stay_quiet() -> anyhow::Result<()> {
     unpublished.stop();
     Ok(())
 }
+
+/// Without Podman's API service, `check` works (namespace names only) and
+/// its log says once how to have containers named.
+#[test]
+fn without_the_api_service_the_log_says_once_how_to_name_containers() -> anyhow::Result<()> {
+    if skipped("without_the_api_service_the_log_says_once_how_to_name_containers") {
+        return Ok(());
+    }
+    if podman::answers(podman::SOCKET) {
+        // Not ours to stop: the machine runs the service.
+        eprintln!("podman's API service runs on this machine: the hint is not given here");
+        return Ok(());
+    }
+    let out = std::process::Command::new(stalewatch_tests::watcher::binary())
+        .args(["check", "--format", "json"])
+        .env_remove("DOCKER_HOST")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(0) || out.status.code() == Some(1),
+        "check runs without the service: {stderr}"
+    );
+    assert_eq!(
+        stderr
+            .matches("systemctl enable --now podman.socket")
+            .count(),
+        1,
+        "said once: {stderr}"
+    );
+    Ok(())
+}

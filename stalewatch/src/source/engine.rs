@@ -411,8 +411,10 @@ impl Engine {
             && !clients.iter().any(|c| c.kind == EngineKind::Podman)
             && podman_installed()
         {
-            log::info!(
-                "Podman is installed, but its API service does not answer on {PODMAN_SOCKET}: \
+            // Said whatever the log level: a hint, not a fault.
+            eprintln!(
+                "stalewatch: Podman is installed, but its API service does not answer on \
+                 {PODMAN_SOCKET}: \
                  its containers are named by their network namespaces only. To name them, run \
                  `systemctl enable --now podman.socket` (or `podman system service --time=0 \
                  unix://{PODMAN_SOCKET} &`)"
