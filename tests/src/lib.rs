@@ -10,6 +10,7 @@ pub mod docker;
 pub mod multihost;
 pub mod netns;
 pub mod story;
+pub mod systemd;
 pub mod traffic;
 pub mod watcher;
 
