@@ -145,3 +145,15 @@ fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 2m)"))
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    /// clap's own consistency checks (names, defaults, value parsers), which
+    /// otherwise only run when a debug build parses a command line.
+    #[test]
+    fn the_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}
