@@ -11,6 +11,7 @@ pub mod multihost;
 pub mod netns;
 pub mod podman;
 pub mod story;
+pub mod systemd;
 pub mod traffic;
 pub mod watcher;
 

@@ -1,8 +1,10 @@
-//! Project tasks: `cargo xtask setup | build | test | demo | bench`.
+//! Project tasks: `cargo xtask setup | build | dist | test | demo | bench`.
 //!
 //! `setup` installs everything a fresh Debian 12 machine lacks (see
 //! shared/docs/KERNEL_AND_TOOLCHAIN.md for why bpf-linker is built this way),
 //! so that a person or CI only ever runs `cargo xtask <verb>`.
+
+mod dist;
 
 use std::env;
 use std::ffi::OsString;
@@ -72,7 +74,11 @@ enum Verb {
     Setup,
     /// Set up, then build all release binaries.
     Build,
-    /// Set up, then fmt, clippy, build, unit tests and end-to-end tests.
+    /// Set up, build the release binary, then the Debian package
+    /// (target/dist/stalewatch_<version>_<arch>.deb).
+    Dist,
+    /// Set up, then fmt, clippy, build, unit tests, the Debian package and
+    /// end-to-end tests.
     Test {
         /// Skip the end-to-end stage (which needs root).
         #[arg(long)]
@@ -109,6 +115,12 @@ fn run(cli: Cli) -> Result<()> {
             setup()?;
             build(&root)
         }
+        Verb::Dist => {
+            setup()?;
+            install_missing(dist::TOOLS)?;
+            cargo(&root, "build --release -p stalewatch --bin stalewatch")?;
+            dist::package(&root).map(drop)
+        }
         Verb::Test { no_e2e, args } => {
             // Fail before minutes of fmt/clippy/build, not after.
             if !no_e2e {
@@ -129,6 +141,9 @@ fn run(cli: Cli) -> Result<()> {
             if no_e2e {
                 return Ok(());
             }
+            // The package test installs what a user would.
+            install_missing(dist::TOOLS)?;
+            let deb = dist::package(&root)?;
             let engines = expected_engines();
             let skipped_file = target_dir(&root).join("e2e-skipped.txt");
             let _ = fs::remove_file(&skipped_file);
@@ -140,6 +155,7 @@ fn run(cli: Cli) -> Result<()> {
                     "STALEWATCH_BIN",
                     target_dir(&root).join("release/stalewatch"),
                 )
+                .env("STALEWATCH_DEB", &deb)
                 .env("STALEWATCH_EXPECT_ENGINES", engines.join(","))
                 .env("STALEWATCH_SKIPPED_FILE", &skipped_file);
             let result = status(&mut cmd);

@@ -16,7 +16,7 @@ use crate::{
     correlate::audit,
     domain::{Containers, Entry, Tuple, Verdict, addr_port},
     sink::{
-        Format, Record, Reporter,
+        Record, Reporter,
         record::{EntryDeleted, StaleEntry},
     },
     source::{conntrack, engine::Engine, intent, netns, sockets},
@@ -26,28 +26,7 @@ use crate::{
 /// are being resolved (its own default resolution time is 3 s).
 const SETTLE: Duration = Duration::from_secs(5);
 
-#[derive(Debug, clap::Args)]
-pub struct CheckArgs {
-    /// Output format: text for people, json for one object per line.
-    #[arg(long, value_enum, default_value = "text")]
-    pub format: Format,
-
-    /// The namespace to audit: a name under /run/netns, a path to a
-    /// namespace file, or an inode number. Default: stalewatch's own.
-    #[arg(long, value_name = "NETNS")]
-    pub netns: Option<String>,
-
-    /// Delete exactly the stale entries found, and print each deletion.
-    #[arg(long)]
-    pub fix: bool,
-
-    /// A container engine's API socket to name containers with (Docker's,
-    /// or Podman's `podman system service`); repeat for several. Default:
-    /// $DOCKER_HOST where it is unix://, /var/run/docker.sock and
-    /// /run/podman/podman.sock, each where it answers.
-    #[arg(long, value_name = "PATH")]
-    pub engine_socket: Vec<String>,
-}
+pub use stalewatch_cli::CheckArgs;
 
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let (info, path) = netns::target(args.netns.as_deref())?;

@@ -2,5 +2,6 @@
 //! through the correlator; `check` audits a conntrack table once.
 
 pub mod check;
-pub mod cli;
+/// The command line, defined in its own crate (`stalewatch-cli`).
+pub use stalewatch_cli as cli;
 pub mod watch;

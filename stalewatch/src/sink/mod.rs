@@ -30,11 +30,7 @@ pub fn priority(record: &Record) -> u8 {
     if raised { WARNING } else { NOTICE }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    Text,
-    Json,
-}
+pub use stalewatch_cli::Format;
 
 /// Writes records in the chosen format. The caller flushes once a round of
 /// work (`watch`: a batch of reports, a tick), so that a pipeline sees each

@@ -73,7 +73,7 @@ fn patch_casts(object: &[u8], func: Option<u32>) -> Result<Vec<u8>, Error> {
     Ok(patched)
 }
 
-pub const DEFAULT_BTF: &str = "/sys/kernel/btf/vmlinux";
+pub use stalewatch_cli::DEFAULT_BTF;
 
 #[derive(Clone, Debug)]
 pub struct Options {

@@ -1,10 +1,21 @@
-//! Command-line interface.
+//! stalewatch's command-line interface, and nothing else: the `stalewatch`
+//! binary parses it, and `cargo xtask dist` renders its man pages and shell
+//! completions from it without building the eBPF side (which stalewatch's
+//! build script does).
 
 use std::{path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{sink::Format, source::kernel::DEFAULT_BTF};
+/// Where the running kernel publishes its BTF.
+pub const DEFAULT_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// How records are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -24,7 +35,30 @@ pub enum Command {
     Watch(WatchArgs),
     /// Audit a conntrack table once, without eBPF: list the entries that are
     /// stale right now. Exit status 0: none; 1: some; 2: error.
-    Check(super::check::CheckArgs),
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Output format: text for people, json for one object per line.
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+
+    /// The namespace to audit: a name under /run/netns, a path to a
+    /// namespace file, or an inode number. Default: stalewatch's own.
+    #[arg(long, value_name = "NETNS")]
+    pub netns: Option<String>,
+
+    /// Delete exactly the stale entries found, and print each deletion.
+    #[arg(long)]
+    pub fix: bool,
+
+    /// A container engine's API socket to name containers with (Docker's,
+    /// or Podman's `podman system service`); repeat for several. Default:
+    /// $DOCKER_HOST where it is unix://, /var/run/docker.sock and
+    /// /run/podman/podman.sock, each where it answers.
+    #[arg(long, value_name = "PATH")]
+    pub engine_socket: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -110,4 +144,16 @@ fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 2m)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    /// clap's own consistency checks (names, defaults, value parsers), which
+    /// otherwise only run when a debug build parses a command line.
+    #[test]
+    fn the_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }
