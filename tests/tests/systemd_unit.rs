@@ -144,6 +144,42 @@ fn the_unit_runs_under_systemd_and_raises_a_stale_flow() -> anyhow::Result<()> {
             .all(|v| v["state"] == "raised" && v["type"] != "events_lost"),
         "only raised flows are warnings: {warnings}"
     );
+    // The flow's facts are fields of the entry: searchable by verdict,
+    // source and service.
+    let source = format!(
+        "{}:{}",
+        raised["orig"]["src"].as_str().unwrap_or_default(),
+        raised["orig"]["sport"]
+    );
+    let entries = system.exec(&[
+        "journalctl",
+        "_SYSTEMD_UNIT=stalewatch.service",
+        "STALEWATCH_VERDICT=stale",
+        "STALEWATCH_STATE=raised",
+        &format!("STALEWATCH_SOURCE={source}"),
+        "-o",
+        "json",
+        "--no-pager",
+    ])?;
+    let entry: Value = entries
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .next()
+        .unwrap_or_else(|| panic!("no entry with the flow's fields: {entries}"));
+    let service = format!(
+        "{}:{}/udp",
+        raised["orig"]["dst"].as_str().unwrap_or_default(),
+        raised["orig"]["dport"]
+    );
+    let stale = format!(
+        "{}:{}",
+        raised["stale_backend"]["addr"].as_str().unwrap_or_default(),
+        raised["stale_backend"]["port"]
+    );
+    assert_eq!(entry["STALEWATCH_SERVICE"], service.as_str(), "{entry}");
+    assert_eq!(entry["STALEWATCH_STALE_BACKEND"], stale.as_str(), "{entry}");
+    assert_eq!(entry["PRIORITY"], "4", "{entry}");
+    assert_eq!(entry["STALEWATCH_FIX"], raised["fix"], "{entry}");
     let notices = system.exec(&[
         "journalctl",
         "_SYSTEMD_UNIT=stalewatch.service",

@@ -4,6 +4,7 @@
 //! with `--fix` a deletion; reminders are grouped per service first.
 
 pub mod fix;
+pub mod journal;
 pub mod metrics;
 pub mod record;
 pub mod reminders;
@@ -41,6 +42,8 @@ pub struct Reporter<W: Write> {
     /// Each line carries its syslog priority as a `<N>` prefix, which the
     /// journal takes off and keeps (see [`Reporter::for_journal`]).
     priorities: bool,
+    /// journald's socket, where records go as entries with fields.
+    journal: Option<journal::Journal>,
 }
 
 impl<W: Write> Reporter<W> {
@@ -49,14 +52,22 @@ impl<W: Write> Reporter<W> {
             format,
             out,
             priorities: false,
+            journal: None,
         }
     }
 
-    /// Writes to systemd's journal (stdout is its stream): each line gets
-    /// its record's priority, so that `journalctl -p warning` shows exactly
-    /// the raised flows, and resolutions and reminders come at notice.
+    /// Writes to systemd's journal (stdout is its stream): each record
+    /// gets its priority, so that `journalctl -p warning` shows exactly the
+    /// raised flows, and resolutions and reminders come at notice; sent to
+    /// journald's socket where it takes them, with the flow's facts as
+    /// fields (see [`journal`]), else on stdout with a `<N>` prefix.
     pub fn for_journal(mut self, on: bool) -> Self {
         self.priorities = on;
+        self.journal = if on {
+            journal::Journal::connect()
+        } else {
+            None
+        };
         self
     }
 
@@ -69,6 +80,12 @@ impl<W: Write> Reporter<W> {
             }
             Format::Text => text::text(record),
         };
+        if let Some(journal) = &self.journal {
+            match journal.send(record, &line) {
+                Ok(()) => return Ok(()),
+                Err(e) => log::debug!("journal socket: {e}; writing to stdout"),
+            }
+        }
         if self.priorities {
             let prefix = format!("<{}>", priority(record));
             line = line.lines().map(|l| format!("{prefix}{l}\n")).collect();
@@ -107,6 +124,9 @@ mod tests {
     fn for_the_journal_raised_flows_are_warnings_and_the_rest_notices() {
         let mut out = Vec::new();
         let mut reporter = Reporter::new(Format::Text, &mut out).for_journal(true);
+        // The prefixes: where journald's socket takes no entries (a real
+        // journald on the test's machine would take them instead).
+        reporter.journal = None;
         reporter.write(&record(AlertState::Raised)).unwrap();
         reporter.write(&record(AlertState::Resolved)).unwrap();
         let text = String::from_utf8(out).unwrap();
