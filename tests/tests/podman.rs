@@ -279,7 +279,37 @@ fn pinned_on_a_new_network_by_podman_compose() -> anyhow::Result<()> {
     }
     let (status, _) = watcher.stop()?;
     assert!(status.success(), "stalewatch exited {status}");
-    check_and_fix("stale", SPORT, &[NEW_SPORT])?;
+
+    // watch --fix: the stream's entry deleted, the new flow's untouched.
+    let sibling = entries_from(Deployment::producer(NEW_SPORT));
+    let fixer = Watcher::start(&["--audit-every", "2s", "--fix"])?;
+    let deleted = fixer
+        .wait_for(secs(60), ours("entry_deleted", "", SPORT))
+        .unwrap_or_else(|| panic!("watch --fix deleted nothing: {:?}", fixer.lines()));
+    eprintln!("watch --fix: {deleted}");
+    let ours_deleted: Vec<Value> = fixer
+        .records()
+        .into_iter()
+        .filter(|v| {
+            v["type"] == "entry_deleted"
+                && v["orig"]["src"] == stalewatch_tests::docker::PRODUCER.to_string()
+        })
+        .collect();
+    assert_eq!(ours_deleted.len(), 1, "only the stream's: {ours_deleted:?}");
+    let (status, _) = fixer.stop()?;
+    assert!(status.success(), "stalewatch exited {status}");
+    let ids =
+        |v: &[stalewatch::domain::Entry]| v.iter().map(|e| (e.id, e.reply)).collect::<Vec<_>>();
+    assert_eq!(
+        ids(&sibling),
+        ids(&entries_from(Deployment::producer(NEW_SPORT))),
+        "the new flow's entry untouched"
+    );
+    assert!(
+        w.wait_from(&new, Deployment::producer(SPORT), 5, secs(10)),
+        "after the fix the stream reaches {} on the new network",
+        new.name
+    );
     producer.stop();
     fresh.stop();
     Ok(())
