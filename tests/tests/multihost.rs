@@ -202,7 +202,7 @@ fn scaled_to_zero_and_an_address_given_to_another_service() {
         raised["evidence"][0]
             .as_str()
             .unwrap()
-            .starts_with("no current rule (nftables) DNATs 10.96.0.10:53:udp any more"),
+            .starts_with("no current rule (nftables) DNATs 10.96.0.10:53/udp any more"),
         "{raised}"
     );
     watcher.stop().expect("stop");
@@ -223,7 +223,7 @@ fn scaled_to_zero_and_an_address_given_to_another_service() {
         .unwrap_or_else(|| panic!("raised: {:?}", watcher.records()));
     let evidence = raised["evidence"].to_string();
     assert!(
-        evidence.contains("10.244.1.7:5353 is now a backend of 10.96.0.11:8080:udp only"),
+        evidence.contains("10.244.1.7:5353 is now a backend of 10.96.0.11:8080/udp only"),
         "{evidence}"
     );
     stream.stop();

@@ -485,7 +485,7 @@ mod tests {
         assert_eq!(
             f.evidence,
             [
-                "the current nftables rules DNAT 10.96.0.10:53:udp to 10.244.1.8:53, not to 10.244.1.7:53"
+                "the current nftables rules DNAT 10.96.0.10:53/udp to 10.244.1.8:53, not to 10.244.1.7:53"
             ]
         );
         // The entry that goes where the rules send it is healthy.
@@ -507,7 +507,7 @@ mod tests {
         assert_eq!(
             findings[0].evidence,
             [
-                "no current rule (nftables) DNATs 10.96.0.10:53:udp any more, yet its entry sends it to 10.244.1.7:53"
+                "no current rule (nftables) DNATs 10.96.0.10:53/udp any more, yet its entry sends it to 10.244.1.7:53"
             ]
         );
         let partial = intent(vec![elsewhere], false);
@@ -527,7 +527,7 @@ mod tests {
         assert_eq!(findings.len(), 1);
         assert_eq!(
             findings[0].evidence[1],
-            "10.244.1.7:53 is now a backend of 10.96.0.11:53:udp only"
+            "10.244.1.7:53 is now a backend of 10.96.0.11:53/udp only"
         );
     }
 

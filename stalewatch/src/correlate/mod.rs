@@ -946,7 +946,7 @@ mod tests {
         assert_eq!(
             a.evidence,
             [
-                "newer flows to 192.0.2.1:8888:udp are DNATed to 172.18.0.2:8888, not to 172.17.0.2:8888"
+                "newer flows to 192.0.2.1:8888/udp are DNATed to 172.18.0.2:8888, not to 172.17.0.2:8888"
             ]
         );
     }
@@ -1089,7 +1089,7 @@ mod tests {
         assert_eq!(a.current_backends, [backend("172.18.0.9")]);
         assert_eq!(
             a.evidence[1],
-            "the current rules DNAT 192.0.2.1:8888:udp to 172.18.0.9:8888"
+            "the current rules DNAT 192.0.2.1:8888/udp to 172.18.0.9:8888"
         );
     }
 

@@ -146,12 +146,12 @@ impl Service {
     }
 }
 
-/// `addr:port:proto`, as evidence names a service.
+/// `addr:port/proto`, as evidence and metric labels name a service.
 impl fmt::Display for Service {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}:{}",
+            "{}/{}",
             addr_port(self.addr, self.port),
             self.proto.name()
         )
@@ -180,10 +180,10 @@ mod tests {
     #[test]
     fn addresses_with_ports_read_as_people_write_them() {
         let v6 = udp("2001:db8::2", 5353, "2001:db8:1::10", 53);
-        assert_eq!(v6.service().to_string(), "[2001:db8:1::10]:53:udp");
+        assert_eq!(v6.service().to_string(), "[2001:db8:1::10]:53/udp");
         assert_eq!(v6.source().to_string(), "[2001:db8::2]:5353");
         let v4 = udp("192.0.2.2", 40000, "192.0.2.1", 8888);
-        assert_eq!(v4.service().to_string(), "192.0.2.1:8888:udp");
+        assert_eq!(v4.service().to_string(), "192.0.2.1:8888/udp");
         assert_eq!(v4.service().family(), Family::Ipv4);
         for p in [1, 6, 17, 58, 132, 136, 250] {
             assert_eq!(Proto::from_name(&Proto(p).name()), Some(Proto(p)));

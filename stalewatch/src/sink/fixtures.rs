@@ -25,7 +25,7 @@ pub fn alert() -> Alert {
         verdict: Verdict::Stale,
         current_backends: vec![Backend::new("172.18.0.2".parse().unwrap(), 8888)],
         evidence: vec![
-            "newer flows to 192.0.2.1:8888:udp are DNATed to 172.18.0.2:8888, not to 172.17.0.2:8888"
+            "newer flows to 192.0.2.1:8888/udp are DNATed to 172.18.0.2:8888, not to 172.17.0.2:8888"
                 .into(),
         ],
         resolution: None,

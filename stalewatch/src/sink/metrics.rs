@@ -16,7 +16,7 @@ use tokio::{
 };
 
 use crate::{
-    domain::{Alert, AlertState, Verdict, addr_port},
+    domain::{Alert, AlertState, Verdict},
     linux::icmp,
     source::kernel::{Counters, btf::DropReasons},
 };
@@ -187,7 +187,7 @@ impl Metrics {
         let service = if alert.verdict == Verdict::DeadDestination {
             String::new()
         } else {
-            format!("{}/{}", addr_port(o.dst, o.dport), o.proto.name())
+            o.service().to_string()
         };
         let labels = FlowLabels {
             verdict: alert.verdict.label().into(),

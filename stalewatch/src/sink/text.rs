@@ -343,7 +343,7 @@ mod tests {
         );
         assert!(
             t.contains(
-                "verdict    stale: newer flows to 192.0.2.1:8888:udp are DNATed to 172.18.0.2:8888"
+                "verdict    stale: newer flows to 192.0.2.1:8888/udp are DNATed to 172.18.0.2:8888"
             ),
             "{t}"
         );

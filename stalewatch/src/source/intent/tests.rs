@@ -255,7 +255,7 @@ fn a_reused_address_is_another_services_backend() {
         let serves = reused.services_sending_to(pod(7, 5353), &dns);
         assert_eq!(
             serves.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-            ["10.96.0.11:8080:udp"],
+            ["10.96.0.11:8080/udp"],
             "{engine}"
         );
     }
