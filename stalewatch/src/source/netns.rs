@@ -223,11 +223,12 @@ pub fn arrival_interfaces(
     sources: Vec<IpAddr>,
 ) -> io::Result<HashMap<IpAddr, String>> {
     in_netns(path, move || {
-        sources
+        let sock = neighbours::socket()?;
+        Ok(sources
             .into_iter()
-            .filter_map(|src| Some((src, route(src)?.0)))
-            .collect()
-    })
+            .filter_map(|src| Some((src, neighbours::route(&sock, src)?.0)))
+            .collect())
+    })?
 }
 
 /// The gateway the namespace at `path` routes each of `addrs` through,
@@ -235,39 +236,24 @@ pub fn arrival_interfaces(
 /// links, or with no route, is left out.
 pub fn gateways(path: &Path, addrs: Vec<IpAddr>) -> io::Result<HashMap<IpAddr, IpAddr>> {
     in_netns(path, move || {
-        addrs
+        let sock = neighbours::socket()?;
+        Ok(addrs
             .into_iter()
-            .filter_map(|a| Some((a, route(a)?.1?)))
-            .collect()
-    })
+            .filter_map(|a| Some((a, neighbours::route(&sock, a)?.1?)))
+            .collect())
+    })?
 }
 
 /// Where the traffic of a flow to `dead` from `src` leaves and comes from,
 /// by the routes of the namespace at `path`.
 pub fn hops(path: &Path, dead: IpAddr, src: IpAddr) -> io::Result<Hops> {
-    in_netns(path, move || Hops {
-        interface: route(dead).map(|(dev, _)| dev),
-        previous_hop: route(src).map(|(_, via)| via.unwrap_or(src)),
-    })
-}
-
-/// `ip -j route get ADDR`: the device, and the gateway if any, in this
-/// thread's namespace.
-fn route(addr: IpAddr) -> Option<(String, Option<IpAddr>)> {
-    let out = std::process::Command::new("ip")
-        .args(["-j", "route", "get", &addr.to_string()])
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .output()
-        .ok()?;
-    let routes: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    let first = routes.get(0)?;
-    let dev = first.get("dev")?.as_str()?.to_owned();
-    let via = first
-        .get("gateway")
-        .and_then(|g| g.as_str())
-        .and_then(|g| g.parse().ok());
-    Some((dev, via))
+    in_netns(path, move || {
+        let sock = neighbours::socket()?;
+        Ok(Hops {
+            interface: neighbours::route(&sock, dead).map(|(dev, _)| dev),
+            previous_hop: neighbours::route(&sock, src).map(|(_, via)| via.unwrap_or(src)),
+        })
+    })?
 }
 
 #[cfg(test)]

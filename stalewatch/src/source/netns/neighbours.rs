@@ -1,5 +1,6 @@
-//! Which neighbours a namespace failed to resolve, as the kernel itself
-//! says over rtnetlink (IPv4 and IPv6 alike): a neighbour in NUD_FAILED,
+//! Which neighbours a namespace failed to resolve, and the routes it takes
+//! (see [`route`]), as the kernel itself says over rtnetlink (IPv4 and IPv6
+//! alike). A failed neighbour is a neighbour in NUD_FAILED,
 //! or one in NUD_INCOMPLETE for longer than the kernel's own resolution
 //! time on its device. A neighbour that is being resolved right now is not
 //! failed.
@@ -153,7 +154,7 @@ pub fn settle(first: HashMap<IpAddr, Look>, max_wait: Duration) -> io::Result<Ha
     Ok(failed)
 }
 
-fn socket() -> io::Result<Socket> {
+pub(super) fn socket() -> io::Result<Socket> {
     let mut sock = Socket::new(NETLINK_ROUTE)?;
     sock.bind_auto()?;
     sock.connect(&SocketAddr::new(0, 0))?;
@@ -261,10 +262,21 @@ pub fn resolution_time(parms: &[NeighbourTableParameter]) -> Option<(u32, Durati
 fn dump(
     sock: &Socket,
     request: RouteNetlinkMessage,
+    on_message: impl FnMut(RouteNetlinkMessage),
+) -> io::Result<()> {
+    exchange(sock, request, NLM_F_REQUEST | NLM_F_DUMP, on_message)
+}
+
+/// One rtnetlink request with `flags`, each reply handed to `on_message`,
+/// until the kernel's done (a dump) or its acknowledgement (NLM_F_ACK).
+fn exchange(
+    sock: &Socket,
+    request: RouteNetlinkMessage,
+    flags: u16,
     mut on_message: impl FnMut(RouteNetlinkMessage),
 ) -> io::Result<()> {
     let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.flags = flags;
     header.sequence_number = 1;
     let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(request));
     packet.finalize();
@@ -306,12 +318,65 @@ fn dump(
     }
 }
 
+/// The route the calling thread's namespace takes to `addr` (as `ip route
+/// get` asks the kernel): the interface it leaves by, and the gateway, if
+/// any. `None` without a route.
+pub fn route(sock: &Socket, addr: IpAddr) -> Option<(String, Option<IpAddr>)> {
+    use netlink_packet_core::NLM_F_ACK;
+    use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+    let mut request = RouteMessage::default();
+    request.header.address_family = match addr {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    };
+    request.header.destination_prefix_length = if addr.is_ipv4() { 32 } else { 128 };
+    request
+        .attributes
+        .push(RouteAttribute::Destination(RouteAddress::from(addr)));
+    let (mut oif, mut via) = (None, None);
+    exchange(
+        sock,
+        RouteNetlinkMessage::GetRoute(request),
+        NLM_F_REQUEST | NLM_F_ACK,
+        |m| {
+            let RouteNetlinkMessage::NewRoute(r) = m else {
+                return;
+            };
+            for attr in &r.attributes {
+                match attr {
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => via = Some((*g).into()),
+                    RouteAttribute::Gateway(RouteAddress::Inet6(g)) => via = Some((*g).into()),
+                    _ => {}
+                }
+            }
+        },
+    )
+    .ok()?;
+    Some((
+        nix::net::if_::if_indextoname(oif?)
+            .ok()?
+            .into_string()
+            .ok()?,
+        via,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const S: fn(u64) -> Duration = Duration::from_secs;
     const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn the_route_to_a_local_address_leaves_by_loopback() {
+        let sock = socket().expect("an rtnetlink socket");
+        assert_eq!(
+            route(&sock, "127.0.0.1".parse().unwrap()),
+            Some(("lo".to_owned(), None))
+        );
+    }
 
     #[test]
     fn only_the_kernel_giving_up_is_failed() {
