@@ -35,7 +35,7 @@ use crate::{
 /// Podman's API socket (rootful), where stalewatch looks for it.
 pub const SOCKET: &str = "/run/podman/podman.sock";
 /// The rlimits runc accepts on our machines, and the runtime itself (crun
-/// refuses the machines' hybrid cgroups).
+/// refuses the machines' hybrid cgroups), for `podman run` and `build`.
 const RUN_FLAGS: &[&str] = &[
     "--runtime",
     "runc",
@@ -133,20 +133,11 @@ impl World {
             _lock: lock,
         };
         docker::Image::stage(&world.image_dir)?;
-        podman(&[
-            "build",
-            "-q",
-            "--runtime",
-            "runc",
-            "--ulimit",
-            "nofile=1024:1024",
-            "--ulimit",
-            "nproc=4096:4096",
-            "-t",
-            &world.image,
-            world.image_dir.to_str().context("path")?,
-        ])
-        .context("podman build")?;
+        let dir = world.image_dir.to_str().context("path")?.to_owned();
+        let mut build = vec!["build", "-q"];
+        build.extend_from_slice(RUN_FLAGS);
+        build.extend_from_slice(&["-t", &world.image, &dir]);
+        podman(&build).context("podman build")?;
         let link = Link::new(&world.name)?;
         let host_if = link.host_if.clone();
         world.link = Some(link);

@@ -47,6 +47,41 @@ fn host_in(subnet: &str, n: u8) -> IpAddr {
     IpAddr::from([a, b, c, n])
 }
 
+/// A network of the test's (with its keeper) and the first container
+/// publishing 8888/udp on it, at the subnet's .10: the network, its
+/// subnet and the container.
+fn deploy(w: &mut World) -> anyhow::Result<(String, String, podman::Container)> {
+    let subnet = free_subnets(1)?.remove(0);
+    let net = w.network("net", &subnet)?;
+    let web = w.service(
+        &format!("{}-web-a", w.name),
+        &net,
+        Some(host_in(&subnet, 10)),
+    )?;
+    Ok((net, subnet, web))
+}
+
+/// Deletes the root namespace's entries of the producer's flows from
+/// `sport` (as an operator's `conntrack -D` would, or their timeout).
+fn forget(sport: u16) {
+    // Exit status 1 when there was none.
+    let _ = stalewatch_tests::run(&[
+        "conntrack",
+        "-D",
+        "-p",
+        "udp",
+        "--orig-src",
+        &stalewatch_tests::docker::PRODUCER.to_string(),
+        "--orig-port-src",
+        &sport.to_string(),
+    ]);
+}
+
+/// Entries as a test compares them before and after a fix: id and reply.
+fn ids(v: &[stalewatch::domain::Entry]) -> Vec<(Option<u32>, stalewatch::domain::Tuple)> {
+    v.iter().map(|e| (e.id, e.reply)).collect()
+}
+
 /// A bounded stream of the producer's from `sport` to the service.
 fn stream(w: &World, sport: u16, max: u64, limit: Duration) -> anyhow::Result<Producer> {
     Producer::start(
@@ -150,8 +185,6 @@ fn check_and_fix(verdict: &str, sport: u16, keep: &[u16]) -> anyhow::Result<()> 
         .iter()
         .flat_map(|p| entries_from(Deployment::producer(*p)))
         .collect();
-    let ids =
-        |v: &[stalewatch::domain::Entry]| v.iter().map(|e| (e.id, e.reply)).collect::<Vec<_>>();
     assert_eq!(
         ids(&before),
         ids(&after),
@@ -170,13 +203,7 @@ fn pinned_on_the_same_network_with_a_new_address() -> anyhow::Result<()> {
         return Ok(());
     }
     let mut w = World::new(true)?;
-    let subnet = free_subnets(1)?.remove(0);
-    let net = w.network("net", &subnet)?;
-    let old = w.service(
-        &format!("{}-web-a", w.name),
-        &net,
-        Some(host_in(&subnet, 10)),
-    )?;
+    let (net, subnet, old) = deploy(&mut w)?;
     let watcher = Watcher::start(&["--audit-every", "2s"])?;
     let mut producer = stream(&w, SPORT, 1200, secs(120))?;
     assert!(
@@ -298,8 +325,6 @@ fn pinned_on_a_new_network_by_podman_compose() -> anyhow::Result<()> {
     assert_eq!(ours_deleted.len(), 1, "only the stream's: {ours_deleted:?}");
     let (status, _) = fixer.stop()?;
     assert!(status.success(), "stalewatch exited {status}");
-    let ids =
-        |v: &[stalewatch::domain::Entry]| v.iter().map(|e| (e.id, e.reply)).collect::<Vec<_>>();
     assert_eq!(
         ids(&sibling),
         ids(&entries_from(Deployment::producer(NEW_SPORT))),
@@ -327,29 +352,14 @@ fn silent_bypass_into_conmons_socket() -> anyhow::Result<()> {
         return Ok(());
     }
     let mut w = World::new(true)?;
-    let subnet = free_subnets(1)?.remove(0);
-    let net = w.network("net", &subnet)?;
-    let old = w.service(
-        &format!("{}-web-a", w.name),
-        &net,
-        Some(host_in(&subnet, 10)),
-    )?;
+    let (net, subnet, old) = deploy(&mut w)?;
     let mut producer = stream(&w, SPORT, 1200, secs(120))?;
     assert!(w.wait_from(&old, Deployment::producer(SPORT), 5, secs(10)));
 
     // The redeploy's gap: no container publishes 8888, and the stream's
     // entry is gone (an operator's conntrack -D, or its timeout).
     w.remove(&old.name)?;
-    stalewatch_tests::run(&[
-        "conntrack",
-        "-D",
-        "-p",
-        "udp",
-        "--orig-src",
-        &stalewatch_tests::docker::PRODUCER.to_string(),
-        "--orig-port-src",
-        &SPORT.to_string(),
-    ])?;
+    forget(SPORT);
     let gap = stalewatch_tests::poll(secs(5), || {
         entry(SPORT, Deployment::service()).filter(|e| e.reply.src == e.orig.dst)
     })
@@ -420,13 +430,7 @@ fn quiet_cases_stay_quiet() -> anyhow::Result<()> {
     const UNPUBLISHED: u16 = 40011;
     const NEIGHBOUR: u16 = 41000;
     let mut w = World::new(true)?;
-    let subnet = free_subnets(1)?.remove(0);
-    let net = w.network("net", &subnet)?;
-    let old = w.service(
-        &format!("{}-web-a", w.name),
-        &net,
-        Some(host_in(&subnet, 10)),
-    )?;
+    let (net, subnet, old) = deploy(&mut w)?;
     let watcher = Watcher::start(&["--audit-every", "2s"])?;
 
     // Rolling: the stream pauses, its entry goes, the container is
@@ -435,16 +439,7 @@ fn quiet_cases_stay_quiet() -> anyhow::Result<()> {
     assert!(w.wait_from(&old, Deployment::producer(ROLLING), 5, secs(10)));
     first.stop();
     w.remove(&old.name)?;
-    let _ = stalewatch_tests::run(&[
-        "conntrack",
-        "-D",
-        "-p",
-        "udp",
-        "--orig-src",
-        &stalewatch_tests::docker::PRODUCER.to_string(),
-        "--orig-port-src",
-        &ROLLING.to_string(),
-    ]);
+    forget(ROLLING);
     let new = w.service(
         &format!("{}-web-b", w.name),
         &net,
