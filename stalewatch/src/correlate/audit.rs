@@ -6,9 +6,10 @@
 //! Pure: entries and facts about the namespace in, findings out.
 //!
 //! - `bypass`: an entry without NAT delivers a flow to one of the host's
-//!   own addresses, while other entries to the same destination (protocol,
-//!   address, port) are DNATed: the flow's entry was made while no DNAT
-//!   existed, and NAT rules are never consulted for it again.
+//!   own addresses, while a current rule would DNAT this very flow (where
+//!   the rules are read; else: other entries to the same destination are
+//!   DNATed): the flow's entry was made while no DNAT existed, and NAT
+//!   rules are never consulted for it again.
 //! - `stale`: a DNATed entry is pinned to a backend that the host no longer
 //!   finds among its neighbours, while the service sends other flows to a
 //!   backend that it does find.

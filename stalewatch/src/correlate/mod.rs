@@ -20,10 +20,11 @@
 //!   and none goes elsewhere;
 //! - `unconfirmed`: neither can be told yet;
 //! - `bypass`: the flow's entry was made without NAT (while no DNAT rule
-//!   existed) and delivers it to this host, while newer flows to the same
-//!   destination are DNATed elsewhere. Such flows reach the correlator as
-//!   datagrams this host refused; without DNATed siblings they are no stale
-//!   flow and stay quiet.
+//!   existed) and delivers it to this host, while a current rule would
+//!   DNAT this very flow (where the rules are read), or newer flows to the
+//!   same destination are DNATed elsewhere (where they are not). Such flows
+//!   reach the correlator as datagrams this host refused, or from the
+//!   audit; without either proof they are no stale flow and stay quiet.
 
 pub mod audit;
 mod judge;
@@ -281,8 +282,8 @@ impl Correlator {
     /// Takes a flow that the periodic conntrack audit found bypassing a
     /// DNAT: no packet of it needs to fail (a proxy on the host may serve
     /// it), so it is due at once. Its kernel counters, if any, are kept.
-    /// `rules`: where no sibling is DNATed, the backends of the current
-    /// rule that the audit proved would DNAT it.
+    /// `rules`: where the audit proved it by a current rule that would DNAT
+    /// it (or, without the rules, found no sibling), the current backends.
     pub fn observe_audited(
         &mut self,
         flow: Observation,

@@ -23,21 +23,26 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Connects to journald's socket; `None` where it does not take
-    /// entries (then the caller writes to stdout as before).
+    /// A socket for journald's; `None` where journald takes no entries
+    /// there (then the caller writes to stdout as before).
     pub fn connect() -> Option<Journal> {
         let socket = UnixDatagram::unbound().ok()?;
-        socket
-            .connect(SOCKET)
-            .map_err(|e| log::debug!("journal socket {SOCKET}: {e}"))
-            .ok()?;
+        // A journald that falls behind must not stall the watch: a full
+        // queue is an error, and the record goes to stdout instead.
+        socket.set_nonblocking(true).ok()?;
+        if !std::path::Path::new(SOCKET).exists() {
+            log::debug!("no journal socket at {SOCKET}");
+            return None;
+        }
         Some(Journal { socket })
     }
 
-    /// Sends `record`, said as `message`, as one entry.
+    /// Sends `record`, said as `message`, as one entry (to the socket's
+    /// path each time, as sd_journal_send does: a restarted journald is
+    /// reached again).
     pub fn send(&self, record: &Record, message: &str) -> io::Result<()> {
         let entry = encode(&fields(record, message));
-        self.socket.send(&entry).map(drop)
+        self.socket.send_to(&entry, SOCKET).map(drop)
     }
 }
 

@@ -50,11 +50,21 @@ pub fn holder(path: &Path, proto: Proto, addr: IpAddr, port: u16) -> Option<Port
     })
     .map_err(|e| log::debug!("sockets of {}: {e}", path.display()))
     .ok()?;
+    // As the kernel picks: the socket bound to the very address, then a
+    // wildcard of the address's own family, then an IPv6 one.
+    let rank = |b: &Bound| {
+        if b.addr == addr {
+            0
+        } else if b.addr.is_ipv4() == addr.is_ipv4() {
+            1
+        } else {
+            2
+        }
+    };
     let socket = bound
         .iter()
         .filter(|b| b.port == port && b.inode != 0 && serves(b.addr, addr))
-        // The socket bound to the very address first, as the kernel picks.
-        .max_by_key(|b| b.addr == addr)?;
+        .min_by_key(|b| rank(b))?;
     let pid = owner(socket.inode)?;
     let program = fs::read_to_string(format!("/proc/{pid}/comm"))
         .ok()?
@@ -104,12 +114,12 @@ fn parse_table(text: &str, listening_only: bool) -> Vec<Bound> {
         .collect()
 }
 
-/// An address as /proc writes it: the bytes of each 32-bit word in host
-/// order (little-endian here), in hex.
+/// An address as /proc writes it: each 32-bit word as the host holds it
+/// in memory, printed in hex as a native integer.
 fn parse_addr(hex: &str) -> Option<IpAddr> {
     let word = |i: usize| -> Option<[u8; 4]> {
         let w = u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok()?;
-        Some(w.to_le_bytes())
+        Some(w.to_ne_bytes())
     };
     match hex.len() {
         8 => Some(IpAddr::V4(Ipv4Addr::from(word(0)?))),

@@ -22,11 +22,12 @@ use crate::{
 /// much later still does.
 pub const CONFIRM_AFTER: Duration = Duration::from_millis(900);
 /// The same for an entry whose backend is on this host's links (a
-/// container's bridge, a pod's): its packets fail here once the host's
-/// neighbour entry for it fails, and the kernel path raises it then, with
-/// its evidence. That can take the kernel's reachable time (15-45 s) and a
-/// probe after a container was removed, while the bridge floods the
-/// packets unanswered: the audit raises it after this long instead.
+/// container's bridge) and held by a container the engine saw removed: its
+/// packets fail here once the host's neighbour entry for it fails, and the
+/// kernel path raises it then, with its evidence. That can take the
+/// kernel's reachable time (15-45 s) and a probe after a container was
+/// removed, while the bridge floods the packets unanswered: the audit
+/// raises it after this long instead (at the first audit past it).
 pub const ON_LINK_CONFIRM_AFTER: Duration = Duration::from_secs(12);
 
 pub struct Auditor {
@@ -79,6 +80,18 @@ impl Auditor {
                 Err(e) => log::warn!("audit: routes back to the sources: {e}"),
             }
         }
+        // The DNATed entries of each service, for the bypasses' siblings.
+        let mut siblings_of: HashMap<crate::domain::Service, Siblings> = HashMap::new();
+        for other in entries.iter().filter(|o| o.is_dnat()) {
+            *siblings_of
+                .entry(other.orig.service())
+                .or_default()
+                .dnat_backends
+                .entry(other.backend())
+                .or_default() += 1;
+        }
+        // The engines' containers, for on-link backends (see below).
+        let snapshot = engine.map(Engine::snapshot);
         let now = monotonic();
         let mut seen = HashMap::new();
         let mut follow_up = false;
@@ -87,7 +100,8 @@ impl Auditor {
         // Where the packets leave for another host, a second look confirms
         // it; on this host's links, or with no route at all, they fail here,
         // where the kernel path sees them (with their evidence), unless the
-        // host's neighbour entry lingers (see ON_LINK_CONFIRM_AFTER).
+        // host's neighbour entry for a removed container lingers (see
+        // ON_LINK_CONFIRM_AFTER).
         let mut backends: Vec<IpAddr> = findings
             .iter()
             .filter(|f| f.verdict != Verdict::Bypass && f.entry.is_dnat())
@@ -114,12 +128,10 @@ impl Auditor {
             };
             let alert = if finding.verdict == Verdict::Bypass {
                 // Its DNATed siblings, and the rule that would DNAT it.
-                let mut siblings = Siblings::default();
-                for other in entries.iter().filter(|o| o.is_dnat()) {
-                    if other.orig.service() == e.orig.service() {
-                        *siblings.dnat_backends.entry(other.backend()).or_default() += 1;
-                    }
-                }
+                let siblings = siblings_of
+                    .get(&e.orig.service())
+                    .cloned()
+                    .unwrap_or_default();
                 // With the rules read, the audit judged it a bypass only
                 // on a rule's proof, whose backends are the current ones.
                 let rules = (judge_dnat || siblings.dnat_backends.is_empty())
@@ -127,6 +139,17 @@ impl Auditor {
                 correlator.observe_audited(flow, &siblings, rules, now)
             } else if !e.is_dnat() || facts.neighbour_failed(e.backend().addr) {
                 // Failing here: the kernel path raises it, with evidence.
+                continue;
+            } else if !remote.contains_key(&e.backend().addr)
+                && !snapshot
+                    .as_ref()
+                    .is_some_and(|s| s.is_gone(e.backend().addr))
+            {
+                // On this host's links, the rules alone are no proof: a
+                // draining pod still serves its connections after its rule
+                // went, and a copy of the rules may lag. Only the engine's
+                // word that the container holding the address is gone is;
+                // else the kernel path raises it once its packets fail.
                 continue;
             } else {
                 let hold = if remote.contains_key(&e.backend().addr) {

@@ -122,10 +122,17 @@ impl View {
         } else {
             self.siblings_of(flow, max_age)
         };
+        // The rules' word where the siblings name no other backend: a
+        // lone flow (asked per due report, so only when it helps).
+        let lone = siblings
+            .as_ref()
+            .is_none_or(|s| s.dnat_backends.keys().all(|b| *b == flow.backend()));
         let rules = if flow.local {
             siblings.as_ref().and_then(|_| self.dnat_now(flow))
-        } else {
+        } else if lone {
             self.rule_backends(flow).map(|b| (None, b))
+        } else {
+            None
         };
         Evidence {
             entry_exists: None,
