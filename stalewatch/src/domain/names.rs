@@ -95,31 +95,9 @@ pub struct PortHolder {
     /// Its command name (`/proc/PID/comm`).
     pub program: String,
     pub pid: u32,
-    /// Bytes waiting in the socket's receive queue.
+    /// Bytes waiting in the socket's receive queue (for a TCP listener,
+    /// connections waiting to be accepted).
     pub queued_bytes: u64,
-}
-
-impl PortHolder {
-    /// What the holder does with a bypassed stream, in a sentence, for the
-    /// `proto/port` it holds.
-    pub fn evidence(&self, proto: &str, port: u16) -> String {
-        let who = format!(
-            "the host's socket on {proto}/{port} belongs to {} (pid {})",
-            self.program, self.pid
-        );
-        match self.program.as_str() {
-            "conmon" => format!(
-                "{who}, podman's port holder, not to an application: it never reads it \
-                 ({} bytes queued), so the stream is lost there without a trace",
-                self.queued_bytes
-            ),
-            "docker-proxy" => format!(
-                "{who}, Docker's userland proxy: it relays the stream to the container with \
-                 the host's address as the source"
-            ),
-            _ => format!("{who}, not to the container that publishes it"),
-        }
-    }
 }
 
 /// Where a dead destination's traffic leaves and comes from, by the

@@ -18,7 +18,7 @@ use crate::{
     correlate::audit::Finding,
     domain::{
         Alert, AlertState, Backend, ContainerRef, Containers, DropEvidence, Entry, Family, Hops,
-        IcmpEvidence, NetnsInfo, Proto, Resolution, Tuple, Verdict,
+        IcmpEvidence, NetnsInfo, PortHolder, Proto, Resolution, Tuple, Verdict,
     },
 };
 
@@ -145,7 +145,7 @@ impl Pinned {
                 ));
             }
             if let Some(holder) = &containers.holder {
-                evidence.push(holder.evidence(&orig.proto.name(), orig.dport));
+                evidence.push(holder_evidence(holder, &orig.proto.name(), orig.dport));
             }
         }
         Pinned {
@@ -477,6 +477,32 @@ impl DeadDestination {
 
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// What the holder of a bypassed port does with the stream, in a
+/// sentence, for the `proto/port` it holds.
+fn holder_evidence(holder: &PortHolder, proto: &str, port: u16) -> String {
+    let who = format!(
+        "the host's socket on {proto}/{port} belongs to {} (pid {})",
+        holder.program, holder.pid
+    );
+    match holder.program.as_str() {
+        "conmon" => format!(
+            "{who}, podman's port holder, not to an application: it never reads it \
+             ({} {}), so the stream is lost there without a trace",
+            holder.queued_bytes,
+            if proto == "udp" {
+                "bytes queued"
+            } else {
+                "connections waiting"
+            }
+        ),
+        "docker-proxy" => format!(
+            "{who}, Docker's userland proxy: it relays the stream to the container with \
+             the host's address as the source"
+        ),
+        _ => format!("{who}, not to the container that publishes it"),
+    }
 }
 
 #[cfg(test)]

@@ -407,12 +407,22 @@ impl Engine {
             sockets.to_vec()
         };
         let mut seen = HashSet::new();
-        let clients: Vec<Client> = wanted
+        let mut clients = Vec::new();
+        for socket in wanted
             .iter()
             .map(|s| s.strip_prefix("unix://").unwrap_or(s))
             .filter(|s| seen.insert(std::fs::canonicalize(s).unwrap_or_else(|_| s.into())))
-            .filter_map(Client::connect)
-            .collect();
+        {
+            match Client::connect(socket) {
+                Some(client) => clients.push(client),
+                // Asked for by name: say so whatever the log level.
+                None if !sockets.is_empty() => log::warn!(
+                    "--engine-socket {socket}: no container engine answers there (a unix \
+                     socket path is expected)"
+                ),
+                None => {}
+            }
+        }
         if sockets.is_empty()
             && !clients.iter().any(|c| c.kind == EngineKind::Podman)
             && podman_installed()

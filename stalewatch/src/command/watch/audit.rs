@@ -34,7 +34,8 @@ pub struct Auditor {
     /// The namespace the audit reads.
     path: PathBuf,
     /// Entries judged stale against the NAT intent, with when they first
-    /// were (monotonic): raised at the next look that still judges so.
+    /// were (monotonic): raised at a look at least CONFIRM_AFTER (on-link:
+    /// ON_LINK_CONFIRM_AFTER) later that still judges so.
     pending: HashMap<(Tuple, Tuple), Duration>,
 }
 

@@ -20,7 +20,7 @@ use crate::{
     source::{
         engine::Engine,
         kernel::{Probes, decode},
-        netns, sockets,
+        netns,
     },
 };
 
@@ -271,7 +271,7 @@ impl<W: io::Write> Pipeline<W> {
         if let (Some(path), Verdict::Bypass, false) =
             (&path, alert.verdict, alert.state == AlertState::Resolved)
         {
-            containers.holder = sockets::holder(path, orig.proto, orig.dst, orig.dport);
+            containers.holder = self.view.holder(path, orig.proto, orig.dst, orig.dport);
         }
         let hops = match (&path, alert.verdict) {
             (Some(path), Verdict::DeadDestination) => {

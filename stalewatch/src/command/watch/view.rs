@@ -5,6 +5,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    net::IpAddr,
     path::{Path, PathBuf},
     rc::Rc,
     sync::Arc,
@@ -18,16 +19,17 @@ use crate::{
     correlate::{RaisedFlow, audit},
     domain::{
         AlertState, Backend, Entry, Evidence, KnownFacts, NatIntent, NetnsInfo, Observation,
-        Service, Siblings, Tuple,
+        PortHolder, Proto, Service, Siblings, Tuple,
     },
     error::chain,
     source::{
         conntrack::{self, Conn, Filter},
-        netns,
+        netns, sockets,
     },
 };
 
 const NETNS_TTL: Duration = Duration::from_secs(10);
+const HOLDER_TTL: Duration = Duration::from_secs(10);
 const SIBLINGS_TTL: Duration = Duration::from_secs(2);
 /// The same for reminders: a service's siblings cost a conntrack dump that
 /// walks the whole table and copies every entry of the service.
@@ -52,9 +54,34 @@ pub struct View {
     facts_failed: bool,
     /// The audited namespace's NAT intent, as last read.
     rules: Rules,
+    /// Who holds a port's socket, by namespace and port, looked up at most
+    /// every HOLDER_TTL: the lookup walks every process's open files, and
+    /// many flows may bypass one port.
+    holders: HashMap<(PathBuf, Proto, IpAddr, u16), (Option<PortHolder>, Instant)>,
 }
 
 impl View {
+    /// The process holding the socket `proto` flows to `addr:port` land on
+    /// in the namespace at `path` (see [`sockets::holder`]).
+    pub fn holder(
+        &mut self,
+        path: &Path,
+        proto: Proto,
+        addr: IpAddr,
+        port: u16,
+    ) -> Option<PortHolder> {
+        let key = (path.to_owned(), proto, addr, port);
+        if let Some((holder, at)) = self.holders.get(&key)
+            && at.elapsed() < HOLDER_TTL
+        {
+            return holder.clone();
+        }
+        self.holders.retain(|_, (_, at)| at.elapsed() < HOLDER_TTL);
+        let holder = sockets::holder(path, proto, addr, port);
+        self.holders.insert(key, (holder.clone(), Instant::now()));
+        holder
+    }
+
     /// Closes the sockets of the round.
     pub fn end_round(&mut self) {
         self.conns.clear();

@@ -275,9 +275,13 @@ fn exchange(
     flags: u16,
     mut on_message: impl FnMut(RouteNetlinkMessage),
 ) -> io::Result<()> {
+    /// Each request its own number: a reply left over from an exchange
+    /// that ended early on a reused socket is told apart and skipped.
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut header = NetlinkHeader::default();
     header.flags = flags;
-    header.sequence_number = 1;
+    header.sequence_number = seq;
     let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(request));
     packet.finalize();
     let mut bytes = vec![0; packet.buffer_len()];
@@ -291,6 +295,10 @@ fn exchange(
         while !rest.is_empty() {
             let msg = NetlinkBuffer::new_checked(rest).map_err(io::Error::other)?;
             let mlen = msg.length() as usize;
+            if msg.sequence_number() != seq {
+                rest = &rest[mlen.next_multiple_of(4).min(rest.len())..];
+                continue;
+            }
             match msg.message_type() {
                 NLMSG_DONE => return Ok(()),
                 NLMSG_ERROR => {
