@@ -30,6 +30,10 @@ use crate::{
 
 const NETNS_TTL: Duration = Duration::from_secs(10);
 const HOLDER_TTL: Duration = Duration::from_secs(10);
+
+/// A port in a namespace: the namespace's path, the protocol, the address
+/// and the port.
+type PortKey = (PathBuf, Proto, IpAddr, u16);
 const SIBLINGS_TTL: Duration = Duration::from_secs(2);
 /// The same for reminders: a service's siblings cost a conntrack dump that
 /// walks the whole table and copies every entry of the service.
@@ -57,7 +61,7 @@ pub struct View {
     /// Who holds a port's socket, by namespace and port, looked up at most
     /// every HOLDER_TTL: the lookup walks every process's open files, and
     /// many flows may bypass one port.
-    holders: HashMap<(PathBuf, Proto, IpAddr, u16), (Option<PortHolder>, Instant)>,
+    holders: HashMap<PortKey, (Option<PortHolder>, Instant)>,
 }
 
 impl View {
