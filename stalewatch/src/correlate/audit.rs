@@ -111,7 +111,7 @@ fn bypass(
     }
     let destination = Backend::new(entry.orig.dst, entry.orig.dport);
     let rule = match intent.filter(|i| !i.read().is_empty()) {
-        Some(intent) => Some(dnat_now(entry, intent, facts)?),
+        Some(intent) => Some(dnat_now(&entry.orig, intent, facts)?),
         None => None,
     };
     let by_rule = rule
@@ -172,10 +172,9 @@ pub struct DnatNow {
     pub backends: Vec<Backend>,
 }
 
-/// Whether a current rule would DNAT the flow of `entry` (made without
-/// NAT) now: its source, its destination and the interface it arrives on.
-pub fn dnat_now(entry: &Entry, intent: &NatIntent, facts: &KnownFacts) -> Option<DnatNow> {
-    let orig = &entry.orig;
+/// Whether a current rule would DNAT a flow `orig` made without NAT now:
+/// its source, its destination and the interface it arrives on.
+pub fn dnat_now(orig: &Tuple, intent: &NatIntent, facts: &KnownFacts) -> Option<DnatNow> {
     let iif = facts.arrives_on.get(&orig.src).map(String::as_str);
     let (rule, _) = intent
         .for_flow(orig, iif, |a| facts.is_local(a))

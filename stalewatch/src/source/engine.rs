@@ -191,12 +191,6 @@ impl Snapshot {
             .map(|c| c.container.clone())
     }
 
-    /// Whether `ip` was a container's that this process saw removed, and
-    /// no running container has it now.
-    pub fn is_gone(&self, ip: IpAddr) -> bool {
-        self.gone.contains_key(&ip) && !self.is_container(ip)
-    }
-
     /// Whether a running container has address `ip`.
     pub fn is_container(&self, ip: IpAddr) -> bool {
         self.running.iter().any(|c| c.ips.contains(&ip))
@@ -613,11 +607,6 @@ mod tests {
         assert!(gone.gone);
         assert_eq!(serde_json::to_value(&gone).unwrap()["gone"], true);
         assert!(!later.is_container(ip));
-        assert!(
-            later.is_gone(ip),
-            "removed: its address is a gone container's"
-        );
-        assert!(!snap.is_gone(ip), "running");
         assert!(later.by_netns(4026532999).is_none());
     }
 

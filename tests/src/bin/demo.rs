@@ -117,14 +117,7 @@ fn demo() -> anyhow::Result<()> {
     )?;
 
     let stream_src = story.producer_addr(40000);
-    let mut stream = Producer::start(
-        &story.producer,
-        stream_src,
-        story.service(),
-        Duration::from_millis(100),
-        1200,
-        Duration::from_secs(120),
-    )?;
+    let mut stream = produce(&story.producer, stream_src, story.service(), 1200)?;
     step("A producer streams 10 datagrams a second from 192.0.2.2:40000 to 192.0.2.1:8888");
     if !old_service.wait_from(stream_src, 10, Duration::from_secs(10)) {
         bail!("the stream did not reach the old container");
@@ -143,14 +136,7 @@ fn demo() -> anyhow::Result<()> {
     drop(old_service);
     let new_service = Receiver::start(&story.new, 8888)?;
     let fresh_src = story.producer_addr(40001);
-    let mut fresh = Producer::start(
-        &story.producer,
-        fresh_src,
-        story.service(),
-        Duration::from_millis(100),
-        20,
-        Duration::from_secs(5),
-    )?;
+    let mut fresh = produce(&story.producer, fresh_src, story.service(), 20)?;
     pause(Duration::from_secs(3))?;
     println!(
         "    a NEW flow from port 40001 reaches the new container: {} datagrams. Every quick test passes...",
@@ -211,14 +197,7 @@ fn demo_docker() -> anyhow::Result<()> {
         true,
     )?;
     let stream_src = Deployment::producer(40000);
-    let mut stream = Producer::start(
-        &d.link.ns,
-        stream_src,
-        Deployment::service(),
-        Duration::from_millis(100),
-        1200,
-        Duration::from_secs(120),
-    )?;
+    let mut stream = produce(&d.link.ns, stream_src, Deployment::service(), 1200)?;
     step(&format!(
         "A producer in namespace {} streams 10 datagrams a second from {stream_src} to {} (one veth to the host)",
         d.link.ns.name,
@@ -244,14 +223,7 @@ fn demo_docker() -> anyhow::Result<()> {
         new.name, new.ip
     );
     let fresh_src = Deployment::producer(40001);
-    let mut fresh = Producer::start(
-        &d.link.ns,
-        fresh_src,
-        Deployment::service(),
-        Duration::from_millis(100),
-        300,
-        Duration::from_secs(30),
-    )?;
+    let mut fresh = produce(&d.link.ns, fresh_src, Deployment::service(), 300)?;
     pause(Duration::from_secs(3))?;
     println!(
         "    a NEW flow from port 40001 reaches {} with its own address: {} datagrams from {fresh_src}",
@@ -341,14 +313,7 @@ fn demo_podman() -> anyhow::Result<()> {
         true,
     )?;
     let stream_src = Deployment::producer(40000);
-    let mut stream = Producer::start(
-        &w.link().ns,
-        stream_src,
-        Deployment::service(),
-        Duration::from_millis(100),
-        1800,
-        Duration::from_secs(180),
-    )?;
+    let mut stream = produce(&w.link().ns, stream_src, Deployment::service(), 1800)?;
     step(&format!(
         "A producer in namespace {} streams 10 datagrams a second from {stream_src} to {}",
         w.link().ns.name,
@@ -363,14 +328,7 @@ fn demo_podman() -> anyhow::Result<()> {
     let new = w.service(&format!("{}-web-b", w.name), &net, Some(at(11)?))?;
     println!("    container {} at {}", new.name, new.ip);
     let fresh_src = Deployment::producer(40001);
-    let mut fresh = Producer::start(
-        &w.link().ns,
-        fresh_src,
-        Deployment::service(),
-        Duration::from_millis(100),
-        300,
-        Duration::from_secs(30),
-    )?;
+    let mut fresh = produce(&w.link().ns, fresh_src, Deployment::service(), 300)?;
     pause(Duration::from_secs(2))?;
     println!(
         "    a NEW flow from port 40001 reaches {}: {} datagrams; the stream from port 40000: {}",
@@ -405,15 +363,8 @@ fn demo_podman() -> anyhow::Result<()> {
         w.sources(&third).get(&stream_src).copied().unwrap_or(0)
     );
     step("Waiting for stalewatch's audit (no packet fails: nothing else would tell)");
-    let fix = poll_interruptible(Duration::from_secs(30), || {
-        watcher.wait_line(Duration::from_millis(200), |l| {
-            l.trim_start().starts_with("fix ")
-                && l.contains("--sport 40000")
-                && l.contains("-r 198.51.100.1")
-        })
-    })?
-    .context("stalewatch raised no bypass within 30 s")?;
-    let fix = fix.trim_start().trim_start_matches("fix").trim().to_owned();
+    // The bypass's fix names the host itself as the entry's reply source.
+    let fix = fix_command(&watcher, "-r 198.51.100.1 -q 198.51.100.2 --sport 40000")?;
     step(&format!("Applying the fix stalewatch printed: {fix}"));
     sh(&fix)?;
     if !w.wait_from(&third, stream_src, 10, Duration::from_secs(10)) {
@@ -430,6 +381,24 @@ fn demo_podman() -> anyhow::Result<()> {
         "Removing the containers, network {net}, the image, the veth, the FORWARD rules and the namespace"
     ));
     Ok(())
+}
+
+/// A producer in `ns` sending `count` datagrams from `from` to `to`, ten
+/// a second (bounded in time too).
+fn produce(
+    ns: &stalewatch_tests::netns::Netns,
+    from: std::net::SocketAddr,
+    to: std::net::SocketAddr,
+    count: u64,
+) -> anyhow::Result<Producer> {
+    Producer::start(
+        ns,
+        from,
+        to,
+        Duration::from_millis(100),
+        count,
+        Duration::from_secs(count / 10 + 3),
+    )
 }
 
 /// Polls `f` until it yields, the time is up, or Ctrl-C.
@@ -452,12 +421,14 @@ fn poll_interruptible<T>(
 /// Waits for stalewatch's text alert and returns the fix command it prints
 /// (on a `fix` line that contains `must_contain`).
 fn fix_command(watcher: &Watcher, must_contain: &str) -> anyhow::Result<String> {
-    let line = poll_interruptible(Duration::from_secs(30), || {
+    // A pinned flow fails once the old address's neighbour entry does: up to a
+    // minute where the old container was confirmed reachable just before.
+    let line = poll_interruptible(Duration::from_secs(75), || {
         watcher.wait_line(Duration::from_millis(200), |l| {
             l.trim_start().starts_with("fix ") && l.contains(must_contain)
         })
     })?
-    .context("stalewatch raised no alert within 30 s")?;
+    .context("stalewatch raised no alert within 75 s")?;
     Ok(line
         .trim_start()
         .trim_start_matches("fix")

@@ -21,21 +21,13 @@ use crate::{
 /// An entry the audit judges stale is raised when a look at least this
 /// much later still does.
 pub const CONFIRM_AFTER: Duration = Duration::from_millis(900);
-/// The same for an entry whose backend is on this host's links (a
-/// container's bridge) and held by a container the engine saw removed: its
-/// packets fail here once the host's neighbour entry for it fails, and the
-/// kernel path raises it then, with its evidence. That can take the
-/// kernel's reachable time (15-45 s) and a probe after a container was
-/// removed, while the bridge floods the packets unanswered: the audit
-/// raises it after this long instead (at the first audit past it).
-pub const ON_LINK_CONFIRM_AFTER: Duration = Duration::from_secs(12);
 
 pub struct Auditor {
     /// The namespace the audit reads.
     path: PathBuf,
     /// Entries judged stale against the NAT intent, with when they first
-    /// were (monotonic): raised at a look at least CONFIRM_AFTER (on-link:
-    /// ON_LINK_CONFIRM_AFTER) later that still judges so.
+    /// were (monotonic): raised at a look at least CONFIRM_AFTER later that
+    /// still judges so.
     pending: HashMap<(Tuple, Tuple), Duration>,
 }
 
@@ -91,18 +83,14 @@ impl Auditor {
                 .entry(other.backend())
                 .or_default() += 1;
         }
-        // The engines' containers, for on-link backends (see below).
-        let snapshot = engine.map(Engine::snapshot);
         let now = monotonic();
         let mut seen = HashMap::new();
         let mut follow_up = false;
         let mut alerts = Vec::new();
         let findings = audit::audit(&entries, &facts, intent.as_deref());
-        // Where the packets leave for another host, a second look confirms
-        // it; on this host's links, or with no route at all, they fail here,
-        // where the kernel path sees them (with their evidence), unless the
-        // host's neighbour entry for a removed container lingers (see
-        // ON_LINK_CONFIRM_AFTER).
+        // Judged against the rules only where the packets leave for another
+        // host: on this host's links, or with no route at all, they fail
+        // here, where the kernel path sees them (with their evidence).
         let mut backends: Vec<IpAddr> = findings
             .iter()
             .filter(|f| f.verdict != Verdict::Bypass && f.entry.is_dnat())
@@ -141,27 +129,17 @@ impl Auditor {
             } else if !e.is_dnat() || facts.neighbour_failed(e.backend().addr) {
                 // Failing here: the kernel path raises it, with evidence.
                 continue;
-            } else if !remote.contains_key(&e.backend().addr)
-                && !snapshot
-                    .as_ref()
-                    .is_some_and(|s| s.is_gone(e.backend().addr))
-            {
-                // On this host's links, the rules alone are no proof: a
-                // draining pod still serves its connections after its rule
-                // went, and a copy of the rules may lag. Only the engine's
-                // word that the container holding the address is gone is;
-                // else the kernel path raises it once its packets fail.
+            } else if !remote.contains_key(&e.backend().addr) {
+                // On this host's links, or with no route at all, its packets
+                // fail here once its neighbour does: the kernel path raises
+                // it then, with evidence. The rules alone are no proof
+                // here (a draining pod still serves after its rule went).
                 continue;
             } else {
-                let hold = if remote.contains_key(&e.backend().addr) {
-                    CONFIRM_AFTER
-                } else {
-                    ON_LINK_CONFIRM_AFTER
-                };
                 let first = *self.pending.get(&(e.orig, e.reply)).unwrap_or(&now);
                 seen.insert((e.orig, e.reply), first);
-                if now.saturating_sub(first) < hold {
-                    follow_up |= hold == CONFIRM_AFTER;
+                if now.saturating_sub(first) < CONFIRM_AFTER {
+                    follow_up = true;
                     continue;
                 }
                 flow.local = false;

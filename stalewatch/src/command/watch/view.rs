@@ -192,15 +192,7 @@ impl View {
         let (path, intent) = self.intent_of(flow)?;
         let mut facts = self.facts(&path);
         facts.arrives_on = netns::arrival_interfaces(&path, vec![flow.orig.src]).ok()?;
-        let entry = Entry {
-            orig: flow.orig,
-            reply: flow.reply,
-            status: flow.status,
-            timeout: None,
-            id: None,
-            zone: 0,
-        };
-        let now = audit::dnat_now(&entry, &intent, &facts);
+        let now = audit::dnat_now(&flow.orig, &intent, &facts);
         Some((
             Some(now.is_some()),
             now.map(|n| n.backends).unwrap_or_default(),
