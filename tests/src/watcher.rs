@@ -143,6 +143,14 @@ impl Watcher {
         poll(limit, || self.lines().into_iter().find(|l| pred(l)))
     }
 
+    /// The first line on stderr within `limit` for which `pred` holds.
+    pub fn wait_stderr(&self, limit: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        poll(limit, || {
+            let lines = self.stderr.lock().expect("lock");
+            lines.iter().find(|l| pred(l)).cloned()
+        })
+    }
+
     /// Sends SIGINT and waits for the exit; returns the status and how long
     /// the exit took.
     pub fn stop(mut self) -> anyhow::Result<(ExitStatus, Duration)> {

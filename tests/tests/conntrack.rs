@@ -13,7 +13,9 @@ use std::{
 use stalewatch::{
     domain::{Entry, Family, Proto, Tuple, udp},
     source::{
-        conntrack::{Conn, Deletion, Error, Filter, delete_entry, delete_judged, dump, find, get},
+        conntrack::{
+            Conn, Deletion, Error, Filter, Mirror, delete_entry, delete_judged, dump, find, get,
+        },
         netns::in_netns,
     },
 };
@@ -436,4 +438,85 @@ fn dump_speed_on_50k_entries() {
         all_cpu.tv_sec() as f64 * 1e3 + all_cpu.tv_nsec() as f64 / 1e6,
         filtered_cpu.tv_sec() as f64 * 1e3 + filtered_cpu.tv_nsec() as f64 / 1e6,
     );
+}
+
+/// The DNATed entries a mirror holds, by source port.
+fn mirrored(mirror: &Mirror) -> Vec<u16> {
+    let mut ports: Vec<u16> = mirror.entries().map(|m| m.entry.orig.sport).collect();
+    ports.sort_unstable();
+    ports
+}
+
+/// `count` DNATed flows (to :9999) from consecutive source ports, and as
+/// many without NAT (to :30000, dropped on input).
+fn flows(ns: &TestNetns, first_sport: u16, count: u16) {
+    for sport in first_sport..first_sport + count {
+        ns.send(
+            &format!("127.0.0.1:{sport}"),
+            &[addr("127.0.0.1:9999"), addr("127.0.0.1:30000")],
+        );
+    }
+}
+
+/// The watch's audit keeps the DNATed entries from conntrack events: the
+/// ones there when it opens from a dump (their end may go unannounced),
+/// later ones from their events; entries without NAT never (the socket's
+/// filter drops their events in the kernel); lost events bring a new dump.
+#[test]
+fn a_mirror_follows_the_dnated_entries_through_events() {
+    let ns = TestNetns::new();
+    flows(&ns, 41000, 3);
+    let mut mirror = Mirror::open(&ns.path).expect("mirror");
+    assert_eq!(mirrored(&mirror), vec![41000, 41001, 41002]);
+    assert_eq!(mirror.unannounced(), 3);
+    assert!(mirror.entries().all(|m| m.entry.is_dnat() && !m.announced));
+
+    flows(&ns, 42000, 2);
+    let update = mirror.update().expect("update");
+    assert_eq!((update.made, update.gone, update.resynced), (2, 0, false));
+    assert_eq!(mirrored(&mirror), vec![41000, 41001, 41002, 42000, 42001]);
+    assert_eq!(mirror.unannounced(), 3, "made after it opened: announced");
+    // The plain entries exist, and are not mirrored.
+    let table = dump(ns.path(), &Filter::default()).expect("dump");
+    assert_eq!(
+        table.iter().filter(|e| !e.is_dnat()).count(),
+        5,
+        "{table:?}"
+    );
+
+    // An announced entry's end is heard.
+    let entry_of = |sport: u16, mirror: &Mirror| {
+        mirror
+            .entries()
+            .find(|m| m.entry.orig.sport == sport)
+            .map(|m| m.entry.clone())
+            .expect("mirrored")
+    };
+    let announced = entry_of(42000, &mirror);
+    assert!(mirror.announced(&announced));
+    assert!(delete_entry(ns.path(), &announced).expect("delete"));
+    let update = mirror.update().expect("update");
+    assert_eq!((update.made, update.gone), (0, 1));
+    assert_eq!(mirrored(&mirror), vec![41000, 41001, 41002, 42001]);
+
+    // One made before the mirror goes unannounced: kept until a look-up
+    // finds it gone.
+    let old = entry_of(41001, &mirror);
+    assert!(!mirror.announced(&old));
+    assert!(delete_entry(ns.path(), &old).expect("delete"));
+    mirror.update().expect("update");
+    assert_eq!(mirrored(&mirror), vec![41000, 41001, 41002, 42001]);
+    mirror.forget(&old);
+    assert_eq!(mirrored(&mirror), vec![41000, 41002, 42001]);
+    assert_eq!(mirror.unannounced(), 2);
+
+    // A buffer too small for the events: the table is read again.
+    let mut small = Mirror::with_buffer(&ns.path, 4096).expect("small mirror");
+    flows(&ns, 43000, 200);
+    let update = small.update().expect("update");
+    assert!(update.resynced, "{update:?}");
+    let ports = mirrored(&small);
+    assert_eq!(ports.len(), 203, "{ports:?}");
+    assert!(ports.contains(&43199) && ports.contains(&41000));
+    assert!(!ports.contains(&41001), "deleted before");
 }

@@ -163,16 +163,35 @@ fn node_a_raises_an_ipv6_flow() {
     a_raises_the_moved_service(Engine::NftKube, Family::V6);
 }
 
+/// A TCP connection made while the watch runs: its entry reaches the
+/// audit through its conntrack event (the audit's log says how many DNATed
+/// entries it holds that way), not through a dump.
 #[test]
 fn node_a_raises_a_tcp_connection() {
     let mut c = Cluster::build(Engine::IptablesNftKube, Family::V4, L4::Tcp).expect("build");
     c.deploy(&DNS, 7).expect("deploy on .7");
     let rx7 = c.tcp_receiver(7, &DNS).expect("receiver .7");
+    let mut cmd = Command::new(binary());
+    cmd.args(["watch", "--format", "json", "--netns", &c.node_a.name])
+        .args(["--audit-every", "2s"])
+        .env("RUST_LOG", "warn,stalewatch::command::watch::audit=debug");
+    let watcher = Watcher::start_command(cmd, false).expect("stalewatch watch");
+    let from_events =
+        |n: u32| move |line: &str| line.contains(&format!("({n} DNATed from conntrack events)"));
+    assert!(
+        watcher.wait_stderr(secs(10), from_events(0)).is_some(),
+        "the audit follows A's conntrack events: {}",
+        watcher.stderr_text()
+    );
     let mut conn = c
         .tcp_producer(&DNS, STALE_SPORT, EVERY, secs(60))
         .expect("connection");
     assert!(rx7.wait_bytes_from(c.client_addr(STALE_SPORT), 20, secs(5)));
-    let watcher = watch(&c.node_a.name.clone());
+    assert!(
+        watcher.wait_stderr(secs(10), from_events(1)).is_some(),
+        "the connection's entry comes from its event: {}",
+        watcher.stderr_text()
+    );
     c.move_backend(&DNS, 7, 8).expect("move to .8");
     let raised = watcher
         .wait_for(secs(10), |v| is_stale_flow(v, "raised", STALE_SPORT))
@@ -181,7 +200,18 @@ fn node_a_raises_a_tcp_connection() {
     assert_eq!(raised["proto"], "tcp");
     assert_eq!(addr_of(&raised["stale_backend"]), c.pod_ip(7).to_string());
     assert_eq!(addr_of(&raised["current_backend"]), c.pod_ip(8).to_string());
+    // Its fix deletes the entry, and the alert resolves.
     conn.stop();
+    let fix = raised["fix"].as_str().expect("a fix").to_owned();
+    let out = Command::new("sh").args(["-c", &fix]).output().expect("sh");
+    assert!(out.status.success(), "{fix}: {out:?}");
+    assert!(
+        watcher
+            .wait_for(secs(10), |v| is_stale_flow(v, "resolved", STALE_SPORT))
+            .is_some(),
+        "resolved once the entry is gone: {:?}",
+        watcher.records()
+    );
     watcher.stop().expect("stop");
 }
 

@@ -414,6 +414,66 @@ pub struct AuditRun {
     pub stale: Option<u64>,
     /// Whether check ran first.
     pub check_first: bool,
+    /// `stalewatch watch` on the router, auditing every 2 s while the
+    /// table fills: its audits' CPU (as it logs them) once its mirror of
+    /// the DNATed entries holds the table...
+    pub watch_audits: Vec<f64>,
+    /// ... and on the emptied table before the fill (its fixed cost).
+    pub watch_empty_audit: f64,
+    /// DNATed entries its mirror held at those audits (median).
+    pub watch_mirrored: Option<u64>,
+    /// Its CPU while the table filled and the events came (schedstat),
+    /// without the audits it logged meanwhile.
+    pub watch_fill_cpu_s: f64,
+    /// Its VmRSS before the fill and after, KiB.
+    pub watch_rss_kib: (u64, u64),
+}
+
+/// Log filter of the watch in figure 4b: its audit lines.
+const AUDIT_LOG: &str = "warn,stalewatch::command::watch::audit=debug";
+
+/// One of the watch's audit lines: `audit of PATH: N entries judged (M
+/// DNATed from conntrack events), K findings, in WALL (CPU CPU)`: M (None
+/// when it read the table instead) and CPU in seconds.
+pub fn audit_line(line: &str) -> Option<(Option<u64>, f64)> {
+    let (_, after) = line.split_once("audit of ")?;
+    let cpu = debug_duration(after.rsplit_once("(CPU ")?.1.trim_end().strip_suffix(')')?)?;
+    let mirrored = after
+        .split_once(" DNATed from conntrack events")
+        .and_then(|(before, _)| before.rsplit_once('(')?.1.parse().ok());
+    Some((mirrored, cpu))
+}
+
+fn audits(tool: &Tool) -> Vec<(Option<u64>, f64)> {
+    tool.stderr_lines()
+        .iter()
+        .filter_map(|l| audit_line(l))
+        .collect()
+}
+
+/// Waits until the watch has logged more than `after` audits and the last
+/// satisfies `ok`; None after `limit`.
+fn wait_audit(
+    tool: &mut Tool,
+    after: usize,
+    limit: Duration,
+    ok: impl Fn(&(Option<u64>, f64)) -> bool,
+) -> anyhow::Result<Option<usize>> {
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        let seen = audits(tool);
+        if seen.len() > after && seen.last().is_some_and(&ok) {
+            return Ok(Some(seen.len()));
+        }
+        if !tool.running() {
+            bail!(
+                "stalewatch watch exited: {}",
+                tool.stderr_text().replace('\n', "; ")
+            );
+        }
+        super::sleep(Duration::from_millis(50))?;
+    }
+    Ok(None)
 }
 
 /// Empties the router's table (figure 3's entries would be audited too)
@@ -454,6 +514,26 @@ pub fn audit_run(
     };
     router.exec(&["conntrack", "-F"])?;
     let (empty_check, empty_list) = both()?;
+    // The watch audits every 2 s; its mirror opens at its first audit.
+    let mut watch = Tool::stalewatch_args(
+        Path::new(&*bin),
+        &router.name,
+        loads::max_flows(0),
+        true,
+        Some(AUDIT_LOG),
+        &["--audit-every", "2s"],
+    )?;
+    let pid = watch.pid();
+    let mirrored = |a: &(Option<u64>, f64)| a.0.is_some();
+    let Some(before_fill) = wait_audit(&mut watch, 0, Duration::from_secs(60), mirrored)? else {
+        bail!(
+            "stalewatch watch logged no audit from its conntrack mirror within 60 s: {}",
+            watch.stderr_text().replace('\n', "; ")
+        );
+    };
+    let watch_empty_audit = audits(&watch)[before_fill - 1].1;
+    let rss0 = procfs::memory_kib(pid)?.0;
+    let cpu0 = procfs::CpuSample::take(pid)?;
     let spec = fill_spec(entries);
     let until = Instant::now() + spec.limit + Duration::from_secs(2);
     let mut flood = Flood::start(sender, spec)?;
@@ -461,6 +541,33 @@ pub fn audit_run(
         super::sleep(Duration::from_millis(20))?;
     }
     flood.stop()?;
+    // The watch reads the events once a second.
+    super::sleep(Duration::from_millis(1500))?;
+    let cpu1 = procfs::CpuSample::take(pid)?;
+    let during = audits(&watch);
+    let audited_meanwhile: f64 = during[before_fill.min(during.len())..]
+        .iter()
+        .map(|a| a.1)
+        .sum();
+    let watch_fill_cpu_s = cpu1.sched_s - cpu0.sched_s - audited_meanwhile;
+    // Three audits of the whole table, from the mirror.
+    let full = |a: &(Option<u64>, f64)| a.0.is_some_and(|n| n as f64 >= 0.9 * f64::from(entries));
+    let mut watch_audits = Vec::new();
+    let mut watch_mirrored = Vec::new();
+    let mut seen = during.len();
+    for _ in 0..3 {
+        match wait_audit(&mut watch, seen, Duration::from_secs(10), full)? {
+            Some(n) => {
+                let last = audits(&watch)[n - 1];
+                watch_audits.push(last.1);
+                watch_mirrored.push(last.0.unwrap_or(0) as f64);
+                seen = n;
+            }
+            None => break,
+        }
+    }
+    let rss1 = procfs::memory_kib(pid)?.0;
+    watch.stop()?;
     let count =
         || -> anyhow::Result<u64> { Ok(router.exec(&["conntrack", "-C"])?.trim().parse()?) };
     let entries_before = count()?;
@@ -473,6 +580,11 @@ pub fn audit_run(
         empty_check,
         empty_list,
         check_first,
+        watch_audits,
+        watch_empty_audit,
+        watch_mirrored: super::table::median(&watch_mirrored).map(|m| m as u64),
+        watch_fill_cpu_s,
+        watch_rss_kib: (rss0, rss1),
         ..AuditRun::default()
     };
     // "stalewatch: N conntrack entries checked, M stale"
@@ -549,6 +661,14 @@ mod tests {
         assert_eq!(readings(&lines), vec![2.51234, 0.3125]);
         assert_eq!(rules_read(&lines), Some(10_000));
         let micros = debug_duration("12.5µs").expect("parsed");
+        let audit = "[DEBUG stalewatch::command::watch::audit] audit of /run/netns/swb1-rtr: 50100 entries judged (50000 DNATed from conntrack events), 0 findings, in 31.2ms (CPU 29.5ms)";
+        let (mirrored, cpu) = audit_line(audit).expect("parsed");
+        assert_eq!(mirrored, Some(50_000));
+        assert!((cpu - 0.0295).abs() < 1e-9, "{cpu}");
+        let dumped = "[DEBUG stalewatch::command::watch::audit] audit of /run/netns/x: 3 entries judged (read from the table), 0 findings, in 1.5ms (CPU 1.2ms)";
+        let (mirrored, cpu) = audit_line(dumped).expect("parsed");
+        assert_eq!(mirrored, None);
+        assert!((cpu - 0.0012).abs() < 1e-9, "{cpu}");
         assert!((micros - 12.5e-6).abs() < 1e-12);
     }
 

@@ -154,6 +154,18 @@ impl Tool {
         keep: bool,
         log: Option<&str>,
     ) -> anyhow::Result<Tool> {
+        Tool::stalewatch_args(bin, router, max_flows, keep, log, &[])
+    }
+
+    /// The same with more arguments after the others.
+    pub fn stalewatch_args(
+        bin: &Path,
+        router: &str,
+        max_flows: u32,
+        keep: bool,
+        log: Option<&str>,
+        extra: &[&str],
+    ) -> anyhow::Result<Tool> {
         let mut cmd = Command::new(bin);
         cmd.args([
             "watch",
@@ -164,6 +176,7 @@ impl Tool {
             "--max-flows",
             &max_flows.to_string(),
         ]);
+        cmd.args(extra);
         if let Some(log) = log {
             cmd.env("RUST_LOG", log);
         }

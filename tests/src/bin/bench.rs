@@ -96,8 +96,8 @@ struct Args {
     /// Leave out the bpftrace column
     #[arg(long)]
     no_bpftrace: bool,
-    /// Only these figures, comma-separated (3b includes 3c; 4 is 4a and
-    /// 4b) [default: all]
+    /// Only these figures, comma-separated: 1, 2, 3a, 3b (with 3c), 4a,
+    /// 4b, or 4 (4a and 4b) [default: all]
     #[arg(long, value_enum, value_delimiter = ',')]
     figures: Vec<Figure>,
     /// Instead of the figures: steady stale flows for this many minutes,
@@ -117,8 +117,13 @@ enum Figure {
     FewStale,
     #[value(name = "3b")]
     ManyStale,
+    /// 4a and 4b.
     #[value(name = "4")]
     Intent,
+    #[value(name = "4a")]
+    Rules,
+    #[value(name = "4b")]
+    Audit,
 }
 
 /// The settings the flags ask for, defaults resolved and checked.
@@ -305,8 +310,10 @@ fn figures(ctx: &mut Ctx, report: &mut Report, only: &[Figure]) -> anyhow::Resul
     if want(Figure::ManyStale) {
         figure_3bc(ctx, report)?;
     }
-    if want(Figure::Intent) {
+    if want(Figure::Intent) || want(Figure::Rules) {
         figure_4a(ctx, report)?;
+    }
+    if want(Figure::Intent) || want(Figure::Audit) {
         figure_4b(ctx, report)?;
     }
     notes(report);

@@ -45,6 +45,9 @@ use stalewatch_common::ct_status;
 use super::netns;
 use crate::domain::{Entry, Family, KnownFacts, Proto, Tuple};
 
+mod mirror;
+pub use mirror::{Mirror, Mirrored, Update, dnat_filter};
+
 /// Which entries a dump returns; all `None` is everything. The kernel
 /// filters what it can (family, status, and protocol, IPv4 destination
 /// address and port through CTA_FILTER); everything is checked again here,
@@ -204,14 +207,7 @@ pub fn read_audit_candidates(
     /// Destinations asked one by one; beyond, one dump of every DNAT.
     const BY_DESTINATION: usize = 16;
     let conn = Conn::open(Some(netns))?;
-    let plain = conn.dump(&Filter {
-        status: Some((0, ct_status::DST_NAT)),
-        ..Filter::default()
-    })?;
-    let mut entries: Vec<Entry> = plain
-        .into_iter()
-        .filter(|e| e.reply.src == e.orig.dst && facts.is_local(e.orig.dst))
-        .collect();
+    let mut entries = bypass_candidates(&conn, facts)?;
     let services: std::collections::BTreeSet<crate::domain::Service> =
         entries.iter().map(|e| e.orig.service()).collect();
     let dnat = |family, proto, orig_dst| Filter {
@@ -233,6 +229,25 @@ pub fn read_audit_candidates(
         }
     }
     Ok(entries)
+}
+
+/// The entries without NAT that deliver to this host (bypass candidates)
+/// of the namespace at `netns`: the watch's audit where a [`Mirror`]
+/// holds the DNATed ones.
+pub fn read_bypass_candidates(netns: &Path, facts: &KnownFacts) -> Result<Vec<Entry>, Error> {
+    bypass_candidates(&Conn::open(Some(netns))?, facts)
+}
+
+fn bypass_candidates(conn: &Conn, facts: &KnownFacts) -> Result<Vec<Entry>, Error> {
+    // The kernel skips the DNATed entries itself: no message for them.
+    let plain = conn.dump(&Filter {
+        status: Some((0, ct_status::DST_NAT)),
+        ..Filter::default()
+    })?;
+    Ok(plain
+        .into_iter()
+        .filter(|e| e.reply.src == e.orig.dst && facts.is_local(e.orig.dst))
+        .collect())
 }
 
 /// A ctnetlink socket in one namespace, for several requests in a row

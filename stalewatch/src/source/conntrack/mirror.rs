@@ -1,0 +1,429 @@
+//! A copy of a namespace's DNATed conntrack entries, kept up to date from
+//! the kernel's conntrack events instead of a dump per audit.
+//!
+//! Judging every DNATed entry against the NAT intent every audit interval
+//! by dumping the table costs what `conntrack -L` costs, per interval,
+//! whatever changed. The mirror pays per entry made and per entry gone
+//! instead: one dump when it opens, then the `NEW` and `DESTROY` events of
+//! ctnetlink's multicast groups, which a socket filter (classic BPF, run by
+//! the kernel before the event is queued) narrows to DNATed entries, so a
+//! host's other connections never wake it.
+//!
+//! What events cannot tell, and how it is covered:
+//! - With `net.netfilter.nf_conntrack_events = 2` (the default) the kernel
+//!   gives an entry its event extension only if a listener existed when it
+//!   was made: entries older than the mirror are never announced gone.
+//!   They are kept as *unannounced*; a user of the mirror confirms such an
+//!   entry with a look-up before acting on it ([`Mirror::forget`] drops one
+//!   the look-up did not find), and while any remain the mirror reads the
+//!   table again every [`RESYNC_EVERY`].
+//! - A full socket buffer loses events (`ENOBUFS`): the mirror reads the
+//!   table again, at most once per [`RESYNC_GAP`].
+//! - With `nf_conntrack_events = 0` nothing is announced: [`Mirror::open`]
+//!   refuses, and the caller dumps per audit as before.
+
+use std::{
+    collections::HashMap,
+    io,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use netlink_packet_core::NetlinkBuffer;
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
+use nix::libc;
+use stalewatch_common::ct_status;
+
+use super::{
+    CTA_STATUS, Conn, Error, Filter, IPCTNL_MSG_CT_NEW, NFNL_SUBSYS_CTNETLINK, malformed,
+    parse_entry,
+};
+use crate::{domain::Entry, source::netns};
+
+/// `IPCTNL_MSG_CT_DELETE`: the message type of a `DESTROY` event.
+const IPCTNL_MSG_CT_DELETE: u16 = 2;
+/// `NFNLGRP_CONNTRACK_NEW` (1) and `NFNLGRP_CONNTRACK_DESTROY` (3) as
+/// bind(2)'s group bitmap (bit `group - 1`).
+const GROUPS: u32 = 1 << 0 | 1 << 2;
+/// Socket buffer for events between two reads (the watch reads every
+/// second): about 10,000 events of DNATed entries made or gone in that
+/// second before one is lost and the table read again.
+const EVENTS_RCVBUF: usize = 8 << 20;
+/// Events read per [`Mirror::update`] at most: the rest wait for the next.
+const EVENTS_PER_UPDATE: usize = 200_000;
+/// While unannounced entries remain, the table is read again this often
+/// (their end is announced to nobody).
+pub const RESYNC_EVERY: Duration = Duration::from_secs(300);
+/// The least time between two readings after lost events.
+pub const RESYNC_GAP: Duration = Duration::from_secs(10);
+
+/// One DNATed entry as the mirror keeps it.
+#[derive(Clone, Debug)]
+pub struct Mirrored {
+    pub entry: Entry,
+    /// Its making was announced, so its end will be (unless events are
+    /// lost, which the mirror notices). An entry only a dump showed may be
+    /// gone unannounced.
+    pub announced: bool,
+}
+
+/// What [`Mirror::update`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Update {
+    pub made: usize,
+    pub gone: usize,
+    /// Whether the table was read again (lost events, or unannounced
+    /// entries due for a check).
+    pub resynced: bool,
+}
+
+pub struct Mirror {
+    path: PathBuf,
+    sock: Socket,
+    /// By CTA_ID (see `key_of`).
+    entries: HashMap<u32, Mirrored, foldhash::fast::RandomState>,
+    unannounced: usize,
+    /// Events were lost: read the table again once RESYNC_GAP allows.
+    lost: bool,
+    synced_at: Instant,
+    /// When the table was last read again for lost events.
+    lost_synced_at: Option<Instant>,
+    buf: Vec<u8>,
+}
+
+impl Mirror {
+    /// Subscribes to the conntrack events of the namespace at `path`, then
+    /// reads its DNATed entries. Fails where the namespace announces no
+    /// conntrack events (`nf_conntrack_events = 0`).
+    pub fn open(path: &Path) -> Result<Mirror, Error> {
+        Mirror::with_buffer(path, EVENTS_RCVBUF)
+    }
+
+    /// As [`Mirror::open`], with a socket buffer of `rcvbuf` bytes (tests
+    /// make it small to lose events).
+    pub fn with_buffer(path: &Path, rcvbuf: usize) -> Result<Mirror, Error> {
+        let owned = path.to_path_buf();
+        let (sock, events) = netns::in_netns(path, move || subscribe(rcvbuf))
+            .map_err(|e| Error::Netns(owned.clone(), e))?;
+        let sock = sock.map_err(Error::Socket)?;
+        if events == Some(0) {
+            return Err(Error::Malformed(format!(
+                "{} announces no conntrack events (net.netfilter.nf_conntrack_events = 0)",
+                path.display()
+            )));
+        }
+        let mut mirror = Mirror {
+            path: path.to_path_buf(),
+            sock,
+            entries: HashMap::default(),
+            unannounced: 0,
+            lost: false,
+            synced_at: Instant::now(),
+            lost_synced_at: None,
+            buf: Vec::with_capacity(64 << 10),
+        };
+        // Subscribed first: an entry made during the dump is announced.
+        mirror.resync()?;
+        Ok(mirror)
+    }
+
+    /// The namespace it mirrors.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Applies the events queued since the last update; reads the table
+    /// again where events were lost (at most once per RESYNC_GAP) or
+    /// unannounced entries are due for a check (every RESYNC_EVERY).
+    pub fn update(&mut self) -> Result<Update, Error> {
+        let mut done = self.drain()?;
+        let lost = self.lost
+            && self
+                .lost_synced_at
+                .is_none_or(|at| at.elapsed() >= RESYNC_GAP);
+        if lost || (self.unannounced > 0 && self.synced_at.elapsed() >= RESYNC_EVERY) {
+            if lost {
+                self.lost_synced_at = Some(Instant::now());
+            }
+            self.resync()?;
+            // What happened during the dump.
+            let after = self.drain()?;
+            done.made += after.made;
+            done.gone += after.gone;
+            done.resynced = true;
+        }
+        Ok(done)
+    }
+
+    /// The DNATed entries, as last updated.
+    pub fn entries(&self) -> impl Iterator<Item = &Mirrored> {
+        self.entries.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Whether the mirror holds `entry` as announced: then it exists, as
+    /// of the last update. An unannounced one may be gone.
+    pub fn announced(&self, entry: &Entry) -> bool {
+        self.entries
+            .get(&key_of(entry))
+            .is_some_and(|m| m.announced && m.entry.orig == entry.orig)
+    }
+
+    /// Entries whose end would not be announced.
+    pub fn unannounced(&self) -> usize {
+        self.unannounced
+    }
+
+    /// Drops an entry that a look-up no longer finds (its end was not
+    /// announced).
+    pub fn forget(&mut self, entry: &Entry) {
+        let key = key_of(entry);
+        if self
+            .entries
+            .get(&key)
+            .is_some_and(|m| m.entry.orig == entry.orig && m.entry.reply == entry.reply)
+            && let Some(gone) = self.entries.remove(&key)
+        {
+            self.unannounced -= usize::from(!gone.announced);
+        }
+    }
+
+    /// Reads the table's DNATed entries again: those events announced stay
+    /// announced; any other is unannounced.
+    fn resync(&mut self) -> Result<(), Error> {
+        let conn = Conn::open(Some(&self.path))?;
+        // Events queued before the dump are applied after it: a `NEW` of an
+        // entry the dump shows marks it announced, a `DESTROY` removes it.
+        self.lost = false;
+        self.synced_at = Instant::now();
+        let dumped = conn.dump(&Filter {
+            status: Some((ct_status::DST_NAT, ct_status::DST_NAT)),
+            ..Filter::default()
+        })?;
+        let mut entries: HashMap<u32, Mirrored, foldhash::fast::RandomState> =
+            HashMap::with_capacity_and_hasher(dumped.len(), Default::default());
+        let mut unannounced = 0;
+        for entry in dumped {
+            let key = key_of(&entry);
+            let announced = self
+                .entries
+                .get(&key)
+                .is_some_and(|m| m.announced && m.entry.orig == entry.orig);
+            unannounced += usize::from(!announced);
+            entries.insert(key, Mirrored { entry, announced });
+        }
+        self.entries = entries;
+        self.unannounced = unannounced;
+        log::debug!(
+            "conntrack mirror of {}: {} DNATed entries read, {} unannounced",
+            self.path.display(),
+            self.entries.len(),
+            unannounced
+        );
+        Ok(())
+    }
+
+    /// Reads the queued events without waiting.
+    fn drain(&mut self) -> Result<Update, Error> {
+        let mut done = Update::default();
+        for _ in 0..EVENTS_PER_UPDATE {
+            self.buf.clear();
+            match self
+                .sock
+                .recv(&mut self.buf, libc::MSG_DONTWAIT | libc::MSG_TRUNC)
+            {
+                Ok(len) if len > self.buf.capacity() => {
+                    // Truncated: that event is lost.
+                    self.lost = true;
+                }
+                Ok(len) => {
+                    let datagram = std::mem::take(&mut self.buf);
+                    let applied = self.apply(&datagram[..len]);
+                    self.buf = datagram;
+                    let (made, gone) = applied?;
+                    done.made += made;
+                    done.gone += gone;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    log::debug!(
+                        "conntrack mirror of {}: events lost, the table is read again",
+                        self.path.display()
+                    );
+                    self.lost = true;
+                }
+                Err(e) => return Err(Error::Socket(e)),
+            }
+        }
+        Ok(done)
+    }
+
+    /// The events of one datagram: entries made, entries gone.
+    fn apply(&mut self, mut rest: &[u8]) -> Result<(usize, usize), Error> {
+        let (mut made, mut gone) = (0, 0);
+        while !rest.is_empty() {
+            let msg = NetlinkBuffer::new_checked(rest).map_err(malformed)?;
+            let len = msg.length() as usize;
+            let kind = msg.message_type();
+            if kind >> 8 == NFNL_SUBSYS_CTNETLINK
+                && let Some(entry) = parse_entry(msg.payload())?
+                && entry.is_dnat()
+            {
+                match kind & 0xff {
+                    IPCTNL_MSG_CT_NEW => {
+                        made += 1;
+                        self.insert(entry);
+                    }
+                    IPCTNL_MSG_CT_DELETE => {
+                        gone += 1;
+                        self.remove(&entry);
+                    }
+                    _ => {}
+                }
+            }
+            rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+        }
+        Ok((made, gone))
+    }
+
+    fn insert(&mut self, entry: Entry) {
+        let key = key_of(&entry);
+        let old = self.entries.insert(
+            key,
+            Mirrored {
+                entry,
+                announced: true,
+            },
+        );
+        if old.is_some_and(|m| !m.announced) {
+            self.unannounced -= 1;
+        }
+    }
+
+    fn remove(&mut self, entry: &Entry) {
+        let key = key_of(entry);
+        if self
+            .entries
+            .get(&key)
+            .is_some_and(|m| m.entry.orig == entry.orig)
+            && let Some(old) = self.entries.remove(&key)
+        {
+            self.unannounced -= usize::from(!old.announced);
+        }
+    }
+}
+
+/// An entry's key: its CTA_ID, or where the kernel sent none, a hash of
+/// its tuples and zone.
+fn key_of(entry: &Entry) -> u32 {
+    entry.id.unwrap_or_else(|| {
+        use std::hash::BuildHasher as _;
+        foldhash::quality::FixedState::default().hash_one((entry.orig, entry.reply, entry.zone))
+            as u32
+    })
+}
+
+/// A ctnetlink socket of this thread's namespace subscribed to the events
+/// of entries made and gone, DNATed ones only, with `rcvbuf` bytes of
+/// buffer; and the namespace's `nf_conntrack_events`, where readable.
+fn subscribe(rcvbuf: usize) -> (io::Result<Socket>, Option<u32>) {
+    let events = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_events")
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    let sock = (|| {
+        let mut sock = Socket::new(NETLINK_NETFILTER)?;
+        set_rcvbuf(&sock, rcvbuf)?;
+        attach_dnat_filter(&sock)?;
+        sock.bind(&SocketAddr::new(0, GROUPS))?;
+        Ok(sock)
+    })();
+    (sock, events)
+}
+
+/// SO_RCVBUFFORCE (root may exceed net.core.rmem_max), else SO_RCVBUF.
+fn set_rcvbuf(sock: &Socket, bytes: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: a plain int option on a socket we own.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&raw const value).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+    }
+    Err(io::Error::last_os_error())
+}
+
+/// The classic BPF program [`attach_dnat_filter`] attaches: keep an event
+/// whose top-level CTA_STATUS has IPS_DST_NAT, or that has none (never
+/// drop what cannot be read).
+pub fn dnat_filter() -> Vec<libc::sock_filter> {
+    const SKF_AD_OFF: u32 = (-0x1000i32) as u32;
+    const SKF_AD_NLATTR: u32 = 12;
+    /// nlmsghdr (16 bytes) and nfgenmsg (4): where the attributes start.
+    const ATTRS_AT: u32 = 20;
+    let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    use libc::{
+        BPF_ABS, BPF_ALU, BPF_AND, BPF_IMM, BPF_IND, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_LDX,
+        BPF_MISC, BPF_RET, BPF_TAX, BPF_W,
+    };
+    vec![
+        // A = where the attributes start; X = the attribute looked for.
+        op(BPF_LD | BPF_IMM, 0, 0, ATTRS_AT),
+        op(BPF_LDX | BPF_IMM, 0, 0, u32::from(CTA_STATUS)),
+        // A = offset of that attribute in the message, 0 if none.
+        op(BPF_LD | BPF_W | BPF_ABS, 0, 0, SKF_AD_OFF + SKF_AD_NLATTR),
+        op(BPF_JMP | BPF_JEQ | BPF_K, 4, 0, 0),
+        op(BPF_MISC | BPF_TAX, 0, 0, 0),
+        // A = the status (after the 4-byte attribute header, big-endian).
+        op(BPF_LD | BPF_W | BPF_IND, 0, 0, 4),
+        op(BPF_ALU | BPF_AND | BPF_K, 0, 0, ct_status::DST_NAT),
+        op(BPF_JMP | BPF_JEQ | BPF_K, 1, 0, 0),
+        op(BPF_RET | BPF_K, 0, 0, u32::MAX),
+        op(BPF_RET | BPF_K, 0, 0, 0),
+    ]
+}
+
+fn attach_dnat_filter(sock: &Socket) -> io::Result<()> {
+    let mut program = dnat_filter();
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: the kernel copies the program during the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&raw const fprog).cast(),
+            size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
