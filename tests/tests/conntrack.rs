@@ -510,6 +510,39 @@ fn a_mirror_follows_the_dnated_entries_through_events() {
     assert_eq!(mirrored(&mirror), vec![41000, 41002, 42001]);
     assert_eq!(mirror.unannounced(), 2);
 
+    // The namespace's own addresses: entries without NAT to them are kept
+    // too, made before (read again) or after (their events).
+    mirror
+        .set_local([addr("127.0.0.1:0").ip(), addr("[::1]:0").ip()])
+        .expect("local");
+    let update = mirror.update().expect("update");
+    assert!(update.resynced, "{update:?}");
+    let plain = |m: &Mirror| -> Vec<(u16, String)> {
+        let mut v: Vec<(u16, String)> = m
+            .entries()
+            .filter(|m| !m.entry.is_dnat())
+            .map(|m| (m.entry.orig.sport, m.entry.orig.dst.to_string()))
+            .collect();
+        v.sort();
+        v
+    };
+    let to = |port: u16| (port, "127.0.0.1".to_owned());
+    assert_eq!(
+        plain(&mirror),
+        vec![to(41000), to(41001), to(41002), to(42000), to(42001)]
+    );
+    // Not to another address of the loopback, which is no address of
+    // the namespace; to an IPv6 one, yes.
+    ns.send("127.0.0.1:44000", &[addr("127.0.0.5:30000")]);
+    ns.send("[::1]:44001", &[addr("[::1]:30000")]);
+    ns.send("127.0.0.1:44002", &[addr("127.0.0.1:30000")]);
+    let update = mirror.update().expect("update");
+    assert_eq!(update.made, 2, "{update:?}: {:?}", plain(&mirror));
+    let got = plain(&mirror);
+    assert!(got.contains(&(44001, "::1".to_owned())), "{got:?}");
+    assert!(got.contains(&to(44002)), "{got:?}");
+    assert!(!got.iter().any(|(p, _)| *p == 44000), "{got:?}");
+
     // A buffer too small for the events: the table is read again.
     let mut small = Mirror::with_buffer(&ns.path, 4096).expect("small mirror");
     flows(&ns, 43000, 200);

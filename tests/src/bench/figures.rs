@@ -551,8 +551,24 @@ pub fn figure_4b(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
             ..Row::default()
         },
         Row {
-            figure: "    per entry made (its conntrack event)".to_owned(),
+            figure: "    per entry made (its conntrack event; the table filled at 100,000 entries a second)".to_owned(),
             with: table::cell(&fill_per_entry, table::ns),
+            ..Row::default()
+        },
+        Row {
+            figure: "    of which: reading the events (its log), per entry made".to_owned(),
+            with: table::cell(
+                &runs
+                    .iter()
+                    .map(|r| 1e9 * r.watch_events_cpu_s / (r.watch_events_made.max(1) as f64))
+                    .collect::<Vec<_>>(),
+                table::ns,
+            ),
+            ..Row::default()
+        },
+        Row {
+            figure: "    of which: times it read the table again (events lost), median".to_owned(),
+            with: table::cell(&v(|r| r.watch_rereads as f64), table::count),
             ..Row::default()
         },
         Row {
@@ -728,7 +744,7 @@ pub fn notes(report: &mut Report) {
             "     CPU = user+sys from wait4 of `stalewatch check --netns <router> --format json` and of `ip netns exec <router> conntrack -L`",
             "     (stdout to /dev/null), their children included; one of each per run, in alternating order.",
             "     Before the fill, `stalewatch watch --netns <router> --audit-every 2s` starts; its audit lines (debug log) give each audit's",
-            "     CPU (its thread's CLOCK_THREAD_CPUTIME_ID around the audit) and the DNATed entries its mirror (conntrack events) held;",
+            "     CPU (getrusage RUSAGE_SELF around the audit: its namespace threads included) and the DNATed entries its mirror (conntrack events) held;",
             "     the three audits after the fill with >= 90% of the entries mirrored are the figure. It stops before check and conntrack -L.",
         ]
         .map(String::from),

@@ -427,10 +427,47 @@ pub struct AuditRun {
     pub watch_fill_cpu_s: f64,
     /// Its VmRSS before the fill and after, KiB.
     pub watch_rss_kib: (u64, u64),
+    /// Times it read the table again while the table filled (lost events).
+    pub watch_rereads: u64,
+    /// The CPU of its readings of the events while the table filled, as
+    /// it logs them, seconds; and the entries they said were made.
+    pub watch_events_cpu_s: f64,
+    pub watch_events_made: u64,
+}
+
+/// The watch's lines for its readings of conntrack events: `conntrack
+/// events of PATH: M entries made, G gone..., in CPU D`: (M, D seconds).
+pub fn events_line(line: &str) -> Option<(u64, f64)> {
+    let (_, after) = line.split_once("conntrack events of ")?;
+    let made = after
+        .split_once(" entries made")?
+        .0
+        .rsplit_once(": ")?
+        .1
+        .parse()
+        .ok()?;
+    let cpu = debug_duration(after.rsplit_once("in CPU ")?.1.trim())?;
+    Some((made, cpu))
+}
+
+fn events_read(tool: &Tool) -> Vec<(u64, f64)> {
+    tool.stderr_lines()
+        .iter()
+        .filter_map(|l| events_line(l))
+        .collect()
+}
+
+/// How many times the watch read its conntrack table (its mirror's log).
+fn rereads(tool: &Tool) -> u64 {
+    tool.stderr_lines()
+        .iter()
+        .filter(|l| l.contains("conntrack mirror of ") && l.contains(" entries read"))
+        .count() as u64
 }
 
 /// Log filter of the watch in figure 4b: its audit lines.
-const AUDIT_LOG: &str = "warn,stalewatch::command::watch::audit=debug";
+const AUDIT_LOG: &str =
+    "warn,stalewatch::command::watch::audit=debug,stalewatch::source::conntrack=debug";
 
 /// One of the watch's audit lines: `audit of PATH: N entries judged (M
 /// DNATed from conntrack events), K findings, in WALL (CPU CPU)`: M (None
@@ -534,6 +571,8 @@ pub fn audit_run(
     let watch_empty_audit = audits(&watch)[before_fill - 1].1;
     let rss0 = procfs::memory_kib(pid)?.0;
     let cpu0 = procfs::CpuSample::take(pid)?;
+    let reads0 = rereads(&watch);
+    let events0 = events_read(&watch).len();
     let spec = fill_spec(entries);
     let until = Instant::now() + spec.limit + Duration::from_secs(2);
     let mut flood = Flood::start(sender, spec)?;
@@ -544,6 +583,11 @@ pub fn audit_run(
     // The watch reads the events once a second.
     super::sleep(Duration::from_millis(1500))?;
     let cpu1 = procfs::CpuSample::take(pid)?;
+    let watch_rereads = rereads(&watch) - reads0;
+    let events = events_read(&watch);
+    let events = &events[events0.min(events.len())..];
+    let watch_events_cpu_s = events.iter().map(|e| e.1).sum();
+    let watch_events_made = events.iter().map(|e| e.0).sum();
     let during = audits(&watch);
     let audited_meanwhile: f64 = during[before_fill.min(during.len())..]
         .iter()
@@ -585,6 +629,9 @@ pub fn audit_run(
         watch_mirrored: super::table::median(&watch_mirrored).map(|m| m as u64),
         watch_fill_cpu_s,
         watch_rss_kib: (rss0, rss1),
+        watch_rereads,
+        watch_events_cpu_s,
+        watch_events_made,
         ..AuditRun::default()
     };
     // "stalewatch: N conntrack entries checked, M stale"
@@ -665,6 +712,10 @@ mod tests {
         let (mirrored, cpu) = audit_line(audit).expect("parsed");
         assert_eq!(mirrored, Some(50_000));
         assert!((cpu - 0.0295).abs() < 1e-9, "{cpu}");
+        let events = "[DEBUG stalewatch::command::watch::audit] conntrack events of /run/netns/x: 5082 entries made, 0 gone, 5083 held, in CPU 5.248633ms";
+        let (made, cpu) = events_line(events).expect("parsed");
+        assert_eq!(made, 5082);
+        assert!((cpu - 0.005248633).abs() < 1e-12, "{cpu}");
         let dumped = "[DEBUG stalewatch::command::watch::audit] audit of /run/netns/x: 3 entries judged (read from the table), 0 findings, in 1.5ms (CPU 1.2ms)";
         let (mirrored, cpu) = audit_line(dumped).expect("parsed");
         assert_eq!(mirrored, None);

@@ -58,25 +58,51 @@ impl Auditor {
         }
     }
 
+    /// Whether it keeps its entries from conntrack events (to be read
+    /// often: see [`Auditor::update_mirror`]).
+    pub fn follows_events(&self) -> bool {
+        self.mirror.is_some()
+    }
+
+    fn drop_mirror(&mut self, e: &conntrack::Error) {
+        log::warn!(
+            "audit: conntrack events of {}: {} (reading the table at each audit instead)",
+            self.path.display(),
+            chain(e)
+        );
+        self.mirror = None;
+        self.mirror_retry = Some(Instant::now() + MIRROR_RETRY);
+    }
+
     /// Applies the conntrack events queued since the last call (every
-    /// tick: the socket's buffer holds a few seconds of them).
+    /// tenth of a second, and every tick).
     pub fn update_mirror(&mut self) {
         let Some(mirror) = &mut self.mirror else {
             return;
         };
-        if let Err(e) = mirror.update() {
-            log::warn!(
-                "audit: conntrack events of {}: {} (reading the table at each audit instead)",
+        let cpu = process_cpu();
+        match mirror.update() {
+            Ok(update) if update.made + update.gone > 0 || update.resynced => log::debug!(
+                "conntrack events of {}: {} entries made, {} gone{}, {} held, in CPU {:?}",
                 self.path.display(),
-                chain(&e)
-            );
-            self.mirror = None;
-            self.mirror_retry = Some(Instant::now() + MIRROR_RETRY);
+                update.made,
+                update.gone,
+                if update.resynced {
+                    ", the table read again"
+                } else {
+                    ""
+                },
+                mirror.len(),
+                process_cpu().saturating_sub(cpu)
+            ),
+            Ok(_) => {}
+            Err(e) => self.drop_mirror(&e),
         }
     }
 
-    /// The mirror, opened on first use.
-    fn mirror(&mut self) -> Option<&mut Mirror> {
+    /// The mirror, opened on first use, keeping the entries to the
+    /// namespace's addresses `local` besides the DNATed ones.
+    fn mirror(&mut self, local: &std::collections::HashSet<IpAddr>) -> Option<&mut Mirror> {
         if self.mirror.is_none() && self.mirror_retry.is_none_or(|at| Instant::now() >= at) {
             match Mirror::open(&self.path) {
                 Ok(mirror) => self.mirror = Some(mirror),
@@ -89,24 +115,29 @@ impl Auditor {
                 }
             }
         }
+        if let Some(mirror) = &mut self.mirror
+            && let Err(e) = mirror.set_local(local.iter().copied())
+        {
+            self.drop_mirror(&e);
+        }
         self.update_mirror();
         self.mirror.as_mut()
     }
 
-    /// What the audit judges: the entries without NAT that deliver here
-    /// (a filtered dump), and the DNATed ones (from the mirror, where it
-    /// works and `every_dnat`). Also how many came from the mirror.
+    /// What the audit judges: the entries without NAT that deliver here,
+    /// and the DNATed ones: from the mirror, where it works and
+    /// `every_dnat`; else from dumps. Also how many DNATed ones the mirror
+    /// gave.
     fn candidates(
         &mut self,
         facts: &crate::domain::KnownFacts,
         every_dnat: bool,
     ) -> Result<(Vec<Entry>, Option<usize>), conntrack::Error> {
         let path = self.path.clone();
-        if every_dnat && let Some(mirror) = self.mirror() {
-            let mut entries = conntrack::read_bypass_candidates(&path, facts)?;
-            entries.reserve(mirror.len());
-            entries.extend(mirror.entries().map(|m| m.entry.clone()));
-            return Ok((entries, Some(mirror.len())));
+        if every_dnat && let Some(mirror) = self.mirror(&facts.local) {
+            let entries: Vec<Entry> = mirror.entries().map(|m| m.entry.clone()).collect();
+            let dnat = entries.iter().filter(|e| e.is_dnat()).count();
+            return Ok((entries, Some(dnat)));
         }
         Ok((
             conntrack::read_audit_candidates(&path, facts, every_dnat)?,
@@ -150,7 +181,7 @@ impl Auditor {
         engine: Option<&Engine>,
         correlator: &mut Correlator,
     ) -> (Vec<Alert>, bool) {
-        let cpu = thread_cpu();
+        let cpu = process_cpu();
         let started = Instant::now();
         let path = self.path.clone();
         let Ok(inode) = std::fs::metadata(&path).map(|m| m.ino() as u32) else {
@@ -235,6 +266,9 @@ impl Auditor {
                 // on a rule's proof, whose backends are the current ones.
                 let rules = (judge_dnat || siblings.dnat_backends.is_empty())
                     .then(|| finding.current_backends.clone());
+                if !self.still_there(e, &mut conn) {
+                    continue;
+                }
                 correlator.observe_audited(flow, &siblings, rules, now)
             } else if !e.is_dnat() || facts.neighbour_failed(e.backend().addr) {
                 // Failing here: the kernel path raises it, with evidence.
@@ -279,16 +313,27 @@ impl Auditor {
                 None => "read from the table".to_owned(),
             },
             started.elapsed(),
-            thread_cpu().saturating_sub(cpu),
+            process_cpu().saturating_sub(cpu),
         );
         (alerts, follow_up)
     }
 }
 
-/// This thread's CPU time (user and system): the audit runs on the
-/// watch's one thread, so the difference around it is the audit's own.
-fn thread_cpu() -> Duration {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
-        .map(Duration::from)
-        .unwrap_or_default()
+/// The process's CPU time (user and system, every thread's, those ended
+/// included): the audit runs on the watch's one thread and enters
+/// namespaces on short-lived ones, and the rest of the watch waits
+/// meanwhile, so the difference around it is the audit's own.
+fn process_cpu() -> Duration {
+    use nix::libc;
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
+    // SAFETY: getrusage fills the struct it is given.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } != 0 {
+        return Duration::ZERO;
+    }
+    // SAFETY: filled above.
+    let usage = unsafe { usage.assume_init() };
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    tv(usage.ru_utime) + tv(usage.ru_stime)
 }

@@ -26,6 +26,11 @@ const RULES_SETTLE: Duration = Duration::from_millis(500);
 /// How long after an audit that judged entries stale the loop looks again
 /// to confirm them (see `pipeline::CONFIRM_AFTER`).
 const CONFIRM: Duration = Duration::from_secs(1);
+/// How often the loop reads the audit's conntrack events, while it keeps
+/// them: a burst of new connections is read in batches (the socket holds
+/// about 10,000 events), not with a wakeup each, which polling the socket
+/// would cost (every datagram wakes an edge-triggered epoll).
+const EVENTS_EVERY: Duration = Duration::from_millis(100);
 /// Reports handled before the loop looks at signals and timers again.
 const DRAIN_BATCH: usize = 256;
 /// Reports read on each tick, at most: more than the ring buffer holds
@@ -56,9 +61,14 @@ pub async fn run<W: io::Write>(
     // An audit sooner than the interval: to confirm what the last one
     // judged stale, or because the rules changed.
     let mut audit_soon: Option<tokio::time::Instant> = None;
+    let mut events_tick = tokio::time::interval(EVENTS_EVERY);
+    events_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
         tokio::select! {
+            _ = events_tick.tick(), if pipeline.follows_events() => {
+                pipeline.update_mirror();
+            }
             guard = events.readable_mut() => {
                 let mut guard = guard?;
                 let handled = drain(&mut pipeline, guard.get_inner_mut(), &layout, DRAIN_BATCH)?;

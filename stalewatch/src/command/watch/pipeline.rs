@@ -206,6 +206,16 @@ impl<W: io::Write> Pipeline<W> {
         Ok(follow_up)
     }
 
+    /// Whether the audit keeps its entries from conntrack events.
+    pub fn follows_events(&self) -> bool {
+        self.auditor.follows_events()
+    }
+
+    /// Applies the audit's queued conntrack events.
+    pub fn update_mirror(&mut self) {
+        self.auditor.update_mirror();
+    }
+
     /// Whether the audited namespace's rules changed since the last look:
     /// then an audit is due (the flows they no longer send where their
     /// entries do are stale now).

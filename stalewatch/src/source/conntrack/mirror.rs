@@ -1,13 +1,16 @@
-//! A copy of a namespace's DNATed conntrack entries, kept up to date from
-//! the kernel's conntrack events instead of a dump per audit.
+//! A copy of the conntrack entries a namespace's audit judges, kept up to
+//! date from the kernel's conntrack events instead of a dump per audit:
+//! the DNATed entries, and those without DNAT whose destination is one of
+//! the namespace's own addresses (where a bypass lands).
 //!
 //! Judging every DNATed entry against the NAT intent every audit interval
 //! by dumping the table costs what `conntrack -L` costs, per interval,
-//! whatever changed. The mirror pays per entry made and per entry gone
-//! instead: one dump when it opens, then the `NEW` and `DESTROY` events of
-//! ctnetlink's multicast groups, which a socket filter (classic BPF, run by
-//! the kernel before the event is queued) narrows to DNATed entries, so a
-//! host's other connections never wake it.
+//! whatever changed; even a dump the kernel filters walks every entry. The
+//! mirror pays per entry made and per entry gone instead: one reading when
+//! it opens, then the `NEW` and `DESTROY` events of ctnetlink's multicast
+//! groups, which a socket filter (classic BPF, run by the kernel before an
+//! event is queued) narrows to the entries above, so that the host's
+//! other connections never wake it.
 //!
 //! What events cannot tell, and how it is covered:
 //! - With `net.netfilter.nf_conntrack_events = 2` (the default) the kernel
@@ -19,12 +22,15 @@
 //!   table again every [`RESYNC_EVERY`].
 //! - A full socket buffer loses events (`ENOBUFS`): the mirror reads the
 //!   table again, at most once per [`RESYNC_GAP`].
+//! - The namespace's addresses change: the filter is made anew, and the
+//!   table read again ([`Mirror::set_local`]).
 //! - With `nf_conntrack_events = 0` nothing is announced: [`Mirror::open`]
 //!   refuses, and the caller dumps per audit as before.
 
 use std::{
     collections::HashMap,
     io,
+    net::IpAddr,
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -36,8 +42,8 @@ use nix::libc;
 use stalewatch_common::ct_status;
 
 use super::{
-    CTA_STATUS, Conn, Error, Filter, IPCTNL_MSG_CT_NEW, NFNL_SUBSYS_CTNETLINK, malformed,
-    parse_entry,
+    CTA_IP_V4_DST, CTA_IP_V6_DST, CTA_STATUS, CTA_TUPLE_IP, CTA_TUPLE_ORIG, Conn, Error, Filter,
+    IPCTNL_MSG_CT_NEW, NFNL_SUBSYS_CTNETLINK, malformed, parse_entry,
 };
 use crate::{domain::Entry, source::netns};
 
@@ -46,9 +52,9 @@ const IPCTNL_MSG_CT_DELETE: u16 = 2;
 /// `NFNLGRP_CONNTRACK_NEW` (1) and `NFNLGRP_CONNTRACK_DESTROY` (3) as
 /// bind(2)'s group bitmap (bit `group - 1`).
 const GROUPS: u32 = 1 << 0 | 1 << 2;
-/// Socket buffer for events between two reads (the watch reads every
-/// second): about 10,000 events of DNATed entries made or gone in that
-/// second before one is lost and the table read again.
+/// Socket buffer for events between two reads (the watch reads ten times
+/// a second): about 10,000 events of entries made or gone before one is
+/// lost and the table read again.
 const EVENTS_RCVBUF: usize = 8 << 20;
 /// Events read per [`Mirror::update`] at most: the rest wait for the next.
 const EVENTS_PER_UPDATE: usize = 200_000;
@@ -58,7 +64,12 @@ pub const RESYNC_EVERY: Duration = Duration::from_secs(300);
 /// The least time between two readings after lost events.
 pub const RESYNC_GAP: Duration = Duration::from_secs(10);
 
-/// One DNATed entry as the mirror keeps it.
+/// Own addresses the socket filter compares, at most: beyond, it lets
+/// every entry without DNAT through and the mirror sorts them itself.
+const FILTERED_V4: usize = 100;
+const FILTERED_V6: usize = 25;
+
+/// One entry as the mirror keeps it.
 #[derive(Clone, Debug)]
 pub struct Mirrored {
     pub entry: Entry,
@@ -89,6 +100,11 @@ pub struct Mirror {
     synced_at: Instant,
     /// When the table was last read again for lost events.
     lost_synced_at: Option<Instant>,
+    /// The namespace's own addresses, sorted: entries without DNAT to one
+    /// of them are kept.
+    local: Vec<IpAddr>,
+    /// The addresses changed: read the table again at the next update.
+    stale: bool,
     buf: Vec<u8>,
 }
 
@@ -121,6 +137,8 @@ impl Mirror {
             lost: false,
             synced_at: Instant::now(),
             lost_synced_at: None,
+            local: Vec::new(),
+            stale: false,
             buf: Vec::with_capacity(64 << 10),
         };
         // Subscribed first: an entry made during the dump is announced.
@@ -133,6 +151,30 @@ impl Mirror {
         &self.path
     }
 
+    /// The namespace's own addresses, whose entries without DNAT the
+    /// mirror keeps too: where they changed, the socket's filter is made
+    /// anew and the table read again at the next update.
+    pub fn set_local(&mut self, local: impl IntoIterator<Item = IpAddr>) -> Result<(), Error> {
+        let mut local: Vec<IpAddr> = local.into_iter().collect();
+        local.sort_unstable();
+        local.dedup();
+        if local == self.local {
+            return Ok(());
+        }
+        attach_filter(&self.sock, &local).map_err(Error::Socket)?;
+        self.local = local;
+        self.stale = true;
+        Ok(())
+    }
+
+    /// Whether the mirror keeps `entry`: DNATed, or delivered without NAT
+    /// to one of the namespace's own addresses.
+    fn keeps(&self, entry: &Entry) -> bool {
+        entry.is_dnat()
+            || (entry.reply.src == entry.orig.dst
+                && self.local.binary_search(&entry.orig.dst).is_ok())
+    }
+
     /// Applies the events queued since the last update; reads the table
     /// again where events were lost (at most once per RESYNC_GAP) or
     /// unannounced entries are due for a check (every RESYNC_EVERY).
@@ -142,7 +184,8 @@ impl Mirror {
             && self
                 .lost_synced_at
                 .is_none_or(|at| at.elapsed() >= RESYNC_GAP);
-        if lost || (self.unannounced > 0 && self.synced_at.elapsed() >= RESYNC_EVERY) {
+        let unannounced = self.unannounced > 0 && self.synced_at.elapsed() >= RESYNC_EVERY;
+        if lost || unannounced || self.stale {
             if lost {
                 self.lost_synced_at = Some(Instant::now());
             }
@@ -156,7 +199,7 @@ impl Mirror {
         Ok(done)
     }
 
-    /// The DNATed entries, as last updated.
+    /// The entries kept, as last updated.
     pub fn entries(&self) -> impl Iterator<Item = &Mirrored> {
         self.entries.values()
     }
@@ -203,11 +246,18 @@ impl Mirror {
         // Events queued before the dump are applied after it: a `NEW` of an
         // entry the dump shows marks it announced, a `DESTROY` removes it.
         self.lost = false;
+        self.stale = false;
         self.synced_at = Instant::now();
-        let dumped = conn.dump(&Filter {
-            status: Some((ct_status::DST_NAT, ct_status::DST_NAT)),
+        let status = |value| Filter {
+            status: Some((value, ct_status::DST_NAT)),
             ..Filter::default()
-        })?;
+        };
+        let mut dumped = conn.dump(&status(ct_status::DST_NAT))?;
+        if !self.local.is_empty() {
+            // The kernel skips the DNATed entries: no message for them.
+            let plain = conn.dump(&status(0))?;
+            dumped.extend(plain.into_iter().filter(|e| self.keeps(e)));
+        }
         let mut entries: HashMap<u32, Mirrored, foldhash::fast::RandomState> =
             HashMap::with_capacity_and_hasher(dumped.len(), Default::default());
         let mut unannounced = 0;
@@ -223,7 +273,7 @@ impl Mirror {
         self.entries = entries;
         self.unannounced = unannounced;
         log::debug!(
-            "conntrack mirror of {}: {} DNATed entries read, {} unannounced",
+            "conntrack mirror of {}: {} entries read, {} unannounced",
             self.path.display(),
             self.entries.len(),
             unannounced
@@ -276,16 +326,14 @@ impl Mirror {
             let kind = msg.message_type();
             if kind >> 8 == NFNL_SUBSYS_CTNETLINK
                 && let Some(entry) = parse_entry(msg.payload())?
-                && entry.is_dnat()
             {
                 match kind & 0xff {
-                    IPCTNL_MSG_CT_NEW => {
+                    IPCTNL_MSG_CT_NEW if self.keeps(&entry) => {
                         made += 1;
                         self.insert(entry);
                     }
                     IPCTNL_MSG_CT_DELETE => {
-                        gone += 1;
-                        self.remove(&entry);
+                        gone += usize::from(self.remove(&entry));
                     }
                     _ => {}
                 }
@@ -309,7 +357,8 @@ impl Mirror {
         }
     }
 
-    fn remove(&mut self, entry: &Entry) {
+    /// Whether it held the entry.
+    fn remove(&mut self, entry: &Entry) -> bool {
         let key = key_of(entry);
         if self
             .entries
@@ -318,7 +367,9 @@ impl Mirror {
             && let Some(old) = self.entries.remove(&key)
         {
             self.unannounced -= usize::from(!old.announced);
+            return true;
         }
+        false
     }
 }
 
@@ -333,7 +384,8 @@ fn key_of(entry: &Entry) -> u32 {
 }
 
 /// A ctnetlink socket of this thread's namespace subscribed to the events
-/// of entries made and gone, DNATed ones only, with `rcvbuf` bytes of
+/// of entries made and gone, DNATed ones only (until
+/// [`Mirror::set_local`]), with `rcvbuf` bytes of
 /// buffer; and the namespace's `nf_conntrack_events`, where readable.
 fn subscribe(rcvbuf: usize) -> (io::Result<Socket>, Option<u32>) {
     let events = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_events")
@@ -342,7 +394,7 @@ fn subscribe(rcvbuf: usize) -> (io::Result<Socket>, Option<u32>) {
     let sock = (|| {
         let mut sock = Socket::new(NETLINK_NETFILTER)?;
         set_rcvbuf(&sock, rcvbuf)?;
-        attach_dnat_filter(&sock)?;
+        attach_filter(&sock, &[])?;
         sock.bind(&SocketAddr::new(0, GROUPS))?;
         Ok(sock)
     })();
@@ -370,43 +422,109 @@ fn set_rcvbuf(sock: &Socket, bytes: usize) -> io::Result<()> {
     Err(io::Error::last_os_error())
 }
 
-/// The classic BPF program [`attach_dnat_filter`] attaches: keep an event
-/// whose top-level CTA_STATUS has IPS_DST_NAT, or that has none (never
-/// drop what cannot be read).
-pub fn dnat_filter() -> Vec<libc::sock_filter> {
+/// The classic BPF program [`attach_filter`] attaches: keep the event of
+/// an entry whose top-level CTA_STATUS has IPS_DST_NAT (or that has none:
+/// never drop what cannot be read), or whose original destination is one
+/// of `local`. Every jump is short and forward (cBPF jumps reach 255
+/// instructions): each match returns on the spot.
+pub fn event_filter(local: &[IpAddr]) -> Vec<libc::sock_filter> {
+    use libc::{
+        BPF_ABS, BPF_ALU, BPF_AND, BPF_IMM, BPF_IND, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_LDX,
+        BPF_MEM, BPF_MISC, BPF_RET, BPF_ST, BPF_TAX, BPF_W,
+    };
     const SKF_AD_OFF: u32 = (-0x1000i32) as u32;
     const SKF_AD_NLATTR: u32 = 12;
+    const SKF_AD_NLATTR_NEST: u32 = 16;
     /// nlmsghdr (16 bytes) and nfgenmsg (4): where the attributes start.
     const ATTRS_AT: u32 = 20;
+    const KEEP: u32 = u32::MAX;
+    const DROP: u32 = 0;
     let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
         code: code as u16,
         jt,
         jf,
         k,
     };
-    use libc::{
-        BPF_ABS, BPF_ALU, BPF_AND, BPF_IMM, BPF_IND, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_LDX,
-        BPF_MISC, BPF_RET, BPF_TAX, BPF_W,
+    let imm = |k: u32| op(BPF_LD | BPF_IMM, 0, 0, k);
+    // A = the offset of attribute `attr` (in the attributes from A, or
+    // nested in the attribute at A), 0 if none.
+    let find = |attr: u16, ad: u32| {
+        [
+            op(BPF_LDX | BPF_IMM, 0, 0, u32::from(attr)),
+            op(BPF_LD | BPF_W | BPF_ABS, 0, 0, SKF_AD_OFF + ad),
+        ]
     };
-    vec![
-        // A = where the attributes start; X = the attribute looked for.
-        op(BPF_LD | BPF_IMM, 0, 0, ATTRS_AT),
-        op(BPF_LDX | BPF_IMM, 0, 0, u32::from(CTA_STATUS)),
-        // A = offset of that attribute in the message, 0 if none.
-        op(BPF_LD | BPF_W | BPF_ABS, 0, 0, SKF_AD_OFF + SKF_AD_NLATTR),
-        op(BPF_JMP | BPF_JEQ | BPF_K, 4, 0, 0),
-        op(BPF_MISC | BPF_TAX, 0, 0, 0),
-        // A = the status (after the 4-byte attribute header, big-endian).
-        op(BPF_LD | BPF_W | BPF_IND, 0, 0, 4),
-        op(BPF_ALU | BPF_AND | BPF_K, 0, 0, ct_status::DST_NAT),
-        op(BPF_JMP | BPF_JEQ | BPF_K, 1, 0, 0),
-        op(BPF_RET | BPF_K, 0, 0, u32::MAX),
-        op(BPF_RET | BPF_K, 0, 0, 0),
-    ]
+    let ret = |k: u32| op(BPF_RET | BPF_K, 0, 0, k);
+    // `if A == value { return k }`.
+    let if_eq_return = |value: u32, k: u32| [op(BPF_JMP | BPF_JEQ | BPF_K, 0, 1, value), ret(k)];
+    let v4: Vec<u32> = local
+        .iter()
+        .filter_map(|a| match a {
+            IpAddr::V4(a) => Some(u32::from(*a)),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    let v6: Vec<[u8; 16]> = local
+        .iter()
+        .filter_map(|a| match a {
+            IpAddr::V6(a) => Some(a.octets()),
+            IpAddr::V4(_) => None,
+        })
+        .collect();
+    let mut p = vec![imm(ATTRS_AT)];
+    p.extend(find(CTA_STATUS, SKF_AD_NLATTR));
+    p.extend(if_eq_return(0, KEEP));
+    p.push(op(BPF_MISC | BPF_TAX, 0, 0, 0));
+    p.push(op(BPF_LD | BPF_W | BPF_IND, 0, 0, 4));
+    p.push(op(BPF_ALU | BPF_AND | BPF_K, 0, 0, ct_status::DST_NAT));
+    // DNATed: kept.
+    p.push(op(BPF_JMP | BPF_JEQ | BPF_K, 1, 0, 0));
+    p.push(ret(KEEP));
+    if local.is_empty() {
+        p.push(ret(DROP));
+        return p;
+    }
+    if v4.len() > FILTERED_V4 || v6.len() > FILTERED_V6 {
+        p.push(ret(KEEP));
+        return p;
+    }
+    // The original tuple's address attributes, kept in M[0].
+    p.push(imm(ATTRS_AT));
+    p.extend(find(CTA_TUPLE_ORIG, SKF_AD_NLATTR));
+    p.extend(if_eq_return(0, DROP));
+    p.extend(find(CTA_TUPLE_IP, SKF_AD_NLATTR_NEST));
+    p.extend(if_eq_return(0, DROP));
+    p.push(op(BPF_ST, 0, 0, 0));
+    // IPv4: its destination against each address; no IPv4 destination
+    // jumps over this block to IPv6's.
+    p.extend(find(CTA_IP_V4_DST, SKF_AD_NLATTR_NEST));
+    let v4_block = 2 + 2 * v4.len() + 1;
+    p.push(op(BPF_JMP | BPF_JEQ | BPF_K, v4_block as u8, 0, 0));
+    p.push(op(BPF_MISC | BPF_TAX, 0, 0, 0));
+    p.push(op(BPF_LD | BPF_W | BPF_IND, 0, 0, 4));
+    for addr in &v4 {
+        p.extend(if_eq_return(*addr, KEEP));
+    }
+    p.push(ret(DROP));
+    // IPv6: four words each; a mismatch skips to the next address.
+    p.push(op(BPF_LD | BPF_MEM, 0, 0, 0));
+    p.extend(find(CTA_IP_V6_DST, SKF_AD_NLATTR_NEST));
+    p.extend(if_eq_return(0, DROP));
+    p.push(op(BPF_MISC | BPF_TAX, 0, 0, 0));
+    for o in &v6 {
+        for i in 0..4 {
+            let word = u32::from_be_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+            p.push(op(BPF_LD | BPF_W | BPF_IND, 0, 0, 4 + 4 * i as u32));
+            p.push(op(BPF_JMP | BPF_JEQ | BPF_K, 0, (7 - 2 * i) as u8, word));
+        }
+        p.push(ret(KEEP));
+    }
+    p.push(ret(DROP));
+    p
 }
 
-fn attach_dnat_filter(sock: &Socket) -> io::Result<()> {
-    let mut program = dnat_filter();
+fn attach_filter(sock: &Socket, local: &[IpAddr]) -> io::Result<()> {
+    let mut program = event_filter(local);
     let fprog = libc::sock_fprog {
         len: program.len() as u16,
         filter: program.as_mut_ptr(),
@@ -425,5 +543,48 @@ fn attach_dnat_filter(sock: &Socket) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel's checker takes the filter (any socket takes one; no
+    /// privileges needed) for every shape of address list.
+    #[test]
+    fn the_kernel_accepts_every_filter() {
+        let v4 = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        let v6 = |i: u16| IpAddr::from(std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i));
+        let lists: Vec<Vec<IpAddr>> = vec![
+            vec![],
+            vec![v4(1)],
+            vec![v6(1)],
+            vec![v4(1), v6(1)],
+            (0..FILTERED_V4 as u32)
+                .map(v4)
+                .chain((0..FILTERED_V6 as u16).map(v6))
+                .collect(),
+            (0..FILTERED_V4 as u32 + 1).map(v4).collect(),
+        ];
+        for local in lists {
+            let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("socket");
+            let mut program = event_filter(&local);
+            let fprog = libc::sock_fprog {
+                len: program.len() as u16,
+                filter: program.as_mut_ptr(),
+            };
+            // SAFETY: as in `attach_filter`.
+            let rc = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_ATTACH_FILTER,
+                    (&raw const fprog).cast(),
+                    size_of::<libc::sock_fprog>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "{local:?}: {}", io::Error::last_os_error());
+        }
     }
 }

@@ -46,7 +46,7 @@ use super::netns;
 use crate::domain::{Entry, Family, KnownFacts, Proto, Tuple};
 
 mod mirror;
-pub use mirror::{Mirror, Mirrored, Update, dnat_filter};
+pub use mirror::{Mirror, Mirrored, Update, event_filter};
 
 /// Which entries a dump returns; all `None` is everything. The kernel
 /// filters what it can (family, status, and protocol, IPv4 destination
@@ -231,13 +231,7 @@ pub fn read_audit_candidates(
     Ok(entries)
 }
 
-/// The entries without NAT that deliver to this host (bypass candidates)
-/// of the namespace at `netns`: the watch's audit where a [`Mirror`]
-/// holds the DNATed ones.
-pub fn read_bypass_candidates(netns: &Path, facts: &KnownFacts) -> Result<Vec<Entry>, Error> {
-    bypass_candidates(&Conn::open(Some(netns))?, facts)
-}
-
+/// The entries without NAT that deliver to this host (bypass candidates).
 fn bypass_candidates(conn: &Conn, facts: &KnownFacts) -> Result<Vec<Entry>, Error> {
     // The kernel skips the DNATed entries itself: no message for them.
     let plain = conn.dump(&Filter {
