@@ -499,13 +499,18 @@ fn a_mirror_follows_the_dnated_entries_through_events() {
     assert_eq!((update.made, update.gone), (0, 1));
     assert_eq!(mirrored(&mirror), vec![41000, 41001, 41002, 42001]);
 
-    // One made before the mirror goes unannounced: kept until a look-up
-    // finds it gone.
+    // One made before the mirror may go unannounced (when no listener of
+    // the namespace's conntrack events existed as it was made): kept
+    // until a look-up finds it gone.
     let old = entry_of(41001, &mirror);
     assert!(!mirror.announced(&old));
     assert!(delete_entry(ns.path(), &old).expect("delete"));
     mirror.update().expect("update");
-    assert_eq!(mirrored(&mirror), vec![41000, 41001, 41002, 42001]);
+    let left = mirrored(&mirror);
+    assert!(
+        left == vec![41000, 41001, 41002, 42001] || left == vec![41000, 41002, 42001],
+        "{left:?}"
+    );
     mirror.forget(&old);
     assert_eq!(mirrored(&mirror), vec![41000, 41002, 42001]);
     assert_eq!(mirror.unannounced(), 2);
