@@ -250,6 +250,8 @@ pub mod globals {
     pub const DROP_REASONS: &str = "DROP_REASONS";
     pub const DROP_REASONS_V6: &str = "DROP_REASONS_V6";
     pub const DEAD_REASONS: &str = "DEAD_REASONS";
+    pub const NEIGH_INVALIDATE_AT: &str = "NEIGH_INVALIDATE_AT";
+    pub const NEIGH_INVALIDATE_SIZE: &str = "NEIGH_INVALIDATE_SIZE";
     pub const OFF_SKB_PROTOCOL: &str = "OFF_SKB_PROTOCOL";
     pub const OFF_SKB_HEAD: &str = "OFF_SKB_HEAD";
     pub const OFF_SKB_NETWORK_HEADER: &str = "OFF_SKB_NETWORK_HEADER";

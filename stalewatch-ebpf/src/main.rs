@@ -106,6 +106,15 @@ mod programs {
     /// entry).
     #[unsafe(no_mangle)]
     static DEAD_REASONS: [u64; DROP_REASON_WORDS] = [0; DROP_REASON_WORDS];
+    /// Where `neigh_invalidate` lies in the kernel's text (its address and
+    /// size, from /proc/kallsyms; size 0 when unknown). IPv6 drops the
+    /// packets queued for a neighbour that never answered there, with no
+    /// specific reason (`ndisc_error_report` tail-calls `kfree_skb`), so
+    /// that drop site is what tells a dead IPv6 destination.
+    #[unsafe(no_mangle)]
+    static NEIGH_INVALIDATE_AT: u64 = 0;
+    #[unsafe(no_mangle)]
+    static NEIGH_INVALIDATE_SIZE: u64 = 0;
     #[unsafe(no_mangle)]
     static OFF_SKB_PROTOCOL: u64 = 0;
     #[unsafe(no_mangle)]
@@ -446,6 +455,7 @@ mod programs {
             return 0;
         }
         let skb: u64 = ctx.arg(0);
+        let mut dead = false;
         if !has(&DROP_REASONS, reason) {
             if !has(&DROP_REASONS_V6, reason) {
                 return 0;
@@ -453,10 +463,14 @@ mod programs {
             if skb_field::<u16>(skb, &OFF_SKB_PROTOCOL) != ETH_P_IPV6_BE {
                 return 0;
             }
+            // IPv6's neighbour failures come as NOT_SPECIFIED, a reason
+            // too vague to follow without NAT; where they were dropped
+            // tells them.
+            let location: u64 = ctx.arg(1);
+            dead = location.wrapping_sub(global(&NEIGH_INVALIDATE_AT))
+                < global(&NEIGH_INVALIDATE_SIZE);
         }
-        // IPv6's neighbour failures come as NOT_SPECIFIED, a reason too
-        // vague to follow without NAT: dead destinations are IPv4's.
-        let dead = has(&DEAD_REASONS, reason);
+        let dead = dead || has(&DEAD_REASONS, reason);
         let _ = record_failure(skb, hook::KFREE_SKB, 0, reason, dead);
         0
     }

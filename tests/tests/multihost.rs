@@ -264,7 +264,18 @@ fn scaled_to_zero_and_an_address_given_to_another_service() {
 /// dead_destination record with the interface and the previous hop (A).
 #[test]
 fn node_b_reports_the_dead_destination() {
-    let Pinned { mut c, mut stream } = pinned(Engine::NftPlain, Family::V4);
+    b_reports_the_dead_destination(Family::V4);
+}
+
+/// The same over IPv6, whose neighbour failures the kernel drops with no
+/// specific reason: told by where it drops them.
+#[test]
+fn node_b_reports_an_ipv6_dead_destination() {
+    b_reports_the_dead_destination(Family::V6);
+}
+
+fn b_reports_the_dead_destination(family: Family) {
+    let Pinned { mut c, mut stream } = pinned(Engine::NftPlain, family);
     // B tracks connections, as every Kubernetes node does (kube-proxy's
     // rules turn conntrack on); the topology alone has no reason to.
     c.node_b
@@ -280,7 +291,7 @@ fn node_b_reports_the_dead_destination() {
         .wait_for(secs(40), |v| {
             v["type"] == "dead_destination" && v["state"] == "raised"
         })
-        .unwrap_or_else(|| panic!("B reports it: {:?}", watcher.records()));
+        .unwrap_or_else(|| panic!("{family:?}: B reports it: {:?}", watcher.records()));
     assert_eq!(dead["netns"]["name"], b.as_str());
     assert_eq!(addr_of(&dead["dead"]), c.pod_ip(7).to_string());
     assert_eq!(dead["dead"]["port"], DNS.target_port);

@@ -65,6 +65,32 @@ pub struct KernelLayout {
     pub drop_reasons: DropReasons,
     /// The kernel's `bpf_rdonly_cast`, where it has one (6.2 and later).
     pub rdonly_cast: Option<RdonlyCast>,
+    /// `neigh_invalidate`'s address and size in the kernel's text, from
+    /// /proc/kallsyms (where its addresses are shown: root): where IPv6
+    /// drops packets no neighbour answered for.
+    pub neigh_invalidate: Option<(u64, u64)>,
+}
+
+/// A function's address and size in the kernel's text, from a
+/// /proc/kallsyms listing: up to the next symbol's address. `None` where
+/// the listing hides addresses (zeros) or lacks it.
+pub fn symbol_range(kallsyms: &str, name: &str) -> Option<(u64, u64)> {
+    let addr_of = |line: &str| u64::from_str_radix(line.split(' ').next()?, 16).ok();
+    let at = kallsyms
+        .lines()
+        .find(|l| {
+            let mut f = l.split(' ');
+            let (_, kind, sym) = (f.next(), f.next(), f.next());
+            matches!(kind, Some("t" | "T")) && sym == Some(name) && f.next().is_none()
+        })
+        .and_then(addr_of)
+        .filter(|a| *a != 0)?;
+    let next = kallsyms
+        .lines()
+        .filter_map(addr_of)
+        .filter(|a| *a > at)
+        .min()?;
+    Some((at, next - at))
 }
 
 /// BTF ids for a `bpf_rdonly_cast(ct, nf_conn)` call.
@@ -231,6 +257,9 @@ impl KernelLayout {
             drop_reasons: types.drop_reasons()?,
             // Its loads follow the usual tuple layout (see the programs).
             rdonly_cast: types.rdonly_cast().filter(|_| tuple == TupleLayout::LINUX),
+            neigh_invalidate: std::fs::read_to_string("/proc/kallsyms")
+                .ok()
+                .and_then(|k| symbol_range(&k, "neigh_invalidate")),
         })
     }
 }
@@ -367,6 +396,25 @@ impl Types<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_function_spans_to_the_next_symbol() {
+        let listing = "\
+ffffffff81e72400 t neigh_flush_dev
+ffffffff81e72470 t neigh_invalidate
+ffffffff81e72610 T neigh_destroy
+ffffffffc0a01000 t neigh_invalidate\t[some_module]
+ffffffff81e72600 d some_data
+";
+        assert_eq!(
+            symbol_range(listing, "neigh_invalidate"),
+            Some((0xffff_ffff_81e7_2470, 0x190))
+        );
+        assert_eq!(symbol_range(listing, "ndisc_error_report"), None);
+        // Addresses hidden from the unprivileged.
+        let hidden = "0000000000000000 t neigh_invalidate\n0000000000000000 T neigh_destroy\n";
+        assert_eq!(symbol_range(hidden, "neigh_invalidate"), None);
+    }
 
     #[test]
     fn drop_reasons_strip_the_prefix_and_mark_failures() {

@@ -219,6 +219,7 @@ impl Probes {
         let drop_reasons = layout.drop_reasons.failure_bitmap();
         let drop_reasons_v6 = layout.drop_reasons.failure_bitmap_v6();
         let dead_reasons = layout.drop_reasons.dead_bitmap();
+        let (neigh_at, neigh_size) = layout.neigh_invalidate.unwrap_or((0, 0));
         let netns = options.netns.unwrap_or(0);
         let interval = options.emit_interval.as_nanos() as u64;
         let reported_interval = options.reported_interval.as_nanos() as u64;
@@ -245,6 +246,8 @@ impl Probes {
             .override_global(globals::DROP_REASONS, &drop_reasons, true)
             .override_global(globals::DROP_REASONS_V6, &drop_reasons_v6, true)
             .override_global(globals::DEAD_REASONS, &dead_reasons, true)
+            .override_global(globals::NEIGH_INVALIDATE_AT, &neigh_at, true)
+            .override_global(globals::NEIGH_INVALIDATE_SIZE, &neigh_size, true)
             .override_global(globals::OFF_SKB_PROTOCOL, &layout.skb_protocol, true)
             .override_global(globals::OFF_SKB_HEAD, &layout.skb_head, true)
             .override_global(
