@@ -104,7 +104,8 @@ impl Auditor {
     /// namespace's addresses `local` besides the DNATed ones.
     fn mirror(&mut self, local: &std::collections::HashSet<IpAddr>) -> Option<&mut Mirror> {
         if self.mirror.is_none() && self.mirror_retry.is_none_or(|at| Instant::now() >= at) {
-            match Mirror::open(&self.path) {
+            let local: Vec<IpAddr> = local.iter().copied().collect();
+            match Mirror::open(&self.path, &local) {
                 Ok(mirror) => self.mirror = Some(mirror),
                 Err(e) => {
                     log::info!(

@@ -110,15 +110,16 @@ pub struct Mirror {
 
 impl Mirror {
     /// Subscribes to the conntrack events of the namespace at `path`, then
-    /// reads its DNATed entries. Fails where the namespace announces no
-    /// conntrack events (`nf_conntrack_events = 0`).
-    pub fn open(path: &Path) -> Result<Mirror, Error> {
-        Mirror::with_buffer(path, EVENTS_RCVBUF)
+    /// reads its entries: the DNATed ones, and those without NAT to one of
+    /// its addresses `local` (see [`Mirror::set_local`]). Fails where the
+    /// namespace announces no conntrack events (`nf_conntrack_events = 0`).
+    pub fn open(path: &Path, local: &[IpAddr]) -> Result<Mirror, Error> {
+        Mirror::with_buffer(path, local, EVENTS_RCVBUF)
     }
 
     /// As [`Mirror::open`], with a socket buffer of `rcvbuf` bytes (tests
     /// make it small to lose events).
-    pub fn with_buffer(path: &Path, rcvbuf: usize) -> Result<Mirror, Error> {
+    pub fn with_buffer(path: &Path, local: &[IpAddr], rcvbuf: usize) -> Result<Mirror, Error> {
         let owned = path.to_path_buf();
         let (sock, events) = netns::in_netns(path, move || subscribe(rcvbuf))
             .map_err(|e| Error::Netns(owned.clone(), e))?;
@@ -141,6 +142,7 @@ impl Mirror {
             stale: false,
             buf: Vec::with_capacity(64 << 10),
         };
+        mirror.set_local(local.iter().copied())?;
         // Subscribed first: an entry made during the dump is announced.
         mirror.resync()?;
         Ok(mirror)
