@@ -8,6 +8,12 @@
 //! `cargo xtask demo --podman`: both of Podman's shapes on the machine's
 //! podman (netavark): a stream pinned to a replaced container, then the
 //! silent bypass into conmon's socket (see `stalewatch_tests::podman`).
+//!
+//! `cargo xtask demo --nodes`: two nodes, in private namespaces: node A
+//! DNATs a service to a pod on node B, the pod moves, and A's entry keeps
+//! a client's stream pinned to the dead pod: A raises it from its rules
+//! (nothing fails on A), B reports the dead destination (see
+//! `stalewatch_tests::multihost`).
 
 use std::{
     process::ExitCode,
@@ -20,6 +26,7 @@ use anyhow::{Context as _, bail};
 use nix::sys::signal::{SigHandler, Signal, signal};
 use stalewatch_tests::{
     docker::{self, Deployment},
+    multihost::{Cluster, DNS, Engine, Family, L4},
     podman::{self, World},
     sh,
     story::{Rules, Story, V4, Variant},
@@ -58,16 +65,18 @@ fn main() -> ExitCode {
     }
     let engine = match std::env::args().skip(1).collect::<Vec<_>>().as_slice() {
         [] => None,
-        [flag] if flag == "--docker" || flag == "--podman" => Some(flag.clone()),
+        [flag] if ["--docker", "--podman", "--nodes"].contains(&flag.as_str()) => {
+            Some(flag.clone())
+        }
         _ => {
-            eprintln!("usage: stalewatch-demo [--docker | --podman]");
+            eprintln!("usage: stalewatch-demo [--docker | --podman | --nodes]");
             return ExitCode::from(2);
         }
     };
     let missing = match engine.as_deref() {
         Some("--docker") => docker::no_engine().map(|why| ("a Docker engine", why)),
-        Some(_) => podman::no_podman().map(|why| ("podman with netavark", why)),
-        None => None,
+        Some("--podman") => podman::no_podman().map(|why| ("podman with netavark", why)),
+        _ => None,
     };
     if let (Some(flag), Some((what, why))) = (&engine, missing) {
         eprintln!(
@@ -80,7 +89,8 @@ fn main() -> ExitCode {
     let _ = unsafe { signal(Signal::SIGINT, SigHandler::Handler(on_interrupt)) };
     let played = match engine.as_deref() {
         Some("--docker") => demo_docker(),
-        Some(_) => demo_podman(),
+        Some("--podman") => demo_podman(),
+        Some(_) => demo_nodes(),
         None => demo(),
     };
     match played {
@@ -380,6 +390,138 @@ fn demo_podman() -> anyhow::Result<()> {
     step(&format!(
         "Removing the containers, network {net}, the image, the veth, the FORWARD rules and the namespace"
     ));
+    Ok(())
+}
+
+/// Two nodes: A DNATs a service (kube-proxy's nftables layout) to a pod
+/// on B; the pod moves; the client's stream stays pinned on A. A's watch
+/// raises it from A's rules; B's reports the dead destination.
+fn demo_nodes() -> anyhow::Result<()> {
+    const STREAM: u16 = 40053;
+    step("Building a client, node A and node B in private network namespaces");
+    let mut c = Cluster::build(Engine::NftKube, Family::V4, L4::Udp)?;
+    c.deploy(&DNS, 7)?;
+    // B tracks connections, as kube-proxy's rules make every node do.
+    c.node_b.exec_input(
+        &["nft", "-f", "-"],
+        "table inet sw_ct {\n chain forwarded {\n type filter hook forward priority 0;\n ct state new counter\n }\n}\n",
+    )?;
+    println!(
+        "    client {} ({})  ->  node A {} (kube-proxy-style nftables: {} DNAT to pod {}:{})",
+        c.client.name,
+        c.client_addr(STREAM).ip(),
+        c.node_a.name,
+        c.vip(&DNS),
+        c.pod_ip(7),
+        DNS.target_port
+    );
+    println!(
+        "    node A routes the pods' subnet to node B {}, whose pods sit on bridge cbr0",
+        c.node_b.name
+    );
+    let rx7 = c.udp_receiver(7, &DNS)?;
+    let src = c.client_addr(STREAM);
+    let mut stream = c.producer(
+        &DNS,
+        STREAM,
+        Duration::from_millis(100),
+        1800,
+        Duration::from_secs(180),
+    )?;
+    step(&format!(
+        "The client streams 10 datagrams a second from {src} to {}",
+        c.vip(&DNS)
+    ));
+    if !rx7.wait_from(src, 10, Duration::from_secs(10)) {
+        bail!("the stream did not reach pod .7");
+    }
+    println!(
+        "    pod {} received {} datagrams",
+        c.pod_ip(7),
+        rx7.from(src)
+    );
+
+    step(&format!(
+        "Starting stalewatch on both nodes: stalewatch watch --netns {} (and --netns {})",
+        c.node_a.name, c.node_b.name
+    ));
+    let args = |ns: &str| {
+        [
+            "--netns".to_owned(),
+            ns.to_owned(),
+            "--resolve-after".into(),
+            "5s".into(),
+        ]
+    };
+    let a_args = args(&c.node_a.name);
+    let b_args = args(&c.node_b.name);
+    let on_a = Watcher::start_with("text", &a_args.each_ref().map(String::as_str), true)?;
+    let on_b = Watcher::start_with("text", &b_args.each_ref().map(String::as_str), true)?;
+
+    step(&format!(
+        "Redeploy: pod {} is deleted, the service moves to pod {} (A's rules rewritten)",
+        c.pod_ip(7),
+        c.pod_ip(8)
+    ));
+    c.move_backend(&DNS, 7, 8)?;
+    drop(rx7);
+    let rx8 = c.udp_receiver(8, &DNS)?;
+    let fresh_src = c.client_addr(STREAM + 1);
+    let mut fresh = c.producer(
+        &DNS,
+        STREAM + 1,
+        Duration::from_millis(100),
+        20,
+        Duration::from_secs(5),
+    )?;
+    pause(Duration::from_secs(3))?;
+    println!(
+        "    a NEW flow from {fresh_src} reaches pod {}: {} datagrams...",
+        c.pod_ip(8),
+        rx8.from(fresh_src)
+    );
+    println!(
+        "    ...but A's conntrack entry keeps the stream on {}: {} datagrams at pod {}, and A sees no failure",
+        c.pod_ip(7),
+        rx8.from(src),
+        c.pod_ip(8)
+    );
+    fresh.stop();
+
+    step("Waiting for node A: it judges its entries against its current rules");
+    let fix = fix_command(&on_a, "")?;
+    step("Waiting for node B: the stream keeps coming for an address no neighbour answers");
+    poll_interruptible(Duration::from_secs(60), || {
+        on_b.wait_line(Duration::from_millis(200), |l| {
+            l.contains("DEAD DESTINATION")
+        })
+    })?
+    .context("node B reported no dead destination within 60 s")?;
+
+    step(&format!("Applying the fix node A's alert printed: {fix}"));
+    sh(&fix)?;
+    if !rx8.wait_from(src, 10, Duration::from_secs(10)) {
+        bail!("the stream did not reach pod .8 after the fix");
+    }
+    println!(
+        "    the stream now reaches pod {}: {} datagrams",
+        c.pod_ip(8),
+        rx8.from(src)
+    );
+    step("Waiting for both to resolve");
+    for (node, watcher) in [("A", &on_a), ("B", &on_b)] {
+        poll_interruptible(Duration::from_secs(30), || {
+            watcher.wait_line(Duration::from_millis(200), |l| l.contains("RESOLVED"))
+        })?
+        .with_context(|| format!("node {node}'s alert was not resolved"))?;
+    }
+    stream.stop();
+    for watcher in [on_a, on_b] {
+        let (status, _) = watcher.stop()?;
+        if !status.success() {
+            bail!("stalewatch exited {status}");
+        }
+    }
     Ok(())
 }
 

@@ -133,7 +133,7 @@ pub async fn run<W: io::Write>(
     let stats = probes.stats()?;
     drop(probes);
     eprintln!(
-        "stalewatch: detached; {} failing packets of DNATed flows seen, {} kernel reports, {} lost",
+        "stalewatch: detached; {} failing packets followed, {} kernel reports, {} lost",
         stats.failures, stats.events_sent, stats.events_lost
     );
     Ok(())
