@@ -50,6 +50,24 @@ fn watch(ns: &str) -> Watcher {
     Watcher::start(&["--netns", ns]).expect("stalewatch watch")
 }
 
+/// Runs the fix an alert printed.
+fn apply_fix(raised: &Value) {
+    let fix = raised["fix"].as_str().expect("a fix");
+    let out = Command::new("sh").args(["-c", fix]).output().expect("sh");
+    assert!(out.status.success(), "{fix}: {out:?}");
+}
+
+/// The stale stream's alert resolves within 10 s (its entry is gone).
+fn assert_resolved(watcher: &Watcher) {
+    assert!(
+        watcher
+            .wait_for(secs(10), |v| is_stale_flow(v, "resolved", STALE_SPORT))
+            .is_some(),
+        "resolved once the entry is gone: {:?}",
+        watcher.records()
+    );
+}
+
 fn addr_of(v: &Value) -> String {
     v["addr"].as_str().unwrap_or_default().to_owned()
 }
@@ -110,20 +128,12 @@ fn a_raises_the_moved_service(engine: Engine, family: Family) {
     );
     // The printed fix deletes the entry: the stream reaches .8 then, and
     // the alert resolves.
-    let fix = raised["fix"].as_str().expect("a fix").to_owned();
-    let out = Command::new("sh").args(["-c", &fix]).output().expect("sh");
-    assert!(out.status.success(), "{fix}: {out:?}");
+    apply_fix(&raised);
     assert!(
         rx8.wait_from(c.client_addr(STALE_SPORT), 3, secs(5)),
         "{engine:?}: healed, the stream reaches .8"
     );
-    assert!(
-        watcher
-            .wait_for(secs(10), |v| is_stale_flow(v, "resolved", STALE_SPORT))
-            .is_some(),
-        "resolved once the entry is gone: {:?}",
-        watcher.records()
-    );
+    assert_resolved(&watcher);
     fresh.stop();
     stream.stop();
     let records = watcher.records();
@@ -202,16 +212,8 @@ fn node_a_raises_a_tcp_connection() {
     assert_eq!(addr_of(&raised["current_backend"]), c.pod_ip(8).to_string());
     // Its fix deletes the entry, and the alert resolves.
     conn.stop();
-    let fix = raised["fix"].as_str().expect("a fix").to_owned();
-    let out = Command::new("sh").args(["-c", &fix]).output().expect("sh");
-    assert!(out.status.success(), "{fix}: {out:?}");
-    assert!(
-        watcher
-            .wait_for(secs(10), |v| is_stale_flow(v, "resolved", STALE_SPORT))
-            .is_some(),
-        "resolved once the entry is gone: {:?}",
-        watcher.records()
-    );
+    apply_fix(&raised);
+    assert_resolved(&watcher);
     watcher.stop().expect("stop");
 }
 
