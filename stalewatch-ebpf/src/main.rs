@@ -15,9 +15,11 @@
 //! raised wakes userspace at once, and at most one report per
 //! `WAKE_GAP_NS` does; the others wait for its next look.
 //!
-//! A failing packet of a known entry costs a few dozen plain loads (the
-//! packet's conntrack pointer, the entry's status, its tuples and
-//! namespace) and one map lookup. The entry is no typed pointer to the
+//! A failing packet of a known entry costs a few plain loads (the packet's
+//! conntrack pointer, the entry's status and namespace, on one cache line
+//! of the entry), one map lookup and, once per `VERIFY_NS`, the entry's
+//! tuples; the clock is read once a jiffy per CPU. The entry is no typed
+//! pointer to the
 //! verifier: on kernels with `bpf_rdonly_cast` (6.2+) it is cast to one, so
 //! that loading through it needs no helper call; elsewhere two helper reads
 //! do it (see `rdonly_cast`).
@@ -35,7 +37,9 @@ mod programs {
         bindings::{
             BPF_ANY, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
         },
-        helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
+        helpers::{
+            bpf_jiffies64, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+        },
         macros::{btf_tracepoint, map},
         maps::{Array, LruHashMap, PerCpuArray, RingBuf},
         programs::BtfTracePointContext,
@@ -43,8 +47,8 @@ mod programs {
     use stalewatch_common::{
         CAUSE_ICMP, CAUSES as CAUSE_SLOTS, CT_CHUNK_WORDS, DROP_REASON_MAX, DROP_REASON_WORDS,
         ETH_P_IPV6_BE, FlowEvent, FlowState, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, LocalEvent,
-        LocalKey, LocalState, RDONLY_CAST_CALL, TUPLE_SIZE, TUPLE_WORDS, WAKE_GAP_NS, ct_status,
-        hook, kind, stat,
+        LocalKey, LocalState, RDONLY_CAST_CALL, TUPLE_SIZE, TUPLE_WORDS, VERIFY_NS, WAKE_GAP_NS,
+        ct_status, hook, kind, stat,
     };
 
     // Read-only globals, set by userspace from BTF (see stalewatch-common's
@@ -154,6 +158,11 @@ mod programs {
 
     #[map(name = "STATS")]
     static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+    /// Per CPU: the jiffy in which the clock was last read, and what it
+    /// read (see `now`).
+    #[map(name = "CLOCK")]
+    static CLOCK: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
     /// Failed packets by cause (see stalewatch-common's `CAUSE_ICMP`).
     #[map(name = "CAUSES")]
@@ -265,33 +274,43 @@ mod programs {
         }
     }
 
-    /// The tuples and namespace pointer of one `nf_conn`, read at once with
-    /// a helper (kernels without `bpf_rdonly_cast`).
+    /// The part of one `nf_conn` that holds its tuples (and its namespace
+    /// pointer), read at once with a helper (kernels without
+    /// `bpf_rdonly_cast`).
     struct Chunk([u64; CT_CHUNK_WORDS]);
 
-    /// An entry's original and reply tuples and namespace pointer. With
-    /// `CAST_CT`, loaded field by field through `bpf_rdonly_cast`: no helper
-    /// call, no copy (the verifier lets a load span array elements but not
-    /// struct fields, so `load_tuple` assembles each tuple, whose layout
-    /// userspace checked, from nine loads). Else one helper read of the
-    /// chunk that holds all three.
+    /// An entry's original and reply tuples. With `CAST_CT`, loaded field
+    /// by field through `bpf_rdonly_cast`: no helper call, no copy (the
+    /// verifier lets a load span array elements but not struct fields, so
+    /// `load_tuple` assembles each tuple, whose layout userspace checked,
+    /// from nine loads). Else one helper read of the chunk that holds both.
     #[inline(always)]
-    fn entry_of(ct: u64) -> Result<([u64; TUPLE_WORDS], [u64; TUPLE_WORDS], u64), ()> {
+    fn tuples_of(ct: u64) -> Result<([u64; TUPLE_WORDS], [u64; TUPLE_WORDS]), ()> {
         if global(&CAST_CT) != 0 {
             let at = rdonly_cast(ct, global(&NF_CONN_BTF_ID)) + global(&OFF_CT_CHUNK);
             let word = |i: u32| at + 8 * u64::from(i);
             return Ok((
                 load_tuple(word(global(&CHUNK_ORIG))),
                 load_tuple(word(global(&CHUNK_REPLY))),
-                load::<u64>(word(global(&CHUNK_NET))),
             ));
         }
         let chunk = Chunk::read(ct)?;
         Ok((
             chunk.tuple(global(&CHUNK_ORIG))?,
             chunk.tuple(global(&CHUNK_REPLY))?,
-            chunk.word(global(&CHUNK_NET))?,
         ))
+    }
+
+    /// An entry's namespace pointer alone: on the cache line of its status,
+    /// which the packet has just loaded.
+    #[inline(always)]
+    fn net_of(ct: u64) -> Result<u64, ()> {
+        let at = global(&OFF_CT_CHUNK) + 8 * u64::from(global(&CHUNK_NET));
+        if global(&CAST_CT) != 0 {
+            Ok(load::<u64>(rdonly_cast(ct, global(&NF_CONN_BTF_ID)) + at))
+        } else {
+            read(ct + at)
+        }
     }
 
     impl Chunk {
@@ -321,11 +340,6 @@ mod programs {
             }
             let w = &self.0;
             Ok([w[at], w[at + 1], w[at + 2], w[at + 3], w[at + 4]])
-        }
-
-        #[inline(always)]
-        fn word(&self, at: u32) -> Result<u64, ()> {
-            self.0.get(at as usize).copied().ok_or(())
         }
     }
 
@@ -404,7 +418,7 @@ mod programs {
             // SAFETY: a value of our own map, alive while the program runs.
             let state = unsafe { &mut *state };
             state.event.count = state.event.count.wrapping_add(1);
-            state.event.last_ns = now;
+            state.event.last_ns = state.event.last_ns.max(now);
             if let Some(urgent) = due(
                 &mut state.reported,
                 state.event.count,
@@ -483,13 +497,34 @@ mod programs {
         0
     }
 
-    /// CLOCK_MONOTONIC. (The coarse clock would do for failure times and
-    /// cost less on a virtual machine, but tracing programs may not read
-    /// it.)
+    /// CLOCK_MONOTONIC, read at most once a jiffy on each CPU: later
+    /// failures in the same jiffy take that read, at most a jiffy (1-10 ms)
+    /// behind, which is far finer than any interval the times serve
+    /// (`GRACE_NS`, reports, userspace's seconds). The read itself
+    /// (`bpf_ktime_get_ns`, an ordered TSC read) waits for every load before
+    /// it, among them the misses of a packet that waited in a neighbour's
+    /// queue; `jiffies` is a plain load, and the coarse clock is not
+    /// allowed in tracing programs.
     #[inline(always)]
     fn now() -> u64 {
+        // SAFETY: no preconditions (the kernel inlines it as a load).
+        let jiffy = unsafe { bpf_jiffies64() };
+        let Some(clock) = CLOCK.get_ptr_mut(0) else {
+            // SAFETY: no preconditions.
+            return unsafe { bpf_ktime_get_ns() };
+        };
+        // SAFETY: this CPU's slot of our own map; a program is not
+        // migrated while it runs, and one that interrupts another on this
+        // CPU at worst reads the clock once more.
+        let clock = unsafe { &mut *clock };
+        if clock[0] == jiffy {
+            return clock[1];
+        }
         // SAFETY: no preconditions.
-        unsafe { bpf_ktime_get_ns() }
+        let now = unsafe { bpf_ktime_get_ns() };
+        clock[0] = jiffy;
+        clock[1] = now;
+        now
     }
 
     /// Whether a drop reason bitmap holds `reason` (below DROP_REASON_MAX):
@@ -523,29 +558,42 @@ mod programs {
         if status & ct_status::DST_NAT == 0 && !dead {
             return Ok(true);
         }
-        // The clock first: its read waits for the loads before it (an
-        // ordered TSC read), so it goes before the entry's lines are
-        // asked for, which then overlap with the map lookup.
         let now = now();
-        let (orig, reply, net) = entry_of(ct)?;
+        let net = net_of(ct)?;
 
         // A known entry: it passed the namespace filter when first seen.
         // Another flow in a reused nf_conn differs in its tuples (a flow
         // re-created after its entry was deleted goes to another backend)
-        // or its namespace.
+        // or its namespace. The tuples are compared once per `VERIFY_NS`
+        // (see there); the namespace on every packet.
+        let mut tuples = None;
         if let Some(state) = FLOWS.get_ptr_mut(&ct) {
             // SAFETY: a value of our own map, alive while the program runs.
             let state = unsafe { &mut *state };
-            if state.net == net
-                && same(words(&mut state.event.orig), &orig)
-                && same(words(&mut state.event.reply), &reply)
-            {
-                count(stat::FAILURES);
-                count_cause(hook_id, icmp_code, drop_reason);
-                update(state, now, status, hook_id, icmp_code, drop_reason);
-                return Ok(true);
+            if state.net == net {
+                let mut known = true;
+                if now.saturating_sub(state.checked_ns) >= VERIFY_NS {
+                    let (orig, reply) = tuples_of(ct)?;
+                    known = same(words(&mut state.event.orig), &orig)
+                        && same(words(&mut state.event.reply), &reply);
+                    if known {
+                        state.checked_ns = now;
+                    } else {
+                        tuples = Some((orig, reply));
+                    }
+                }
+                if known {
+                    count(stat::FAILURES);
+                    count_cause(hook_id, icmp_code, drop_reason);
+                    update(state, now, status, hook_id, icmp_code, drop_reason);
+                    return Ok(true);
+                }
             }
         }
+        let (orig, reply) = match tuples {
+            Some(tuples) => tuples,
+            None => tuples_of(ct)?,
+        };
 
         let netns: u32 = read(net + global(&OFF_NET_NS_INUM))?;
         let filter = global(&NETNS_FILTER);
@@ -575,6 +623,7 @@ mod programs {
             },
             last_emit_ns: now,
             net,
+            checked_ns: now,
             reported: 0,
             _pad: 0,
         };
@@ -643,7 +692,9 @@ mod programs {
         // Userspace counts a flow's failed packets as the larger of the two
         // counts: a packet often shows at both hooks.
         let failures = event.icmp_count.max(event.drop_count);
-        event.last_ns = now;
+        // Never back: another CPU's clock read may be up to a jiffy
+        // fresher than this one's (see `now`).
+        event.last_ns = event.last_ns.max(now);
         event.status = status;
         event.last_hook = hook_id;
         if let Some(urgent) = due(
@@ -681,8 +732,11 @@ mod programs {
         last_emit_ns: u64,
         now: u64,
     ) -> Option<bool> {
+        // Saturating: `now` may be up to a jiffy behind a time another CPU
+        // wrote (see `now`), which is no interval at all.
         let interval = if *reported == 0 {
-            if failures >= global(&MIN_FAILURES) && now.wrapping_sub(first_ns) >= global(&GRACE_NS)
+            if failures >= global(&MIN_FAILURES)
+                && now.saturating_sub(first_ns) >= global(&GRACE_NS)
             {
                 *reported = 1;
                 return Some(true);
@@ -691,7 +745,7 @@ mod programs {
         } else {
             global(&REPORTED_INTERVAL_NS)
         };
-        (now.wrapping_sub(last_emit_ns) >= interval).then_some(false)
+        (now.saturating_sub(last_emit_ns) >= interval).then_some(false)
     }
 
     /// Sends a report. An urgent one wakes userspace, and so does any once
@@ -727,7 +781,7 @@ mod programs {
         // SAFETY: the one slot of our own array map; a racy read or write
         // only ever costs or saves one wakeup.
         unsafe {
-            if now.wrapping_sub(read_volatile(woken)) < WAKE_GAP_NS {
+            if now.saturating_sub(read_volatile(woken)) < WAKE_GAP_NS {
                 return false;
             }
             core::ptr::write_volatile(woken, now);
