@@ -590,16 +590,17 @@ mod programs {
                 }
             }
         }
-        let (orig, reply) = match tuples {
-            Some(tuples) => tuples,
-            None => tuples_of(ct)?,
-        };
-
+        // Another namespace's entry is left before its tuples are read: a
+        // watch of one namespace meets every other's failing packets too.
         let netns: u32 = read(net + global(&OFF_NET_NS_INUM))?;
         let filter = global(&NETNS_FILTER);
         if filter != 0 && filter != netns {
             return Ok(true);
         }
+        let (orig, reply) = match tuples {
+            Some(tuples) => tuples,
+            None => tuples_of(ct)?,
+        };
         count(stat::FAILURES);
         count_cause(hook_id, icmp_code, drop_reason);
         let mut state = FlowState {
