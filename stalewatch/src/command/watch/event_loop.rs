@@ -28,8 +28,8 @@ const RULES_SETTLE: Duration = Duration::from_millis(500);
 const CONFIRM: Duration = Duration::from_secs(1);
 /// How often the loop reads the audit's conntrack events, while it keeps
 /// them: a burst of new connections is read in batches (the socket holds
-/// about 10,000 events), not with a wakeup each, which polling the socket
-/// would cost (every datagram wakes an edge-triggered epoll).
+/// 8 MiB of them), not with a wakeup each, which polling the socket would
+/// cost (every datagram wakes an edge-triggered epoll).
 const EVENTS_EVERY: Duration = Duration::from_millis(100);
 /// Reports handled before the loop looks at signals and timers again.
 const DRAIN_BATCH: usize = 256;

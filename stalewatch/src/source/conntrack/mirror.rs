@@ -53,8 +53,8 @@ const IPCTNL_MSG_CT_DELETE: u16 = 2;
 /// bind(2)'s group bitmap (bit `group - 1`).
 const GROUPS: u32 = 1 << 0 | 1 << 2;
 /// Socket buffer for events between two reads (the watch reads ten times
-/// a second): about 10,000 events of entries made or gone before one is
-/// lost and the table read again.
+/// a second): 50,000 entries made at 100,000 a second lost none (bench
+/// figure 4b); a larger burst loses events, and the table is read again.
 const EVENTS_RCVBUF: usize = 8 << 20;
 /// Events read per [`Mirror::update`] at most: the rest wait for the next.
 const EVENTS_PER_UPDATE: usize = 200_000;
