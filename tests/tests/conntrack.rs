@@ -563,3 +563,29 @@ fn a_mirror_follows_the_dnated_entries_through_events() {
     assert!(ports.contains(&43199) && ports.contains(&41000));
     assert!(!ports.contains(&41001), "deleted before");
 }
+
+/// A namespace whose conntrack events are off has no mirror: the watch
+/// reads its table at each audit instead.
+#[test]
+fn no_mirror_where_conntrack_events_are_off() {
+    let ns = TestNetns::new();
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &ns.name,
+            "sysctl",
+            "-qw",
+            "net.netfilter.nf_conntrack_events=0",
+        ],
+        None,
+    );
+    match Mirror::open(&ns.path, &[]) {
+        Err(e @ Error::NoEvents(_)) => {
+            assert!(e.to_string().contains("nf_conntrack_events = 0"), "{e}")
+        }
+        Err(e) => panic!("another error: {e}"),
+        Ok(_) => panic!("a mirror without events"),
+    }
+}

@@ -125,10 +125,7 @@ impl Mirror {
             .map_err(|e| Error::Netns(owned.clone(), e))?;
         let sock = sock.map_err(Error::Socket)?;
         if events == Some(0) {
-            return Err(Error::Malformed(format!(
-                "{} announces no conntrack events (net.netfilter.nf_conntrack_events = 0)",
-                path.display()
-            )));
+            return Err(Error::NoEvents(path.to_path_buf()));
         }
         let mut mirror = Mirror {
             path: path.to_path_buf(),
@@ -146,11 +143,6 @@ impl Mirror {
         // Subscribed first: an entry made during the dump is announced.
         mirror.resync()?;
         Ok(mirror)
-    }
-
-    /// The namespace it mirrors.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// The namespace's own addresses, whose entries without DNAT the

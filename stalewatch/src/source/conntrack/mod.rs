@@ -119,6 +119,11 @@ pub enum Error {
     Kernel { what: &'static str, err: io::Error },
     #[error("malformed conntrack netlink message: {0}")]
     Malformed(String),
+    #[error(
+        "{} announces no conntrack events (net.netfilter.nf_conntrack_events = 0)",
+        .0.display()
+    )]
+    NoEvents(PathBuf),
     #[error("malformed conntrack netlink message")]
     Decode(#[source] DecodeError),
 }
