@@ -53,12 +53,15 @@ impl TestNetns {
             name,
         };
         run("ip", &["-n", &ns.name, "link", "set", "lo", "up"], None);
-        run(
-            "ip",
-            &["netns", "exec", &ns.name, "nft", "-f", "-"],
-            Some(RULES),
-        );
+        ns.exec(&["nft", "-f", "-"], Some(RULES));
         ns
+    }
+
+    /// Runs a command inside the namespace (`ip netns exec`).
+    fn exec(&self, args: &[&str], stdin: Option<&str>) {
+        let mut all = vec!["netns", "exec", &self.name];
+        all.extend_from_slice(args);
+        run("ip", &all, stdin);
     }
 
     fn path(&self) -> Option<&Path> {
@@ -331,12 +334,8 @@ fn a_zoned_entry_is_found_and_deleted_in_its_zone() {
     let ns = TestNetns::new();
     // Port 7777 is tracked in zone 5 (set before conntrack sees it). This
     // nft parses `ct zone set` only in the command form, not in a block.
-    run(
-        "ip",
+    ns.exec(
         &[
-            "netns",
-            "exec",
-            &ns.name,
             "nft",
             "add table inet swct_zone; \
              add chain inet swct_zone o { type filter hook output priority -300; }; \
@@ -569,16 +568,8 @@ fn a_mirror_follows_the_dnated_entries_through_events() {
 #[test]
 fn no_mirror_where_conntrack_events_are_off() {
     let ns = TestNetns::new();
-    run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &ns.name,
-            "sysctl",
-            "-qw",
-            "net.netfilter.nf_conntrack_events=0",
-        ],
+    ns.exec(
+        &["sysctl", "-qw", "net.netfilter.nf_conntrack_events=0"],
         None,
     );
     match Mirror::open(&ns.path, &[]) {

@@ -177,10 +177,7 @@ fn demo() -> anyhow::Result<()> {
     })?
     .context("the alert was not resolved")?;
     stream.stop();
-    let (status, _) = watcher.stop()?;
-    if !status.success() {
-        bail!("stalewatch exited {status}");
-    }
+    stop_watching(watcher)?;
     Ok(())
 }
 
@@ -280,10 +277,7 @@ fn demo_docker() -> anyhow::Result<()> {
     .context("the alert was not resolved")?;
     stream.stop();
     fresh.stop();
-    let (status, _) = watcher.stop()?;
-    if !status.success() {
-        bail!("stalewatch exited {status}");
-    }
+    stop_watching(watcher)?;
     step(&format!(
         "Removing the compose project {project}, its image, the veth and the namespace"
     ));
@@ -383,10 +377,7 @@ fn demo_podman() -> anyhow::Result<()> {
     println!("    {} now gets the stream from {stream_src}", third.name);
     stream.stop();
     fresh.stop();
-    let (status, _) = watcher.stop()?;
-    if !status.success() {
-        bail!("stalewatch exited {status}");
-    }
+    stop_watching(watcher)?;
     step(&format!(
         "Removing the containers, network {net}, the image, the veth, the FORWARD rules and the namespace"
     ));
@@ -516,11 +507,16 @@ fn demo_nodes() -> anyhow::Result<()> {
         .with_context(|| format!("node {node}'s alert was not resolved"))?;
     }
     stream.stop();
-    for watcher in [on_a, on_b] {
-        let (status, _) = watcher.stop()?;
-        if !status.success() {
-            bail!("stalewatch exited {status}");
-        }
+    stop_watching(on_a)?;
+    stop_watching(on_b)?;
+    Ok(())
+}
+
+/// Stops a watch; it must exit cleanly.
+fn stop_watching(watcher: Watcher) -> anyhow::Result<()> {
+    let (status, _) = watcher.stop()?;
+    if !status.success() {
+        bail!("stalewatch exited {status}");
     }
     Ok(())
 }

@@ -74,8 +74,8 @@ impl Auditor {
         self.mirror_retry = Some(Instant::now() + MIRROR_RETRY);
     }
 
-    /// Applies the conntrack events queued since the last call (every
-    /// tenth of a second, and every tick).
+    /// Applies the conntrack events queued since the last call (the loop
+    /// calls it every tenth of a second, and each audit before it reads).
     pub fn update_mirror(&mut self) {
         let Some(mirror) = &mut self.mirror else {
             return;

@@ -123,8 +123,6 @@ impl<W: io::Write> Pipeline<W> {
         if ticks.is_multiple_of(every) {
             self.refresh(probes, raised, every)?;
         }
-        // The audit's copy of the DNATed entries: the events of a second.
-        self.auditor.update_mirror();
         self.remind()
     }
 

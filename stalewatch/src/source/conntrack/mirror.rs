@@ -421,7 +421,7 @@ fn set_rcvbuf(sock: &Socket, bytes: usize) -> io::Result<()> {
 /// never drop what cannot be read), or whose original destination is one
 /// of `local`. Every jump is short and forward (cBPF jumps reach 255
 /// instructions): each match returns on the spot.
-pub fn event_filter(local: &[IpAddr]) -> Vec<libc::sock_filter> {
+fn event_filter(local: &[IpAddr]) -> Vec<libc::sock_filter> {
     use libc::{
         BPF_ABS, BPF_ALU, BPF_AND, BPF_IMM, BPF_IND, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_LDX,
         BPF_MEM, BPF_MISC, BPF_RET, BPF_ST, BPF_TAX, BPF_W,

@@ -46,7 +46,7 @@ use super::netns;
 use crate::domain::{Entry, Family, KnownFacts, Proto, Tuple};
 
 mod mirror;
-pub use mirror::{Mirror, Mirrored, Update, event_filter};
+pub use mirror::{Mirror, Mirrored, Update};
 
 /// Which entries a dump returns; all `None` is everything. The kernel
 /// filters what it can (family, status, and protocol, IPv4 destination
