@@ -155,6 +155,27 @@ pub struct Conditions {
 }
 
 impl Conditions {
+    /// The same conditions, each said once: a match on `udp dport` and
+    /// one on the protocol that `nft` hides in it are one condition, read
+    /// from a listing or from an announcement.
+    pub fn normalized(mut self) -> Conditions {
+        fn once<T: PartialEq>(v: &mut Vec<T>) {
+            let mut kept: Vec<T> = Vec::with_capacity(v.len());
+            for c in v.drain(..) {
+                if !kept.contains(&c) {
+                    kept.push(c);
+                }
+            }
+            *v = kept;
+        }
+        once(&mut self.proto);
+        once(&mut self.daddr);
+        once(&mut self.saddr);
+        once(&mut self.dport);
+        once(&mut self.iif);
+        self
+    }
+
     /// Whether a flow with original tuple `orig`, arriving on `iif` (where
     /// known), meets these conditions; `is_local` tells the host's own
     /// addresses.
@@ -317,6 +338,10 @@ impl NatIntent {
         let mut seen = HashSet::new();
         let rules: Vec<DnatRule> = rules
             .into_iter()
+            .map(|r| DnatRule {
+                when: r.when.normalized(),
+                ..r
+            })
             .filter(|r| seen.insert(r.clone()))
             .collect();
         let mut intent = NatIntent {

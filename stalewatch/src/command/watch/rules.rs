@@ -1,7 +1,9 @@
-//! The audited namespace's NAT intent, read when its rules change: the
-//! ruleset announcements of nf_tables are heard on a socket of that
-//! namespace, and iptables-legacy (which announces nothing) is read again
-//! at each audit.
+//! The audited namespace's NAT intent, kept current as its rules change:
+//! the ruleset announcements of nf_tables are heard on a socket of that
+//! namespace and applied to the rules read (native nftables changes, at
+//! a few microseconds each), or make the rules read again whole (an
+//! iptables-nft change, announcements lost); iptables-legacy (which
+//! announces nothing) is read again at each audit.
 
 use std::{
     path::Path,
@@ -12,7 +14,7 @@ use std::{
 use crate::{
     domain::{NatIntent, RuleEngine},
     error::chain,
-    source::intent::{self, Changes},
+    source::intent::{self, Changes, Reading},
 };
 
 /// The NAT intent is read again at least this often, whatever announces
@@ -32,28 +34,81 @@ pub struct Rules {
 }
 
 struct IntentCache {
-    /// How long the last reading took (the tools' time and the parsing).
+    /// How long the last whole reading took (the tools' time and the
+    /// parsing).
     cost: Duration,
+    /// How long making the intent of the rules took last (the walk).
+    walk_cost: Duration,
     /// Reading time saved up (READ_BUDGET of the time since), as of
-    /// `read_at`, after paying for that reading.
+    /// `paid_at`, after paying for the last reading or walk.
     saved: Duration,
+    paid_at: Instant,
     /// The namespace's inode.
     inode: u32,
+    reading: Reading,
     intent: Arc<NatIntent>,
+    /// When the rules were last read whole.
     read_at: Instant,
     /// Ruleset announcements of the namespace, where they can be heard.
     changes: Option<Changes>,
-    /// Announced since the last reading.
+    /// The rules must be read again whole (a change the reading cannot
+    /// take was announced).
     dirty: bool,
+    /// Changes applied to the reading since the intent was made from it.
+    applied: usize,
 }
 
 impl IntentCache {
-    /// Whether reading again now keeps reading within READ_BUDGET of a
+    /// Whether spending `cost` now keeps reading within READ_BUDGET of a
     /// core on average: a ruleset of thousands of services takes the
     /// tools seconds, and however often it changes, detection then waits
     /// that much longer rather than spend more.
-    fn affordable(&self) -> bool {
-        saved_by(self.saved, self.read_at.elapsed(), self.cost) >= self.cost
+    fn affordable(&self, cost: Duration) -> bool {
+        saved_by(self.saved, self.paid_at.elapsed(), self.cost) >= cost
+    }
+
+    /// Pays `cost` from what is saved up.
+    fn pay(&mut self, cost: Duration) {
+        self.saved = saved_by(self.saved, self.paid_at.elapsed(), self.cost).saturating_sub(cost);
+        self.paid_at = Instant::now();
+    }
+
+    /// Hears what was announced: changes applied to the reading, or the
+    /// rules marked for reading again whole.
+    fn hear(&mut self) {
+        let Some(changes) = &mut self.changes else {
+            return;
+        };
+        let announced = changes.drain();
+        if announced.lost {
+            log::debug!("ruleset announcements lost: the rules are read again");
+            self.dirty = true;
+        }
+        if self.dirty {
+            return;
+        }
+        for a in announced.changes {
+            if matches!(a, intent::Announcement::Generation) {
+                continue;
+            }
+            match self.reading.apply(a) {
+                Ok(()) => self.applied += 1,
+                Err(e) => {
+                    log::debug!("{e}: the rules are read again");
+                    self.dirty = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Whether a change is waiting and may be taken now.
+    fn due(&self) -> bool {
+        if self.dirty {
+            self.affordable(self.cost)
+        } else {
+            self.applied > 0 && self.affordable(self.walk_cost)
+        }
     }
 }
 
@@ -71,54 +126,72 @@ impl Rules {
     }
 
     /// Whether the audited namespace announced a ruleset change since the
-    /// last reading, and reading it again is due now (without reading).
+    /// intent was made, and taking it is due now (without taking it).
     pub fn changed(&mut self) -> bool {
         let Some(cache) = &mut self.cache else {
             return false;
         };
-        if let Some(changes) = &mut cache.changes
-            && changes.any()
-        {
-            cache.dirty = true;
-        }
-        cache.dirty && cache.affordable()
+        cache.hear();
+        cache.due()
     }
 
-    /// The NAT intent of the namespace at `path`: read again when its
-    /// ruleset changed, when iptables-legacy (which announces nothing)
-    /// has rules there, or every INTENT_TTL. `None` when it cannot be
-    /// read.
+    /// The NAT intent of the namespace at `path`: changes announced
+    /// applied, or the rules read again whole when a change cannot be
+    /// applied, when iptables-legacy (which announces nothing) has rules
+    /// there, or every INTENT_TTL. `None` when it cannot be read.
     pub fn read(&mut self, path: &Path) -> Option<Arc<NatIntent>> {
-        self.changed();
-        if let Some(cache) = &self.cache {
+        if let Some(cache) = &mut self.cache {
+            cache.hear();
             let legacy = cache
                 .intent
                 .read()
                 .iter()
                 .any(|r| r.engine == RuleEngine::IptablesLegacy);
-            let due = cache.dirty || legacy || cache.read_at.elapsed() >= INTENT_TTL;
-            if !(due && cache.affordable()) {
+            if (legacy || cache.read_at.elapsed() >= INTENT_TTL) && !cache.dirty {
+                cache.dirty = true;
+            }
+            if !cache.due() {
                 return Some(cache.intent.clone());
             }
+            if !cache.dirty {
+                // The announced changes, applied: the intent made again.
+                let started = Instant::now();
+                let intent = Arc::new(cache.reading.intent());
+                let cost = started.elapsed();
+                log::info!(
+                    "NAT intent of {}: {} DNAT rules ({}), {} announced changes taken in {cost:?}",
+                    path.display(),
+                    intent.rules().len(),
+                    intent.engines(),
+                    cache.applied
+                );
+                cache.walk_cost = cost;
+                cache.pay(cost);
+                cache.applied = 0;
+                cache.intent = intent.clone();
+                return Some(intent);
+            }
         }
-        // What is saved up pays for this reading.
-        let saved_before = self.cache.as_ref().map_or(SAVED_READING, |c| {
-            saved_by(c.saved, c.read_at.elapsed(), c.cost)
-        });
-        // Listen before reading: a change made meanwhile is heard.
-        let changes = match self.cache.take() {
-            Some(IntentCache {
-                changes: Some(c), ..
-            }) => Some(c),
-            _ => Changes::listen(path)
-                .map_err(|e| log::debug!("ruleset announcements unheard: {e}"))
-                .ok(),
+        // Listen before reading: a change made meanwhile is heard, and
+        // what was announced before is in the reading.
+        let (mut changes, saved, paid_at) = match self.cache.take() {
+            Some(c) => (c.changes, c.saved, c.paid_at),
+            None => (None, SAVED_READING, Instant::now()),
         };
+        if changes.is_none() {
+            changes = Changes::listen(path)
+                .map_err(|e| log::debug!("ruleset announcements unheard: {e}"))
+                .ok();
+        }
+        if let Some(c) = &mut changes {
+            c.drain();
+        }
         let started = Instant::now();
-        let intent = intent::read(path)
+        let reading = intent::read(path)
             .map_err(|e| log::warn!("NAT intent: {}", chain(&e)))
-            .ok()
-            .map(Arc::new)?;
+            .ok()?;
+        let read_cost = started.elapsed();
+        let intent = Arc::new(reading.intent());
         let cost = started.elapsed();
         log::info!(
             "NAT intent of {}: {} DNAT rules ({}), read in {cost:?}",
@@ -129,15 +202,21 @@ impl Rules {
         let inode = std::fs::metadata(path)
             .map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32)
             .unwrap_or(0);
-        self.cache = Some(IntentCache {
+        let mut cache = IntentCache {
+            cost,
+            walk_cost: cost.saturating_sub(read_cost),
+            saved,
+            paid_at,
             inode,
+            reading,
             intent: intent.clone(),
             read_at: Instant::now(),
-            cost,
-            saved: saved_before.saturating_sub(cost),
             changes,
             dirty: false,
-        });
+            applied: 0,
+        };
+        cache.pay(cost);
+        self.cache = Some(cache);
         Some(intent)
     }
 }

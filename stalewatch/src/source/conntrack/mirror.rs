@@ -387,33 +387,12 @@ fn subscribe(rcvbuf: usize) -> (io::Result<Socket>, Option<u32>) {
         .and_then(|s| s.trim().parse().ok());
     let sock = (|| {
         let mut sock = Socket::new(NETLINK_NETFILTER)?;
-        set_rcvbuf(&sock, rcvbuf)?;
+        super::super::set_rcvbuf(&sock, rcvbuf)?;
         attach_filter(&sock, &[])?;
         sock.bind(&SocketAddr::new(0, GROUPS))?;
         Ok(sock)
     })();
     (sock, events)
-}
-
-/// SO_RCVBUFFORCE (root may exceed net.core.rmem_max), else SO_RCVBUF.
-fn set_rcvbuf(sock: &Socket, bytes: usize) -> io::Result<()> {
-    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
-        // SAFETY: a plain int option on a socket we own.
-        let rc = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                (&raw const value).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            return Ok(());
-        }
-    }
-    Err(io::Error::last_os_error())
 }
 
 /// The classic BPF program [`attach_filter`] attaches: keep the event of

@@ -7,7 +7,9 @@
 //!
 //! Reading costs a few process runs: the watch reads again when the
 //! ruleset changes (see [`Changes`]) or at its audit interval, never per
-//! packet.
+//! packet. A change nf_tables announces in full (a native nftables rule,
+//! set or element) is applied to the [`Reading`] kept, without listing
+//! the ruleset again.
 
 mod iptables;
 mod nft;
@@ -21,8 +23,11 @@ use std::{
 
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 
+pub use self::nft::netlink::Announcement;
+use self::nft::netlink;
+pub use self::nft::Unread;
 use super::netns;
-use crate::domain::{EngineRead, Family, NatIntent, RuleEngine};
+use crate::domain::{DnatRule, EngineRead, Family, NatIntent, RuleEngine};
 
 /// Why the intent could not be read at all.
 #[derive(Debug, thiserror::Error)]
@@ -33,28 +38,74 @@ pub enum Error {
 
 /// Reads the NAT intent of the namespace at `path`. An engine whose tool
 /// fails is left out, with a log line.
-pub fn read(path: &Path) -> Result<NatIntent, Error> {
+pub fn read(path: &Path) -> Result<Reading, Error> {
     netns::in_netns(path, read_here).map_err(|e| Error::Netns(path.display().to_string(), e))
 }
 
-/// The intent of the namespace this thread is in.
-fn read_here() -> NatIntent {
-    let (mut rules, mut read) = (Vec::new(), Vec::new());
+/// A namespace's rules as read: native nftables kept whole (as far as its
+/// DNATs go), to take the changes nf_tables announces; the DNATs of
+/// iptables' engines, read again whole when they change.
+pub struct Reading {
+    nft: Option<nft::Ruleset>,
+    iptables: Vec<DnatRule>,
+    iptables_read: Vec<EngineRead>,
+}
+
+impl Reading {
+    /// The NAT intent of the rules: native nftables walked again.
+    pub fn intent(&self) -> NatIntent {
+        let (mut rules, mut read) = (Vec::new(), Vec::new());
+        // iptables-nft DNATs that nft showed, to be read by iptables-nft-save.
+        let mut iptables_nft_owed = false;
+        if let Some(ruleset) = &self.nft {
+            let parsed = ruleset.walk();
+            rules.extend(parsed.rules);
+            read.push(EngineRead {
+                engine: RuleEngine::Nftables,
+                complete: parsed.complete,
+            });
+            iptables_nft_owed = parsed.iptables_dnat;
+        }
+        rules.extend(self.iptables.iter().cloned());
+        read.extend(self.iptables_read.iter().cloned());
+        if iptables_nft_owed
+            && !self
+                .iptables_read
+                .iter()
+                .any(|r| r.engine == RuleEngine::IptablesNft)
+        {
+            // DNATs nft showed and no iptables-nft-save read: not a
+            // reading that can say a flow has no rule.
+            read.push(EngineRead {
+                engine: RuleEngine::IptablesNft,
+                complete: false,
+            });
+        }
+        NatIntent::new(rules, read)
+    }
+
+    /// Applies a change nf_tables announced; one it cannot take (an
+    /// iptables-nft rule, an interval set's elements, an expression not
+    /// read) asks for the rules to be read again whole.
+    pub fn apply(&mut self, a: Announcement) -> Result<(), Unread> {
+        match &mut self.nft {
+            Some(ruleset) => ruleset.apply(a),
+            None => Err(Unread("a change while nft could not be read")),
+        }
+    }
+}
+
+/// The rules of the namespace this thread is in.
+fn read_here() -> Reading {
+    let mut iptables = Vec::new();
+    let mut iptables_read = Vec::new();
+    let mut ruleset = None;
     // iptables-nft's tables show in nft's listing as `nat` tables of rules
     // with compat statements; without nft, ask iptables-nft anyway.
     let mut nft_nat_tables: Option<(bool, bool)> = None;
-    // iptables-nft DNATs that nft showed, to be read by iptables-nft-save.
-    let mut iptables_nft_owed = false;
     if let Some(json) = run("nft", &["-j", "list", "ruleset"]) {
-        match nft::parse(&json) {
-            Ok(parsed) => {
-                rules.extend(parsed.rules);
-                read.push(EngineRead {
-                    engine: RuleEngine::Nftables,
-                    complete: parsed.complete,
-                });
-                iptables_nft_owed = parsed.iptables_dnat;
-            }
+        match nft::Ruleset::from_json(&json) {
+            Ok(r) => ruleset = Some(r),
             Err(e) => log::warn!("nftables: cannot read `nft -j list ruleset`: {e}"),
         }
         nft_nat_tables = Some((
@@ -100,19 +151,14 @@ fn read_here() -> NatIntent {
             continue;
         };
         let (found, complete) = iptables::parse(&save, engine, family);
-        rules.extend(found);
-        read.push(EngineRead { engine, complete });
-        iptables_nft_owed &= engine != RuleEngine::IptablesNft;
+        iptables.extend(found);
+        iptables_read.push(EngineRead { engine, complete });
     }
-    if iptables_nft_owed {
-        // DNATs nft showed and no iptables-nft-save read: not a reading
-        // that can say a flow has no rule.
-        read.push(EngineRead {
-            engine: RuleEngine::IptablesNft,
-            complete: false,
-        });
+    Reading {
+        nft: ruleset,
+        iptables,
+        iptables_read,
     }
-    NatIntent::new(rules, read)
 }
 
 /// A tool's output, or `None` (with a log line unless it is not
@@ -146,10 +192,23 @@ fn run(tool: &str, args: &[&str]) -> Option<String> {
 /// is read again at the audit interval).
 pub struct Changes {
     socket: Socket,
+    buf: Vec<u8>,
 }
 
 /// `NFNLGRP_NFTABLES` (include/uapi/linux/netfilter/nfnetlink.h).
 const NFNLGRP_NFTABLES: u32 = 7;
+/// The announcements' receive buffer: a transaction that rewrites 10,000
+/// chains announces some 20,000 rules (about 6 MB) at once.
+const CHANGES_RCVBUF: usize = 16 << 20;
+
+/// What was announced since the last look.
+#[derive(Default)]
+pub struct Announced {
+    pub changes: Vec<Announcement>,
+    /// Announcements were lost (the receive queue overflowed): only a
+    /// reading of the whole ruleset is right again.
+    pub lost: bool,
+}
 
 impl Changes {
     /// Listens in the namespace at `path`.
@@ -159,26 +218,28 @@ impl Changes {
             socket.bind(&SocketAddr::new(0, 0))?;
             socket.add_membership(NFNLGRP_NFTABLES)?;
             socket.set_non_blocking(true)?;
+            super::set_rcvbuf(&socket, CHANGES_RCVBUF)?;
             Ok(socket)
         })??;
-        Ok(Changes { socket })
+        Ok(Changes {
+            socket,
+            buf: vec![0u8; 256 * 1024],
+        })
     }
 
-    /// Whether anything changed since the last call: reads every pending
-    /// announcement without blocking. A full receive queue (a storm of
-    /// changes) counts as a change.
-    pub fn any(&mut self) -> bool {
-        let mut changed = false;
-        let mut buf = vec![0u8; 64 * 1024];
+    /// Everything announced since the last call, read without blocking.
+    pub fn drain(&mut self) -> Announced {
+        let mut out = Announced::default();
         loop {
-            match self.socket.recv(&mut &mut buf[..], 0) {
-                Ok(0) => return changed,
-                Ok(_) => changed = true,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return changed,
-                Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => changed = true,
+            match self.socket.recv(&mut &mut self.buf[..], 0) {
+                Ok(0) => return out,
+                Ok(n) => out.changes.extend(netlink::decode(&self.buf[..n])),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return out,
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => out.lost = true,
                 Err(e) => {
                     log::debug!("ruleset announcements: {e}");
-                    return true;
+                    out.lost = true;
+                    return out;
                 }
             }
         }

@@ -5,6 +5,12 @@
 //! `numgen ... vmap`) and DNAT maps, gathering the matches on the way.
 //! Rules of iptables-nft (their `xt` compat statements) are left to the
 //! iptables reader.
+//!
+//! The ruleset read is kept: nf_tables' announcements of each change
+//! ([`netlink`]) are applied to it, and the walk done again, so that a
+//! ruleset of thousands of services is not listed again per change.
+
+pub mod netlink;
 
 use std::{borrow::Cow, collections::HashMap, net::IpAddr};
 
@@ -17,6 +23,7 @@ use nftables::{
 use serde::Deserialize as _;
 use serde_json::Value;
 
+use self::netlink::{Announcement, SetShape};
 use crate::domain::{
     AddrSpan, Cond, Conditions, DnatRule, Family, NatTarget, PortSpan, Proto, RuleEngine,
 };
@@ -39,65 +46,204 @@ pub struct Parsed {
 }
 
 /// The DNATs of a ruleset.
+#[cfg(test)]
 pub fn parse(json: &str) -> Result<Parsed, serde_json::Error> {
-    let root: Value = serde_json::from_str(json)?;
-    let objects = root
-        .get("nftables")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let mut ruleset = Ruleset {
-        complete: true,
-        ..Ruleset::default()
-    };
-    for object in objects {
-        ruleset.add(object);
-    }
-    let iptables_dnat = ruleset.rules.values().flatten().any(|r| {
-        r.expr.iter().any(|s| {
-            matches!(s, Statement::XT(Some(xt))
-                if xt.get("type").and_then(Value::as_str) == Some("target")
-                    && xt.get("name").and_then(Value::as_str) == Some("DNAT"))
-        })
-    });
-    let mut walk = Walk {
-        ruleset: &ruleset,
-        out: Vec::new(),
-        complete: ruleset.complete,
-    };
-    let mut bases: Vec<&Key> = ruleset.bases.iter().collect();
-    bases.sort();
-    for key in bases {
-        let family = match key.0.as_str() {
-            "ip" => Some(Family::Ipv4),
-            "ip6" => Some(Family::Ipv6),
-            _ => None,
-        };
-        let when = Conditions {
-            family,
-            ..Conditions::default()
-        };
-        walk.chain(key, when, 0);
-    }
-    Ok(Parsed {
-        rules: walk.out,
-        complete: walk.complete,
-        iptables_dnat,
-    })
+    Ok(Ruleset::from_json(json)?.walk())
 }
 
+/// A native nftables ruleset as far as its DNATs go: what `nft -j` listed,
+/// changed since by what nf_tables announced.
 #[derive(Default)]
-struct Ruleset {
+pub struct Ruleset {
     /// NAT base chains at prerouting or output.
     bases: Vec<Key>,
     rules: HashMap<Key, Vec<Rule<'static>>>,
     /// Elements of sets and maps: a set's are keys, a map's `[key, value]`.
     elements: HashMap<Key, Vec<Expression<'static>>>,
+    /// Named sets' shapes, to read the elements announced; a set of a
+    /// type not read has none.
+    shapes: HashMap<Key, SetShape>,
+    /// Anonymous sets announced, with their elements, until the rule that
+    /// holds them is.
+    anonymous: HashMap<Key, (SetShape, Vec<Expression<'static>>)>,
     /// False once a rule that DNATs could not be read.
     complete: bool,
 }
 
+/// An announcement the ruleset kept cannot take: it must be listed again.
+#[derive(Debug, thiserror::Error)]
+#[error("nftables announced {0} that is not read from announcements")]
+pub struct Unread(pub &'static str);
+
 impl Ruleset {
+    /// The ruleset `nft -j list ruleset` printed.
+    pub fn from_json(json: &str) -> Result<Ruleset, serde_json::Error> {
+        let root: Value = serde_json::from_str(json)?;
+        let objects = root
+            .get("nftables")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let mut ruleset = Ruleset {
+            complete: true,
+            ..Ruleset::default()
+        };
+        for object in objects {
+            ruleset.add(object);
+        }
+        Ok(ruleset)
+    }
+
+    /// The DNATs of the ruleset, walked from its NAT base chains.
+    pub fn walk(&self) -> Parsed {
+        let iptables_dnat = self.rules.values().flatten().any(|r| {
+            r.expr.iter().any(|s| {
+                matches!(s, Statement::XT(Some(xt))
+                    if xt.get("type").and_then(Value::as_str) == Some("target")
+                        && xt.get("name").and_then(Value::as_str) == Some("DNAT"))
+            })
+        });
+        let mut walk = Walk {
+            ruleset: self,
+            out: Vec::new(),
+            complete: self.complete,
+        };
+        let mut bases: Vec<&Key> = self.bases.iter().collect();
+        bases.sort();
+        bases.dedup();
+        for key in bases {
+            let family = match key.0.as_str() {
+                "ip" => Some(Family::Ipv4),
+                "ip6" => Some(Family::Ipv6),
+                _ => None,
+            };
+            let when = Conditions {
+                family,
+                ..Conditions::default()
+            };
+            walk.chain(key, when, 0);
+        }
+        Parsed {
+            rules: walk.out,
+            complete: walk.complete,
+            iptables_dnat,
+        }
+    }
+
+    /// Applies one announced change.
+    pub fn apply(&mut self, a: Announcement) -> Result<(), Unread> {
+        match a {
+            Announcement::Generation => {}
+            Announcement::Table { gone: false, .. } => {}
+            Announcement::Table { family, name, .. } => {
+                let family = family_name(family);
+                let of_table = |k: &Key| k.0 == family && k.1 == name;
+                self.bases.retain(|k| !of_table(k));
+                self.rules.retain(|k, _| !of_table(k));
+                self.elements.retain(|k, _| !of_table(k));
+                self.shapes.retain(|k, _| !of_table(k));
+                self.anonymous.retain(|k, _| !of_table(k));
+            }
+            Announcement::Chain {
+                chain,
+                nat_base,
+                gone,
+            } => {
+                let k = object_key(&chain);
+                if gone {
+                    self.bases.retain(|b| *b != k);
+                    self.rules.remove(&k);
+                } else if nat_base
+                    && matches!(chain.family, NfFamily::IP | NfFamily::IP6 | NfFamily::INet)
+                    && !self.bases.contains(&k)
+                {
+                    self.bases.push(k);
+                }
+            }
+            Announcement::Rule {
+                chain,
+                handle,
+                after,
+                append,
+                gone,
+                exprs,
+            } => {
+                let k = object_key(&chain);
+                let handle = u32::try_from(handle).map_err(|_| Unread("a rule handle"))?;
+                if gone {
+                    if let Some(rules) = self.rules.get_mut(&k) {
+                        rules.retain(|r| r.handle != Some(handle));
+                    }
+                    return Ok(());
+                }
+                let sets = TableSets {
+                    ruleset: self,
+                    family: &k.0,
+                    table: &k.1,
+                };
+                let expr = netlink::statements(chain.family, &exprs, &sets)
+                    .ok_or(Unread("a rule"))?;
+                let rule = Rule {
+                    family: chain.family,
+                    table: Cow::Owned(chain.table),
+                    chain: Cow::Owned(chain.name),
+                    expr: Cow::Owned(expr),
+                    handle: Some(handle),
+                    ..Rule::default()
+                };
+                let rules = self.rules.entry(k).or_default();
+                rules.retain(|r| r.handle != Some(handle));
+                let at = match after {
+                    Some(h) => rules
+                        .iter()
+                        .position(|r| r.handle.map(u64::from) == Some(h))
+                        .map_or(rules.len(), |i| i + 1),
+                    None if append => rules.len(),
+                    None => 0,
+                };
+                rules.insert(at, rule);
+            }
+            Announcement::Set { set, shape, gone } => {
+                let k = object_key(&set);
+                if gone {
+                    self.anonymous.remove(&k);
+                    self.shapes.remove(&k);
+                    self.elements.remove(&k);
+                } else if shape.anonymous {
+                    self.anonymous.insert(k, (shape, Vec::new()));
+                } else {
+                    self.elements.entry(k.clone()).or_default();
+                    self.shapes.insert(k, shape);
+                }
+            }
+            Announcement::Elements {
+                set,
+                elements,
+                gone,
+            } => {
+                let k = object_key(&set);
+                let (shape, list) = if let Some((shape, list)) = self.anonymous.get_mut(&k) {
+                    (&*shape, list)
+                } else {
+                    let shape = self.shapes.get(&k).ok_or(Unread("elements of a set"))?;
+                    (shape, self.elements.entry(k).or_default())
+                };
+                if shape.interval {
+                    return Err(Unread("elements of an interval set"));
+                }
+                for e in &elements {
+                    let e = netlink::element(shape, e).ok_or(Unread("a set element"))?;
+                    let id = identity(element_key(&e));
+                    list.retain(|old| identity(element_key(old)) != id);
+                    if !gone {
+                        list.push(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn add(&mut self, object: Value) {
         let Value::Object(object) = object else {
             return;
@@ -132,6 +278,20 @@ impl Ruleset {
             },
             "set" | "map" => {
                 let field = |name: &str| body.get(name).and_then(Value::as_str).unwrap_or("");
+                let names = |name: &str| -> Vec<&str> {
+                    match body.get(name) {
+                        Some(Value::String(s)) => vec![s.as_str()],
+                        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+                        _ => Vec::new(),
+                    }
+                };
+                let interval = names("flags").contains(&"interval");
+                let map = names("map");
+                let shape = SetShape::from_names(
+                    &names("type"),
+                    (kind == "map").then_some(map.as_slice()),
+                    interval,
+                );
                 let elements: Vec<Expression<'static>> = body
                     .get("elem")
                     .and_then(Value::as_array)
@@ -139,14 +299,15 @@ impl Ruleset {
                     .flatten()
                     .filter_map(|e| Expression::deserialize(e).ok())
                     .collect();
-                self.elements.insert(
-                    (
-                        field("family").to_owned(),
-                        field("table").to_owned(),
-                        field("name").to_owned(),
-                    ),
-                    elements,
+                let k = (
+                    field("family").to_owned(),
+                    field("table").to_owned(),
+                    field("name").to_owned(),
                 );
+                if let Some(shape) = shape {
+                    self.shapes.insert(k.clone(), shape);
+                }
+                self.elements.insert(k, elements);
             }
             _ => {}
         }
@@ -154,15 +315,74 @@ impl Ruleset {
 }
 
 fn key(family: NfFamily, table: &str, name: &str) -> Key {
-    let family = match family {
+    (family_name(family).to_owned(), table.to_owned(), name.to_owned())
+}
+
+fn object_key(o: &netlink::Object) -> Key {
+    key(o.family, &o.table, &o.name)
+}
+
+fn family_name(family: NfFamily) -> &'static str {
+    match family {
         NfFamily::IP => "ip",
         NfFamily::IP6 => "ip6",
         NfFamily::INet => "inet",
         NfFamily::ARP => "arp",
         NfFamily::Bridge => "bridge",
         NfFamily::NetDev => "netdev",
-    };
-    (family.to_owned(), table.to_owned(), name.to_owned())
+    }
+}
+
+/// The sets a rule of one table may look up.
+struct TableSets<'r> {
+    ruleset: &'r Ruleset,
+    family: &'r str,
+    table: &'r str,
+}
+
+impl TableSets<'_> {
+    fn key(&self, name: &str) -> Key {
+        (self.family.to_owned(), self.table.to_owned(), name.to_owned())
+    }
+}
+
+impl netlink::Sets for TableSets<'_> {
+    fn anonymous(&self, name: &str) -> Option<(&SetShape, Vec<Expression<'static>>)> {
+        let (shape, elements) = self.ruleset.anonymous.get(&self.key(name))?;
+        Some((shape, elements.clone()))
+    }
+
+    fn named(&self, name: &str) -> Option<&SetShape> {
+        self.ruleset.shapes.get(&self.key(name))
+    }
+}
+
+/// A set element's key: a map's `[key, value]` gives its key.
+fn element_key<'e>(e: &'e Expression<'static>) -> &'e Expression<'static> {
+    match e {
+        Expression::List(kv) if kv.len() == 2 => unwrap_elem(&kv[0]),
+        other => unwrap_elem(other),
+    }
+}
+
+/// A key's identity, however it was read: `nft -j` names protocols
+/// (`tcp`) where announcements give their numbers.
+fn identity(e: &Expression<'_>) -> String {
+    match e {
+        Expression::String(s) => match s.parse::<IpAddr>() {
+            Ok(ip) => ip.to_string(),
+            Err(_) => match Proto::from_name(s) {
+                Some(p) => p.0.to_string(),
+                None => s.to_string(),
+            },
+        },
+        Expression::Number(n) => n.to_string(),
+        Expression::Named(NamedExpression::Concat(parts)) => {
+            parts.iter().map(identity).collect::<Vec<_>>().join(" . ")
+        }
+        Expression::Named(NamedExpression::Elem(e)) => identity(&e.val),
+        other => serde_json::to_string(other).unwrap_or_default(),
+    }
 }
 
 struct Walk<'r> {
@@ -465,6 +685,13 @@ fn constrain(
                 .all(|(part, column)| constrain(when, part, column, false))
         }
         Expression::Named(NamedExpression::Payload(Payload::PayloadField(field))) => {
+            // A match on an IP header field is of that family (nft's
+            // hidden `meta nfproto` in an inet table).
+            match field.protocol.as_ref() {
+                "ip" => when.family = Some(Family::Ipv4),
+                "ip6" => when.family = Some(Family::Ipv6),
+                _ => {}
+            }
             match (field.protocol.as_ref(), field.field.as_ref()) {
                 ("ip" | "ip6", "daddr") => {
                     when.daddr.push(Cond::new(

@@ -1,0 +1,1025 @@
+//! nf_tables' own announcements of ruleset changes (`NFNLGRP_NFTABLES`),
+//! decoded: each table, chain, rule, set and set element made or deleted
+//! in a committed transaction, rules with their expressions read back
+//! into the statements `nft -j` would list (the subset that can lead to
+//! a DNAT: payload and meta loads, comparisons, prefixes, ranges, set and
+//! map lookups, verdicts, `numgen`, `fib`, `dnat` and `redirect`). What
+//! it cannot read back is said (`None`), and the reader then lists the
+//! ruleset whole: a ruleset of thousands of services is followed change
+//! by change at a few microseconds each, not listed again per change.
+//!
+//! Constants from include/uapi/linux/netfilter/nf_tables.h and
+//! nfnetlink.h.
+
+use std::{
+    borrow::Cow,
+    net::{Ipv4Addr, Ipv6Addr},
+};
+
+use nftables::{
+    expr::{
+        Expression, Fib, FibFlag, FibResult, Map, Meta, MetaKey, NamedExpression, NgMode, Numgen,
+        Payload, PayloadField, Prefix, Range, SetItem, Verdict,
+    },
+    stmt::{JumpTarget, Match, NAT, NATFamily, Operator, Statement, VerdictMap},
+    types::NfFamily,
+};
+
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NLMSG_HDRLEN: usize = 16;
+const NFGENMSG_LEN: usize = 4;
+const NLM_F_APPEND: u16 = 0x800;
+
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_DELTABLE: u16 = 2;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_DELCHAIN: u16 = 5;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_DELRULE: u16 = 8;
+const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_DELSET: u16 = 11;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_DELSETELEM: u16 = 14;
+const NFT_MSG_NEWGEN: u16 = 15;
+const NFT_MSG_DESTROYTABLE: u16 = 26;
+const NFT_MSG_DESTROYCHAIN: u16 = 27;
+const NFT_MSG_DESTROYRULE: u16 = 28;
+const NFT_MSG_DESTROYSET: u16 = 29;
+const NFT_MSG_DESTROYSETELEM: u16 = 30;
+
+/// `NFT_SET_*` flags.
+const NFT_SET_ANONYMOUS: u32 = 0x1;
+const NFT_SET_INTERVAL: u32 = 0x4;
+const NFT_SET_MAP: u32 = 0x8;
+/// `NFT_SET_ELEM_INTERVAL_END`.
+const NFT_SET_ELEM_INTERVAL_END: u32 = 0x1;
+/// `NFT_DATA_VERDICT`: a verdict map's data type.
+const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
+
+/// nftables datatype numbers (nftables' include/datatype.h), as
+/// `NFTA_SET_KEY_TYPE` carries them, 6 bits each in a concatenation.
+const TYPE_INTEGER: u32 = 4;
+const TYPE_IPADDR: u32 = 7;
+const TYPE_IP6ADDR: u32 = 8;
+const TYPE_MARK: u32 = 19;
+const TYPE_INET_PROTOCOL: u32 = 12;
+const TYPE_INET_SERVICE: u32 = 13;
+const TYPE_BITS: u32 = 6;
+
+/// An object of a table: its family and table, and its name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Object {
+    pub family: NfFamily,
+    pub table: String,
+    pub name: String,
+}
+
+/// A set as nf_tables announces it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SetShape {
+    /// The key's fields, in order (datatype numbers).
+    pub key: Vec<u32>,
+    pub key_len: u32,
+    /// A map's data: `NFT_DATA_VERDICT` or datatype numbers.
+    pub data: Option<Vec<u32>>,
+    pub data_len: u32,
+    pub anonymous: bool,
+    pub interval: bool,
+}
+
+impl SetShape {
+    /// The shape of a set `nft -j` listed, from its `type` (one name or
+    /// a concatenation's) and `map` (a map's data type). `None` when a
+    /// field's type is not one the element reader knows.
+    pub fn from_names(key: &[&str], map: Option<&[&str]>, interval: bool) -> Option<SetShape> {
+        let ids = |names: &[&str]| -> Option<Vec<u32>> {
+            names
+                .iter()
+                .map(|n| match *n {
+                    "ipv4_addr" => Some(TYPE_IPADDR),
+                    "ipv6_addr" => Some(TYPE_IP6ADDR),
+                    "inet_proto" => Some(TYPE_INET_PROTOCOL),
+                    "inet_service" => Some(TYPE_INET_SERVICE),
+                    "mark" => Some(TYPE_MARK),
+                    "integer" => Some(TYPE_INTEGER),
+                    "verdict" => Some(NFT_DATA_VERDICT),
+                    _ => None,
+                })
+                .collect()
+        };
+        let key = ids(key)?;
+        let data = match map {
+            Some(m) => Some(ids(m)?),
+            None => None,
+        };
+        let len = |ids: &[u32]| -> Option<u32> {
+            if ids.len() == 1 {
+                return field_len(ids[0]).or(Some(4));
+            }
+            ids.iter()
+                .map(|&t| field_len(t).map(|l| l.next_multiple_of(4)))
+                .sum()
+        };
+        Some(SetShape {
+            key_len: len(&key)?,
+            data_len: match &data {
+                Some(d) if d.as_slice() != [NFT_DATA_VERDICT] => len(d)?,
+                _ => 0,
+            },
+            key,
+            data,
+            anonymous: false,
+            interval,
+        })
+    }
+
+    fn is_map(&self) -> bool {
+        self.data.is_some()
+    }
+}
+
+/// The size of one field of a datatype, when fixed.
+fn field_len(t: u32) -> Option<u32> {
+    match t {
+        TYPE_IPADDR | TYPE_MARK => Some(4),
+        TYPE_IP6ADDR => Some(16),
+        TYPE_INET_PROTOCOL => Some(1),
+        TYPE_INET_SERVICE => Some(2),
+        _ => None,
+    }
+}
+
+/// One announced change.
+#[derive(Debug)]
+pub enum Announcement {
+    Table {
+        family: NfFamily,
+        name: String,
+        gone: bool,
+    },
+    Chain {
+        chain: Object,
+        /// A NAT base chain at prerouting or output.
+        nat_base: bool,
+        gone: bool,
+    },
+    Rule {
+        chain: Object,
+        handle: u64,
+        /// The rule it follows, when neither first nor last.
+        after: Option<u64>,
+        append: bool,
+        gone: bool,
+        exprs: Vec<RawExpr>,
+    },
+    Set {
+        set: Object,
+        shape: SetShape,
+        gone: bool,
+    },
+    Elements {
+        set: Object,
+        elements: Vec<RawElement>,
+        gone: bool,
+    },
+    /// The end of a transaction.
+    Generation,
+}
+
+/// An expression of a rule, not yet read: its name and attributes.
+#[derive(Debug, Clone)]
+pub struct RawExpr {
+    pub name: String,
+    pub data: Vec<u8>,
+}
+
+/// A set element, not yet read.
+#[derive(Debug, Clone)]
+pub struct RawElement {
+    pub key: Vec<u8>,
+    pub data: Option<Data>,
+    pub interval_end: bool,
+}
+
+/// A value or a verdict (`NFTA_DATA_*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Data {
+    Value(Vec<u8>),
+    Verdict { code: i32, chain: Option<String> },
+}
+
+/// The netlink attributes in `buf`: (type, payload).
+fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff;
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        let payload = &buf[4..len];
+        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
+        Some((kind, payload))
+    })
+}
+
+fn attr(buf: &[u8], kind: u16) -> Option<&[u8]> {
+    attrs(buf).find(|(k, _)| *k == kind).map(|(_, p)| p)
+}
+
+fn be32(b: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(..4)?.try_into().ok()?))
+}
+
+fn be64(b: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(b.get(..8)?.try_into().ok()?))
+}
+
+fn string(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+fn family(f: u8) -> Option<NfFamily> {
+    Some(match f {
+        1 => NfFamily::INet,
+        2 => NfFamily::IP,
+        3 => NfFamily::ARP,
+        5 => NfFamily::NetDev,
+        7 => NfFamily::Bridge,
+        10 => NfFamily::IP6,
+        _ => return None,
+    })
+}
+
+/// `NFTA_DATA_VALUE` or `NFTA_DATA_VERDICT` in a nest.
+fn data(nest: &[u8]) -> Option<Data> {
+    for (k, p) in attrs(nest) {
+        match k {
+            1 => return Some(Data::Value(p.to_vec())),
+            2 => {
+                let code = be32(attr(p, 1)?)? as i32;
+                let chain = attr(p, 2).map(string);
+                return Some(Data::Verdict { code, chain });
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The announcements in one received buffer; messages of other kinds are
+/// skipped.
+pub fn decode(mut buf: &[u8]) -> Vec<Announcement> {
+    let mut out = Vec::new();
+    while buf.len() >= NLMSG_HDRLEN {
+        let len = u32::from_ne_bytes(buf[0..4].try_into().unwrap_or_default()) as usize;
+        if len < NLMSG_HDRLEN || len > buf.len() {
+            break;
+        }
+        let kind = u16::from_ne_bytes([buf[4], buf[5]]);
+        let flags = u16::from_ne_bytes([buf[6], buf[7]]);
+        let msg = &buf[NLMSG_HDRLEN..len];
+        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
+        if kind >> 8 != NFNL_SUBSYS_NFTABLES || msg.len() < NFGENMSG_LEN {
+            continue;
+        }
+        if let Some(a) = message(kind & 0xff, flags, msg) {
+            out.push(a);
+        }
+    }
+    out
+}
+
+fn message(kind: u16, flags: u16, msg: &[u8]) -> Option<Announcement> {
+    if kind == NFT_MSG_NEWGEN {
+        return Some(Announcement::Generation);
+    }
+    let family = family(msg[0])?;
+    let a = &msg[NFGENMSG_LEN..];
+    let text = |k: u16| attr(a, k).map(string).unwrap_or_default();
+    let object = |table: u16, name: u16| Object {
+        family,
+        table: text(table),
+        name: text(name),
+    };
+    Some(match kind {
+        NFT_MSG_NEWTABLE | NFT_MSG_DELTABLE | NFT_MSG_DESTROYTABLE => Announcement::Table {
+            family,
+            name: text(1),
+            gone: kind != NFT_MSG_NEWTABLE,
+        },
+        NFT_MSG_NEWCHAIN | NFT_MSG_DELCHAIN | NFT_MSG_DESTROYCHAIN => {
+            let hook = attr(a, 4).and_then(|h| attr(h, 1)).and_then(be32);
+            Announcement::Chain {
+                chain: object(1, 3),
+                // NF_INET_PRE_ROUTING, NF_INET_LOCAL_OUT
+                nat_base: text(7) == "nat" && matches!(hook, Some(0 | 3)),
+                gone: kind != NFT_MSG_NEWCHAIN,
+            }
+        }
+        NFT_MSG_NEWRULE | NFT_MSG_DELRULE | NFT_MSG_DESTROYRULE => {
+            let exprs = attr(a, 4)
+                .map(|list| {
+                    attrs(list)
+                        .filter_map(|(_, e)| {
+                            Some(RawExpr {
+                                name: attr(e, 1).map(string)?,
+                                data: attr(e, 2).unwrap_or_default().to_vec(),
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Announcement::Rule {
+                chain: object(1, 2),
+                handle: attr(a, 3).and_then(be64)?,
+                after: attr(a, 6).and_then(be64),
+                append: flags & NLM_F_APPEND != 0,
+                gone: kind != NFT_MSG_NEWRULE,
+                exprs,
+            }
+        }
+        NFT_MSG_NEWSET | NFT_MSG_DELSET | NFT_MSG_DESTROYSET => {
+            let set_flags = attr(a, 3).and_then(be32).unwrap_or(0);
+            let number = |k: u16| attr(a, k).and_then(be32).unwrap_or(0);
+            let data = (set_flags & NFT_SET_MAP != 0).then(|| match number(6) {
+                NFT_DATA_VERDICT => vec![NFT_DATA_VERDICT],
+                t => split_type(t),
+            });
+            Announcement::Set {
+                set: object(1, 2),
+                shape: SetShape {
+                    key: split_type(number(4)),
+                    key_len: number(5),
+                    data,
+                    data_len: number(7),
+                    anonymous: set_flags & NFT_SET_ANONYMOUS != 0,
+                    interval: set_flags & NFT_SET_INTERVAL != 0,
+                },
+                gone: kind != NFT_MSG_NEWSET,
+            }
+        }
+        NFT_MSG_NEWSETELEM | NFT_MSG_DELSETELEM | NFT_MSG_DESTROYSETELEM => {
+            let elements = attr(a, 3)
+                .map(|list| {
+                    attrs(list)
+                        .filter_map(|(_, e)| {
+                            let key = match data(attr(e, 1)?)? {
+                                Data::Value(v) => v,
+                                Data::Verdict { .. } => return None,
+                            };
+                            Some(RawElement {
+                                key,
+                                data: attr(e, 2).and_then(data),
+                                interval_end: attr(e, 3).and_then(be32).unwrap_or(0)
+                                    & NFT_SET_ELEM_INTERVAL_END
+                                    != 0,
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Announcement::Elements {
+                set: object(1, 2),
+                elements,
+                gone: kind != NFT_MSG_NEWSETELEM,
+            }
+        }
+        _ => return None,
+    })
+}
+
+/// A datatype number split into a concatenation's fields.
+fn split_type(mut t: u32) -> Vec<u32> {
+    let mut fields = Vec::new();
+    while t != 0 {
+        fields.push(t & ((1 << TYPE_BITS) - 1));
+        t >>= TYPE_BITS;
+    }
+    fields.reverse();
+    fields
+}
+
+/// How a value read from a register or a set is shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Addr4,
+    Addr6,
+    Proto,
+    Port,
+    IfName,
+    NfProto,
+    /// A number in host byte order (`numgen`, marks).
+    Host,
+    Opaque,
+}
+
+impl Kind {
+    fn of_type(t: u32) -> Kind {
+        match t {
+            TYPE_IPADDR => Kind::Addr4,
+            TYPE_IP6ADDR => Kind::Addr6,
+            TYPE_INET_PROTOCOL => Kind::Proto,
+            TYPE_INET_SERVICE => Kind::Port,
+            TYPE_INTEGER | TYPE_MARK => Kind::Host,
+            _ => Kind::Opaque,
+        }
+    }
+
+    /// The value of `bytes`, as `nft -j` shows it.
+    fn value(self, bytes: &[u8]) -> Option<Expression<'static>> {
+        Some(match self {
+            Kind::Addr4 => Expression::String(Cow::Owned(
+                Ipv4Addr::from(<[u8; 4]>::try_from(bytes.get(..4)?).ok()?).to_string(),
+            )),
+            Kind::Addr6 => Expression::String(Cow::Owned(
+                Ipv6Addr::from(<[u8; 16]>::try_from(bytes.get(..16)?).ok()?).to_string(),
+            )),
+            Kind::Proto => Expression::Number(u32::from(*bytes.first()?)),
+            Kind::Port => Expression::Number(u32::from(u16::from_be_bytes(
+                bytes.get(..2)?.try_into().ok()?,
+            ))),
+            Kind::IfName => Expression::String(Cow::Owned(string(bytes))),
+            Kind::NfProto => Expression::String(Cow::Borrowed(match bytes.first()? {
+                2 => "ipv4",
+                10 => "ipv6",
+                _ => return None,
+            })),
+            Kind::Host => {
+                let mut b = [0u8; 4];
+                let n = bytes.len().min(4);
+                b[..n].copy_from_slice(&bytes[..n]);
+                Expression::Number(u32::from_ne_bytes(b))
+            }
+            Kind::Opaque => return None,
+        })
+    }
+
+    fn len(self) -> usize {
+        match self {
+            Kind::Addr4 | Kind::Host => 4,
+            Kind::Addr6 => 16,
+            Kind::Proto | Kind::NfProto => 1,
+            Kind::Port => 2,
+            Kind::IfName => 16,
+            Kind::Opaque => 0,
+        }
+    }
+}
+
+/// The key and data of a set element, as `nft -j` lists them: a set's
+/// element is its key, a map's a `[key, data]` list. `None` when a field
+/// is of a type not read.
+pub fn element(shape: &SetShape, e: &RawElement) -> Option<Expression<'static>> {
+    let key = fields(&shape.key, &e.key)?;
+    if !shape.is_map() {
+        return Some(key);
+    }
+    let value = match e.data.as_ref()? {
+        Data::Verdict { code, chain } => Expression::Verdict(verdict(*code, chain.as_deref())?),
+        Data::Value(v) => fields(shape.data.as_deref()?, v)?,
+    };
+    Some(Expression::List(vec![key, value]))
+}
+
+/// The value of `bytes` read as the fields `types` (each field of a
+/// concatenation padded to 4 bytes).
+fn fields(types: &[u32], bytes: &[u8]) -> Option<Expression<'static>> {
+    match types {
+        [t] => Kind::of_type(*t).value(bytes),
+        _ => {
+            let mut at = 0;
+            let mut parts = Vec::with_capacity(types.len());
+            for &t in types {
+                let kind = Kind::of_type(t);
+                parts.push(kind.value(bytes.get(at..)?)?);
+                at += kind.len().next_multiple_of(4);
+            }
+            Some(Expression::Named(NamedExpression::Concat(parts)))
+        }
+    }
+}
+
+fn verdict(code: i32, chain: Option<&str>) -> Option<Verdict<'static>> {
+    let target = || JumpTarget {
+        target: Cow::Owned(chain.unwrap_or_default().to_owned()),
+    };
+    Some(match code {
+        0 => Verdict::Drop,
+        1 => Verdict::Accept,
+        -1 => Verdict::Continue,
+        -3 => Verdict::Jump(target()),
+        -4 => Verdict::Goto(target()),
+        -5 => Verdict::Return,
+        _ => return None,
+    })
+}
+
+/// What a register holds while a rule's expressions are read.
+#[derive(Clone, Debug)]
+struct Load {
+    expr: Expression<'static>,
+    kind: Kind,
+    /// A `bitwise` mask of the high `prefix` bits applied.
+    prefix: Option<u32>,
+}
+
+/// The sets a rule's lookups may name: anonymous ones by their elements
+/// (as `nft -j` shows them inline), named ones by their shape.
+pub trait Sets {
+    /// An anonymous set's shape and elements.
+    fn anonymous(&self, name: &str) -> Option<(&SetShape, Vec<Expression<'static>>)>;
+    /// A named set's shape.
+    fn named(&self, name: &str) -> Option<&SetShape>;
+}
+
+/// Reads a rule's expressions back into statements. `None` when one that
+/// can decide a DNAT is not understood (iptables-nft's compat
+/// expressions among them).
+pub fn statements(
+    family: NfFamily,
+    exprs: &[RawExpr],
+    sets: &dyn Sets,
+) -> Option<Vec<Statement<'static>>> {
+    let mut regs: [Option<Load>; 16] = Default::default();
+    let mut out = Vec::new();
+    for e in exprs {
+        let a = e.data.as_slice();
+        let u32_of = |k: u16| attr(a, k).and_then(be32);
+        match e.name.as_str() {
+            "payload" => {
+                let Some(dreg) = u32_of(1) else {
+                    continue; // a payload write
+                };
+                let (base, offset, len) = (u32_of(2)?, u32_of(3)?, u32_of(4)?);
+                let (protocol, field, kind) = match (base, offset, len) {
+                    (1, 12, 4) => ("ip", "saddr", Kind::Addr4),
+                    (1, 16, 4) => ("ip", "daddr", Kind::Addr4),
+                    (1, 9, 1) if family != NfFamily::IP6 => ("ip", "protocol", Kind::Proto),
+                    (1, 8, 16) => ("ip6", "saddr", Kind::Addr6),
+                    (1, 24, 16) => ("ip6", "daddr", Kind::Addr6),
+                    (1, 6, 1) if family != NfFamily::IP => ("ip6", "nexthdr", Kind::Proto),
+                    (2, 0, 2) => ("th", "sport", Kind::Port),
+                    (2, 2, 2) => ("th", "dport", Kind::Port),
+                    _ => ("", "", Kind::Opaque),
+                };
+                let expr = if kind == Kind::Opaque {
+                    opaque()
+                } else {
+                    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+                        PayloadField {
+                            protocol: Cow::Borrowed(protocol),
+                            field: Cow::Borrowed(field),
+                        },
+                    )))
+                };
+                set_reg(&mut regs, dreg, expr, kind)?;
+            }
+            "meta" => {
+                let Some(dreg) = u32_of(1) else {
+                    continue; // meta set
+                };
+                let (key, kind) = match u32_of(2)? {
+                    4 => (Some(MetaKey::Iif), Kind::Host),
+                    6 => (Some(MetaKey::Iifname), Kind::IfName),
+                    15 => (Some(MetaKey::Nfproto), Kind::NfProto),
+                    16 => (Some(MetaKey::L4proto), Kind::Proto),
+                    _ => (None, Kind::Opaque),
+                };
+                let expr = key.map_or_else(opaque, |key| {
+                    Expression::Named(NamedExpression::Meta(Meta { key }))
+                });
+                set_reg(&mut regs, dreg, expr, kind)?;
+            }
+            "numgen" => {
+                let expr = Expression::Named(NamedExpression::Numgen(Numgen {
+                    mode: if u32_of(3) == Some(0) {
+                        NgMode::Inc
+                    } else {
+                        NgMode::Random
+                    },
+                    ng_mod: u32_of(2).unwrap_or(0),
+                    offset: u32_of(4),
+                }));
+                set_reg(&mut regs, u32_of(1)?, expr, Kind::Host)?;
+            }
+            "hash" => {
+                // jhash/symhash: load balancing, like numgen.
+                let expr = Expression::Named(NamedExpression::Numgen(Numgen {
+                    mode: NgMode::Random,
+                    ng_mod: u32_of(4).unwrap_or(0),
+                    offset: None,
+                }));
+                set_reg(&mut regs, u32_of(2)?, expr, Kind::Host)?;
+            }
+            "fib" => {
+                let flags = u32_of(3).unwrap_or(0);
+                let mut set = std::collections::HashSet::new();
+                for (bit, flag) in [
+                    (1, FibFlag::Saddr),
+                    (2, FibFlag::Daddr),
+                    (4, FibFlag::Mark),
+                    (8, FibFlag::Iif),
+                    (16, FibFlag::Oif),
+                ] {
+                    if flags & bit != 0 {
+                        set.insert(flag);
+                    }
+                }
+                let (result, kind) = match u32_of(2)? {
+                    3 => (FibResult::Type, Kind::Host),
+                    2 => (FibResult::Oifname, Kind::IfName),
+                    _ => (FibResult::Oif, Kind::Host),
+                };
+                let expr = Expression::Named(NamedExpression::Fib(Fib { result, flags: set }));
+                set_reg(&mut regs, u32_of(1)?, expr, kind)?;
+            }
+            "bitwise" => {
+                let (sreg, dreg) = (u32_of(1)?, u32_of(2)?);
+                let mask = attr(a, 4).and_then(data);
+                let xor = attr(a, 5).and_then(data);
+                let mut load = get_reg(&regs, sreg)?.clone();
+                match (mask, xor) {
+                    (Some(Data::Value(m)), Some(Data::Value(x)))
+                        if x.iter().all(|&b| b == 0) && matches!(load.kind, Kind::Addr4 | Kind::Addr6) =>
+                    {
+                        load.prefix = prefix_len(&m);
+                        if load.prefix.is_none() {
+                            load = opaque_load();
+                        }
+                    }
+                    _ => load = opaque_load(),
+                }
+                put_reg(&mut regs, dreg, load)?;
+            }
+            "cmp" => {
+                let load = get_reg(&regs, u32_of(1)?)?.clone();
+                let op = match u32_of(2)? {
+                    0 => Operator::EQ,
+                    1 => Operator::NEQ,
+                    2 => Operator::LT,
+                    3 => Operator::LEQ,
+                    4 => Operator::GT,
+                    _ => Operator::GEQ,
+                };
+                let right = match attr(a, 3).and_then(data) {
+                    Some(Data::Value(v)) => load.kind.value(&v),
+                    _ => None,
+                };
+                let m = matched(load, right, op);
+                // `dport 1000-2000` is `>= 1000` then `<= 2000`.
+                if let (
+                    Some(Statement::Match(Match {
+                        left,
+                        right: lo,
+                        op: Operator::GEQ,
+                    })),
+                    Statement::Match(Match {
+                        left: l2,
+                        right: hi,
+                        op: Operator::LEQ,
+                    }),
+                ) = (out.last(), &m)
+                    && left == l2
+                    && *left != opaque()
+                {
+                    let range = Statement::Match(Match {
+                        left: left.clone(),
+                        right: Expression::Range(Box::new(Range {
+                            range: [lo.clone(), hi.clone()],
+                        })),
+                        op: Operator::EQ,
+                    });
+                    out.pop();
+                    out.push(range);
+                } else {
+                    out.push(m);
+                }
+            }
+            "range" => {
+                let load = get_reg(&regs, u32_of(1)?)?.clone();
+                let op = if u32_of(2) == Some(1) {
+                    Operator::NEQ
+                } else {
+                    Operator::EQ
+                };
+                let value = |k: u16| match attr(a, k).and_then(data) {
+                    Some(Data::Value(v)) => load.kind.value(&v),
+                    _ => None,
+                };
+                let right = match (value(3), value(4)) {
+                    (Some(lo), Some(hi)) => Some(Expression::Range(Box::new(Range {
+                        range: [lo, hi],
+                    }))),
+                    _ => None,
+                };
+                out.push(matched(load, right, op));
+            }
+            "lookup" => {
+                let name = attr(a, 1).map(string)?;
+                let sreg = u32_of(2)?;
+                let inverted = u32_of(5).unwrap_or(0) & 1 != 0;
+                let (shape, inline) = match sets.anonymous(&name) {
+                    Some((shape, elements)) => (shape, Some(elements)),
+                    None => (sets.named(&name)?, None),
+                };
+                let key = key_of(&regs, sreg, shape.key_len)?;
+                let data = match inline {
+                    Some(elements) => Expression::Named(NamedExpression::Set(
+                        elements
+                            .into_iter()
+                            .map(|e| match e {
+                                Expression::List(mut kv) if kv.len() == 2 => {
+                                    let v = kv.pop().unwrap_or(Expression::Boolean(false));
+                                    let k = kv.pop().unwrap_or(Expression::Boolean(false));
+                                    SetItem::Mapping(k, v)
+                                }
+                                other => SetItem::Element(other),
+                            })
+                            .collect(),
+                    )),
+                    None => Expression::String(Cow::Owned(format!("@{name}"))),
+                };
+                match u32_of(3) {
+                    None => out.push(Statement::Match(Match {
+                        left: key,
+                        right: data,
+                        op: if inverted {
+                            Operator::NEQ
+                        } else {
+                            Operator::IN
+                        },
+                    })),
+                    Some(0) => {
+                        out.push(Statement::VerdictMap(VerdictMap { key, data }));
+                        return Some(out);
+                    }
+                    Some(dreg) => {
+                        let expr = Expression::Named(NamedExpression::Map(Box::new(Map {
+                            key,
+                            data,
+                        })));
+                        // The map's data fills the registers of its
+                        // length: an `addr . port` map gives the port in
+                        // the next one.
+                        let span = (shape.data_len as usize).div_ceil(4);
+                        for s in regs.iter_mut().skip(slot(dreg)?).take(span) {
+                            *s = None;
+                        }
+                        set_reg(&mut regs, dreg, expr, Kind::Opaque)?;
+                    }
+                }
+            }
+            "immediate" => {
+                let dreg = u32_of(1)?;
+                match attr(a, 2).and_then(data)? {
+                    Data::Verdict { code, chain } => {
+                        let target = || JumpTarget {
+                            target: Cow::Owned(chain.clone().unwrap_or_default()),
+                        };
+                        out.push(match code {
+                            0 => Statement::Drop(None),
+                            1 => Statement::Accept(None),
+                            -3 => Statement::Jump(target()),
+                            -4 => Statement::Goto(target()),
+                            -5 => Statement::Return(None),
+                            _ => continue,
+                        });
+                        return Some(out);
+                    }
+                    Data::Value(v) => {
+                        // A literal, typed by what reads it.
+                        let load = Load {
+                            expr: Expression::List(v.iter().map(|&b| Expression::Number(b.into())).collect()),
+                            kind: Kind::Opaque,
+                            prefix: None,
+                        };
+                        put_reg(&mut regs, dreg, load)?;
+                    }
+                }
+            }
+            "nat" => {
+                if u32_of(1)? != 1 {
+                    continue; // snat
+                }
+                let v6 = u32_of(2)? == 10;
+                let kind = if v6 { Kind::Addr6 } else { Kind::Addr4 };
+                let addr = match u32_of(3) {
+                    Some(r) => Some(nat_value(&regs, r, u32_of(4), kind)?),
+                    None => None,
+                };
+                // A map's data may give the port with the address
+                // (`... : addr . port`): its register is then not loaded
+                // apart.
+                let from_map = matches!(addr, Some(Expression::Named(NamedExpression::Map(_))));
+                let port = match u32_of(5) {
+                    Some(r) if from_map && get_reg(&regs, r).is_none() => None,
+                    Some(r) => Some(nat_value(&regs, r, u32_of(6), Kind::Port)?),
+                    None => None,
+                };
+                out.push(Statement::DNAT(Some(NAT {
+                    addr,
+                    family: Some(if v6 { NATFamily::IP6 } else { NATFamily::IP }),
+                    port,
+                    flags: None,
+                })));
+                return Some(out);
+            }
+            "redir" => {
+                let port = match u32_of(1) {
+                    Some(r) => Some(nat_value(&regs, r, u32_of(2), Kind::Port)?),
+                    None => None,
+                };
+                out.push(Statement::Redirect(Some(NAT {
+                    addr: None,
+                    family: None,
+                    port,
+                    flags: None,
+                })));
+                return Some(out);
+            }
+            "reject" => {
+                out.push(Statement::Reject(None));
+                return Some(out);
+            }
+            // iptables-nft's: read by iptables-nft-save.
+            "match" | "target" => return None,
+            // Statements that load nothing and decide nothing here.
+            "counter" | "log" | "limit" | "quota" | "notrack" | "objref" | "connlimit"
+            | "last" | "dynset" => {}
+            "ct" if attr(a, 1).is_some() => {
+                put_reg(&mut regs, u32_of(1)?, opaque_load())?;
+            }
+            // Anything else may load any register: what is matched after
+            // it is not read.
+            _ => regs.fill(Some(opaque_load())),
+        }
+    }
+    Some(out)
+}
+
+fn opaque() -> Expression<'static> {
+    Expression::String(Cow::Borrowed("?"))
+}
+
+fn opaque_load() -> Load {
+    Load {
+        expr: opaque(),
+        kind: Kind::Opaque,
+        prefix: None,
+    }
+}
+
+/// A match of a register's load against `right` (opaque when the value
+/// could not be read).
+fn matched(load: Load, right: Option<Expression<'static>>, op: Operator) -> Statement<'static> {
+    let right = match (right, load.prefix) {
+        (Some(addr), Some(len)) => Expression::Named(NamedExpression::Prefix(Prefix {
+            addr: Box::new(addr),
+            len,
+        })),
+        (Some(r), None) => r,
+        (None, _) => opaque(),
+    };
+    let left = if right == opaque() { opaque() } else { load.expr };
+    Statement::Match(Match { left, right, op })
+}
+
+/// The number of leading one bits of a mask that is a prefix.
+fn prefix_len(mask: &[u8]) -> Option<u32> {
+    let ones: u32 = mask.iter().map(|b| b.count_ones()).sum();
+    let leading: u32 = {
+        let mut n = 0;
+        for &b in mask {
+            n += b.leading_ones();
+            if b != 0xff {
+                break;
+            }
+        }
+        n
+    };
+    (ones == leading).then_some(ones)
+}
+
+/// A register's 32-bit slot: `NFT_REG_1..4` are 16 bytes each,
+/// `NFT_REG32_00..15` 4 bytes.
+fn slot(reg: u32) -> Option<usize> {
+    match reg {
+        1..=4 => Some(((reg - 1) * 4) as usize),
+        8..=23 => Some((reg - 8) as usize),
+        _ => None,
+    }
+}
+
+fn set_reg(regs: &mut [Option<Load>; 16], reg: u32, expr: Expression<'static>, kind: Kind) -> Option<()> {
+    put_reg(regs, reg, Load { expr, kind, prefix: None })
+}
+
+fn put_reg(regs: &mut [Option<Load>; 16], reg: u32, load: Load) -> Option<()> {
+    let at = slot(reg)?;
+    // A load spans the slots of its length; what it overwrites is gone.
+    let span = load.kind.len().div_ceil(4).max(1);
+    for s in regs.iter_mut().skip(at).take(span) {
+        *s = None;
+    }
+    *regs.get_mut(at)? = Some(load);
+    Some(())
+}
+
+fn get_reg(regs: &[Option<Load>; 16], reg: u32) -> Option<&Load> {
+    regs.get(slot(reg)?)?.as_ref()
+}
+
+/// The key a lookup reads from `sreg`: one load, or a concatenation of
+/// the loads in the slots that follow, `key_len` bytes in all.
+fn key_of(regs: &[Option<Load>; 16], sreg: u32, key_len: u32) -> Option<Expression<'static>> {
+    let mut at = slot(sreg)?;
+    let first = regs.get(at)?.as_ref()?;
+    if first.kind.len() >= key_len as usize || key_len <= 4 {
+        return Some(first.expr.clone());
+    }
+    let mut parts = Vec::new();
+    let mut covered = 0usize;
+    while covered < key_len as usize {
+        let load = regs.get(at)?.as_ref()?;
+        let len = load.kind.len().max(1).next_multiple_of(4);
+        parts.push(load.expr.clone());
+        covered += len;
+        at += len / 4;
+    }
+    Some(Expression::Named(NamedExpression::Concat(parts)))
+}
+
+/// A NAT address or port from registers: a literal (or a range of two),
+/// or a map's data (`dnat to ip daddr map { ... }`).
+fn nat_value(
+    regs: &[Option<Load>; 16],
+    min: u32,
+    max: Option<u32>,
+    kind: Kind,
+) -> Option<Expression<'static>> {
+    let read = |reg: u32| -> Option<Expression<'static>> {
+        let load = get_reg(regs, reg)?;
+        match &load.expr {
+            Expression::List(bytes) if load.kind == Kind::Opaque => {
+                let bytes: Vec<u8> = bytes
+                    .iter()
+                    .filter_map(|b| match b {
+                        Expression::Number(n) => u8::try_from(*n).ok(),
+                        _ => None,
+                    })
+                    .collect();
+                kind.value(&bytes)
+            }
+            Expression::Named(NamedExpression::Map(_)) => Some(load.expr.clone()),
+            _ => None,
+        }
+    };
+    let lo = read(min)?;
+    match max.filter(|&m| m != min) {
+        Some(m) => {
+            let hi = read(m)?;
+            if hi == lo {
+                Some(lo)
+            } else {
+                Some(Expression::Range(Box::new(Range { range: [lo, hi] })))
+            }
+        }
+        None => Some(lo),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn types_split_and_prefixes() {
+        assert_eq!(
+            split_type((TYPE_IPADDR << 12) | (TYPE_INET_PROTOCOL << 6) | TYPE_INET_SERVICE),
+            vec![TYPE_IPADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]
+        );
+        assert_eq!(prefix_len(&[0xff, 0xff, 0xf0, 0]), Some(20));
+        assert_eq!(prefix_len(&[0xff, 0x0f, 0, 0]), None);
+        let shape =
+            SetShape::from_names(&["ipv4_addr", "inet_proto", "inet_service"], None, false)
+                .unwrap();
+        assert_eq!(shape.key_len, 12);
+        let e = RawElement {
+            key: vec![172, 30, 0, 2, 6, 0, 0, 0, 0, 80, 0, 0],
+            data: None,
+            interval_end: false,
+        };
+        assert_eq!(
+            element(&shape, &e),
+            Some(Expression::Named(NamedExpression::Concat(vec![
+                Expression::String("172.30.0.2".into()),
+                Expression::Number(6),
+                Expression::Number(80),
+            ])))
+        );
+    }
+}
