@@ -160,6 +160,9 @@ impl Conditions {
     /// from a listing or from an announcement.
     pub fn normalized(mut self) -> Conditions {
         fn once<T: PartialEq>(v: &mut Vec<T>) {
+            if v.len() < 2 {
+                return;
+            }
             let mut kept: Vec<T> = Vec::with_capacity(v.len());
             for c in v.drain(..) {
                 if !kept.contains(&c) {
@@ -335,14 +338,21 @@ impl NatIntent {
     /// read (an engine not installed, or with no NAT table, is not
     /// listed).
     pub fn new(rules: Vec<DnatRule>, read: Vec<EngineRead>) -> NatIntent {
-        let mut seen = HashSet::new();
         let rules: Vec<DnatRule> = rules
             .into_iter()
             .map(|r| DnatRule {
                 when: r.when.normalized(),
                 ..r
             })
-            .filter(|r| seen.insert(r.clone()))
+            .collect();
+        let keep: Vec<bool> = {
+            let mut seen = HashSet::with_capacity(rules.len());
+            rules.iter().map(|r| seen.insert(r)).collect()
+        };
+        let rules: Vec<DnatRule> = rules
+            .into_iter()
+            .zip(keep)
+            .filter_map(|(r, keep)| keep.then_some(r))
             .collect();
         let mut intent = NatIntent {
             read,

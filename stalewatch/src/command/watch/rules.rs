@@ -193,6 +193,11 @@ impl Rules {
         let read_cost = started.elapsed();
         let intent = Arc::new(reading.intent());
         let cost = started.elapsed();
+        log::debug!(
+            "NAT intent of {}: the rules read in {read_cost:?}, walked in {:?}",
+            path.display(),
+            cost - read_cost
+        );
         log::info!(
             "NAT intent of {}: {} DNAT rules ({}), read in {cost:?}",
             path.display(),

@@ -360,3 +360,27 @@ fn an_nftables_redirect_sends_to_the_host_itself() {
             .any(|t| t.reaches(80, backend("2001:db8::1", 3128)))
     );
 }
+
+/// The walk of a large ruleset, timed (`STALEWATCH_RULESET=<nft -j
+/// output> cargo test --release -- --ignored walk_timing --nocapture`).
+#[test]
+#[ignore]
+fn walk_timing() {
+    let Ok(path) = std::env::var("STALEWATCH_RULESET") else {
+        return;
+    };
+    let json = std::fs::read_to_string(path).unwrap();
+    let ruleset = nft::Ruleset::from_json(&json).unwrap();
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let parsed = ruleset.walk();
+        let walked = t.elapsed();
+        let n = parsed.rules.len();
+        let intent = NatIntent::new(parsed.rules, Vec::new());
+        eprintln!(
+            "{n} rules: walk {walked:?}, intent {:?}",
+            t.elapsed() - walked
+        );
+        assert_eq!(intent.rules().len(), n);
+    }
+}

@@ -12,7 +12,11 @@
 
 pub mod netlink;
 
-use std::{borrow::Cow, collections::HashMap, net::IpAddr};
+use std::{
+    borrow::Cow,
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+};
 
 use nftables::{
     expr::{Expression, Meta, MetaKey, NamedExpression, Payload, SetItem, Verdict},
@@ -107,6 +111,7 @@ impl Ruleset {
             ruleset: self,
             out: Vec::new(),
             complete: self.complete,
+            entered: HashSet::new(),
         };
         let mut bases: Vec<&Key> = self.bases.iter().collect();
         bases.sort();
@@ -389,6 +394,10 @@ struct Walk<'r> {
     ruleset: &'r Ruleset,
     out: Vec<DnatRule>,
     complete: bool,
+    /// Chains a base chain jumped to, with the conditions of the jump:
+    /// kube-proxy's prerouting and output chains both jump to its
+    /// `services`, which is walked once.
+    entered: HashSet<(Key, Conditions)>,
 }
 
 impl<'r> Walk<'r> {
@@ -401,6 +410,9 @@ impl<'r> Walk<'r> {
         let Some(rules) = ruleset.rules.get(chain) else {
             return;
         };
+        if depth == 1 && !self.entered.insert((chain.clone(), when.clone())) {
+            return;
+        }
         // What a rule that ends the chain for its packets (return,
         // accept, drop, a goto) leaves to the rules after it.
         let mut base = when;
