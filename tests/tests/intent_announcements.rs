@@ -53,18 +53,20 @@ impl Follower {
     }
 
     fn check_in(&mut self, ns: &Netns, step: &str) {
-        let announced = self.changes.drain();
-        assert!(!announced.lost, "{step}: announcements lost");
         let mut changes = 0;
-        for a in announced.changes {
-            if matches!(a, Announcement::Generation) {
-                continue;
+        let mut refused = None;
+        let reading = &mut self.reading;
+        let whole = self.changes.drain(|a| {
+            if matches!(a, Announcement::Generation) || refused.is_some() {
+                return;
             }
             changes += 1;
-            if let Err(e) = self.reading.apply(a) {
-                panic!("{step}: {e}");
+            if let Err(e) = reading.apply(a) {
+                refused = Some(e.to_string());
             }
-        }
+        });
+        assert!(whole, "{step}: announcements lost");
+        assert_eq!(refused, None, "{step}: an announcement refused");
         assert!(changes > 0, "{step}: nothing was announced");
         self.applied += changes;
         let kept = rules(&self.reading);
@@ -164,13 +166,13 @@ fn iptables_nft_changes_ask_for_a_whole_reading() {
     cluster
         .set_service(&DNS, Dnat::Endpoints(vec![7]))
         .expect("writing the rules");
-    let announced = f.changes.drain();
-    let refused = announced
-        .changes
-        .into_iter()
-        .filter(|a| !matches!(a, Announcement::Generation))
-        .map(|a| f.reading.apply(a))
-        .any(|r| r.is_err());
+    let mut refused = false;
+    let reading = &mut f.reading;
+    f.changes.drain(|a| {
+        if !matches!(a, Announcement::Generation) {
+            refused |= reading.apply(a).is_err();
+        }
+    });
     assert!(refused, "an iptables-nft rule was taken from its announcement");
 }
 

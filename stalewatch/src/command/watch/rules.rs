@@ -79,26 +79,22 @@ impl IntentCache {
         let Some(changes) = &mut self.changes else {
             return;
         };
-        let announced = changes.drain();
-        if announced.lost {
-            log::debug!("ruleset announcements lost: the rules are read again");
-            self.dirty = true;
-        }
-        if self.dirty {
-            return;
-        }
-        for a in announced.changes {
-            if matches!(a, intent::Announcement::Generation) {
-                continue;
+        let (reading, dirty, applied) = (&mut self.reading, &mut self.dirty, &mut self.applied);
+        let whole = changes.drain(|a| {
+            if *dirty || matches!(a, intent::Announcement::Generation) {
+                return;
             }
-            match self.reading.apply(a) {
-                Ok(()) => self.applied += 1,
+            match reading.apply(a) {
+                Ok(()) => *applied += 1,
                 Err(e) => {
                     log::debug!("{e}: the rules are read again");
-                    self.dirty = true;
-                    return;
+                    *dirty = true;
                 }
             }
+        });
+        if !whole {
+            log::debug!("ruleset announcements lost: the rules are read again");
+            self.dirty = true;
         }
     }
 
@@ -184,7 +180,7 @@ impl Rules {
                 .ok();
         }
         if let Some(c) = &mut changes {
-            c.drain();
+            c.drain(|_| {});
         }
         let started = Instant::now();
         let reading = intent::read(path)

@@ -87,7 +87,7 @@ impl Reading {
     /// Applies a change nf_tables announced; one it cannot take (an
     /// iptables-nft rule, an interval set's elements, an expression not
     /// read) asks for the rules to be read again whole.
-    pub fn apply(&mut self, a: Announcement) -> Result<(), Unread> {
+    pub fn apply(&mut self, a: Announcement<'_>) -> Result<(), Unread> {
         match &mut self.nft {
             Some(ruleset) => ruleset.apply(a),
             None => Err(Unread("a change while nft could not be read")),
@@ -201,15 +201,6 @@ const NFNLGRP_NFTABLES: u32 = 7;
 /// chains announces some 20,000 rules (about 6 MB) at once.
 const CHANGES_RCVBUF: usize = 16 << 20;
 
-/// What was announced since the last look.
-#[derive(Default)]
-pub struct Announced {
-    pub changes: Vec<Announcement>,
-    /// Announcements were lost (the receive queue overflowed): only a
-    /// reading of the whole ruleset is right again.
-    pub lost: bool,
-}
-
 impl Changes {
     /// Listens in the namespace at `path`.
     pub fn listen(path: &Path) -> io::Result<Changes> {
@@ -227,19 +218,21 @@ impl Changes {
         })
     }
 
-    /// Everything announced since the last call, read without blocking.
-    pub fn drain(&mut self) -> Announced {
-        let mut out = Announced::default();
+    /// Everything announced since the last call, read without blocking,
+    /// each given to `each` in order. Returns false when announcements
+    /// were lost (the receive queue overflowed): only a reading of the
+    /// whole ruleset is right again.
+    pub fn drain(&mut self, mut each: impl FnMut(Announcement<'_>)) -> bool {
+        let mut whole = true;
         loop {
             match self.socket.recv(&mut &mut self.buf[..], 0) {
-                Ok(0) => return out,
-                Ok(n) => out.changes.extend(netlink::decode(&self.buf[..n])),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return out,
-                Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => out.lost = true,
+                Ok(0) => return whole,
+                Ok(n) => netlink::decode(&self.buf[..n], &mut each),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return whole,
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => whole = false,
                 Err(e) => {
                     log::debug!("ruleset announcements: {e}");
-                    out.lost = true;
-                    return out;
+                    return false;
                 }
             }
         }

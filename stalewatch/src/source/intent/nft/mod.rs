@@ -136,7 +136,7 @@ impl Ruleset {
     }
 
     /// Applies one announced change.
-    pub fn apply(&mut self, a: Announcement) -> Result<(), Unread> {
+    pub fn apply(&mut self, a: Announcement<'_>) -> Result<(), Unread> {
         match a {
             Announcement::Generation => {}
             Announcement::Table { gone: false, .. } => {}
@@ -186,12 +186,12 @@ impl Ruleset {
                     family: &k.0,
                     table: &k.1,
                 };
-                let expr = netlink::statements(chain.family, &exprs, &sets)
+                let expr = netlink::statements(chain.family, exprs, &sets)
                     .ok_or(Unread("a rule"))?;
                 let rule = Rule {
                     family: chain.family,
-                    table: Cow::Owned(chain.table),
-                    chain: Cow::Owned(chain.name),
+                    table: Cow::Owned(chain.table.to_owned()),
+                    chain: Cow::Owned(chain.name.to_owned()),
                     expr: Cow::Owned(expr),
                     handle: Some(handle),
                     ..Rule::default()
@@ -236,8 +236,8 @@ impl Ruleset {
                 if shape.interval {
                     return Err(Unread("elements of an interval set"));
                 }
-                for e in &elements {
-                    let e = netlink::element(shape, e).ok_or(Unread("a set element"))?;
+                for e in netlink::elements(elements) {
+                    let e = netlink::element(shape, &e).ok_or(Unread("a set element"))?;
                     let id = identity(element_key(&e));
                     list.retain(|old| identity(element_key(old)) != id);
                     if !gone {
@@ -323,7 +323,7 @@ fn key(family: NfFamily, table: &str, name: &str) -> Key {
     (family_name(family).to_owned(), table.to_owned(), name.to_owned())
 }
 
-fn object_key(o: &netlink::Object) -> Key {
+fn object_key(o: &netlink::Object<'_>) -> Key {
     key(o.family, &o.table, &o.name)
 }
 

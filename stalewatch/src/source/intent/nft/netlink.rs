@@ -51,8 +51,6 @@ const NFT_MSG_DESTROYSETELEM: u16 = 30;
 const NFT_SET_ANONYMOUS: u32 = 0x1;
 const NFT_SET_INTERVAL: u32 = 0x4;
 const NFT_SET_MAP: u32 = 0x8;
-/// `NFT_SET_ELEM_INTERVAL_END`.
-const NFT_SET_ELEM_INTERVAL_END: u32 = 0x1;
 /// `NFT_DATA_VERDICT`: a verdict map's data type.
 const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
 
@@ -67,11 +65,11 @@ const TYPE_INET_SERVICE: u32 = 13;
 const TYPE_BITS: u32 = 6;
 
 /// An object of a table: its family and table, and its name.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Object {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Object<'a> {
     pub family: NfFamily,
-    pub table: String,
-    pub name: String,
+    pub table: &'a str,
+    pub name: &'a str,
 }
 
 /// A set as nf_tables announces it.
@@ -149,63 +147,57 @@ fn field_len(t: u32) -> Option<u32> {
     }
 }
 
-/// One announced change.
+/// One announced change, read in place from the received buffer.
 #[derive(Debug)]
-pub enum Announcement {
+pub enum Announcement<'a> {
     Table {
         family: NfFamily,
-        name: String,
+        name: &'a str,
         gone: bool,
     },
     Chain {
-        chain: Object,
+        chain: Object<'a>,
         /// A NAT base chain at prerouting or output.
         nat_base: bool,
         gone: bool,
     },
     Rule {
-        chain: Object,
+        chain: Object<'a>,
         handle: u64,
         /// The rule it follows, when neither first nor last.
         after: Option<u64>,
         append: bool,
         gone: bool,
-        exprs: Vec<RawExpr>,
+        /// `NFTA_RULE_EXPRESSIONS`, read by [`statements`] when needed.
+        exprs: &'a [u8],
     },
     Set {
-        set: Object,
+        set: Object<'a>,
         shape: SetShape,
         gone: bool,
     },
     Elements {
-        set: Object,
-        elements: Vec<RawElement>,
+        set: Object<'a>,
+        /// `NFTA_SET_ELEM_LIST_ELEMENTS`, read by [`elements`].
+        elements: &'a [u8],
         gone: bool,
     },
     /// The end of a transaction.
     Generation,
 }
 
-/// An expression of a rule, not yet read: its name and attributes.
-#[derive(Debug, Clone)]
-pub struct RawExpr {
-    pub name: String,
-    pub data: Vec<u8>,
-}
-
 /// A set element, not yet read.
 #[derive(Debug, Clone)]
-pub struct RawElement {
-    pub key: Vec<u8>,
-    pub data: Option<Data>,
-    pub interval_end: bool,
+pub struct RawElement<'a> {
+    pub key: &'a [u8],
+    pub data: Option<Data<'a>>,
 }
 
 /// A value or a verdict (`NFTA_DATA_*`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Data {
-    Value(Vec<u8>),
-    Verdict { code: i32, chain: Option<String> },
+pub enum Data<'a> {
+    Value(&'a [u8]),
+    Verdict { code: i32, chain: Option<&'a str> },
 }
 
 /// The netlink attributes in `buf`: (type, payload).
@@ -237,9 +229,9 @@ fn be64(b: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(b.get(..8)?.try_into().ok()?))
 }
 
-fn string(b: &[u8]) -> String {
+fn string(b: &[u8]) -> &str {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    String::from_utf8_lossy(&b[..end]).into_owned()
+    std::str::from_utf8(&b[..end]).unwrap_or("")
 }
 
 fn family(f: u8) -> Option<NfFamily> {
@@ -255,10 +247,10 @@ fn family(f: u8) -> Option<NfFamily> {
 }
 
 /// `NFTA_DATA_VALUE` or `NFTA_DATA_VERDICT` in a nest.
-fn data(nest: &[u8]) -> Option<Data> {
+fn data(nest: &[u8]) -> Option<Data<'_>> {
     for (k, p) in attrs(nest) {
         match k {
-            1 => return Some(Data::Value(p.to_vec())),
+            1 => return Some(Data::Value(p)),
             2 => {
                 let code = be32(attr(p, 1)?)? as i32;
                 let chain = attr(p, 2).map(string);
@@ -270,10 +262,9 @@ fn data(nest: &[u8]) -> Option<Data> {
     None
 }
 
-/// The announcements in one received buffer; messages of other kinds are
-/// skipped.
-pub fn decode(mut buf: &[u8]) -> Vec<Announcement> {
-    let mut out = Vec::new();
+/// The announcements in one received buffer, each given to `each`;
+/// messages of other kinds are skipped.
+pub fn decode<'a>(mut buf: &'a [u8], mut each: impl FnMut(Announcement<'a>)) {
     while buf.len() >= NLMSG_HDRLEN {
         let len = u32::from_ne_bytes(buf[0..4].try_into().unwrap_or_default()) as usize;
         if len < NLMSG_HDRLEN || len > buf.len() {
@@ -287,19 +278,18 @@ pub fn decode(mut buf: &[u8]) -> Vec<Announcement> {
             continue;
         }
         if let Some(a) = message(kind & 0xff, flags, msg) {
-            out.push(a);
+            each(a);
         }
     }
-    out
 }
 
-fn message(kind: u16, flags: u16, msg: &[u8]) -> Option<Announcement> {
+fn message(kind: u16, flags: u16, msg: &[u8]) -> Option<Announcement<'_>> {
     if kind == NFT_MSG_NEWGEN {
         return Some(Announcement::Generation);
     }
     let family = family(msg[0])?;
     let a = &msg[NFGENMSG_LEN..];
-    let text = |k: u16| attr(a, k).map(string).unwrap_or_default();
+    let text = |k: u16| attr(a, k).map(string).unwrap_or("");
     let object = |table: u16, name: u16| Object {
         family,
         table: text(table),
@@ -320,28 +310,14 @@ fn message(kind: u16, flags: u16, msg: &[u8]) -> Option<Announcement> {
                 gone: kind != NFT_MSG_NEWCHAIN,
             }
         }
-        NFT_MSG_NEWRULE | NFT_MSG_DELRULE | NFT_MSG_DESTROYRULE => {
-            let exprs = attr(a, 4)
-                .map(|list| {
-                    attrs(list)
-                        .filter_map(|(_, e)| {
-                            Some(RawExpr {
-                                name: attr(e, 1).map(string)?,
-                                data: attr(e, 2).unwrap_or_default().to_vec(),
-                            })
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            Announcement::Rule {
-                chain: object(1, 2),
-                handle: attr(a, 3).and_then(be64)?,
-                after: attr(a, 6).and_then(be64),
-                append: flags & NLM_F_APPEND != 0,
-                gone: kind != NFT_MSG_NEWRULE,
-                exprs,
-            }
-        }
+        NFT_MSG_NEWRULE | NFT_MSG_DELRULE | NFT_MSG_DESTROYRULE => Announcement::Rule {
+            chain: object(1, 2),
+            handle: attr(a, 3).and_then(be64)?,
+            after: attr(a, 6).and_then(be64),
+            append: flags & NLM_F_APPEND != 0,
+            gone: kind != NFT_MSG_NEWRULE,
+            exprs: attr(a, 4).unwrap_or_default(),
+        },
         NFT_MSG_NEWSET | NFT_MSG_DELSET | NFT_MSG_DESTROYSET => {
             let set_flags = attr(a, 3).and_then(be32).unwrap_or(0);
             let number = |k: u16| attr(a, k).and_then(be32).unwrap_or(0);
@@ -363,32 +339,27 @@ fn message(kind: u16, flags: u16, msg: &[u8]) -> Option<Announcement> {
             }
         }
         NFT_MSG_NEWSETELEM | NFT_MSG_DELSETELEM | NFT_MSG_DESTROYSETELEM => {
-            let elements = attr(a, 3)
-                .map(|list| {
-                    attrs(list)
-                        .filter_map(|(_, e)| {
-                            let key = match data(attr(e, 1)?)? {
-                                Data::Value(v) => v,
-                                Data::Verdict { .. } => return None,
-                            };
-                            Some(RawElement {
-                                key,
-                                data: attr(e, 2).and_then(data),
-                                interval_end: attr(e, 3).and_then(be32).unwrap_or(0)
-                                    & NFT_SET_ELEM_INTERVAL_END
-                                    != 0,
-                            })
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
             Announcement::Elements {
                 set: object(1, 2),
-                elements,
+                elements: attr(a, 3).unwrap_or_default(),
                 gone: kind != NFT_MSG_NEWSETELEM,
             }
         }
         _ => return None,
+    })
+}
+
+/// The elements of an `NFTA_SET_ELEM_LIST_ELEMENTS` nest.
+pub fn elements(list: &[u8]) -> impl Iterator<Item = RawElement<'_>> {
+    attrs(list).filter_map(|(_, e)| {
+        let key = match data(attr(e, 1)?)? {
+            Data::Value(v) => v,
+            Data::Verdict { .. } => return None,
+        };
+        Some(RawElement {
+            key,
+            data: attr(e, 2).and_then(data),
+        })
     })
 }
 
@@ -442,7 +413,7 @@ impl Kind {
             Kind::Port => Expression::Number(u32::from(u16::from_be_bytes(
                 bytes.get(..2)?.try_into().ok()?,
             ))),
-            Kind::IfName => Expression::String(Cow::Owned(string(bytes))),
+            Kind::IfName => Expression::String(Cow::Owned(string(bytes).to_owned())),
             Kind::NfProto => Expression::String(Cow::Borrowed(match bytes.first()? {
                 2 => "ipv4",
                 10 => "ipv6",
@@ -473,13 +444,13 @@ impl Kind {
 /// The key and data of a set element, as `nft -j` lists them: a set's
 /// element is its key, a map's a `[key, data]` list. `None` when a field
 /// is of a type not read.
-pub fn element(shape: &SetShape, e: &RawElement) -> Option<Expression<'static>> {
-    let key = fields(&shape.key, &e.key)?;
+pub fn element(shape: &SetShape, e: &RawElement<'_>) -> Option<Expression<'static>> {
+    let key = fields(&shape.key, e.key)?;
     if !shape.is_map() {
         return Some(key);
     }
     let value = match e.data.as_ref()? {
-        Data::Verdict { code, chain } => Expression::Verdict(verdict(*code, chain.as_deref())?),
+        Data::Verdict { code, chain } => Expression::Verdict(verdict(*code, *chain)?),
         Data::Value(v) => fields(shape.data.as_deref()?, v)?,
     };
     Some(Expression::List(vec![key, value]))
@@ -541,15 +512,16 @@ pub trait Sets {
 /// expressions among them).
 pub fn statements(
     family: NfFamily,
-    exprs: &[RawExpr],
+    exprs: &[u8],
     sets: &dyn Sets,
 ) -> Option<Vec<Statement<'static>>> {
     let mut regs: [Option<Load>; 16] = Default::default();
     let mut out = Vec::new();
-    for e in exprs {
-        let a = e.data.as_slice();
+    for (_, e) in attrs(exprs) {
+        let name = attr(e, 1).map(string)?;
+        let a = attr(e, 2).unwrap_or_default();
         let u32_of = |k: u16| attr(a, k).and_then(be32);
-        match e.name.as_str() {
+        match name {
             "payload" => {
                 let Some(dreg) = u32_of(1) else {
                     continue; // a payload write
@@ -646,7 +618,7 @@ pub fn statements(
                     (Some(Data::Value(m)), Some(Data::Value(x)))
                         if x.iter().all(|&b| b == 0) && matches!(load.kind, Kind::Addr4 | Kind::Addr6) =>
                     {
-                        load.prefix = prefix_len(&m);
+                        load.prefix = prefix_len(m);
                         if load.prefix.is_none() {
                             load = opaque_load();
                         }
@@ -666,7 +638,7 @@ pub fn statements(
                     _ => Operator::GEQ,
                 };
                 let right = match attr(a, 3).and_then(data) {
-                    Some(Data::Value(v)) => load.kind.value(&v),
+                    Some(Data::Value(v)) => load.kind.value(v),
                     _ => None,
                 };
                 let m = matched(load, right, op);
@@ -707,7 +679,7 @@ pub fn statements(
                     Operator::EQ
                 };
                 let value = |k: u16| match attr(a, k).and_then(data) {
-                    Some(Data::Value(v)) => load.kind.value(&v),
+                    Some(Data::Value(v)) => load.kind.value(v),
                     _ => None,
                 };
                 let right = match (value(3), value(4)) {
@@ -719,12 +691,12 @@ pub fn statements(
                 out.push(matched(load, right, op));
             }
             "lookup" => {
-                let name = attr(a, 1).map(string)?;
+                let set = attr(a, 1).map(string)?;
                 let sreg = u32_of(2)?;
                 let inverted = u32_of(5).unwrap_or(0) & 1 != 0;
-                let (shape, inline) = match sets.anonymous(&name) {
+                let (shape, inline) = match sets.anonymous(set) {
                     Some((shape, elements)) => (shape, Some(elements)),
-                    None => (sets.named(&name)?, None),
+                    None => (sets.named(set)?, None),
                 };
                 let key = key_of(&regs, sreg, shape.key_len)?;
                 let data = match inline {
@@ -741,7 +713,7 @@ pub fn statements(
                             })
                             .collect(),
                     )),
-                    None => Expression::String(Cow::Owned(format!("@{name}"))),
+                    None => Expression::String(Cow::Owned(format!("@{set}"))),
                 };
                 match u32_of(3) {
                     None => out.push(Statement::Match(Match {
@@ -778,7 +750,7 @@ pub fn statements(
                 match attr(a, 2).and_then(data)? {
                     Data::Verdict { code, chain } => {
                         let target = || JumpTarget {
-                            target: Cow::Owned(chain.clone().unwrap_or_default()),
+                            target: Cow::Owned(chain.unwrap_or_default().to_owned()),
                         };
                         out.push(match code {
                             0 => Statement::Drop(None),
@@ -1009,9 +981,8 @@ mod tests {
                 .unwrap();
         assert_eq!(shape.key_len, 12);
         let e = RawElement {
-            key: vec![172, 30, 0, 2, 6, 0, 0, 0, 0, 80, 0, 0],
+            key: &[172, 30, 0, 2, 6, 0, 0, 0, 0, 80, 0, 0],
             data: None,
-            interval_end: false,
         };
         assert_eq!(
             element(&shape, &e),
