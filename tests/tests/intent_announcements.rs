@@ -84,10 +84,16 @@ impl Follower {
     }
 }
 
+/// A rewrite of the services' rules, named.
+type Step = (
+    &'static str,
+    Box<dyn Fn(&mut Cluster) -> anyhow::Result<()>>,
+);
+
 fn follow(engine: Engine, family: Family, l4: L4) {
     let mut cluster = Cluster::build(engine, family, l4).expect("building the topology");
     let mut f = Follower::start(&cluster);
-    let steps: Vec<(&str, Box<dyn Fn(&mut Cluster) -> anyhow::Result<()>>)> = vec![
+    let steps: Vec<Step> = vec![
         (
             "DNS to 7",
             Box::new(|c| c.set_service(&DNS, Dnat::Endpoints(vec![7]))),
@@ -124,10 +130,7 @@ fn follow(engine: Engine, family: Family, l4: L4) {
             "METRICS scaled to zero",
             Box::new(|c| c.remove_service(&METRICS)),
         ),
-        (
-            "DNS scaled to zero",
-            Box::new(|c| c.remove_service(&DNS)),
-        ),
+        ("DNS scaled to zero", Box::new(|c| c.remove_service(&DNS))),
     ];
     for (step, change) in steps {
         change(&mut cluster).unwrap_or_else(|e| panic!("{step}: {e:#}"));
@@ -173,7 +176,10 @@ fn iptables_nft_changes_ask_for_a_whole_reading() {
             refused |= reading.apply(a).is_err();
         }
     });
-    assert!(refused, "an iptables-nft rule was taken from its announcement");
+    assert!(
+        refused,
+        "an iptables-nft rule was taken from its announcement"
+    );
 }
 
 /// Every construct of the readers' fixture, then edits in place: a named
@@ -189,10 +195,14 @@ fn named_sets_maps_and_edits_in_place() {
     };
     nft(MIXED);
     f.check_in(&ns, "the fixture loaded");
-    nft("delete element ip kube-proxy service-ips { 10.96.0.10 . udp . 53 }\n\
-         add element ip kube-proxy service-ips { 10.96.0.10 . udp . 53 : goto endpoint-b, 10.96.0.12 . tcp . 80 : jump endpoint-a }");
+    nft(
+        "delete element ip kube-proxy service-ips { 10.96.0.10 . udp . 53 }\n\
+         add element ip kube-proxy service-ips { 10.96.0.10 . udp . 53 : goto endpoint-b, 10.96.0.12 . tcp . 80 : jump endpoint-a }",
+    );
     f.check_in(&ns, "a verdict map's element replaced and one added");
-    nft("delete element inet plain ports { 53 }\nadd element inet plain ports { 54 : 10.2.0.9 . 5454 }");
+    nft(
+        "delete element inet plain ports { 53 }\nadd element inet plain ports { 54 : 10.2.0.9 . 5454 }",
+    );
     f.check_in(&ns, "a DNAT map's element replaced");
     nft("insert rule inet plain pre ip daddr 10.0.0.7 udp dport 7 dnat ip to 10.7.0.7:7");
     f.check_in(&ns, "a rule inserted first");
@@ -201,14 +211,21 @@ fn named_sets_maps_and_edits_in_place() {
         .expect("listing handles")
         .lines()
         .find(|l| l.contains("10.1.0.1-10.1.0.5"))
-        .and_then(|l| l.rsplit("# handle ").next().map(str::trim).map(str::to_owned))
+        .and_then(|l| {
+            l.rsplit("# handle ")
+                .next()
+                .map(str::trim)
+                .map(str::to_owned)
+        })
         .expect("the range rule's handle");
     nft(&format!(
         "add rule inet plain pre position {handle} ip daddr 10.0.0.8 dnat ip to 10.8.0.8\n\
          delete rule inet plain pre handle {handle}"
     ));
     f.check_in(&ns, "a rule added after another, which is deleted");
-    nft("flush chain ip kube-proxy endpoint-a\nadd rule ip kube-proxy endpoint-a meta l4proto udp dnat ip to 10.244.1.9:53");
+    nft(
+        "flush chain ip kube-proxy endpoint-a\nadd rule ip kube-proxy endpoint-a meta l4proto udp dnat ip to 10.244.1.9:53",
+    );
     f.check_in(&ns, "an endpoint chain flushed and refilled");
     nft("delete table inet plain");
     f.check_in(&ns, "a table deleted");

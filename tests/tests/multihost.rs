@@ -78,7 +78,10 @@ fn addr_of(v: &Value) -> String {
 fn a_raises_the_moved_service(engine: Engine, family: Family) {
     let Pinned { mut c, mut stream } = pinned(engine, family);
     let a = c.node_a.name.clone();
-    let watcher = watch(&a);
+    let mut cmd = Command::new(binary());
+    cmd.args(["watch", "--format", "json", "--netns", &a])
+        .env("RUST_LOG", "warn,stalewatch::command::watch::rules=info");
+    let watcher = Watcher::start_command(cmd, false).expect("stalewatch watch");
     // Nothing is stale before the move.
     std::thread::sleep(secs(2));
     c.move_backend(&DNS, 7, 8).expect("move to .8");
@@ -117,6 +120,17 @@ fn a_raises_the_moved_service(engine: Engine, family: Family) {
         "{engine:?}: {evidence}"
     );
     assert_eq!(raised["failures"]["packets"], 0, "nothing fails on A");
+    if matches!(engine, Engine::NftPlain | Engine::NftKube) {
+        // nftables announced the move and the watch took it as announced,
+        // without listing the ruleset again.
+        assert!(
+            watcher
+                .wait_stderr(secs(5), |l: &str| l.contains("announced changes taken"))
+                .is_some(),
+            "{engine:?}: the move taken from nftables' announcements: {}",
+            watcher.stderr_text()
+        );
+    }
     // The healthy new flow is never raised.
     assert!(rx8.wait_from(c.client_addr(NEW_SPORT), 3, secs(5)));
     assert!(

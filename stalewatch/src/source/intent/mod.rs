@@ -23,9 +23,9 @@ use std::{
 
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 
-pub use self::nft::netlink::Announcement;
-use self::nft::netlink;
 pub use self::nft::Unread;
+use self::nft::netlink;
+pub use self::nft::netlink::Announcement;
 use super::netns;
 use crate::domain::{DnatRule, EngineRead, Family, NatIntent, RuleEngine};
 

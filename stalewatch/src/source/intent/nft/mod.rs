@@ -186,8 +186,8 @@ impl Ruleset {
                     family: &k.0,
                     table: &k.1,
                 };
-                let expr = netlink::statements(chain.family, exprs, &sets)
-                    .ok_or(Unread("a rule"))?;
+                let expr =
+                    netlink::statements(chain.family, exprs, &sets).ok_or(Unread("a rule"))?;
                 let rule = Rule {
                     family: chain.family,
                     table: Cow::Owned(chain.table.to_owned()),
@@ -320,11 +320,15 @@ impl Ruleset {
 }
 
 fn key(family: NfFamily, table: &str, name: &str) -> Key {
-    (family_name(family).to_owned(), table.to_owned(), name.to_owned())
+    (
+        family_name(family).to_owned(),
+        table.to_owned(),
+        name.to_owned(),
+    )
 }
 
 fn object_key(o: &netlink::Object<'_>) -> Key {
-    key(o.family, &o.table, &o.name)
+    key(o.family, o.table, o.name)
 }
 
 fn family_name(family: NfFamily) -> &'static str {
@@ -347,7 +351,11 @@ struct TableSets<'r> {
 
 impl TableSets<'_> {
     fn key(&self, name: &str) -> Key {
-        (self.family.to_owned(), self.table.to_owned(), name.to_owned())
+        (
+            self.family.to_owned(),
+            self.table.to_owned(),
+            name.to_owned(),
+        )
     }
 }
 

@@ -616,7 +616,8 @@ pub fn statements(
                 let mut load = get_reg(&regs, sreg)?.clone();
                 match (mask, xor) {
                     (Some(Data::Value(m)), Some(Data::Value(x)))
-                        if x.iter().all(|&b| b == 0) && matches!(load.kind, Kind::Addr4 | Kind::Addr6) =>
+                        if x.iter().all(|&b| b == 0)
+                            && matches!(load.kind, Kind::Addr4 | Kind::Addr6) =>
                     {
                         load.prefix = prefix_len(m);
                         if load.prefix.is_none() {
@@ -683,9 +684,9 @@ pub fn statements(
                     _ => None,
                 };
                 let right = match (value(3), value(4)) {
-                    (Some(lo), Some(hi)) => Some(Expression::Range(Box::new(Range {
-                        range: [lo, hi],
-                    }))),
+                    (Some(lo), Some(hi)) => {
+                        Some(Expression::Range(Box::new(Range { range: [lo, hi] })))
+                    }
                     _ => None,
                 };
                 out.push(matched(load, right, op));
@@ -730,10 +731,8 @@ pub fn statements(
                         return Some(out);
                     }
                     Some(dreg) => {
-                        let expr = Expression::Named(NamedExpression::Map(Box::new(Map {
-                            key,
-                            data,
-                        })));
+                        let expr =
+                            Expression::Named(NamedExpression::Map(Box::new(Map { key, data })));
                         // The map's data fills the registers of its
                         // length: an `addr . port` map gives the port in
                         // the next one.
@@ -765,7 +764,9 @@ pub fn statements(
                     Data::Value(v) => {
                         // A literal, typed by what reads it.
                         let load = Load {
-                            expr: Expression::List(v.iter().map(|&b| Expression::Number(b.into())).collect()),
+                            expr: Expression::List(
+                                v.iter().map(|&b| Expression::Number(b.into())).collect(),
+                            ),
                             kind: Kind::Opaque,
                             prefix: None,
                         };
@@ -820,8 +821,8 @@ pub fn statements(
             // iptables-nft's: read by iptables-nft-save.
             "match" | "target" => return None,
             // Statements that load nothing and decide nothing here.
-            "counter" | "log" | "limit" | "quota" | "notrack" | "objref" | "connlimit"
-            | "last" | "dynset" => {}
+            "counter" | "log" | "limit" | "quota" | "notrack" | "objref" | "connlimit" | "last"
+            | "dynset" => {}
             "ct" if attr(a, 1).is_some() => {
                 put_reg(&mut regs, u32_of(1)?, opaque_load())?;
             }
@@ -856,7 +857,11 @@ fn matched(load: Load, right: Option<Expression<'static>>, op: Operator) -> Stat
         (Some(r), None) => r,
         (None, _) => opaque(),
     };
-    let left = if right == opaque() { opaque() } else { load.expr };
+    let left = if right == opaque() {
+        opaque()
+    } else {
+        load.expr
+    };
     Statement::Match(Match { left, right, op })
 }
 
@@ -886,8 +891,21 @@ fn slot(reg: u32) -> Option<usize> {
     }
 }
 
-fn set_reg(regs: &mut [Option<Load>; 16], reg: u32, expr: Expression<'static>, kind: Kind) -> Option<()> {
-    put_reg(regs, reg, Load { expr, kind, prefix: None })
+fn set_reg(
+    regs: &mut [Option<Load>; 16],
+    reg: u32,
+    expr: Expression<'static>,
+    kind: Kind,
+) -> Option<()> {
+    put_reg(
+        regs,
+        reg,
+        Load {
+            expr,
+            kind,
+            prefix: None,
+        },
+    )
 }
 
 fn put_reg(regs: &mut [Option<Load>; 16], reg: u32, load: Load) -> Option<()> {
@@ -976,9 +994,8 @@ mod tests {
         );
         assert_eq!(prefix_len(&[0xff, 0xff, 0xf0, 0]), Some(20));
         assert_eq!(prefix_len(&[0xff, 0x0f, 0, 0]), None);
-        let shape =
-            SetShape::from_names(&["ipv4_addr", "inet_proto", "inet_service"], None, false)
-                .unwrap();
+        let shape = SetShape::from_names(&["ipv4_addr", "inet_proto", "inet_service"], None, false)
+            .unwrap();
         assert_eq!(shape.key_len, 12);
         let e = RawElement {
             key: &[172, 30, 0, 2, 6, 0, 0, 0, 0, 80, 0, 0],
