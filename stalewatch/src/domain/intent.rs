@@ -346,7 +346,10 @@ impl NatIntent {
             })
             .collect();
         let keep: Vec<bool> = {
-            let mut seen = HashSet::with_capacity(rules.len());
+            let mut seen = HashSet::with_capacity_and_hasher(
+                rules.len(),
+                foldhash::fast::RandomState::default(),
+            );
             rules.iter().map(|r| seen.insert(r)).collect()
         };
         let rules: Vec<DnatRule> = rules

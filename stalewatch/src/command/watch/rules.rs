@@ -17,11 +17,19 @@ use crate::{
     source::intent::{self, Changes, Reading},
 };
 
-/// The NAT intent is read again at least this often, whatever announces
-/// its changes.
+/// The NAT intent is read again whole at least this often where its
+/// changes are not heard...
 const INTENT_TTL: Duration = Duration::from_secs(60);
-/// The share of one core that reading the intent may take on average.
-const READ_BUDGET: f64 = 0.01;
+/// ... and where they are, in case an announcement was missed unnoticed.
+const HEARD_TTL: Duration = Duration::from_secs(30 * 60);
+/// The share of one core that keeping the intent (reading the rules,
+/// taking the announced changes, walking them) may take on average.
+const READ_BUDGET: f64 = 0.005;
+/// Announced changes are walked into the intent within this, whatever
+/// the budget says: a storm of announcements (every endpoint of thousands
+/// of services moved at once, again and again) costs more than the budget
+/// to take, and detection must not wait for it to end.
+const WALK_WITHIN: Duration = Duration::from_secs(8);
 /// The reading time that may be saved up, at least: a host whose small
 /// ruleset changes in bursts (a redeploy) reads each change at once, not
 /// one per 100 readings' time. A ruleset whose reading takes longer saves
@@ -54,8 +62,10 @@ struct IntentCache {
     /// The rules must be read again whole (a change the reading cannot
     /// take was announced).
     dirty: bool,
-    /// Changes applied to the reading since the intent was made from it.
+    /// Changes applied to the reading since the intent was made from it,
+    /// and when the first of them was.
     applied: usize,
+    applied_since: Option<Instant>,
 }
 
 impl IntentCache {
@@ -79,7 +89,9 @@ impl IntentCache {
         let Some(changes) = &mut self.changes else {
             return;
         };
+        let started = Instant::now();
         let (reading, dirty, applied) = (&mut self.reading, &mut self.dirty, &mut self.applied);
+        let before = *applied;
         let whole = changes.drain(|a| {
             if *dirty || matches!(a, intent::Announcement::Generation) {
                 return;
@@ -96,6 +108,13 @@ impl IntentCache {
             log::debug!("ruleset announcements lost: the rules are read again");
             self.dirty = true;
         }
+        if self.applied != before {
+            // Taking announcements is reading the rules too: the budget
+            // pays for it, and a storm of them defers the walk (to
+            // WALK_WITHIN at most).
+            self.pay(started.elapsed());
+            self.applied_since.get_or_insert(started);
+        }
     }
 
     /// Whether a change is waiting and may be taken now.
@@ -103,7 +122,11 @@ impl IntentCache {
         if self.dirty {
             self.affordable(self.cost)
         } else {
-            self.applied > 0 && self.affordable(self.walk_cost)
+            self.applied > 0
+                && (self.affordable(self.walk_cost)
+                    || self
+                        .applied_since
+                        .is_some_and(|t| t.elapsed() >= WALK_WITHIN))
         }
     }
 }
@@ -143,7 +166,12 @@ impl Rules {
                 .read()
                 .iter()
                 .any(|r| r.engine == RuleEngine::IptablesLegacy);
-            if (legacy || cache.read_at.elapsed() >= INTENT_TTL) && !cache.dirty {
+            let ttl = if cache.changes.is_some() {
+                HEARD_TTL
+            } else {
+                INTENT_TTL
+            };
+            if (legacy || cache.read_at.elapsed() >= ttl) && !cache.dirty {
                 cache.dirty = true;
             }
             if !cache.due() {
@@ -164,6 +192,7 @@ impl Rules {
                 cache.walk_cost = cost;
                 cache.pay(cost);
                 cache.applied = 0;
+                cache.applied_since = None;
                 cache.intent = intent.clone();
                 return Some(intent);
             }
@@ -215,6 +244,7 @@ impl Rules {
             changes,
             dirty: false,
             applied: 0,
+            applied_since: None,
         };
         cache.pay(cost);
         self.cache = Some(cache);
@@ -234,16 +264,16 @@ mod tests {
     fn a_small_ruleset_is_read_again_at_once_and_a_large_one_waits() {
         // 20 ms a reading, 500 ms saved: read again at once...
         assert!(saved_by(ms(500), ms(0), ms(20)) >= ms(20));
-        // ... with nothing saved, after 2 s (1% of it pays 20 ms).
-        assert!(saved_by(ms(0), ms(1_900), ms(20)) < ms(20));
-        assert!(saved_by(ms(0), ms(2_000), ms(20)) >= ms(20));
+        // ... with nothing saved, after 4 s (0.5% of it pays 20 ms).
+        assert!(saved_by(ms(0), ms(3_900), ms(20)) < ms(20));
+        assert!(saved_by(ms(0), ms(4_000), ms(20)) >= ms(20));
         // Saving stops at SAVED_READING.
         assert_eq!(
             saved_by(ms(0), Duration::from_secs(3_600), ms(20)),
             SAVED_READING
         );
-        // A 3 s reading waits 300 s, however long saved for.
-        assert!(saved_by(ms(0), Duration::from_secs(299), ms(3_000)) < ms(3_000));
+        // A 3 s reading waits 600 s, however long saved for.
+        assert!(saved_by(ms(0), Duration::from_secs(599), ms(3_000)) < ms(3_000));
         assert_eq!(
             saved_by(ms(0), Duration::from_secs(3_600), ms(3_000)),
             ms(3_000)

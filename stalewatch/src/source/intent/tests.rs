@@ -369,8 +369,27 @@ fn walk_timing() {
     let Ok(path) = std::env::var("STALEWATCH_RULESET") else {
         return;
     };
+    let rss = || {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("VmRSS"))
+            .unwrap()
+            .to_owned()
+    };
     let json = std::fs::read_to_string(path).unwrap();
+    eprintln!(
+        "before: {}; Statement {} B, Expression {} B, Rule {} B",
+        rss(),
+        size_of::<nftables::stmt::Statement>(),
+        size_of::<nftables::expr::Expression>(),
+        size_of::<nftables::schema::Rule>()
+    );
     let ruleset = nft::Ruleset::from_json(&json).unwrap();
+    drop(json);
+    // SAFETY: releases free memory only.
+    unsafe { nix::libc::malloc_trim(0) };
+    eprintln!("ruleset kept: {}", rss());
     for _ in 0..3 {
         let t = std::time::Instant::now();
         let parsed = ruleset.walk();
@@ -382,5 +401,6 @@ fn walk_timing() {
             t.elapsed() - walked
         );
         assert_eq!(intent.rules().len(), n);
+        eprintln!("with the intent: {}", rss());
     }
 }

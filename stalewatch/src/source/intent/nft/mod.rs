@@ -12,11 +12,9 @@
 
 pub mod netlink;
 
-use std::{
-    borrow::Cow,
-    collections::{HashMap, HashSet},
-    net::IpAddr,
-};
+use std::{borrow::Cow, net::IpAddr};
+
+use foldhash::{HashMap, HashSet};
 
 use nftables::{
     expr::{Expression, Meta, MetaKey, NamedExpression, Payload, SetItem, Verdict},
@@ -80,21 +78,17 @@ pub struct Ruleset {
 pub struct Unread(pub &'static str);
 
 impl Ruleset {
-    /// The ruleset `nft -j list ruleset` printed.
+    /// The ruleset `nft -j list ruleset` printed, read one object at a
+    /// time: the listing of thousands of services is never one tree in
+    /// memory (it would be ~100 MB, and leave the heap in pieces).
     pub fn from_json(json: &str) -> Result<Ruleset, serde_json::Error> {
-        let root: Value = serde_json::from_str(json)?;
-        let objects = root
-            .get("nftables")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
         let mut ruleset = Ruleset {
             complete: true,
             ..Ruleset::default()
         };
-        for object in objects {
-            ruleset.add(object);
-        }
+        let mut de = serde_json::Deserializer::from_str(json);
+        serde::de::DeserializeSeed::deserialize(Listing(&mut ruleset), &mut de)?;
+        de.end()?;
         Ok(ruleset)
     }
 
@@ -111,7 +105,7 @@ impl Ruleset {
             ruleset: self,
             out: Vec::new(),
             complete: self.complete,
-            entered: HashSet::new(),
+            entered: HashSet::default(),
         };
         let mut bases: Vec<&Key> = self.bases.iter().collect();
         bases.sort();
@@ -188,10 +182,11 @@ impl Ruleset {
                 };
                 let expr =
                     netlink::statements(chain.family, exprs, &sets).ok_or(Unread("a rule"))?;
+                // The walk knows a rule by its chain's key: no names kept.
                 let rule = Rule {
                     family: chain.family,
-                    table: Cow::Owned(chain.table.to_owned()),
-                    chain: Cow::Owned(chain.name.to_owned()),
+                    table: Cow::Borrowed(""),
+                    chain: Cow::Borrowed(""),
                     expr: Cow::Owned(expr),
                     handle: Some(handle),
                     ..Rule::default()
@@ -316,6 +311,62 @@ impl Ruleset {
             }
             _ => {}
         }
+    }
+}
+
+/// `{"nftables": [object, ...]}`, each object added as it is read.
+struct Listing<'r>(&'r mut Ruleset);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Listing<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Listing<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an nftables listing")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            if key == "nftables" {
+                map.next_value_seed(Objects(&mut *self.0))?;
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The listing's array of objects.
+struct Objects<'r>(&'r mut Ruleset);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Objects<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Objects<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of nftables objects")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(object) = seq.next_element::<Value>()? {
+            self.0.add(object);
+        }
+        Ok(())
     }
 }
 
