@@ -107,12 +107,12 @@ pub fn ruleset(services: u32) -> String {
     s
 }
 
-/// One rewrite, one transaction: every service's two endpoints move to
-/// the pods of `generation` (each endpoint chain flushed and refilled), as
-/// a rollout of every deployment at once would.
-pub fn rewrite(services: u32, generation: u32) -> String {
+/// One rewrite, one transaction: the two endpoints of each service of
+/// `block` move to the pods of `generation` (each endpoint chain flushed
+/// and refilled); every service at once is a rollout of every deployment.
+pub fn rewrite(block: std::ops::Range<u32>, generation: u32) -> String {
     let mut s = String::new();
-    for i in 0..services {
+    for i in block {
         for k in 0..2 {
             let _ = writeln!(s, "flush chain {TABLE} {}", endpoint_chain(i, k));
             s += &endpoint_rule(i, k, generation);
@@ -219,15 +219,31 @@ pub fn run_measured(args: &[&str], input: Option<String>, limit: Duration) -> an
 /// on Ctrl-C, or at its time limit.
 pub struct Rewriter {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<anyhow::Result<Vec<Cost>>>>,
+    thread: Option<JoinHandle<anyhow::Result<Vec<Rewrite>>>>,
+}
+
+/// One rewrite: its `nft -f`, and when it was done.
+pub struct Rewrite {
+    pub cost: Cost,
+    pub done: Instant,
 }
 
 impl Rewriter {
-    pub fn start(ns: &str, services: u32, limit: Duration) -> anyhow::Result<Rewriter> {
+    /// Each rewrite moves the endpoints of `moved` services, the next
+    /// block of them each time, round the ruleset's `services`.
+    pub fn start(ns: &str, services: u32, moved: u32, limit: Duration) -> anyhow::Result<Rewriter> {
         let stop = Arc::new(AtomicBool::new(false));
         let (s, ns) = (stop.clone(), ns.to_owned());
-        // The two generations' inputs, made once.
-        let inputs = [rewrite(services, 0), rewrite(services, 1)];
+        let moved = moved.clamp(1, services.max(1));
+        let blocks = services.div_ceil(moved);
+        // The k-th rewrite's input: block k % blocks, moved to the pods
+        // of generation 1 + k / blocks (the ruleset starts at 0).
+        let input = move |k: u32| {
+            let first = (k % blocks) * moved;
+            rewrite(first..(first + moved).min(services), 1 + k / blocks)
+        };
+        // Every service at once: the two generations' inputs, made once.
+        let whole = (blocks == 1).then(|| [input(1), input(0)]);
         let thread = thread::Builder::new()
             .name("rewriter".into())
             .spawn(move || {
@@ -244,16 +260,23 @@ impl Rewriter {
                         thread::sleep(Duration::from_millis(20));
                         continue;
                     }
-                    let generation = costs.len() + 1;
+                    let k = costs.len() as u32;
+                    let text = match &whole {
+                        Some(inputs) => inputs[(k % 2) as usize].clone(),
+                        None => input(k),
+                    };
                     let cost = run_measured(
                         &["ip", "netns", "exec", &ns, "nft", "-f", "-"],
-                        Some(inputs[generation % 2].clone()),
+                        Some(text),
                         Duration::from_secs(60),
                     )?;
                     if cost.code != 0 {
                         bail!("nft -f failed ({}): {}", cost.code, cost.stderr.trim());
                     }
-                    costs.push(cost);
+                    costs.push(Rewrite {
+                        cost,
+                        done: Instant::now(),
+                    });
                     // On the grid: a rewrite that took longer than the
                     // period is followed by the next one at once.
                     while next <= Instant::now() {
@@ -268,8 +291,8 @@ impl Rewriter {
         })
     }
 
-    /// Stops the rewriter; each rewrite's cost.
-    pub fn stop(mut self) -> anyhow::Result<Vec<Cost>> {
+    /// Stops the rewriter; each rewrite.
+    pub fn stop(mut self) -> anyhow::Result<Vec<Rewrite>> {
         self.stop.store(true, Ordering::Relaxed);
         match self.thread.take().map(JoinHandle::join) {
             Some(Ok(result)) => result,
@@ -315,8 +338,16 @@ pub struct RulesRun {
     /// reading, % of one core (/proc/<pid>/stat, children once reaped).
     pub cpu: f64,
     pub window_s: f64,
-    /// Readings logged within the window.
+    /// Readings logged within the window: whole readings and walks of
+    /// announced changes.
     pub readings_in_window: u64,
+    /// Of those, walks of announced changes.
+    pub walks_in_window: u64,
+    /// For each rewrite, how long after its `nft -f` the intent took it
+    /// (the next walk or reading logged), seconds; rewrites not taken
+    /// before the window ended are counted apart.
+    pub taken_after_s: Vec<f64>,
+    pub untaken: u64,
     /// Every reading's duration as stalewatch logged it, the first included.
     pub durations: Vec<f64>,
     /// The first reading: stalewatch's CPU and its children's from
@@ -326,6 +357,8 @@ pub struct RulesRun {
     pub rules: Option<u64>,
     /// Each rewrite's `nft -f`, when rewritten.
     pub rewrites: Vec<Cost>,
+    /// Services moved per rewrite (0: not rewritten).
+    pub moved: u32,
     /// How stalewatch failed on its way out, if it did.
     pub exit_failure: Option<String>,
 }
@@ -338,12 +371,21 @@ fn logged(tool: &Tool) -> u64 {
         .count() as u64
 }
 
-/// One run of figure 4a in namespace `ns` holding `services` services.
+/// Walks of announced changes logged so far.
+fn walked(tool: &Tool) -> u64 {
+    tool.stderr_lines()
+        .iter()
+        .filter(|l| l.contains("announced changes taken"))
+        .count() as u64
+}
+
+/// One run of figure 4a in namespace `ns` holding `services` services,
+/// `moved` of them moved every [`REWRITE_EVERY`] (none: not rewritten).
 pub fn rules_run(
     bin: &Path,
     ns: &str,
     services: u32,
-    rewrites: bool,
+    moved: Option<u32>,
     window: Duration,
 ) -> anyhow::Result<RulesRun> {
     let mut tool = Tool::stalewatch_with(bin, ns, loads::max_flows(0), true, Some("info"))?;
@@ -367,25 +409,48 @@ pub fn rules_run(
     let mut r = RulesRun::default();
     let cpu0 = procfs::cpu_with_children_s(pid)?;
     r.first_cpu_s = cpu0 - attached;
-    let (count0, at0) = (logged(&tool), Instant::now());
-    let rewriter = if rewrites {
-        Some(Rewriter::start(
+    let (count0, walks0, at0) = (logged(&tool), walked(&tool), Instant::now());
+    let rewriter = match moved {
+        Some(moved) => Some(Rewriter::start(
             ns,
             services,
+            moved,
             window + Duration::from_secs(2),
-        )?)
-    } else {
-        None
+        )?),
+        None => None,
     };
-    let slept = super::sleep(window);
+    // When each reading or walk was logged, seen every 20 ms.
+    let mut taken_at = Vec::new();
+    let mut seen = count0;
+    let mut slept = Ok(());
+    while at0.elapsed() < window {
+        if let Err(e) = super::sleep(Duration::from_millis(20)) {
+            slept = Err(e);
+            break;
+        }
+        let n = logged(&tool);
+        if n > seen {
+            taken_at.push(Instant::now());
+            seen = n;
+        }
+    }
     let cpu1 = procfs::cpu_with_children_s(pid);
-    let (count1, at1) = (logged(&tool), Instant::now());
-    let costs = rewriter.map(Rewriter::stop).transpose();
+    let (count1, walks1, at1) = (logged(&tool), walked(&tool), Instant::now());
+    let rewrites = rewriter.map(Rewriter::stop).transpose();
     slept?;
-    r.rewrites = costs?.unwrap_or_default();
+    let rewrites = rewrites?.unwrap_or_default();
+    for w in &rewrites {
+        match taken_at.iter().find(|t| **t >= w.done) {
+            Some(t) => r.taken_after_s.push(t.duration_since(w.done).as_secs_f64()),
+            None => r.untaken += 1,
+        }
+    }
+    r.rewrites = rewrites.into_iter().map(|w| w.cost).collect();
+    r.moved = moved.unwrap_or(0);
     r.window_s = at1.duration_since(at0).as_secs_f64();
     r.cpu = 100.0 * (cpu1? - cpu0) / r.window_s;
     r.readings_in_window = count1 - count0;
+    r.walks_in_window = walks1 - walks0;
     let stopped = tool.stop()?;
     if !stopped.killed && !stopped.status.success() {
         let why = stopped.stderr.last().cloned().unwrap_or_default();
@@ -728,7 +793,7 @@ mod tests {
         let r = ruleset(3);
         assert!(r.contains("add element ip kube-proxy service-ips { 172.30.0.2 . tcp . 80 : goto service-00002-bench/svc-2/tcp/http }"));
         assert!(r.contains("dnat ip to 10.2.0.1:8080"));
-        let w = rewrite(3, 1);
+        let w = rewrite(0..3, 1);
         assert!(w.contains("flush chain ip kube-proxy endpoint-00001-0-bench/svc-1/tcp/http"));
         assert!(w.contains("dnat ip to 10.3.0.1:8080"));
         assert_eq!(w.lines().count(), 12);

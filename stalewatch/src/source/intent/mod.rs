@@ -16,7 +16,6 @@ mod nft;
 
 use std::{
     io,
-    os::fd::AsRawFd as _,
     path::Path,
     process::{Command, Stdio},
 };
@@ -236,11 +235,6 @@ impl Changes {
                 }
             }
         }
-    }
-
-    /// The socket's descriptor, to wait on.
-    pub fn fd(&self) -> i32 {
-        self.socket.as_raw_fd()
     }
 }
 

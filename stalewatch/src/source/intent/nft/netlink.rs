@@ -986,6 +986,179 @@ fn nat_value(
 mod tests {
     use super::*;
 
+    /// A netlink attribute.
+    fn nla(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(payload);
+        out.resize(out.len().next_multiple_of(4), 0);
+        out
+    }
+
+    fn nest(kind: u16, children: &[Vec<u8>]) -> Vec<u8> {
+        nla(kind | 0x8000, &children.concat())
+    }
+
+    fn text(kind: u16, s: &str) -> Vec<u8> {
+        let mut b = s.as_bytes().to_vec();
+        b.push(0);
+        nla(kind, &b)
+    }
+
+    fn u32be(kind: u16, v: u32) -> Vec<u8> {
+        nla(kind, &v.to_be_bytes())
+    }
+
+    fn value(kind: u16, bytes: &[u8]) -> Vec<u8> {
+        nest(kind, &[nla(1, bytes)])
+    }
+
+    fn expr(name: &str, attrs: &[Vec<u8>]) -> Vec<u8> {
+        nest(1, &[text(1, name), nest(2, attrs)])
+    }
+
+    /// A whole nfnetlink message of nf_tables.
+    fn message(kind: u16, flags: u16, family: u8, attrs: &[Vec<u8>]) -> Vec<u8> {
+        let body = [vec![family, 0, 0, 0], attrs.concat()].concat();
+        let mut out = Vec::new();
+        out.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+        out.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | kind).to_ne_bytes());
+        out.extend_from_slice(&flags.to_ne_bytes());
+        out.extend_from_slice(&[0; 8]);
+        out.extend_from_slice(&body);
+        out
+    }
+
+    struct NoSets;
+
+    impl Sets for NoSets {
+        fn anonymous(&self, _: &str) -> Option<(&SetShape, Vec<Expression<'static>>)> {
+            None
+        }
+        fn named(&self, _: &str) -> Option<&SetShape> {
+            None
+        }
+    }
+
+    /// `meta l4proto tcp th dport 1000-2000 dnat ip to 10.1.0.42:8080`,
+    /// as the kernel announces it after `nft add rule`.
+    fn dnat_rule() -> Vec<Vec<u8>> {
+        vec![
+            expr("meta", &[u32be(2, 16), u32be(1, 1)]),
+            expr("cmp", &[u32be(1, 1), u32be(2, 0), value(3, &[6])]),
+            expr(
+                "payload",
+                &[u32be(1, 1), u32be(2, 2), u32be(3, 2), u32be(4, 2)],
+            ),
+            expr(
+                "cmp",
+                &[u32be(1, 1), u32be(2, 5), value(3, &1000u16.to_be_bytes())],
+            ),
+            expr(
+                "cmp",
+                &[u32be(1, 1), u32be(2, 3), value(3, &2000u16.to_be_bytes())],
+            ),
+            expr("counter", &[]),
+            expr("immediate", &[u32be(1, 1), value(2, &[10, 1, 0, 42])]),
+            expr(
+                "immediate",
+                &[u32be(1, 2), value(2, &8080u16.to_be_bytes())],
+            ),
+            expr(
+                "nat",
+                &[
+                    u32be(1, 1),
+                    u32be(2, 2),
+                    u32be(3, 1),
+                    u32be(4, 1),
+                    u32be(5, 2),
+                    u32be(6, 2),
+                ],
+            ),
+        ]
+    }
+
+    #[test]
+    fn a_rule_announced_reads_as_nft_lists_it() {
+        let msg = message(
+            NFT_MSG_NEWRULE,
+            NLM_F_APPEND,
+            2,
+            &[
+                text(1, "nat"),
+                text(2, "pre"),
+                nla(3, &7u64.to_be_bytes()),
+                nest(4, &dnat_rule()),
+            ],
+        );
+        let mut seen = Vec::new();
+        decode(&msg, |a| {
+            if let Announcement::Rule {
+                chain,
+                handle,
+                after,
+                append,
+                gone,
+                exprs,
+            } = a
+            {
+                seen.push((chain.table, chain.name, handle, after, append, gone));
+                let statements = statements(chain.family, exprs, &NoSets).expect("read back");
+                let json = serde_json::to_string(&statements).unwrap();
+                assert_eq!(
+                    json,
+                    r#"[{"match":{"left":{"meta":{"key":"l4proto"}},"right":6,"op":"=="}},{"match":{"left":{"payload":{"protocol":"th","field":"dport"}},"right":{"range":[1000,2000]},"op":"=="}},{"dnat":{"addr":"10.1.0.42","family":"ip","port":8080}}]"#
+                );
+            }
+        });
+        assert_eq!(seen, [("nat", "pre", 7, None, true, false)]);
+    }
+
+    #[test]
+    fn what_is_not_read_back_is_said() {
+        // iptables-nft's compat target.
+        let xt = expr("target", &[text(1, "DNAT")]);
+        assert!(statements(NfFamily::IP, &xt, &NoSets).is_none());
+        // A lookup in a set nobody announced.
+        let lookup = [
+            expr(
+                "payload",
+                &[u32be(1, 1), u32be(2, 1), u32be(3, 16), u32be(4, 4)],
+            ),
+            expr("lookup", &[text(1, "nowhere"), u32be(2, 1)]),
+        ]
+        .concat();
+        assert!(statements(NfFamily::IP, &lookup, &NoSets).is_none());
+        // A match after an expression not evaluated is opaque, not wrong.
+        let odd = [
+            expr(
+                "payload",
+                &[u32be(1, 1), u32be(2, 1), u32be(3, 16), u32be(4, 4)],
+            ),
+            expr("socket", &[u32be(1, 1), u32be(2, 1)]),
+            expr("cmp", &[u32be(1, 1), u32be(2, 0), value(3, &[10, 0, 0, 1])]),
+        ]
+        .concat();
+        let read = statements(NfFamily::IP, &odd, &NoSets).unwrap();
+        assert_eq!(
+            serde_json::to_string(&read).unwrap(),
+            r#"[{"match":{"left":"?","right":"?","op":"=="}}]"#
+        );
+    }
+
+    #[test]
+    fn truncated_messages_are_skipped() {
+        let msg = message(NFT_MSG_DELRULE, 0, 2, &[text(1, "nat"), text(2, "pre")]);
+        for cut in 0..msg.len() {
+            decode(&msg[..cut], |_| {});
+        }
+        // No handle: not a rule announcement that can be applied.
+        let mut n = 0;
+        decode(&msg, |_| n += 1);
+        assert_eq!(n, 0);
+    }
+
     #[test]
     fn types_split_and_prefixes() {
         assert_eq!(
