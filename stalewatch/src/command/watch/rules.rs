@@ -28,8 +28,9 @@ const READ_BUDGET: f64 = 0.005;
 /// Announced changes are walked into the intent within this, whatever
 /// the budget says: a storm of announcements (every endpoint of thousands
 /// of services moved at once, again and again) costs more than the budget
-/// to take, and detection must not wait for it to end.
-const WALK_WITHIN: Duration = Duration::from_secs(8);
+/// to take, and detection must not wait for it to end (the audit that
+/// follows the walk must raise a pinned entry within 10 s of the change).
+const WALK_WITHIN: Duration = Duration::from_secs(5);
 /// The reading time that may be saved up, at least: a host whose small
 /// ruleset changes in bursts (a redeploy) reads each change at once, not
 /// one per 100 readings' time. A ruleset whose reading takes longer saves
