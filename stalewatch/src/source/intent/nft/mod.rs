@@ -35,7 +35,9 @@ use crate::domain::{
 const MAX_DEPTH: usize = 16;
 
 /// A table's object: (family, table, name).
-type Key = (String, String, String);
+/// `family NUL table NUL name`: one string, looked up without making one
+/// (names cannot hold a NUL).
+type Key = String;
 
 /// What a ruleset says of its DNATs.
 pub struct Parsed {
@@ -106,12 +108,13 @@ impl Ruleset {
             out: Vec::new(),
             complete: self.complete,
             entered: HashSet::default(),
+            scratch: String::new(),
         };
-        let mut bases: Vec<&Key> = self.bases.iter().collect();
+        let mut bases: Vec<&str> = self.bases.iter().map(String::as_str).collect();
         bases.sort();
         bases.dedup();
         for key in bases {
-            let family = match key.0.as_str() {
+            let family = match parts(key).0 {
                 "ip" => Some(Family::Ipv4),
                 "ip6" => Some(Family::Ipv6),
                 _ => None,
@@ -136,7 +139,10 @@ impl Ruleset {
             Announcement::Table { gone: false, .. } => {}
             Announcement::Table { family, name, .. } => {
                 let family = family_name(family);
-                let of_table = |k: &Key| k.0 == family && k.1 == name;
+                let of_table = |k: &Key| {
+                    let (f, t, _) = parts(k);
+                    f == family && t == name
+                };
                 self.bases.retain(|k| !of_table(k));
                 self.rules.retain(|k, _| !of_table(k));
                 self.elements.retain(|k, _| !of_table(k));
@@ -177,8 +183,8 @@ impl Ruleset {
                 }
                 let sets = TableSets {
                     ruleset: self,
-                    family: &k.0,
-                    table: &k.1,
+                    family: chain.family,
+                    table: chain.table,
                 };
                 let expr =
                     netlink::statements(chain.family, exprs, &sets).ok_or(Unread("a rule"))?;
@@ -299,11 +305,7 @@ impl Ruleset {
                     .flatten()
                     .filter_map(|e| Expression::deserialize(e).ok())
                     .collect();
-                let k = (
-                    field("family").to_owned(),
-                    field("table").to_owned(),
-                    field("name").to_owned(),
-                );
+                let k = [field("family"), field("table"), field("name")].join("\0");
                 if let Some(shape) = shape {
                     self.shapes.insert(k.clone(), shape);
                 }
@@ -371,11 +373,40 @@ impl<'de> serde::de::Visitor<'de> for Objects<'_> {
 }
 
 fn key(family: NfFamily, table: &str, name: &str) -> Key {
+    let family = family_name(family);
+    let mut k = String::with_capacity(family.len() + table.len() + name.len() + 2);
+    for (i, part) in [family, table, name].into_iter().enumerate() {
+        if i > 0 {
+            k.push('\0');
+        }
+        k.push_str(part);
+    }
+    k
+}
+
+/// A key's family, table and name.
+fn parts(k: &str) -> (&str, &str, &str) {
+    let mut it = k.splitn(3, '\0');
     (
-        family_name(family).to_owned(),
-        table.to_owned(),
-        name.to_owned(),
+        it.next().unwrap_or(""),
+        it.next().unwrap_or(""),
+        it.next().unwrap_or(""),
     )
+}
+
+/// The key of `name` in the table of `k`, written into `buf`.
+fn sibling<'b>(buf: &'b mut String, k: &str, name: &str) -> &'b str {
+    let table_end = k.match_indices('\0').nth(1).map_or(k.len(), |(i, _)| i + 1);
+    buf.clear();
+    buf.push_str(&k[..table_end]);
+    buf.push_str(name);
+    buf
+}
+
+/// A chain's name as the evidence says it: `family table/chain`.
+fn label(k: &str) -> String {
+    let (family, table, name) = parts(k);
+    format!("{family} {table}/{name}")
 }
 
 fn object_key(o: &netlink::Object<'_>) -> Key {
@@ -396,17 +427,13 @@ fn family_name(family: NfFamily) -> &'static str {
 /// The sets a rule of one table may look up.
 struct TableSets<'r> {
     ruleset: &'r Ruleset,
-    family: &'r str,
+    family: NfFamily,
     table: &'r str,
 }
 
 impl TableSets<'_> {
     fn key(&self, name: &str) -> Key {
-        (
-            self.family.to_owned(),
-            self.table.to_owned(),
-            name.to_owned(),
-        )
+        key(self.family, self.table, name)
     }
 }
 
@@ -456,11 +483,24 @@ struct Walk<'r> {
     /// Chains a base chain jumped to, with the conditions of the jump:
     /// kube-proxy's prerouting and output chains both jump to its
     /// `services`, which is walked once.
-    entered: HashSet<(Key, Conditions)>,
+    entered: HashSet<(&'r str, Conditions)>,
+    /// Where the key of the next chain is written to look it up.
+    scratch: String,
 }
 
 impl<'r> Walk<'r> {
-    fn chain(&mut self, chain: &Key, when: Conditions, depth: usize) {
+    /// Walks into chain `name` of the table of `from`.
+    fn jump(&mut self, from: &str, name: &str, when: Conditions, depth: usize) {
+        let ruleset: &'r Ruleset = self.ruleset;
+        if let Some((next, _)) = ruleset
+            .rules
+            .get_key_value(sibling(&mut self.scratch, from, name))
+        {
+            self.chain(next, when, depth);
+        }
+    }
+
+    fn chain(&mut self, chain: &'r str, when: Conditions, depth: usize) {
         if depth > MAX_DEPTH {
             self.complete = false;
             return;
@@ -469,7 +509,7 @@ impl<'r> Walk<'r> {
         let Some(rules) = ruleset.rules.get(chain) else {
             return;
         };
-        if depth == 1 && !self.entered.insert((chain.clone(), when.clone())) {
+        if depth == 1 && !self.entered.insert((chain, when.clone())) {
             return;
         }
         // What a rule that ends the chain for its packets (return,
@@ -494,7 +534,7 @@ impl<'r> Walk<'r> {
     /// it ends the chain, if it does.
     fn rule(
         &mut self,
-        chain: &Key,
+        chain: &'r str,
         statements: &'r [Statement<'static>],
         mut when: Conditions,
         depth: usize,
@@ -503,13 +543,11 @@ impl<'r> Walk<'r> {
             match statement {
                 Statement::Match(m) => self.narrow(chain, &mut when, m),
                 Statement::Jump(t) => {
-                    let next = (chain.0.clone(), chain.1.clone(), t.target.to_string());
-                    self.chain(&next, when, depth + 1);
+                    self.jump(chain, &t.target, when, depth + 1);
                     return None;
                 }
                 Statement::Goto(t) => {
-                    let next = (chain.0.clone(), chain.1.clone(), t.target.to_string());
-                    self.chain(&next, when.clone(), depth + 1);
+                    self.jump(chain, &t.target, when.clone(), depth + 1);
                     return Some(when);
                 }
                 Statement::VerdictMap(vmap) => {
@@ -517,8 +555,7 @@ impl<'r> Walk<'r> {
                         let mut branch = when.clone();
                         bind(&mut branch, &vmap.key, k);
                         if let Expression::Verdict(Verdict::Jump(t) | Verdict::Goto(t)) = v {
-                            let next = (chain.0.clone(), chain.1.clone(), t.target.to_string());
-                            self.chain(&next, branch, depth + 1);
+                            self.jump(chain, &t.target, branch, depth + 1);
                         }
                     }
                     return None;
@@ -546,7 +583,7 @@ impl<'r> Walk<'r> {
     }
 
     /// Narrows `when` by a match; one it cannot read makes it opaque.
-    fn narrow(&self, chain: &Key, when: &mut Conditions, m: &'r Match<'static>) {
+    fn narrow(&self, chain: &str, when: &mut Conditions, m: &'r Match<'static>) {
         let negated = match m.op {
             Operator::EQ | Operator::IN => false,
             Operator::NEQ => true,
@@ -563,11 +600,11 @@ impl<'r> Walk<'r> {
 
     /// The values an expression on the right of a match stands for, a
     /// named set's elements included.
-    fn values(&self, chain: &Key, right: &'r Expression<'static>) -> Vec<&'r Expression<'static>> {
+    fn values(&self, chain: &str, right: &'r Expression<'static>) -> Vec<&'r Expression<'static>> {
         let ruleset: &'r Ruleset = self.ruleset;
         match right {
             Expression::String(s) if s.starts_with('@') => {
-                let set = (chain.0.clone(), chain.1.clone(), s[1..].to_owned());
+                let set = sibling(&mut String::new(), chain, &s[1..]).to_owned();
                 ruleset
                     .elements
                     .get(&set)
@@ -588,7 +625,7 @@ impl<'r> Walk<'r> {
     /// The `[key, value]` pairs of a map: named (`@name`) or literal.
     fn pairs(
         &self,
-        chain: &Key,
+        chain: &str,
         data: &'r Expression<'static>,
     ) -> Vec<(&'r Expression<'static>, &'r Expression<'static>)> {
         let ruleset: &'r Ruleset = self.ruleset;
@@ -598,7 +635,7 @@ impl<'r> Walk<'r> {
         };
         match data {
             Expression::String(s) if s.starts_with('@') => {
-                let map = (chain.0.clone(), chain.1.clone(), s[1..].to_owned());
+                let map = sibling(&mut String::new(), chain, &s[1..]).to_owned();
                 ruleset
                     .elements
                     .get(&map)
@@ -619,7 +656,7 @@ impl<'r> Walk<'r> {
 
     /// A redirect DNATs to the host itself (the address of the interface
     /// the packet came in on), to its port or the same one.
-    fn redirect(&mut self, chain: &Key, nat: Option<&'r NAT<'static>>, when: Conditions) {
+    fn redirect(&mut self, chain: &str, nat: Option<&'r NAT<'static>>, when: Conditions) {
         let port = match nat.and_then(|n| n.port.as_ref()) {
             Some(p) => match port_spans(p).first() {
                 Some(p) => Some(*p),
@@ -636,7 +673,7 @@ impl<'r> Walk<'r> {
         };
         self.out.push(DnatRule {
             engine: RuleEngine::Nftables,
-            chain: format!("{} {}/{}", chain.0, chain.1, chain.2),
+            chain: label(chain),
             when,
             to: families
                 .into_iter()
@@ -648,8 +685,8 @@ impl<'r> Walk<'r> {
         });
     }
 
-    fn dnat(&mut self, chain: &Key, nat: &'r NAT<'static>, when: Conditions) {
-        let where_ = format!("{} {}/{}", chain.0, chain.1, chain.2);
+    fn dnat(&mut self, chain: &str, nat: &'r NAT<'static>, when: Conditions) {
+        let where_ = label(chain);
         let Some(addr) = &nat.addr else {
             self.complete = false;
             return;
