@@ -98,38 +98,62 @@ impl Reading {
 fn read_here() -> Reading {
     let mut iptables = Vec::new();
     let mut iptables_read = Vec::new();
-    let mut ruleset = None;
-    // iptables-nft's tables show in nft's listing as `nat` tables of rules
-    // with compat statements; without nft, ask iptables-nft anyway.
-    let mut nft_nat_tables: Option<(bool, bool)> = None;
-    if let Some(json) = run("nft", &["-j", "list", "ruleset"]) {
-        match nft::Ruleset::from_json(&json) {
-            Ok(r) => ruleset = Some(r),
-            Err(e) => log::warn!("nftables: cannot read `nft -j list ruleset`: {e}"),
+    // The tables nf_tables holds (native nftables' and iptables-nft's),
+    // or None without nft: then iptables-nft is asked anyway.
+    let tables: Option<Vec<(String, String)>> =
+        run("nft", &["-j", "list", "tables"]).map(|json| nft::tables(&json));
+    let has_nat = |family: &str| {
+        tables
+            .as_ref()
+            .is_none_or(|t| t.iter().any(|(f, n)| f == family && n == "nat"))
+    };
+    // iptables-nft's `nat` tables: read by iptables-nft-save, and left out
+    // of nft's listing unless they hold native rules too (nft lists
+    // iptables-nft's rules slowly, and their DNATs as opaque compat
+    // statements).
+    let mut iptables_own = Vec::new();
+    for (family_name, tool, family) in [
+        ("ip", "iptables-nft-save", Family::Ipv4),
+        ("ip6", "ip6tables-nft-save", Family::Ipv6),
+    ] {
+        if !has_nat(family_name) {
+            continue;
         }
-        nft_nat_tables = Some((
-            json.contains(r#""family": "ip", "name": "nat""#),
-            json.contains(r#""family": "ip6", "name": "nat""#),
-        ));
+        let Some(save) = run(tool, &["-t", "nat"]) else {
+            continue;
+        };
+        let (found, complete) = iptables::parse(&save, RuleEngine::IptablesNft, family);
+        iptables.extend(found);
+        iptables_read.push(EngineRead {
+            engine: RuleEngine::IptablesNft,
+            complete,
+        });
+        // "Table `nat' is incompatible" / "contains incompatible
+        // base-chains": nft's own rules are there.
+        if !save.contains("incompatible") {
+            iptables_own.push((family_name.to_owned(), "nat".to_owned()));
+        }
     }
-    let (v4_nft, v6_nft) = nft_nat_tables.unwrap_or((true, true));
+    let ruleset = tables.map(|tables| {
+        let mut ruleset = nft::Ruleset::new(iptables_own.clone());
+        for (family, name) in &tables {
+            if iptables_own.contains(&(family.clone(), name.clone())) {
+                continue;
+            }
+            let Some(json) = run("nft", &["-j", "list", "table", family, name]) else {
+                continue;
+            };
+            if let Err(e) = ruleset.add_json(&json) {
+                log::warn!("nftables: cannot read `nft -j list table {family} {name}`: {e}");
+            }
+        }
+        ruleset
+    });
     let legacy = std::fs::read_to_string("/proc/thread-self/net/ip_tables_names")
         .is_ok_and(|names| names.lines().any(|l| l == "nat"));
     let legacy6 = std::fs::read_to_string("/proc/thread-self/net/ip6_tables_names")
         .is_ok_and(|names| names.lines().any(|l| l == "nat"));
     for (wanted, tool, engine, family) in [
-        (
-            v4_nft,
-            "iptables-nft-save",
-            RuleEngine::IptablesNft,
-            Family::Ipv4,
-        ),
-        (
-            v6_nft,
-            "ip6tables-nft-save",
-            RuleEngine::IptablesNft,
-            Family::Ipv6,
-        ),
         (
             legacy,
             "iptables-legacy-save",

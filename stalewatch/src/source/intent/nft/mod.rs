@@ -72,6 +72,26 @@ pub struct Ruleset {
     anonymous: HashMap<Key, (SetShape, Vec<Expression<'static>>)>,
     /// False once a rule that DNATs could not be read.
     complete: bool,
+    /// Tables read by another tool (iptables-nft's `nat`): their
+    /// changes make the rules read again whole.
+    foreign: Vec<(String, String)>,
+}
+
+/// The tables of `nft -j list tables`: (family, name).
+pub fn tables(json: &str) -> Vec<(String, String)> {
+    let root: Value = serde_json::from_str(json).unwrap_or_default();
+    root.get("nftables")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|o| {
+            let t = o.get("table")?;
+            Some((
+                t.get("family")?.as_str()?.to_owned(),
+                t.get("name")?.as_str()?.to_owned(),
+            ))
+        })
+        .collect()
 }
 
 /// An announcement the ruleset kept cannot take: it must be listed again.
@@ -83,15 +103,35 @@ impl Ruleset {
     /// The ruleset `nft -j list ruleset` printed, read one object at a
     /// time: the listing of thousands of services is never one tree in
     /// memory (it would be ~100 MB, and leave the heap in pieces).
+    #[cfg(test)]
     pub fn from_json(json: &str) -> Result<Ruleset, serde_json::Error> {
-        let mut ruleset = Ruleset {
-            complete: true,
-            ..Ruleset::default()
-        };
-        let mut de = serde_json::Deserializer::from_str(json);
-        serde::de::DeserializeSeed::deserialize(Listing(&mut ruleset), &mut de)?;
-        de.end()?;
+        let mut ruleset = Ruleset::new(Vec::new());
+        ruleset.add_json(json)?;
         Ok(ruleset)
+    }
+
+    /// An empty ruleset, but for the tables of `foreign` (read by another
+    /// tool).
+    pub fn new(foreign: Vec<(String, String)>) -> Ruleset {
+        Ruleset {
+            complete: true,
+            foreign,
+            ..Ruleset::default()
+        }
+    }
+
+    /// Adds what a listing printed (`nft -j list ruleset`, or `list
+    /// table`).
+    pub fn add_json(&mut self, json: &str) -> Result<(), serde_json::Error> {
+        let mut de = serde_json::Deserializer::from_str(json);
+        serde::de::DeserializeSeed::deserialize(Listing(self), &mut de)?;
+        de.end()
+    }
+
+    /// Whether a change of this table is another tool's to read.
+    fn is_foreign(&self, family: NfFamily, table: &str) -> bool {
+        let family = family_name(family);
+        self.foreign.iter().any(|(f, t)| f == family && t == table)
     }
 
     /// The DNATs of the ruleset, walked from its NAT base chains.
@@ -134,6 +174,19 @@ impl Ruleset {
 
     /// Applies one announced change.
     pub fn apply(&mut self, a: Announcement<'_>) -> Result<(), Unread> {
+        let table = match &a {
+            Announcement::Table { family, name, .. } => Some((*family, *name)),
+            Announcement::Chain { chain: o, .. }
+            | Announcement::Rule { chain: o, .. }
+            | Announcement::Set { set: o, .. }
+            | Announcement::Elements { set: o, .. } => Some((o.family, o.table)),
+            Announcement::Generation => None,
+        };
+        if let Some((family, name)) = table
+            && self.is_foreign(family, name)
+        {
+            return Err(Unread("a change of iptables-nft's rules"));
+        }
         match a {
             Announcement::Generation => {}
             Announcement::Table { gone: false, .. } => {}
