@@ -390,7 +390,11 @@ fn walk_timing() {
     // SAFETY: releases free memory only.
     unsafe { nix::libc::malloc_trim(0) };
     eprintln!("ruleset kept: {}", rss());
-    for _ in 0..3 {
+    let rounds: usize = std::env::var("STALEWATCH_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(3);
+    for _ in 0..rounds {
         let t = std::time::Instant::now();
         let parsed = ruleset.walk();
         let walked = t.elapsed();
