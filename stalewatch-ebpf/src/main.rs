@@ -578,7 +578,7 @@ mod programs {
         // lookup (see `FlowCache`). Its tuples are compared with the
         // slot's digest of them once per `VERIFY_NS`, as below with the
         // FLOWS copy; a reused `nf_conn` goes the FLOWS way.
-        let slot = CACHE.get_ptr_mut(cache_slot(ct, global(&CACHE_MASK)));
+        let slot = pick_slot(ct);
         if let Some(cache) = slot {
             // SAFETY: a value of our own map, alive while the program runs;
             // races with another CPU only ever lose a count (see `update`).
@@ -723,6 +723,30 @@ mod programs {
         }
         emit(&state.event, raised_at_first(), now);
         Ok(true)
+    }
+
+    /// The slot of an entry: of the two its address maps to (a pair on
+    /// one 128-byte block, see stalewatch-common's `cache_slot`), the one
+    /// it holds; else a free one, else the one that failed last longer
+    /// ago, for `hold_slot` to decide on.
+    #[inline(always)]
+    fn pick_slot(ct: u64) -> Option<*mut FlowCache> {
+        let index = cache_slot(ct, global(&CACHE_MASK));
+        let first = CACHE.get_ptr_mut(index)?;
+        // SAFETY: values of our own map, alive while the program runs.
+        let (first_ct, first_last) = unsafe { ((*first).ct, (*first).last_ns) };
+        if first_ct == ct {
+            return Some(first);
+        }
+        let Some(second) = CACHE.get_ptr_mut(index ^ 1) else {
+            return Some(first);
+        };
+        // SAFETY: as above.
+        let (second_ct, second_last) = unsafe { ((*second).ct, (*second).last_ns) };
+        if second_ct == ct || (first_ct != 0 && (second_ct == 0 || second_last < first_last)) {
+            return Some(second);
+        }
+        Some(first)
     }
 
     /// Adds what a slot counted for an entry to the entry's `FLOWS` value,

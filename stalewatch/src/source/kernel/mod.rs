@@ -187,13 +187,22 @@ impl CacheView {
         })
     }
 
-    /// The slot an entry maps to, as it is now.
+    /// The slot an entry holds, as it is now: of the two its address maps
+    /// to, the one naming it (else the first, which `merge_cached` then
+    /// ignores).
     fn get(&self, ct: u64) -> FlowCache {
         let index = cache_slot(ct, self.mask) as usize;
-        // SAFETY: the index is masked to the mapping's slots; the kernel
-        // writes the slot concurrently, so the copy may be torn, which
-        // `merge_cached` tolerates (a count off by a packet at worst).
-        unsafe { std::ptr::read_volatile(self.slots.add(index)) }
+        // SAFETY: both indices are masked to the mapping's slots (at
+        // least 64); the kernel writes the slots concurrently, so a copy
+        // may be torn, which `merge_cached` tolerates (a count off by a
+        // packet at worst).
+        let read = |at: usize| unsafe { std::ptr::read_volatile(self.slots.add(at)) };
+        let first = read(index);
+        if first.ct == ct {
+            return first;
+        }
+        let second = read(index ^ 1);
+        if second.ct == ct { second } else { first }
     }
 }
 
