@@ -204,7 +204,8 @@ pub const VERIFY_NS: u64 = 100_000_000;
 /// Once per `VERIFY_NS` the entry's tuples are compared with the slot's
 /// digest of them, as the `FLOWS` path compares them with its copy. The
 /// kernel adds the slot to the entry's `FLOWS` value on its first packet
-/// from `due_ns` (when its next report is due, which then carries them),
+/// from `due_ns` (when its next report is due, which then carries them, or
+/// after [`CACHE_HOLD_NS`]),
 /// and userspace adds what is still here whenever it reads `FLOWS` (see
 /// [`cache_slot`]).
 #[repr(C)]
@@ -215,7 +216,8 @@ pub struct FlowCache {
     /// `FlowState::net` of the entry.
     pub net: u64,
     /// Failures are counted here until then: the entry's next report is
-    /// due (the `FLOWS` path sends it, and holds the slot again).
+    /// due (the `FLOWS` path sends it, and holds the slot again), or
+    /// `CACHE_HOLD_NS` has passed.
     pub due_ns: u64,
     /// When the entry's tuples are to be compared with `digest` again.
     pub verify_ns: u64,
@@ -273,6 +275,14 @@ pub const CACHE_SLOTS_MAX: u32 = 4_096;
 pub fn cache_slot(ct: u64, mask: u32) -> u32 {
     (ct.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as u32 & mask
 }
+
+/// Longest a slot counts an entry's failures before they go to its
+/// `FLOWS` value, even when no report is due: the value (and its LRU
+/// recency, which a slot's packets do not refresh) lags by at most this
+/// much, and an entry that the LRU evicted anyway is recorded again, with
+/// a first report, within this long, as it was on its next packet without
+/// the cache.
+pub const CACHE_HOLD_NS: u64 = 1_000_000_000;
 
 /// A slot whose holder failed last this long ago may be taken by another
 /// raised entry that maps to it (its failures then go to its `FLOWS`

@@ -46,11 +46,11 @@ mod programs {
         programs::BtfTracePointContext,
     };
     use stalewatch_common::{
-        CACHE_IDLE_NS, CACHE_SLOTS_MAX, CAUSE_ICMP, CAUSES as CAUSE_SLOTS, CT_CHUNK_WORDS,
-        DROP_REASON_MAX, DROP_REASON_WORDS, ETH_P_IPV6_BE, FlowCache, FlowEvent, FlowState,
-        ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, LocalEvent, LocalKey, LocalState, RDONLY_CAST_CALL,
-        TUPLE_SIZE, TUPLE_WORDS, VERIFY_NS, WAKE_GAP_NS, cache_slot, ct_status, hook, kind, stat,
-        tuple_digest,
+        CACHE_HOLD_NS, CACHE_IDLE_NS, CACHE_SLOTS_MAX, CAUSE_ICMP, CAUSES as CAUSE_SLOTS,
+        CT_CHUNK_WORDS, DROP_REASON_MAX, DROP_REASON_WORDS, ETH_P_IPV6_BE, FlowCache, FlowEvent,
+        FlowState, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, LocalEvent, LocalKey, LocalState,
+        RDONLY_CAST_CALL, TUPLE_SIZE, TUPLE_WORDS, VERIFY_NS, WAKE_GAP_NS, cache_slot, ct_status,
+        hook, kind, stat, tuple_digest,
     };
 
     // Read-only globals, set by userspace from BTF (see stalewatch-common's
@@ -774,8 +774,9 @@ mod programs {
 
     /// After a raised entry's packet was counted on its `FLOWS` value: lets
     /// its next packets count in its slot until its next report is due
-    /// (`update` then sends it, with the slot added), its tuples compared
-    /// with their digest once per `VERIFY_NS`. A slot that another raised entry
+    /// (`update` then sends it, with the slot added) or for
+    /// `CACHE_HOLD_NS` at most, its tuples compared with their digest once
+    /// per `VERIFY_NS`. A slot that another raised entry
     /// holds is taken only once that entry has not failed for
     /// `CACHE_IDLE_NS`, its counts first added to its own `FLOWS` value;
     /// entries not raised yet never take one (their reports depend on each
@@ -810,7 +811,8 @@ mod programs {
         cache.verify_ns = state.checked_ns.saturating_add(VERIFY_NS);
         cache.due_ns = state
             .last_emit_ns
-            .saturating_add(global(&REPORTED_INTERVAL_NS));
+            .saturating_add(global(&REPORTED_INTERVAL_NS))
+            .min(now.saturating_add(CACHE_HOLD_NS));
     }
 
     #[inline(always)]
