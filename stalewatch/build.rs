@@ -28,6 +28,13 @@ fn main() -> anyhow::Result<()> {
     // environment concurrently.
     unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../stalewatch-ebpf");
+    // The programs are built from stalewatch-common too (the map values,
+    // the slot hash): a change there alone must rebuild them, or the
+    // object embedded disagrees with the userspace that reads its maps.
+    println!(
+        "cargo:rerun-if-changed={}",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../stalewatch-common")
+    );
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "stalewatch-ebpf",

@@ -194,6 +194,101 @@ pub struct FlowState {
 /// entry before the new one is recorded (and reported) on its own.
 pub const VERIFY_NS: u64 = 100_000_000;
 
+/// One slot of the `CACHE` map: a raised entry's failures since they
+/// were last added to its `FLOWS` value. A failing packet of the entry
+/// that holds the slot (same `nf_conn`, same namespace, before `due_ns`)
+/// is counted here, in one cache line found by arithmetic, instead of in
+/// the LRU hash map, whose lookup costs a bucket and an element that a
+/// packet out of a neighbour's queue no longer has in the cache (and, with
+/// elements spread over megabytes, a TLB miss, dear in a virtual machine).
+/// Once per `VERIFY_NS` the entry's tuples are compared with the slot's
+/// digest of them, as the `FLOWS` path compares them with its copy. The
+/// kernel adds the slot to the entry's `FLOWS` value on its first packet
+/// from `due_ns` (when its next report is due, which then carries them, or
+/// after [`CACHE_HOLD_NS`]),
+/// and userspace adds what is still here whenever it reads `FLOWS` (see
+/// [`cache_slot`]).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FlowCache {
+    /// The entry's `nf_conn` address, 0 for a free slot.
+    pub ct: u64,
+    /// `FlowState::net` of the entry.
+    pub net: u64,
+    /// Failures are counted here until then: the entry's next report is
+    /// due (the `FLOWS` path sends it, and holds the slot again), or
+    /// `CACHE_HOLD_NS` has passed.
+    pub due_ns: u64,
+    /// When the entry's tuples are to be compared with `digest` again.
+    pub verify_ns: u64,
+    /// [`tuple_digest`] of the entry's tuples.
+    pub digest: u64,
+    pub last_ns: u64,
+    /// Failures not yet added to the `FLOWS` value.
+    pub icmp_count: u32,
+    pub drop_count: u32,
+    pub status: u32,
+    /// The last drop reason (below `DROP_REASON_MAX`).
+    pub drop_reason: u16,
+    pub icmp_code: u8,
+    pub last_hook: u8,
+}
+
+/// A digest of an entry's two tuples (as the kernel side reads them, in
+/// u64 words): a reused `nf_conn` holding another flow differs in it.
+#[inline(always)]
+pub fn tuple_digest(orig: &[u64; TUPLE_WORDS], reply: &[u64; TUPLE_WORDS]) -> u64 {
+    // Written out: a loop over the words would be a pointer the BPF
+    // verifier cannot bound.
+    #[inline(always)]
+    fn mix(h: u64, w: u64) -> u64 {
+        let h = (h ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        h ^ h >> 29
+    }
+    let h = mix(
+        mix(mix(mix(mix(0, orig[0]), orig[1]), orig[2]), orig[3]),
+        orig[4],
+    );
+    mix(
+        mix(mix(mix(mix(h, reply[0]), reply[1]), reply[2]), reply[3]),
+        reply[4],
+    )
+}
+
+/// A slot is one cache line.
+const _: () = assert!(core::mem::size_of::<FlowCache>() == 64);
+
+/// Most slots of the `CACHE` map (256 KiB, 64 pages): `--max-flows`
+/// rounded up to a power of two, up to this. More would cost TLB misses:
+/// with 65,536 slots (4 MiB) a 1,000-flow flood cost about 40 ns a packet
+/// more than with 4,096. Raised flows beyond it (two in one slot) are
+/// counted in `FLOWS`, as without the cache; a flow failing less than
+/// once per `VERIFY_NS` gains little from a slot anyway.
+pub const CACHE_SLOTS_MAX: u32 = 4_096;
+
+/// The slot of an `nf_conn` in a `CACHE` of `mask + 1` slots (a power of
+/// two): a multiplicative hash of its address, the same in the kernel and
+/// in userspace. The entry may hold this slot or its neighbour `slot ^ 1`
+/// (two ways: with one, about one flow in eight of 1,000 shared a slot
+/// with another and went the `FLOWS` way).
+#[inline(always)]
+pub fn cache_slot(ct: u64, mask: u32) -> u32 {
+    (ct.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as u32 & mask
+}
+
+/// Longest a slot counts an entry's failures before they go to its
+/// `FLOWS` value, even when no report is due: the value (and its LRU
+/// recency, which a slot's packets do not refresh) lags by at most this
+/// much, and an entry that the LRU evicted anyway is recorded again, with
+/// a first report, within this long, as it was on its next packet without
+/// the cache.
+pub const CACHE_HOLD_NS: u64 = 1_000_000_000;
+
+/// A slot whose holder failed last this long ago may be taken by another
+/// raised entry that maps to it (its failures then go to its `FLOWS`
+/// value first).
+pub const CACHE_IDLE_NS: u64 = 1_000_000_000;
+
 /// The `LOCALS` map's key: a flow as a refused datagram shows it.
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -276,6 +371,7 @@ pub mod globals {
     pub const OFF_SKB_TRANSPORT_HEADER: &str = "OFF_SKB_TRANSPORT_HEADER";
     pub const OFF_SKB_DEV: &str = "OFF_SKB_DEV";
     pub const OFF_DEV_NET: &str = "OFF_DEV_NET";
+    pub const CACHE_MASK: &str = "CACHE_MASK";
 }
 
 /// Names of the programs and maps in the object file.
@@ -290,6 +386,7 @@ pub mod names {
     pub const MAP_LOCALS: &str = "LOCALS";
     pub const MAP_CAUSES: &str = "CAUSES";
     pub const MAP_STATS: &str = "STATS";
+    pub const MAP_CACHE: &str = "CACHE";
 }
 
 #[cfg(feature = "user")]
@@ -303,6 +400,10 @@ unsafe impl aya::Pod for LocalEvent {}
 #[cfg(feature = "user")]
 // SAFETY: repr(C) plain data, every bit pattern valid.
 unsafe impl aya::Pod for FlowState {}
+
+#[cfg(feature = "user")]
+// SAFETY: as for FlowEvent.
+unsafe impl aya::Pod for FlowCache {}
 
 #[cfg(feature = "user")]
 // SAFETY: as above.

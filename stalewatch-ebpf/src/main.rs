@@ -35,7 +35,8 @@ mod programs {
 
     use aya_ebpf::{
         bindings::{
-            BPF_ANY, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+            BPF_ANY, BPF_F_MMAPABLE, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
+            BPF_RB_NO_WAKEUP,
         },
         helpers::{
             bpf_jiffies64, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
@@ -45,10 +46,11 @@ mod programs {
         programs::BtfTracePointContext,
     };
     use stalewatch_common::{
-        CAUSE_ICMP, CAUSES as CAUSE_SLOTS, CT_CHUNK_WORDS, DROP_REASON_MAX, DROP_REASON_WORDS,
-        ETH_P_IPV6_BE, FlowEvent, FlowState, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, LocalEvent,
-        LocalKey, LocalState, RDONLY_CAST_CALL, TUPLE_SIZE, TUPLE_WORDS, VERIFY_NS, WAKE_GAP_NS,
-        ct_status, hook, kind, stat,
+        CACHE_HOLD_NS, CACHE_IDLE_NS, CACHE_SLOTS_MAX, CAUSE_ICMP, CAUSES as CAUSE_SLOTS,
+        CT_CHUNK_WORDS, DROP_REASON_MAX, DROP_REASON_WORDS, ETH_P_IPV6_BE, FlowCache, FlowEvent,
+        FlowState, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, LocalEvent, LocalKey, LocalState,
+        RDONLY_CAST_CALL, TUPLE_SIZE, TUPLE_WORDS, VERIFY_NS, WAKE_GAP_NS, cache_slot, ct_status,
+        hook, kind, stat, tuple_digest,
     };
 
     // Read-only globals, set by userspace from BTF (see stalewatch-common's
@@ -132,6 +134,10 @@ mod programs {
     /// `net_device.nd_net.net`.
     #[unsafe(no_mangle)]
     static OFF_DEV_NET: u64 = 0;
+    /// Slots of `CACHE` less one (a power of two less one), as userspace
+    /// sized it.
+    #[unsafe(no_mangle)]
+    static CACHE_MASK: u32 = 0;
 
     /// 2 MiB: room for about 14,000 reports, so that a burst of new failing
     /// flows (two reports each within milliseconds) waits for userspace.
@@ -152,6 +158,13 @@ mod programs {
     /// resize it before load.
     #[map(name = "FLOWS")]
     static FLOWS: LruHashMap<u64, FlowState> = LruHashMap::with_max_entries(65_536, 0);
+
+    /// Raised entries' failures, direct-mapped by `nf_conn` address (see
+    /// stalewatch-common's `FlowCache`). Mmapable: userspace reads the
+    /// slots of the entries it reads from `FLOWS` in place, and a slot is
+    /// one whole cache line of the page-aligned array.
+    #[map(name = "CACHE")]
+    static CACHE: Array<FlowCache> = Array::with_max_entries(CACHE_SLOTS_MAX, BPF_F_MMAPABLE);
 
     #[map(name = "LOCALS")]
     static LOCALS: LruHashMap<LocalKey, LocalState> = LruHashMap::with_max_entries(16_384, 0);
@@ -561,6 +574,40 @@ mod programs {
         let now = now();
         let net = net_of(ct)?;
 
+        // A raised entry that holds its slot: counted there, no FLOWS
+        // lookup (see `FlowCache`). Its tuples are compared with the
+        // slot's digest of them once per `VERIFY_NS`, as below with the
+        // FLOWS copy; a reused `nf_conn` goes the FLOWS way.
+        let slot = pick_slot(ct);
+        if let Some(cache) = slot {
+            // SAFETY: a value of our own map, alive while the program runs;
+            // races with another CPU only ever lose a count (see `update`).
+            let cache = unsafe { &mut *cache };
+            let mut held = cache.ct == ct && cache.net == net && now < cache.due_ns;
+            if held && now >= cache.verify_ns {
+                let (orig, reply) = tuples_of(ct)?;
+                held = tuple_digest(&orig, &reply) == cache.digest;
+                if held {
+                    cache.verify_ns = now.saturating_add(VERIFY_NS);
+                }
+            }
+            if held {
+                if hook_id == hook::ICMP_SEND {
+                    cache.icmp_count = cache.icmp_count.wrapping_add(1);
+                    cache.icmp_code = icmp_code;
+                } else {
+                    cache.drop_count = cache.drop_count.wrapping_add(1);
+                    cache.drop_reason = drop_reason as u16;
+                }
+                cache.last_ns = cache.last_ns.max(now);
+                cache.status = status;
+                cache.last_hook = hook_id;
+                count(stat::FAILURES);
+                count_cause(hook_id, icmp_code, drop_reason);
+                return Ok(true);
+            }
+        }
+
         // A known entry: it passed the namespace filter when first seen.
         // Another flow in a reused nf_conn differs in its tuples (a flow
         // re-created after its entry was deleted goes to another backend)
@@ -571,6 +618,13 @@ mod programs {
             // SAFETY: a value of our own map, alive while the program runs.
             let state = unsafe { &mut *state };
             if state.net == net {
+                if let Some(cache) = slot {
+                    // SAFETY: as above.
+                    let cache = unsafe { &mut *cache };
+                    if cache.ct == ct && cache.net == net {
+                        take_cached(state, cache);
+                    }
+                }
                 let mut known = true;
                 if now.saturating_sub(state.checked_ns) >= VERIFY_NS {
                     let (orig, reply) = tuples_of(ct)?;
@@ -586,6 +640,10 @@ mod programs {
                     count(stat::FAILURES);
                     count_cause(hook_id, icmp_code, drop_reason);
                     update(state, now, status, hook_id, icmp_code, drop_reason);
+                    if let Some(cache) = slot {
+                        // SAFETY: as above.
+                        hold_slot(unsafe { &mut *cache }, ct, net, state, now);
+                    }
                     return Ok(true);
                 }
             }
@@ -596,6 +654,18 @@ mod programs {
         let filter = global(&NETNS_FILTER);
         if filter != 0 && filter != netns {
             return Ok(true);
+        }
+        if let Some(cache) = slot {
+            // SAFETY: as above.
+            let cache = unsafe { &mut *cache };
+            if cache.ct == ct {
+                // Counts of a record that is gone (evicted, or replaced by
+                // this one): not to be added to the new record, here or by
+                // userspace.
+                cache.ct = 0;
+                cache.icmp_count = 0;
+                cache.drop_count = 0;
+            }
         }
         let (orig, reply) = match tuples {
             Some(tuples) => tuples,
@@ -653,6 +723,96 @@ mod programs {
         }
         emit(&state.event, raised_at_first(), now);
         Ok(true)
+    }
+
+    /// The slot of an entry: of the two its address maps to (a pair on
+    /// one 128-byte block, see stalewatch-common's `cache_slot`), the one
+    /// it holds; else a free one, else the one that failed last longer
+    /// ago, for `hold_slot` to decide on.
+    #[inline(always)]
+    fn pick_slot(ct: u64) -> Option<*mut FlowCache> {
+        let index = cache_slot(ct, global(&CACHE_MASK));
+        let first = CACHE.get_ptr_mut(index)?;
+        // SAFETY: values of our own map, alive while the program runs.
+        let (first_ct, first_last) = unsafe { ((*first).ct, (*first).last_ns) };
+        if first_ct == ct {
+            return Some(first);
+        }
+        let Some(second) = CACHE.get_ptr_mut(index ^ 1) else {
+            return Some(first);
+        };
+        // SAFETY: as above.
+        let (second_ct, second_last) = unsafe { ((*second).ct, (*second).last_ns) };
+        if second_ct == ct || (first_ct != 0 && (second_ct == 0 || second_last < first_last)) {
+            return Some(second);
+        }
+        Some(first)
+    }
+
+    /// Adds what a slot counted for an entry to the entry's `FLOWS` value,
+    /// and empties it.
+    #[inline(always)]
+    fn take_cached(state: &mut FlowState, cache: &mut FlowCache) {
+        let event = &mut state.event;
+        if cache.icmp_count != 0 {
+            event.icmp_count = event.icmp_count.wrapping_add(cache.icmp_count);
+            event.icmp_type = ICMP_DEST_UNREACH as u8;
+            event.icmp_code = cache.icmp_code;
+            cache.icmp_count = 0;
+        }
+        if cache.drop_count != 0 {
+            event.drop_count = event.drop_count.wrapping_add(cache.drop_count);
+            event.drop_reason = u32::from(cache.drop_reason);
+            cache.drop_count = 0;
+        }
+        if cache.last_ns > event.last_ns {
+            event.last_ns = cache.last_ns;
+            event.status = cache.status;
+            event.last_hook = cache.last_hook;
+        }
+    }
+
+    /// After a raised entry's packet was counted on its `FLOWS` value: lets
+    /// its next packets count in its slot until its next report is due
+    /// (`update` then sends it, with the slot added) or for
+    /// `CACHE_HOLD_NS` at most, its tuples compared with their digest once
+    /// per `VERIFY_NS`. A slot that another raised entry
+    /// holds is taken only once that entry has not failed for
+    /// `CACHE_IDLE_NS`, its counts first added to its own `FLOWS` value;
+    /// entries not raised yet never take one (their reports depend on each
+    /// failure).
+    #[inline(always)]
+    fn hold_slot(cache: &mut FlowCache, ct: u64, net: u64, state: &mut FlowState, now: u64) {
+        if state.reported == 0 {
+            return;
+        }
+        if cache.ct != ct && cache.ct != 0 {
+            if now.saturating_sub(cache.last_ns) < CACHE_IDLE_NS {
+                return;
+            }
+            if cache.icmp_count | cache.drop_count != 0 {
+                let holder = cache.ct;
+                if let Some(other) = FLOWS.get_ptr_mut(&holder) {
+                    // SAFETY: a value of our own map, as in `record_failure`.
+                    let other = unsafe { &mut *other };
+                    if other.net == cache.net {
+                        take_cached(other, cache);
+                    }
+                }
+            }
+        }
+        let digest = tuple_digest(words(&mut state.event.orig), words(&mut state.event.reply));
+        cache.ct = ct;
+        cache.net = net;
+        cache.icmp_count = 0;
+        cache.drop_count = 0;
+        cache.last_ns = state.event.last_ns;
+        cache.digest = digest;
+        cache.verify_ns = state.checked_ns.saturating_add(VERIFY_NS);
+        cache.due_ns = state
+            .last_emit_ns
+            .saturating_add(global(&REPORTED_INTERVAL_NS))
+            .min(now.saturating_add(CACHE_HOLD_NS));
     }
 
     #[inline(always)]

@@ -19,7 +19,8 @@ use aya::{
     programs::BtfTracePoint,
 };
 use stalewatch_common::{
-    FlowEvent, FlowState, LocalEvent, LocalKey, LocalState, RDONLY_CAST_CALL, globals, names, stat,
+    CACHE_SLOTS_MAX, FlowCache, FlowEvent, FlowState, LocalEvent, LocalKey, LocalState,
+    RDONLY_CAST_CALL, cache_slot, globals, names, stat,
 };
 
 use nix::libc;
@@ -126,10 +127,113 @@ pub struct Counters {
 }
 
 pub struct Probes {
+    /// Declared before `ebpf`: unmapped before the map goes.
+    cache: CacheView,
     ebpf: Ebpf,
     pub layout: KernelLayout,
     /// How the programs read conntrack entries, in words.
     pub reads: &'static str,
+}
+
+/// Slots of the `CACHE` map for `--max-flows` (see stalewatch-common's
+/// `FlowCache`): one per flow, rounded up to a power of two, within bounds.
+fn cache_slots(max_flows: u32) -> u32 {
+    max_flows.clamp(64, CACHE_SLOTS_MAX).next_power_of_two()
+}
+
+/// The `CACHE` map, mapped read-only into this process: the failures of
+/// a raised entry that the kernel has not yet added to its `FLOWS` value.
+struct CacheView {
+    slots: *const FlowCache,
+    bytes: usize,
+    mask: u32,
+}
+
+// SAFETY: a read-only shared mapping, only read (volatile) through `get`.
+unsafe impl Send for CacheView {}
+// SAFETY: as above.
+unsafe impl Sync for CacheView {}
+
+impl CacheView {
+    fn map(ebpf: &Ebpf, slots: u32) -> Result<CacheView, Error> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let fd = match ebpf.map(names::MAP_CACHE) {
+            Some(aya::maps::Map::Array(data)) => data.fd().as_fd().as_raw_fd(),
+            _ => return Err(missing_map(names::MAP_CACHE)),
+        };
+        let bytes = slots as usize * std::mem::size_of::<FlowCache>();
+        // SAFETY: a shared read-only mapping of an mmapable array map of
+        // `slots` values; the kernel checks the length against the map.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(kernel_error(
+                "mapping the CACHE map",
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(CacheView {
+            slots: addr.cast(),
+            bytes,
+            mask: slots - 1,
+        })
+    }
+
+    /// The slot an entry holds, as it is now: of the two its address maps
+    /// to, the one naming it (else the first, which `merge_cached` then
+    /// ignores).
+    fn get(&self, ct: u64) -> FlowCache {
+        let index = cache_slot(ct, self.mask) as usize;
+        // SAFETY: both indices are masked to the mapping's slots (at
+        // least 64); the kernel writes the slots concurrently, so a copy
+        // may be torn, which `merge_cached` tolerates (a count off by a
+        // packet at worst).
+        let read = |at: usize| unsafe { std::ptr::read_volatile(self.slots.add(at)) };
+        let first = read(index);
+        if first.ct == ct {
+            return first;
+        }
+        let second = read(index ^ 1);
+        if second.ct == ct { second } else { first }
+    }
+}
+
+impl Drop for CacheView {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, unmapped once.
+        unsafe { libc::munmap(self.slots.cast_mut().cast(), self.bytes) };
+    }
+}
+
+/// Adds to an entry's `FLOWS` value what its `CACHE` slot holds for it and
+/// the kernel has not added yet: what the kernel itself does on the
+/// entry's next packet after the slot's time.
+fn merge_cached(event: &mut FlowEvent, net: u64, slot: &FlowCache) {
+    if slot.ct != event.ct || slot.net != net {
+        return;
+    }
+    if slot.icmp_count != 0 {
+        event.icmp_count = event.icmp_count.wrapping_add(slot.icmp_count);
+        event.icmp_type = stalewatch_common::ICMP_DEST_UNREACH as u8;
+        event.icmp_code = slot.icmp_code;
+    }
+    if slot.drop_count != 0 {
+        event.drop_count = event.drop_count.wrapping_add(slot.drop_count);
+        event.drop_reason = u32::from(slot.drop_reason);
+    }
+    if (slot.icmp_count | slot.drop_count) != 0 && slot.last_ns > event.last_ns {
+        event.last_ns = slot.last_ns;
+        event.status = slot.status;
+        event.last_hook = slot.last_hook;
+    }
 }
 
 /// Attaches the object's empty program to `skb:kfree_skb`, for as long as
@@ -197,7 +301,9 @@ impl Probes {
             },
             None => (Self::attach(options, &layout, &btf, None)?, false),
         };
+        let cache = CacheView::map(&ebpf, cache_slots(options.max_flows))?;
         Ok(Probes {
+            cache,
             ebpf,
             layout,
             reads: if cast {
@@ -227,6 +333,7 @@ impl Probes {
         let object = patch_casts(OBJECT, cast.map(|c| c.func))?;
         let cast_ct = u32::from(cast.is_some());
         let nf_conn = cast.map_or(0, |c| c.nf_conn);
+        let cache_mask = cache_slots(options.max_flows) - 1;
         let mut ebpf = EbpfLoader::new()
             .btf(Some(btf))
             .override_global(globals::OFF_SKB_NFCT, &layout.skb_nfct, true)
@@ -262,7 +369,9 @@ impl Probes {
             )
             .override_global(globals::OFF_SKB_DEV, &layout.skb_dev, true)
             .override_global(globals::OFF_DEV_NET, &layout.dev_net, true)
+            .override_global(globals::CACHE_MASK, &cache_mask, true)
             .map_max_entries(names::MAP_FLOWS, options.max_flows)
+            .map_max_entries(names::MAP_CACHE, cache_slots(options.max_flows))
             .load(&object)
             .map_err(|e| kernel_error("loading the eBPF object", e))?;
 
@@ -357,7 +466,13 @@ impl Probes {
             for value in &values[..(attr.count as usize).min(BATCH)] {
                 // SAFETY: the kernel filled the first `count` values.
                 let state = unsafe { value.assume_init_ref() };
-                f(&state.event);
+                // FLOWS first, then the slot: a slot that the kernel adds
+                // in between is missed once (a count behind), never added
+                // twice.
+                let mut event = state.event;
+                let slot = self.cache.get(event.ct);
+                merge_cached(&mut event, state.net, &slot);
+                f(&event);
             }
             if done {
                 return Ok(());
@@ -519,6 +634,78 @@ mod tests {
         object.extend_from_slice(&[0x85, 0, 0, 0, 6, 0, 0, 0]); // call 6 (a helper)
         object.extend_from_slice(&cast_call());
         object
+    }
+
+    fn cached(ct: u64, net: u64, icmp: u32, drops: u32, last_ns: u64) -> FlowCache {
+        FlowCache {
+            ct,
+            net,
+            due_ns: 0,
+            verify_ns: 0,
+            digest: 0,
+            last_ns,
+            icmp_count: icmp,
+            drop_count: drops,
+            status: 0x1a8,
+            drop_reason: 58,
+            icmp_code: 1,
+            last_hook: 2,
+        }
+    }
+
+    fn event(ct: u64) -> FlowEvent {
+        // SAFETY: FlowEvent is plain integers and bytes.
+        let mut event: FlowEvent = unsafe { std::mem::zeroed() };
+        event.ct = ct;
+        event.drop_count = 10;
+        event.drop_reason = 12;
+        event.last_ns = 1_000;
+        event.status = 0x188;
+        event
+    }
+
+    #[test]
+    fn a_slot_adds_its_counts_to_its_own_entry_only() {
+        let mut own = event(0xffff_8880_0000_1000);
+        let slot = cached(own.ct, 7, 3, 5, 2_000);
+        merge_cached(&mut own, 7, &slot);
+        assert_eq!((own.icmp_count, own.icmp_type, own.icmp_code), (3, 3, 1));
+        assert_eq!((own.drop_count, own.drop_reason), (15, 58));
+        assert_eq!((own.last_ns, own.status, own.last_hook), (2_000, 0x1a8, 2));
+
+        // Another entry in the slot, or the same nf_conn in another
+        // namespace: nothing of it.
+        for slot in [
+            cached(0x1, 7, 3, 5, 2_000),
+            cached(0xffff_8880_0000_1000, 8, 3, 5, 2_000),
+        ] {
+            let mut other = event(0xffff_8880_0000_1000);
+            merge_cached(&mut other, 7, &slot);
+            assert_eq!(
+                (other.drop_count, other.last_ns, other.icmp_count),
+                (10, 1_000, 0)
+            );
+        }
+
+        // An emptied slot leaves the entry's last failure as it is.
+        let mut emptied = event(0x40);
+        merge_cached(&mut emptied, 7, &cached(0x40, 7, 0, 0, 5_000));
+        assert_eq!(
+            (emptied.drop_count, emptied.last_ns, emptied.status),
+            (10, 1_000, 0x188)
+        );
+    }
+
+    #[test]
+    fn cache_slots_are_a_power_of_two_within_bounds() {
+        assert_eq!(cache_slots(1), 64);
+        assert_eq!(cache_slots(1_000), 1_024);
+        assert_eq!(cache_slots(3_000), 4_096);
+        assert_eq!(cache_slots(65_536), CACHE_SLOTS_MAX);
+        assert_eq!(cache_slots(u32::MAX), CACHE_SLOTS_MAX);
+        let mask = cache_slots(1_000) - 1;
+        let ct = 0xffff_8880_1234_5640;
+        assert!(cache_slot(ct, mask) <= mask);
     }
 
     #[test]
