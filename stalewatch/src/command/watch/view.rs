@@ -35,6 +35,10 @@ const HOLDER_TTL: Duration = Duration::from_secs(10);
 /// and the port.
 type PortKey = (PathBuf, Proto, IpAddr, u16);
 const SIBLINGS_TTL: Duration = Duration::from_secs(2);
+/// The audited namespace's addresses and failed neighbours, as a due
+/// report's judgement takes them, are read at most this often: a flood of
+/// 50,000 flows to one service asked for them once per flow.
+const FACTS_TTL: Duration = Duration::from_secs(1);
 /// The same for reminders: a service's siblings cost a conntrack dump that
 /// walks the whole table and copies every entry of the service.
 const REMINDER_SIBLINGS_TTL: Duration = Duration::from_secs(30);
@@ -56,6 +60,8 @@ pub struct View {
     /// Whether the namespace facts could not be read at the last audit:
     /// said once, not every interval.
     facts_failed: bool,
+    /// The namespace facts last read, with where and when.
+    recent_facts: Option<(PathBuf, Instant, KnownFacts)>,
     /// The audited namespace's NAT intent, as last read.
     rules: Rules,
     /// Who holds a port's socket, by namespace and port, looked up at most
@@ -190,7 +196,7 @@ impl View {
     /// cannot be read (the watch reads those of the audited namespace).
     fn dnat_now(&mut self, flow: &Observation) -> Option<(Option<bool>, Vec<Backend>)> {
         let (path, intent) = self.intent_of(flow)?;
-        let mut facts = self.facts(&path);
+        let mut facts = self.recent_facts(&path);
         facts.arrives_on = netns::arrival_interfaces(&path, vec![flow.orig.src]).ok()?;
         let now = audit::dnat_now(&flow.orig, &intent, &facts);
         Some((
@@ -203,7 +209,7 @@ impl View {
     /// `None` where they cannot be read.
     fn rule_backends(&mut self, flow: &Observation) -> Option<Vec<Backend>> {
         let (path, intent) = self.intent_of(flow)?;
-        let facts = self.facts(&path);
+        let facts = self.recent_facts(&path);
         Some(audit::rule_backends(&flow.orig, &intent, &facts))
     }
 
@@ -314,6 +320,7 @@ impl View {
                 if std::mem::take(&mut self.facts_failed) {
                     log::warn!("audit: the namespace's addresses can be read again");
                 }
+                self.recent_facts = Some((path.to_owned(), Instant::now(), facts.clone()));
                 facts
             }
             Err(e) => {
@@ -326,6 +333,17 @@ impl View {
                 }
                 KnownFacts::default()
             }
+        }
+    }
+}
+
+impl View {
+    /// The facts of the namespace at `path`, read again when older than
+    /// FACTS_TTL (see [`View::facts`]).
+    fn recent_facts(&mut self, path: &Path) -> KnownFacts {
+        match &self.recent_facts {
+            Some((p, at, facts)) if p == path && at.elapsed() < FACTS_TTL => facts.clone(),
+            _ => self.facts(path),
         }
     }
 }
