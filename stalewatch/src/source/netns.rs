@@ -256,6 +256,29 @@ pub fn hops(path: &Path, dead: IpAddr, src: IpAddr) -> io::Result<Hops> {
     })?
 }
 
+/// Sets the receive buffer of a netlink socket opened in a namespace
+/// (events that come in bursts): SO_RCVBUFFORCE (root may exceed
+/// net.core.rmem_max), else SO_RCVBUF.
+pub fn set_rcvbuf(sock: &netlink_sys::Socket, bytes: usize) -> std::io::Result<()> {
+    let value = nix::libc::c_int::try_from(bytes).unwrap_or(nix::libc::c_int::MAX);
+    for option in [nix::libc::SO_RCVBUFFORCE, nix::libc::SO_RCVBUF] {
+        // SAFETY: a plain int option on a socket we own.
+        let rc = unsafe {
+            nix::libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(sock),
+                nix::libc::SOL_SOCKET,
+                option,
+                (&raw const value).cast(),
+                std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+    }
+    Err(std::io::Error::last_os_error())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

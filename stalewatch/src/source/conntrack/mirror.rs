@@ -387,7 +387,7 @@ fn subscribe(rcvbuf: usize) -> (io::Result<Socket>, Option<u32>) {
         .and_then(|s| s.trim().parse().ok());
     let sock = (|| {
         let mut sock = Socket::new(NETLINK_NETFILTER)?;
-        super::super::set_rcvbuf(&sock, rcvbuf)?;
+        netns::set_rcvbuf(&sock, rcvbuf)?;
         attach_filter(&sock, &[])?;
         sock.bind(&SocketAddr::new(0, GROUPS))?;
         Ok(sock)

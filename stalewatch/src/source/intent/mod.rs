@@ -232,7 +232,7 @@ impl Changes {
             socket.bind(&SocketAddr::new(0, 0))?;
             socket.add_membership(NFNLGRP_NFTABLES)?;
             socket.set_non_blocking(true)?;
-            super::set_rcvbuf(&socket, CHANGES_RCVBUF)?;
+            netns::set_rcvbuf(&socket, CHANGES_RCVBUF)?;
             Ok(socket)
         })??;
         Ok(Changes {
