@@ -304,8 +304,9 @@ pub fn figure_4a(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
         anyhow::bail!("nft -f failed ({}): {}", load.code, load.stderr.trim());
     }
     // Rewritten whole (every endpoint moved at once, a storm of 4 x
-    // services announcements) or as a busy kube-proxy does (the
-    // endpoints of 2% of the services moved at each sync).
+    // services announcements: each endpoint chain's rule deleted and
+    // made) or as a busy kube-proxy does (the endpoints of 2% of the
+    // services moved at each sync).
     let busy = (s.services / 50).max(1);
     let (mut without, mut whole, mut partly) = (Vec::new(), Vec::new(), Vec::new());
     for i in 1..=s.rules_runs {

@@ -1,7 +1,7 @@
 //! The audited namespace's NAT intent, kept current as its rules change:
 //! the ruleset announcements of nf_tables are heard on a socket of that
 //! namespace and applied to the rules read (native nftables changes, at
-//! a few microseconds each), or make the rules read again whole (an
+//! about a microsecond each), or make the rules read again whole (an
 //! iptables-nft change, announcements lost); iptables-legacy (which
 //! announces nothing) is read again at each audit.
 

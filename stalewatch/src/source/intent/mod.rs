@@ -221,7 +221,8 @@ pub struct Changes {
 /// `NFNLGRP_NFTABLES` (include/uapi/linux/netfilter/nfnetlink.h).
 const NFNLGRP_NFTABLES: u32 = 7;
 /// The announcements' receive buffer: a transaction that rewrites 10,000
-/// chains announces some 20,000 rules (about 6 MB) at once.
+/// chains announces 20,000 rules (each old one deleted, each new one made)
+/// at once, some 6 MB.
 const CHANGES_RCVBUF: usize = 16 << 20;
 
 impl Changes {

@@ -6,7 +6,7 @@
 //! map lookups, verdicts, `numgen`, `fib`, `dnat` and `redirect`). What
 //! it cannot read back is said (`None`), and the reader then lists the
 //! ruleset whole: a ruleset of thousands of services is followed change
-//! by change at a few microseconds each, not listed again per change.
+//! by change at about a microsecond each, not listed again per change.
 //!
 //! Constants from include/uapi/linux/netfilter/nf_tables.h and
 //! nfnetlink.h.
