@@ -20,8 +20,9 @@ use stalewatch_tests::{
 const MIXED: &str = include_str!("../../stalewatch/src/source/intent/testdata/nft-mixed.nft");
 
 /// The rules of a reading, as a set (their order is the walk's).
-fn rules(reading: &Reading) -> HashSet<DnatRule> {
-    reading.intent().rules().iter().cloned().collect()
+fn rules(reading: &mut Reading) -> HashSet<DnatRule> {
+    let intent = reading.intent().expect("the rules announced read");
+    intent.rules().iter().cloned().collect()
 }
 
 struct Follower {
@@ -69,8 +70,8 @@ impl Follower {
         assert_eq!(refused, None, "{step}: an announcement refused");
         assert!(changes > 0, "{step}: nothing was announced");
         self.applied += changes;
-        let kept = rules(&self.reading);
-        let listed = rules(&intent::read(&ns.path()).expect("listing the rules"));
+        let kept = rules(&mut self.reading);
+        let listed = rules(&mut intent::read(&ns.path()).expect("listing the rules"));
         let missing: Vec<_> = listed.difference(&kept).collect();
         let extra: Vec<_> = kept.difference(&listed).collect();
         assert!(

@@ -45,7 +45,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let intent = intent::read(&path)
         .map_err(|e| log::warn!("NAT intent: {}", crate::error::chain(&e)))
         .ok()
-        .map(|r| r.intent());
+        .and_then(|mut r| r.intent().map_err(|e| log::warn!("NAT intent: {e}")).ok());
     if intent.as_ref().is_some_and(|i| !i.read().is_empty()) {
         let sources = audit::bypass_sources(&entries, &facts);
         facts.arrives_on = netns::arrival_interfaces(&path, sources)

@@ -437,9 +437,9 @@ mod tests {
             engine: RuleEngine::Nftables,
             chain: "ip kube-proxy/endpoint".into(),
             when: Conditions {
-                proto: vec![Cond::is(vec![Proto::UDP])],
-                daddr: vec![Cond::is(vec![AddrSpan::one(vip.parse().unwrap())])],
-                dport: vec![Cond::is(vec![PortSpan::one(53)])],
+                proto: smallvec::smallvec![Cond::is(vec![Proto::UDP])],
+                daddr: smallvec::smallvec![Cond::is(vec![AddrSpan::one(vip.parse().unwrap())])],
+                dport: smallvec::smallvec![Cond::is(vec![PortSpan::one(53)])],
                 ..Conditions::default()
             },
             to: vec![NatTarget {
@@ -569,8 +569,8 @@ mod tests {
         // The router DNATs 8888 arriving on `ext` only, and serves 8888
         // itself to its internal clients.
         let mut published = dns_rule("198.51.100.1", "172.18.0.2");
-        published.when.dport = vec![Cond::is(vec![PortSpan::one(8888)])];
-        published.when.iif = vec![Cond::is(vec!["ext".to_owned()])];
+        published.when.dport = smallvec::smallvec![Cond::is(vec![PortSpan::one(8888)])];
+        published.when.iif = smallvec::smallvec![Cond::is(vec!["ext".to_owned()])];
         published.to[0].port = Some(PortSpan::one(8888));
         let rules = intent(vec![published], true);
         let entries = [entry(40000, None), entry(40001, Some("172.18.0.2"))];
@@ -601,7 +601,7 @@ mod tests {
         // stream's entry was deleted; no other flow to the port is DNATed,
         // yet netavark's rule would DNAT this one.
         let mut published = dns_rule("198.51.100.1", "10.89.77.13");
-        published.when.dport = vec![Cond::is(vec![PortSpan::one(8888)])];
+        published.when.dport = smallvec::smallvec![Cond::is(vec![PortSpan::one(8888)])];
         published.to[0].port = Some(PortSpan::one(8888));
         let rules = intent(vec![published], true);
         let entries = [entry(40000, None)];

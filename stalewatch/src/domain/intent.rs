@@ -2,10 +2,10 @@
 //! from the rules themselves (nftables, iptables of both backends). What
 //! an entry's backend is judged against when no packet of it fails here.
 
-use std::{
-    collections::{HashMap, HashSet},
-    net::IpAddr,
-};
+use std::{collections::HashSet, net::IpAddr, sync::Arc};
+
+use foldhash::HashMap;
+use smallvec::SmallVec;
 
 use super::flow::{Backend, Family, Proto, Service, Tuple};
 
@@ -97,29 +97,32 @@ impl PortSpan {
 }
 
 /// One match of a rule: the value is one of `any_of` (or, negated, none).
+/// Most matches name one value, and most fields have a match or two:
+/// both kept inline, so that the walk of ten thousand rules does not
+/// allocate for each (conditions are cloned at every branch).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Cond<T> {
-    pub any_of: Vec<T>,
+    pub any_of: SmallVec<[T; 1]>,
     pub negated: bool,
 }
 
+/// A field's matches.
+pub type Conds<T> = SmallVec<[Cond<T>; 2]>;
+
 impl<T> Cond<T> {
-    pub fn new(any_of: Vec<T>, negated: bool) -> Self {
-        Cond { any_of, negated }
-    }
-
-    pub fn is(any_of: Vec<T>) -> Self {
+    pub fn new(any_of: impl IntoIterator<Item = T>, negated: bool) -> Self {
         Cond {
-            any_of,
-            negated: false,
+            any_of: any_of.into_iter().collect(),
+            negated,
         }
     }
 
-    pub fn not(any_of: Vec<T>) -> Self {
-        Cond {
-            any_of,
-            negated: true,
-        }
+    pub fn is(any_of: impl IntoIterator<Item = T>) -> Self {
+        Cond::new(any_of, false)
+    }
+
+    pub fn not(any_of: impl IntoIterator<Item = T>) -> Self {
+        Cond::new(any_of, true)
     }
 
     fn holds(&self, hit: impl Fn(&T) -> bool) -> bool {
@@ -141,13 +144,13 @@ pub enum Fit {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Conditions {
     pub family: Option<Family>,
-    pub proto: Vec<Cond<Proto>>,
-    pub daddr: Vec<Cond<AddrSpan>>,
-    pub saddr: Vec<Cond<AddrSpan>>,
-    pub dport: Vec<Cond<PortSpan>>,
+    pub proto: Conds<Proto>,
+    pub daddr: Conds<AddrSpan>,
+    pub saddr: Conds<AddrSpan>,
+    pub dport: Conds<PortSpan>,
     /// Interface names; a name ending in `*` (nftables) or `+` (iptables)
     /// is a prefix.
-    pub iif: Vec<Cond<String>>,
+    pub iif: Conds<String>,
     /// The destination must be one of the host's own addresses.
     pub dst_local: bool,
     /// A match stalewatch does not evaluate.
@@ -155,28 +158,25 @@ pub struct Conditions {
 }
 
 impl Conditions {
-    /// The same conditions, each said once: a match on `udp dport` and
+    /// Says each condition once: a match on `udp dport` and
     /// one on the protocol that `nft` hides in it are one condition, read
     /// from a listing or from an announcement.
-    pub fn normalized(mut self) -> Conditions {
-        fn once<T: PartialEq>(v: &mut Vec<T>) {
-            if v.len() < 2 {
-                return;
-            }
-            let mut kept: Vec<T> = Vec::with_capacity(v.len());
-            for c in v.drain(..) {
-                if !kept.contains(&c) {
-                    kept.push(c);
+    pub fn normalize(&mut self) {
+        fn once<T: PartialEq>(v: &mut Conds<T>) {
+            let mut i = 1;
+            while i < v.len() {
+                if v[..i].contains(&v[i]) {
+                    v.remove(i);
+                } else {
+                    i += 1;
                 }
             }
-            *v = kept;
         }
         once(&mut self.proto);
         once(&mut self.daddr);
         once(&mut self.saddr);
         once(&mut self.dport);
         once(&mut self.iif);
-        self
     }
 
     /// Whether a flow with original tuple `orig`, arriving on `iif` (where
@@ -230,8 +230,8 @@ impl Conditions {
     /// its negation is a disjunction these conditions cannot hold, so the
     /// rules after it are only a "maybe".
     pub fn after_return(&self, ret: &Conditions) -> Option<Conditions> {
-        fn added<T: Clone>(base: &[Cond<T>], more: &[Cond<T>]) -> Vec<Cond<T>> {
-            more.get(base.len()..).unwrap_or_default().to_vec()
+        fn added<T: Clone>(base: &[Cond<T>], more: &[Cond<T>]) -> Conds<T> {
+            more.get(base.len()..).unwrap_or_default().into()
         }
         let proto = added(&self.proto, &ret.proto);
         let daddr = added(&self.daddr, &ret.daddr);
@@ -243,7 +243,7 @@ impl Conditions {
             || ret.dst_local != self.dst_local
             || ret.family != self.family;
         let mut next = self.clone();
-        fn flip<T>(conds: Vec<Cond<T>>) -> impl Iterator<Item = Cond<T>> {
+        fn flip<T>(conds: Conds<T>) -> impl Iterator<Item = Cond<T>> {
             conds.into_iter().map(|c| Cond::new(c.any_of, !c.negated))
         }
         match (extra, other) {
@@ -304,7 +304,7 @@ pub struct DnatRule {
     pub engine: RuleEngine,
     /// Where the DNAT statement is (`table/chain` or the chain), for
     /// evidence.
-    pub chain: String,
+    pub chain: Arc<str>,
     pub when: Conditions,
     pub to: Vec<NatTarget>,
 }
@@ -338,13 +338,11 @@ impl NatIntent {
     /// read (an engine not installed, or with no NAT table, is not
     /// listed).
     pub fn new(rules: Vec<DnatRule>, read: Vec<EngineRead>) -> NatIntent {
-        let rules: Vec<DnatRule> = rules
-            .into_iter()
-            .map(|r| DnatRule {
-                when: r.when.normalized(),
-                ..r
-            })
-            .collect();
+        // In place: ten thousand rules are megabytes to move.
+        let mut rules = rules;
+        for r in &mut rules {
+            r.when.normalize();
+        }
         let keep: Vec<bool> = {
             let mut seen = HashSet::with_capacity_and_hasher(
                 rules.len(),
@@ -352,11 +350,8 @@ impl NatIntent {
             );
             rules.iter().map(|r| seen.insert(r)).collect()
         };
-        let rules: Vec<DnatRule> = rules
-            .into_iter()
-            .zip(keep)
-            .filter_map(|(r, keep)| keep.then_some(r))
-            .collect();
+        let mut keep = keep.into_iter();
+        rules.retain(|_| keep.next().unwrap_or(true));
         let mut intent = NatIntent {
             read,
             ..NatIntent::default()
@@ -504,9 +499,12 @@ mod tests {
             engine: RuleEngine::IptablesNft,
             chain: "KUBE-SEP-X".into(),
             when: Conditions {
-                proto: vec![Cond::is(vec![Proto::UDP])],
-                daddr: vec![Cond::is(vec![AddrSpan::prefix(addr("10.96.0.10"), 32)])],
-                dport: vec![Cond::is(vec![PortSpan::one(53)])],
+                proto: smallvec::smallvec![Cond::is(vec![Proto::UDP])],
+                daddr: smallvec::smallvec![Cond::is(vec![AddrSpan::prefix(
+                    addr("10.96.0.10"),
+                    32
+                )])],
+                dport: smallvec::smallvec![Cond::is(vec![PortSpan::one(53)])],
                 ..Conditions::default()
             },
             to: vec![NatTarget {
@@ -543,15 +541,16 @@ mod tests {
     #[test]
     fn an_interface_limit_needs_the_interface_and_negations_invert() {
         let mut rule = kube_dns("10.244.1.8");
-        rule.when.iif = vec![Cond::is(vec!["ext+".to_owned()])];
+        rule.when.iif = smallvec::smallvec![Cond::is(vec!["ext+".to_owned()])];
         let flow = udp("192.0.2.2", 40000, "10.96.0.10", 53);
         assert_eq!(rule.when.admits(&flow, None, |_| false), Fit::Maybe);
         assert_eq!(rule.when.admits(&flow, Some("ext0"), |_| false), Fit::Yes);
         assert_eq!(rule.when.admits(&flow, Some("int0"), |_| false), Fit::No);
-        rule.when.iif = vec![Cond::not(vec!["lo".to_owned()])];
+        rule.when.iif = smallvec::smallvec![Cond::not(vec!["lo".to_owned()])];
         assert_eq!(rule.when.admits(&flow, Some("lo"), |_| false), Fit::No);
         rule.when.iif.clear();
-        rule.when.saddr = vec![Cond::not(vec![AddrSpan::prefix(addr("192.0.2.0"), 24)])];
+        rule.when.saddr =
+            smallvec::smallvec![Cond::not(vec![AddrSpan::prefix(addr("192.0.2.0"), 24)])];
         assert_eq!(rule.when.admits(&flow, None, |_| false), Fit::No);
         rule.when.saddr.clear();
         rule.when.dst_local = true;
@@ -568,7 +567,7 @@ mod tests {
         let mut ret = chain.clone();
         ret.iif.push(Cond::is(vec!["br-client".to_owned()]));
         let after = chain.after_return(&ret).expect("reached");
-        assert_eq!(after.iif, [Cond::not(vec!["br-client".to_owned()])]);
+        assert_eq!(after.iif[..], [Cond::not(vec!["br-client".to_owned()])]);
         assert!(!after.opaque);
         let mut two = ret.clone();
         two.proto.push(Cond::is(vec![Proto::UDP]));
@@ -604,7 +603,7 @@ mod tests {
     #[test]
     fn another_services_rules_tell_where_a_reused_address_serves() {
         let mut other = kube_dns("10.244.1.7");
-        other.when.daddr = vec![Cond::is(vec![AddrSpan::one(addr("10.96.0.11"))])];
+        other.when.daddr = smallvec::smallvec![Cond::is(vec![AddrSpan::one(addr("10.96.0.11"))])];
         let intent = NatIntent::new(
             vec![kube_dns("10.244.1.8"), other.clone(), other],
             vec![EngineRead {

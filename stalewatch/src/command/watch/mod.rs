@@ -154,10 +154,24 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Hands free heap memory back to the system: big transient buffers (BTF
-/// parsing, conntrack dumps of large tables) would otherwise stay resident
-/// for good in glibc's arenas. A no-op with other C libraries.
+/// Free heap is handed back at most this often: the rules' walk frees
+/// and takes again a few MiB each time, and handing those back costs a
+/// page fault per page when the next walk takes them (a storm of rule
+/// changes walks every few seconds); `malloc_trim` itself walks the heap.
+const TRIM_EVERY: Duration = Duration::from_secs(30);
+
+/// Hands free heap memory back to the system, at most every TRIM_EVERY:
+/// big transient buffers (BTF parsing, conntrack dumps of large tables)
+/// would otherwise stay resident for good in glibc's arenas. A no-op with
+/// other C libraries.
 fn release_free_memory() {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = monotonic().as_secs();
+    let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
+    if last != 0 && now.saturating_sub(last) < TRIM_EVERY.as_secs() {
+        return;
+    }
+    LAST.store(now.max(1), std::sync::atomic::Ordering::Relaxed);
     #[cfg(target_env = "gnu")]
     // SAFETY: no preconditions; it only releases free heap memory.
     unsafe {

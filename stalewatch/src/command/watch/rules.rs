@@ -181,21 +181,33 @@ impl Rules {
             if !cache.dirty {
                 // The announced changes, applied: the intent made again.
                 let started = Instant::now();
-                let intent = Arc::new(cache.reading.intent());
-                let cost = started.elapsed();
-                log::info!(
-                    "NAT intent of {}: {} DNAT rules ({}), {} announced changes taken in {cost:?}",
-                    path.display(),
-                    intent.rules().len(),
-                    intent.engines(),
-                    cache.applied
-                );
-                cache.walk_cost = cost;
-                cache.pay(cost);
-                cache.applied = 0;
-                cache.applied_since = None;
-                cache.intent = intent.clone();
-                return Some(intent);
+                match cache.reading.intent() {
+                    Ok(intent) => {
+                        let intent = Arc::new(intent);
+                        let cost = started.elapsed();
+                        log::info!(
+                            "NAT intent of {}: {} DNAT rules ({}), {} announced changes taken in {cost:?}",
+                            path.display(),
+                            intent.rules().len(),
+                            intent.engines(),
+                            cache.applied
+                        );
+                        cache.walk_cost = cost;
+                        cache.pay(cost);
+                        cache.applied = 0;
+                        cache.applied_since = None;
+                        cache.intent = intent.clone();
+                        return Some(intent);
+                    }
+                    Err(e) => {
+                        // A rule announced that cannot be read.
+                        log::debug!("{e}: the rules are read again");
+                        cache.dirty = true;
+                        if !cache.due() {
+                            return Some(cache.intent.clone());
+                        }
+                    }
+                }
             }
         }
         // Listen before reading: a change made meanwhile is heard, and
@@ -217,7 +229,13 @@ impl Rules {
             .map_err(|e| log::warn!("NAT intent: {}", chain(&e)))
             .ok()?;
         let read_cost = started.elapsed();
-        let intent = Arc::new(reading.intent());
+        let mut reading = reading;
+        let intent = Arc::new(
+            reading
+                .intent()
+                .map_err(|e| log::warn!("NAT intent: {e}"))
+                .ok()?,
+        );
         let cost = started.elapsed();
         log::debug!(
             "NAT intent of {}: the rules read in {read_cost:?}, walked in {:?}",

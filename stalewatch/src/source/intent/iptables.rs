@@ -211,7 +211,7 @@ impl Walk<'_> {
         let family = when.family.unwrap_or(Family::Ipv4);
         self.out.push(DnatRule {
             engine: self.engine,
-            chain: chain.to_owned(),
+            chain: chain.into(),
             when,
             to: vec![NatTarget {
                 addr: AddrSpan::all(family),
@@ -240,7 +240,7 @@ impl Walk<'_> {
         }
         self.out.push(DnatRule {
             engine: self.engine,
-            chain: chain.to_owned(),
+            chain: chain.into(),
             when,
             to,
         });
@@ -360,7 +360,7 @@ COMMIT
             assert!(rule.to[0].reaches(53, backend(to, 53)));
             assert_eq!(rule.engine, RuleEngine::IptablesNft);
         }
-        assert_eq!(rules[0].chain, "KUBE-SEP-A");
+        assert_eq!(&*rules[0].chain, "KUBE-SEP-A");
         let elsewhere = udp("192.0.2.2", 40000, "10.96.0.11", 53);
         assert!(
             rules

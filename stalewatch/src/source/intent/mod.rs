@@ -51,12 +51,15 @@ pub struct Reading {
 }
 
 impl Reading {
-    /// The NAT intent of the rules: native nftables walked again.
-    pub fn intent(&self) -> NatIntent {
+    /// The NAT intent of the rules: native nftables walked again, once
+    /// the rules announced since are read (one that cannot be asks for
+    /// the rules to be read again whole).
+    pub fn intent(&mut self) -> Result<NatIntent, Unread> {
         let (mut rules, mut read) = (Vec::new(), Vec::new());
         // iptables-nft DNATs that nft showed, to be read by iptables-nft-save.
         let mut iptables_nft_owed = false;
-        if let Some(ruleset) = &self.nft {
+        if let Some(ruleset) = &mut self.nft {
+            ruleset.settle()?;
             let parsed = ruleset.walk();
             rules.extend(parsed.rules);
             read.push(EngineRead {
@@ -80,7 +83,7 @@ impl Reading {
                 complete: false,
             });
         }
-        NatIntent::new(rules, read)
+        Ok(NatIntent::new(rules, read))
     }
 
     /// Applies a change nf_tables announced; one it cannot take (an

@@ -12,9 +12,10 @@
 
 pub mod netlink;
 
-use std::{borrow::Cow, net::IpAddr};
+use std::{borrow::Cow, net::IpAddr, sync::Arc};
 
 use foldhash::{HashMap, HashSet};
+use indexmap::IndexMap;
 
 use nftables::{
     expr::{Expression, Meta, MetaKey, NamedExpression, Payload, SetItem, Verdict},
@@ -24,6 +25,7 @@ use nftables::{
 };
 use serde::Deserialize as _;
 use serde_json::Value;
+use smallvec::{SmallVec, smallvec};
 
 use self::netlink::{Announcement, SetShape};
 use crate::domain::{
@@ -38,6 +40,48 @@ const MAX_DEPTH: usize = 16;
 /// `family NUL table NUL name`: one string, looked up without making one
 /// (names cannot hold a NUL).
 type Key = String;
+
+/// A set's or map's elements by their identity ([`identity`] of the key):
+/// an element announced again or deleted is found without reading the
+/// others (a kube-proxy map holds one per service).
+type Elements = IndexMap<String, Expression<'static>, foldhash::fast::RandomState>;
+
+/// A chain's rules, and its name as evidence says it.
+struct Rules {
+    label: Arc<str>,
+    rules: Vec<Kept>,
+}
+
+/// A rule as kept: read, or as announced, to be read when the rules are
+/// walked next. A storm of changes (every endpoint moved every few
+/// seconds) replaces most rules before the walk: those are never read.
+enum Kept {
+    Read(Rule<'static>),
+    Announced {
+        handle: u32,
+        family: NfFamily,
+        exprs: Box<[u8]>,
+    },
+}
+
+impl Kept {
+    fn handle(&self) -> Option<u32> {
+        match self {
+            Kept::Read(r) => r.handle,
+            Kept::Announced { handle, .. } => Some(*handle),
+        }
+    }
+}
+
+impl Rules {
+    fn new(k: &str) -> Rules {
+        let (family, table, name) = parts(k);
+        Rules {
+            label: format!("{family} {table}/{name}").into(),
+            rules: Vec::new(),
+        }
+    }
+}
 
 /// What a ruleset says of its DNATs.
 pub struct Parsed {
@@ -61,17 +105,19 @@ pub fn parse(json: &str) -> Result<Parsed, serde_json::Error> {
 pub struct Ruleset {
     /// NAT base chains at prerouting or output.
     bases: Vec<Key>,
-    rules: HashMap<Key, Vec<Rule<'static>>>,
+    chains: HashMap<Key, Rules>,
     /// Elements of sets and maps: a set's are keys, a map's `[key, value]`.
-    elements: HashMap<Key, Vec<Expression<'static>>>,
+    elements: HashMap<Key, Elements>,
     /// Named sets' shapes, to read the elements announced; a set of a
     /// type not read has none.
     shapes: HashMap<Key, SetShape>,
     /// Anonymous sets announced, with their elements, until the rule that
     /// holds them is.
-    anonymous: HashMap<Key, (SetShape, Vec<Expression<'static>>)>,
+    anonymous: HashMap<Key, (SetShape, Elements)>,
     /// False once a rule that DNATs could not be read.
     complete: bool,
+    /// Rules kept as announced, not read yet.
+    announced: usize,
     /// Tables read by another tool (iptables-nft's `nat`): their
     /// changes make the rules read again whole.
     foreign: Vec<(String, String)>,
@@ -134,9 +180,38 @@ impl Ruleset {
         self.foreign.iter().any(|(f, t)| f == family && t == table)
     }
 
-    /// The DNATs of the ruleset, walked from its NAT base chains.
+    /// Reads the rules kept as announced: before a walk.
+    pub fn settle(&mut self) -> Result<(), Unread> {
+        if self.announced == 0 {
+            return Ok(());
+        }
+        for (k, chain) in &mut self.chains {
+            let (_, table, _) = parts(k);
+            for kept in &mut chain.rules {
+                if let Kept::Announced {
+                    handle,
+                    family,
+                    exprs,
+                } = kept
+                {
+                    let sets = TableSets {
+                        shapes: &self.shapes,
+                        anonymous: &self.anonymous,
+                        family: *family,
+                        table,
+                    };
+                    *kept = Kept::Read(read_rule(*family, *handle, exprs, &sets)?);
+                }
+            }
+        }
+        self.announced = 0;
+        Ok(())
+    }
+
+    /// The DNATs of the ruleset, walked from its NAT base chains (rules
+    /// not read yet, see [`Ruleset::settle`], are left out).
     pub fn walk(&self) -> Parsed {
-        let iptables_dnat = self.rules.values().flatten().any(|r| {
+        let iptables_dnat = self.chains.values().flat_map(|c| read(&c.rules)).any(|r| {
             r.expr.iter().any(|s| {
                 matches!(s, Statement::XT(Some(xt))
                     if xt.get("type").and_then(Value::as_str) == Some("target")
@@ -197,7 +272,7 @@ impl Ruleset {
                     f == family && t == name
                 };
                 self.bases.retain(|k| !of_table(k));
-                self.rules.retain(|k, _| !of_table(k));
+                self.chains.retain(|k, _| !of_table(k));
                 self.elements.retain(|k, _| !of_table(k));
                 self.shapes.retain(|k, _| !of_table(k));
                 self.anonymous.retain(|k, _| !of_table(k));
@@ -210,7 +285,7 @@ impl Ruleset {
                 let k = object_key(&chain);
                 if gone {
                     self.bases.retain(|b| *b != k);
-                    self.rules.remove(&k);
+                    self.chains.remove(&k);
                 } else if nat_base
                     && matches!(chain.family, NfFamily::IP | NfFamily::IP6 | NfFamily::INet)
                     && !self.bases.contains(&k)
@@ -229,33 +304,37 @@ impl Ruleset {
                 let k = object_key(&chain);
                 let handle = u32::try_from(handle).map_err(|_| Unread("a rule handle"))?;
                 if gone {
-                    if let Some(rules) = self.rules.get_mut(&k) {
-                        rules.retain(|r| r.handle != Some(handle));
+                    if let Some(chain) = self.chains.get_mut(&k) {
+                        chain.rules.retain(|r| r.handle() != Some(handle));
                     }
                     return Ok(());
                 }
-                let sets = TableSets {
-                    ruleset: self,
-                    family: chain.family,
-                    table: chain.table,
+                let rule = if netlink::looks_up(exprs) {
+                    let sets = TableSets {
+                        shapes: &self.shapes,
+                        anonymous: &self.anonymous,
+                        family: chain.family,
+                        table: chain.table,
+                    };
+                    Kept::Read(read_rule(chain.family, handle, exprs, &sets)?)
+                } else {
+                    self.announced += 1;
+                    Kept::Announced {
+                        handle,
+                        family: chain.family,
+                        exprs: exprs.into(),
+                    }
                 };
-                let expr =
-                    netlink::statements(chain.family, exprs, &sets).ok_or(Unread("a rule"))?;
-                // The walk knows a rule by its chain's key: no names kept.
-                let rule = Rule {
-                    family: chain.family,
-                    table: Cow::Borrowed(""),
-                    chain: Cow::Borrowed(""),
-                    expr: Cow::Owned(expr),
-                    handle: Some(handle),
-                    ..Rule::default()
-                };
-                let rules = self.rules.entry(k).or_default();
-                rules.retain(|r| r.handle != Some(handle));
+                let rules = &mut self
+                    .chains
+                    .entry(k)
+                    .or_insert_with_key(|k| Rules::new(k))
+                    .rules;
+                rules.retain(|r| r.handle() != Some(handle));
                 let at = match after {
                     Some(h) => rules
                         .iter()
-                        .position(|r| r.handle.map(u64::from) == Some(h))
+                        .position(|r| r.handle().map(u64::from) == Some(h))
                         .map_or(rules.len(), |i| i + 1),
                     None if append => rules.len(),
                     None => 0,
@@ -269,7 +348,7 @@ impl Ruleset {
                     self.shapes.remove(&k);
                     self.elements.remove(&k);
                 } else if shape.anonymous {
-                    self.anonymous.insert(k, (shape, Vec::new()));
+                    self.anonymous.insert(k, (shape, Elements::default()));
                 } else {
                     self.elements.entry(k.clone()).or_default();
                     self.shapes.insert(k, shape);
@@ -293,9 +372,10 @@ impl Ruleset {
                 for e in netlink::elements(elements) {
                     let e = netlink::element(shape, &e).ok_or(Unread("a set element"))?;
                     let id = identity(element_key(&e));
-                    list.retain(|old| identity(element_key(old)) != id);
-                    if !gone {
-                        list.push(e);
+                    if gone {
+                        list.shift_remove(&id);
+                    } else {
+                        list.insert(id, e);
                     }
                 }
             }
@@ -324,7 +404,11 @@ impl Ruleset {
             "rule" => match Rule::<'static>::deserialize(&body) {
                 Ok(rule) => {
                     let k = key(rule.family, &rule.table, &rule.chain);
-                    self.rules.entry(k).or_default().push(rule);
+                    self.chains
+                        .entry(k)
+                        .or_insert_with_key(|k| Rules::new(k))
+                        .rules
+                        .push(Kept::Read(rule));
                 }
                 Err(e) => {
                     // A rule this reader cannot parse matters only if it
@@ -351,12 +435,13 @@ impl Ruleset {
                     (kind == "map").then_some(map.as_slice()),
                     interval,
                 );
-                let elements: Vec<Expression<'static>> = body
+                let elements: Elements = body
                     .get("elem")
                     .and_then(Value::as_array)
                     .into_iter()
                     .flatten()
                     .filter_map(|e| Expression::deserialize(e).ok())
+                    .map(|e| (identity(element_key(&e)), e))
                     .collect();
                 let k = [field("family"), field("table"), field("name")].join("\0");
                 if let Some(shape) = shape {
@@ -456,12 +541,6 @@ fn sibling<'b>(buf: &'b mut String, k: &str, name: &str) -> &'b str {
     buf
 }
 
-/// A chain's name as the evidence says it: `family table/chain`.
-fn label(k: &str) -> String {
-    let (family, table, name) = parts(k);
-    format!("{family} {table}/{name}")
-}
-
 fn object_key(o: &netlink::Object<'_>) -> Key {
     key(o.family, o.table, o.name)
 }
@@ -477,9 +556,37 @@ fn family_name(family: NfFamily) -> &'static str {
     }
 }
 
+/// A rule's statements read from its announced expressions.
+fn read_rule(
+    family: NfFamily,
+    handle: u32,
+    exprs: &[u8],
+    sets: &dyn netlink::Sets,
+) -> Result<Rule<'static>, Unread> {
+    let expr = netlink::statements(family, exprs, sets).ok_or(Unread("a rule"))?;
+    // The walk knows a rule by its chain's key: no names kept.
+    Ok(Rule {
+        family,
+        table: Cow::Borrowed(""),
+        chain: Cow::Borrowed(""),
+        expr: Cow::Owned(expr),
+        handle: Some(handle),
+        ..Rule::default()
+    })
+}
+
+/// The rules of a chain that are read (all of them, once settled).
+fn read(rules: &[Kept]) -> impl Iterator<Item = &Rule<'static>> {
+    rules.iter().filter_map(|r| match r {
+        Kept::Read(r) => Some(r),
+        Kept::Announced { .. } => None,
+    })
+}
+
 /// The sets a rule of one table may look up.
 struct TableSets<'r> {
-    ruleset: &'r Ruleset,
+    shapes: &'r HashMap<Key, SetShape>,
+    anonymous: &'r HashMap<Key, (SetShape, Elements)>,
     family: NfFamily,
     table: &'r str,
 }
@@ -492,12 +599,12 @@ impl TableSets<'_> {
 
 impl netlink::Sets for TableSets<'_> {
     fn anonymous(&self, name: &str) -> Option<(&SetShape, Vec<Expression<'static>>)> {
-        let (shape, elements) = self.ruleset.anonymous.get(&self.key(name))?;
-        Some((shape, elements.clone()))
+        let (shape, elements) = self.anonymous.get(&self.key(name))?;
+        Some((shape, elements.values().cloned().collect()))
     }
 
     fn named(&self, name: &str) -> Option<&SetShape> {
-        self.ruleset.shapes.get(&self.key(name))
+        self.shapes.get(&self.key(name))
     }
 }
 
@@ -545,9 +652,10 @@ impl<'r> Walk<'r> {
     /// Walks into chain `name` of the table of `from`.
     fn jump(&mut self, from: &str, name: &str, when: Conditions, depth: usize) {
         let ruleset: &'r Ruleset = self.ruleset;
-        if let Some((next, _)) = ruleset
-            .rules
-            .get_key_value(sibling(&mut self.scratch, from, name))
+        if let Some((next, _)) =
+            ruleset
+                .chains
+                .get_key_value(sibling(&mut self.scratch, from, name))
         {
             self.chain(next, when, depth);
         }
@@ -559,7 +667,7 @@ impl<'r> Walk<'r> {
             return;
         }
         let ruleset: &'r Ruleset = self.ruleset;
-        let Some(rules) = ruleset.rules.get(chain) else {
+        let Some(Rules { label, rules }) = ruleset.chains.get(chain) else {
             return;
         };
         if depth == 1 && !self.entered.insert((chain, when.clone())) {
@@ -568,12 +676,26 @@ impl<'r> Walk<'r> {
         // What a rule that ends the chain for its packets (return,
         // accept, drop, a goto) leaves to the rules after it.
         let mut base = when;
-        for rule in rules {
+        for (i, rule) in rules.iter().enumerate() {
+            let Kept::Read(rule) = rule else {
+                self.complete = false;
+                continue;
+            };
             if rule.expr.iter().any(|s| matches!(s, Statement::XT(_))) {
                 // iptables-nft's: read from iptables-nft-save.
                 continue;
             }
-            if let Some(ended) = self.rule(chain, &rule.expr, base.clone(), depth) {
+            // The last rule takes the conditions: nothing comes after it.
+            let last = i + 1 == rules.len();
+            let when = if last {
+                std::mem::take(&mut base)
+            } else {
+                base.clone()
+            };
+            if let Some(ended) = self.rule(chain, label, &rule.expr, when, depth) {
+                if last {
+                    return;
+                }
                 match base.after_return(&ended) {
                     Some(next) => base = next,
                     None => return,
@@ -588,6 +710,7 @@ impl<'r> Walk<'r> {
     fn rule(
         &mut self,
         chain: &'r str,
+        label: &Arc<str>,
         statements: &'r [Statement<'static>],
         mut when: Conditions,
         depth: usize,
@@ -614,11 +737,11 @@ impl<'r> Walk<'r> {
                     return None;
                 }
                 Statement::DNAT(Some(nat)) => {
-                    self.dnat(chain, nat, when);
+                    self.dnat(chain, label, nat, when);
                     return None;
                 }
                 Statement::Redirect(nat) => {
-                    self.redirect(chain, nat.as_ref(), when);
+                    self.redirect(label, nat.as_ref(), when);
                     return None;
                 }
                 Statement::DNAT(None) => {
@@ -653,7 +776,11 @@ impl<'r> Walk<'r> {
 
     /// The values an expression on the right of a match stands for, a
     /// named set's elements included.
-    fn values(&self, chain: &str, right: &'r Expression<'static>) -> Vec<&'r Expression<'static>> {
+    fn values(
+        &self,
+        chain: &str,
+        right: &'r Expression<'static>,
+    ) -> SmallVec<[&'r Expression<'static>; 2]> {
         let ruleset: &'r Ruleset = self.ruleset;
         match right {
             Expression::String(s) if s.starts_with('@') => {
@@ -661,7 +788,7 @@ impl<'r> Walk<'r> {
                 ruleset
                     .elements
                     .get(&set)
-                    .map(|e| e.iter().map(unwrap_elem).collect())
+                    .map(|e| e.values().map(unwrap_elem).collect())
                     .unwrap_or_default()
             }
             Expression::Named(NamedExpression::Set(items)) => items
@@ -671,7 +798,7 @@ impl<'r> Walk<'r> {
                     _ => None,
                 })
                 .collect(),
-            other => vec![other],
+            other => smallvec![other],
         }
     }
 
@@ -692,7 +819,7 @@ impl<'r> Walk<'r> {
                 ruleset
                     .elements
                     .get(&map)
-                    .map(|e| e.iter().filter_map(pair).collect())
+                    .map(|e| e.values().filter_map(pair).collect())
                     .unwrap_or_default()
             }
             Expression::Named(NamedExpression::Set(items)) => items
@@ -709,10 +836,10 @@ impl<'r> Walk<'r> {
 
     /// A redirect DNATs to the host itself (the address of the interface
     /// the packet came in on), to its port or the same one.
-    fn redirect(&mut self, chain: &str, nat: Option<&'r NAT<'static>>, when: Conditions) {
+    fn redirect(&mut self, label: &Arc<str>, nat: Option<&'r NAT<'static>>, when: Conditions) {
         let port = match nat.and_then(|n| n.port.as_ref()) {
-            Some(p) => match port_spans(p).first() {
-                Some(p) => Some(*p),
+            Some(p) => match port_span(p) {
+                Some(p) => Some(p),
                 None => {
                     self.complete = false;
                     return;
@@ -726,7 +853,7 @@ impl<'r> Walk<'r> {
         };
         self.out.push(DnatRule {
             engine: RuleEngine::Nftables,
-            chain: label(chain),
+            chain: label.clone(),
             when,
             to: families
                 .into_iter()
@@ -738,13 +865,12 @@ impl<'r> Walk<'r> {
         });
     }
 
-    fn dnat(&mut self, chain: &str, nat: &'r NAT<'static>, when: Conditions) {
-        let where_ = label(chain);
+    fn dnat(&mut self, chain: &str, label: &Arc<str>, nat: &'r NAT<'static>, when: Conditions) {
         let Some(addr) = &nat.addr else {
             self.complete = false;
             return;
         };
-        let port = nat.port.as_ref().map(|p| port_spans(p).into_iter().next());
+        let port = nat.port.as_ref().map(port_span);
         if let Some(None) = port {
             // A port from a map or an expression: not read.
             self.complete = false;
@@ -758,7 +884,7 @@ impl<'r> Walk<'r> {
                 match target(v, port) {
                     Some(t) => self.out.push(DnatRule {
                         engine: RuleEngine::Nftables,
-                        chain: where_.clone(),
+                        chain: label.clone(),
                         when: branch,
                         to: vec![t],
                     }),
@@ -770,7 +896,7 @@ impl<'r> Walk<'r> {
         match target(addr, port) {
             Some(t) => self.out.push(DnatRule {
                 engine: RuleEngine::Nftables,
-                chain: where_,
+                chain: label.clone(),
                 when,
                 to: vec![t],
             }),
@@ -793,12 +919,12 @@ fn target(value: &Expression<'_>, port: Option<PortSpan>) -> Option<NatTarget> {
         && let [addr, p] = parts.as_slice()
     {
         return Some(NatTarget {
-            addr: *addr_spans(addr).first()?,
-            port: Some(*port_spans(p).first()?),
+            addr: addr_span(addr)?,
+            port: Some(port_span(p)?),
         });
     }
     Some(NatTarget {
-        addr: *addr_spans(value).first()?,
+        addr: addr_span(value)?,
         port,
     })
 }
@@ -824,6 +950,14 @@ fn constrain(
             // Element by element: `a . b . c` against `x . y . z`.
             if negated {
                 return false;
+            }
+            // One element (a map's key bound): column by column as it is.
+            if let [Expression::Named(NamedExpression::Concat(vs))] = right {
+                return vs.len() == parts.len()
+                    && parts
+                        .iter()
+                        .zip(vs.iter())
+                        .all(|(part, v)| constrain(when, part, &[v], false));
             }
             let mut columns: Vec<Vec<&Expression<'_>>> = vec![Vec::new(); parts.len()];
             for value in right {
@@ -856,23 +990,21 @@ fn constrain(
             match (field.protocol.as_ref(), field.field.as_ref()) {
                 ("ip" | "ip6", "daddr") => {
                     when.daddr.push(Cond::new(
-                        right.iter().flat_map(|v| addr_spans(v)).collect(),
+                        right.iter().filter_map(|v| addr_span(v)),
                         negated,
                     ));
                     true
                 }
                 ("ip" | "ip6", "saddr") => {
                     when.saddr.push(Cond::new(
-                        right.iter().flat_map(|v| addr_spans(v)).collect(),
+                        right.iter().filter_map(|v| addr_span(v)),
                         negated,
                     ));
                     true
                 }
                 ("ip", "protocol") | ("ip6", "nexthdr") => {
-                    when.proto.push(Cond::new(
-                        right.iter().filter_map(|v| proto(v)).collect(),
-                        negated,
-                    ));
+                    when.proto
+                        .push(Cond::new(right.iter().filter_map(|v| proto(v)), negated));
                     true
                 }
                 (l4 @ ("udp" | "tcp" | "sctp" | "udplite" | "th"), "dport") => {
@@ -880,7 +1012,7 @@ fn constrain(
                         when.proto.push(Cond::is(vec![p]));
                     }
                     when.dport.push(Cond::new(
-                        right.iter().flat_map(|v| port_spans(v)).collect(),
+                        right.iter().filter_map(|v| port_span(v)),
                         negated,
                     ));
                     true
@@ -890,20 +1022,15 @@ fn constrain(
         }
         Expression::Named(NamedExpression::Meta(Meta { key })) => match key {
             MetaKey::L4proto => {
-                when.proto.push(Cond::new(
-                    right.iter().filter_map(|v| proto(v)).collect(),
-                    negated,
-                ));
+                when.proto
+                    .push(Cond::new(right.iter().filter_map(|v| proto(v)), negated));
                 true
             }
             MetaKey::Iifname | MetaKey::Iif => {
-                let names = right
-                    .iter()
-                    .filter_map(|v| match v {
-                        Expression::String(s) => Some(s.to_string()),
-                        _ => None,
-                    })
-                    .collect();
+                let names = right.iter().filter_map(|v| match v {
+                    Expression::String(s) => Some(s.to_string()),
+                    _ => None,
+                });
                 when.iif.push(Cond::new(names, negated));
                 true
             }
@@ -934,42 +1061,41 @@ fn constrain(
     }
 }
 
-fn addr_spans(value: &Expression<'_>) -> Vec<AddrSpan> {
+/// The addresses an expression names: one, a prefix or a range.
+fn addr_span(value: &Expression<'_>) -> Option<AddrSpan> {
     let parse = |s: &str| s.parse::<IpAddr>().ok();
     match value {
-        Expression::String(s) => parse(s).map(AddrSpan::one).into_iter().collect(),
+        Expression::String(s) => parse(s).map(AddrSpan::one),
         Expression::Named(NamedExpression::Prefix(p)) => match p.addr.as_ref() {
-            Expression::String(s) => parse(s)
-                .map(|a| AddrSpan::prefix(a, p.len.min(128) as u8))
-                .into_iter()
-                .collect(),
-            _ => Vec::new(),
+            Expression::String(s) => parse(s).map(|a| AddrSpan::prefix(a, p.len.min(128) as u8)),
+            _ => None,
         },
         Expression::Range(r) => match (&r.range[0], &r.range[1]) {
-            (Expression::String(lo), Expression::String(hi)) => match (parse(lo), parse(hi)) {
-                (Some(lo), Some(hi)) => vec![AddrSpan { lo, hi }],
-                _ => Vec::new(),
-            },
-            _ => Vec::new(),
+            (Expression::String(lo), Expression::String(hi)) => Some(AddrSpan {
+                lo: parse(lo)?,
+                hi: parse(hi)?,
+            }),
+            _ => None,
         },
-        Expression::Named(NamedExpression::Elem(e)) => addr_spans(&e.val),
-        _ => Vec::new(),
+        Expression::Named(NamedExpression::Elem(e)) => addr_span(&e.val),
+        _ => None,
     }
 }
 
-fn port_spans(value: &Expression<'_>) -> Vec<PortSpan> {
+/// The ports an expression names: one or a range.
+fn port_span(value: &Expression<'_>) -> Option<PortSpan> {
     let number = |e: &Expression<'_>| match e {
         Expression::Number(n) => u16::try_from(*n).ok(),
         Expression::String(s) => s.parse().ok(),
         _ => None,
     };
     match value {
-        Expression::Range(r) => match (number(&r.range[0]), number(&r.range[1])) {
-            (Some(lo), Some(hi)) => vec![PortSpan { lo, hi }],
-            _ => Vec::new(),
-        },
-        Expression::Named(NamedExpression::Elem(e)) => port_spans(&e.val),
-        other => number(other).map(PortSpan::one).into_iter().collect(),
+        Expression::Range(r) => Some(PortSpan {
+            lo: number(&r.range[0])?,
+            hi: number(&r.range[1])?,
+        }),
+        Expression::Named(NamedExpression::Elem(e)) => port_span(&e.val),
+        other => number(other).map(PortSpan::one),
     }
 }
 

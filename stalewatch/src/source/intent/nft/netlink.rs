@@ -507,6 +507,14 @@ pub trait Sets {
     fn named(&self, name: &str) -> Option<&SetShape>;
 }
 
+/// Whether a rule's expressions look a set up: its statements must be
+/// read as it is announced (an anonymous set's elements are announced
+/// with the rule, and gone once it is), where other rules may be read
+/// later.
+pub fn looks_up(exprs: &[u8]) -> bool {
+    attrs(exprs).any(|(_, e)| attr(e, 1).map(string) == Some("lookup"))
+}
+
 /// Reads a rule's expressions back into statements. `None` when one that
 /// can decide a DNAT is not understood (iptables-nft's compat
 /// expressions among them).
