@@ -2,7 +2,7 @@
 //! given without the kernel's proof: end to end, with the table read back
 //! after every deletion.
 
-use std::time::Duration;
+use std::{process::Command, time::Duration};
 
 use serde_json::Value;
 use stalewatch::source::conntrack::{self, Deletion};
@@ -11,7 +11,7 @@ use stalewatch_tests::{
     poll,
     story::{DEAD_END_BACKEND, DeadEnd, Played, Rules, Story, Variant},
     traffic::{Producer, Receiver},
-    watcher::{Watcher, is_stale_flow},
+    watcher::{self, Watcher, is_stale_flow},
 };
 
 const EVERY: Duration = Duration::from_millis(100);
@@ -145,6 +145,74 @@ fn watch_fix_deletes_exactly_the_stale_entry() -> anyhow::Result<()> {
 #[test]
 fn watch_fix_deletes_a_zoned_entry_in_its_zone() -> anyhow::Result<()> {
     watch_fix(Rules::Nftables, true)
+}
+
+/// Forty streams pinned at once in zone 7, and the stale one: beyond the
+/// first alerts of a second, their zones come from one dump of the table
+/// (not a look-up each), and every fix names zone 7.
+#[test]
+fn many_zoned_flows_raised_at_once_each_name_their_zone() -> anyhow::Result<()> {
+    const MANY: u16 = 40;
+    let mut story = Story::build(Variant::v4(Rules::Nftables))?;
+    zone_everything(&story)?;
+    let old_service = Receiver::start(story.old.as_ref().expect("old"), 8888)?;
+    let sports: Vec<u16> = (1..=MANY).map(|i| OTHER_SPORT + i).collect();
+    let mut others = Vec::new();
+    for &sport in &sports {
+        let src = story.producer_addr(sport);
+        others.push(Producer::start(
+            &story.producer,
+            src,
+            story.service(),
+            EVERY,
+            1500,
+            secs(150),
+        )?);
+    }
+    for &sport in &sports {
+        let src = story.producer_addr(sport);
+        assert!(old_service.wait_from(src, 3, secs(10)), "{sport} pinned");
+    }
+    let Played {
+        mut stream,
+        mut fresh,
+        ..
+    } = story.play(old_service, STALE_SPORT, NEW_SPORT)?;
+    let mut cmd = Command::new(watcher::binary());
+    cmd.args(["watch", "--format", "json", "--netns", &story.router.name])
+        .env("RUST_LOG", "stalewatch=debug");
+    let watcher = Watcher::start_command(cmd, false)?;
+    let all: Vec<u16> = sports.iter().copied().chain([STALE_SPORT]).collect();
+    let raised = poll(secs(30), || {
+        let records = watcher.records();
+        let raised: Vec<Value> = all
+            .iter()
+            .filter_map(|&sport| {
+                records
+                    .iter()
+                    .find(|v| is_stale_flow(v, "raised", sport))
+                    .cloned()
+            })
+            .collect();
+        (raised.len() == all.len()).then_some(raised)
+    })
+    .unwrap_or_else(|| panic!("not all raised: {:?}", watcher.records()));
+    for r in &raised {
+        let fix = r["fix"].as_str().expect("fix");
+        assert!(fix.contains(" --zone 7"), "{fix}");
+    }
+    assert!(
+        watcher.stderr_text().contains("read in one dump"),
+        "the zones were looked up one by one: {}",
+        watcher.stderr_text()
+    );
+    for mut p in others {
+        p.stop();
+    }
+    fresh.stop();
+    stream.stop();
+    watcher.stop()?;
+    Ok(())
 }
 
 /// The entry judged is replaced (same original tuple, another backend)

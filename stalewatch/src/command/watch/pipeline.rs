@@ -294,8 +294,7 @@ impl<W: io::Write> Pipeline<W> {
             AlertState::Resolved => 0,
             _ => self
                 .view
-                .locate(alert.flow.netns, &alert.flow.orig, &alert.flow.reply)
-                .map_or(0, |e| e.zone),
+                .zone_of(alert.flow.netns, &alert.flow.orig, &alert.flow.reply),
         };
         Names {
             path,

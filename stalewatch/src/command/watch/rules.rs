@@ -31,6 +31,9 @@ const READ_BUDGET: f64 = 0.005;
 /// to take, and detection must not wait for it to end (the audit that
 /// follows the walk must raise a pinned entry within 10 s of the change).
 const WALK_WITHIN: Duration = Duration::from_secs(5);
+/// A report's question takes the intent as it is when the changes were
+/// heard this recently (hearing is a system call).
+const HEAR_EVERY: Duration = Duration::from_millis(250);
 /// The reading time that may be saved up, at least: a host whose small
 /// ruleset changes in bursts (a redeploy) reads each change at once, not
 /// one per 100 readings' time. A ruleset whose reading takes longer saves
@@ -58,8 +61,10 @@ struct IntentCache {
     intent: Arc<NatIntent>,
     /// When the rules were last read whole.
     read_at: Instant,
-    /// Ruleset announcements of the namespace, where they can be heard.
+    /// Ruleset announcements of the namespace, where they can be heard,
+    /// and when they last were.
     changes: Option<Changes>,
+    heard_at: Instant,
     /// The rules must be read again whole (a change the reading cannot
     /// take was announced).
     dirty: bool,
@@ -87,6 +92,7 @@ impl IntentCache {
     /// Hears what was announced: changes applied to the reading, or the
     /// rules marked for reading again whole.
     fn hear(&mut self) {
+        self.heard_at = Instant::now();
         let Some(changes) = &mut self.changes else {
             return;
         };
@@ -153,6 +159,16 @@ impl Rules {
         };
         cache.hear();
         cache.due()
+    }
+
+    /// The NAT intent of the namespace at `path` as last made, where its
+    /// changes were heard within HEAR_EVERY (else [`Rules::read`]): what
+    /// a report asks, thousands of times a second in a flood.
+    pub fn current(&mut self, path: &Path) -> Option<Arc<NatIntent>> {
+        match &self.cache {
+            Some(c) if c.heard_at.elapsed() < HEAR_EVERY => Some(c.intent.clone()),
+            _ => self.read(path),
+        }
     }
 
     /// The NAT intent of the namespace at `path`: changes announced
@@ -261,6 +277,7 @@ impl Rules {
             intent: intent.clone(),
             read_at: Instant::now(),
             changes,
+            heard_at: Instant::now(),
             dirty: false,
             applied: 0,
             applied_since: None,

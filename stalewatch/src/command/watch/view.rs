@@ -34,6 +34,8 @@ const HOLDER_TTL: Duration = Duration::from_secs(10);
 /// A port in a namespace: the namespace's path, the protocol, the address
 /// and the port.
 type PortKey = (PathBuf, Proto, IpAddr, u16);
+/// Entries' zones by their original and reply tuples.
+type Zones = HashMap<(Tuple, Tuple), u16>;
 const SIBLINGS_TTL: Duration = Duration::from_secs(2);
 /// The audited namespace's addresses and failed neighbours, as a due
 /// report's judgement takes them, are read at most this often: a flood of
@@ -43,7 +45,12 @@ const FACTS_TTL: Duration = Duration::from_secs(1);
 /// walks the whole table and copies every entry of the service.
 const REMINDER_SIBLINGS_TTL: Duration = Duration::from_secs(30);
 /// Raised flows of one namespace checked one by one; beyond, one dump.
+/// The same for the zones of alerts, per second.
 const LOOKUPS_PER_NETNS: usize = 32;
+/// How long the zones of one dump answer for: an alert names the zone of
+/// its entry, and 50,000 flows raised in a second would otherwise cost a
+/// conntrack look-up each.
+const ZONES_TTL: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 pub struct View {
@@ -68,6 +75,11 @@ pub struct View {
     /// every HOLDER_TTL: the lookup walks every process's open files, and
     /// many flows may bypass one port.
     holders: HashMap<PortKey, (Option<PortHolder>, Instant)>,
+    /// Zones of a namespace's entries by their tuples, from one dump, and
+    /// when: read once alerts ask more than LOOKUPS_PER_NETNS a second.
+    zones: Option<(u32, Instant, Zones)>,
+    /// Zones asked this second: (namespace, since, how many).
+    zones_asked: Option<(u32, Instant, usize)>,
 }
 
 impl View {
@@ -187,7 +199,9 @@ impl View {
         }
         let info = self.netns_info(flow.netns);
         let path = netns::path_of(&info)?;
-        let intent = self.intent(&path)?;
+        // Asked per due report: the intent as last made (the loop's tick
+        // hears the changes and the audit takes them).
+        let intent = self.rules.current(&path)?;
         (!intent.read().is_empty()).then_some((path, intent))
     }
 
@@ -196,7 +210,7 @@ impl View {
     /// cannot be read (the watch reads those of the audited namespace).
     fn dnat_now(&mut self, flow: &Observation) -> Option<(Option<bool>, Vec<Backend>)> {
         let (path, intent) = self.intent_of(flow)?;
-        let mut facts = self.recent_facts(&path);
+        let mut facts = self.recent_facts(&path).clone();
         facts.arrives_on = netns::arrival_interfaces(&path, vec![flow.orig.src]).ok()?;
         let now = audit::dnat_now(&flow.orig, &intent, &facts);
         Some((
@@ -210,7 +224,7 @@ impl View {
     fn rule_backends(&mut self, flow: &Observation) -> Option<Vec<Backend>> {
         let (path, intent) = self.intent_of(flow)?;
         let facts = self.recent_facts(&path);
-        Some(audit::rule_backends(&flow.orig, &intent, &facts))
+        Some(audit::rule_backends(&flow.orig, &intent, facts))
     }
 
     /// Whether the conntrack entry of a flow still exists (see the free
@@ -218,6 +232,70 @@ impl View {
     fn entry_exists(&mut self, netns: u32, orig: &Tuple, reply: &Tuple) -> Option<bool> {
         let path = self.netns_path(netns)?;
         entry_exists(&*self.conn(&path)?, orig, reply)
+    }
+
+    /// The zone of the conntrack entry `orig`/`reply` (0 when it cannot be
+    /// told): looked up alone, or, when alerts ask many a second, from one
+    /// dump of the namespace's table.
+    pub fn zone_of(&mut self, netns: u32, orig: &Tuple, reply: &Tuple) -> u16 {
+        let key = (*orig, *reply);
+        let dumped = self
+            .zones
+            .as_ref()
+            .filter(|(n, at, _)| *n == netns && at.elapsed() < ZONES_TTL);
+        if let Some((_, _, zones)) = dumped {
+            if let Some(zone) = zones.get(&key) {
+                return *zone;
+            }
+        } else {
+            let asked = match self.zones_asked {
+                Some((n, since, count))
+                    if n == netns && since.elapsed() < Duration::from_secs(1) =>
+                {
+                    (n, since, count + 1)
+                }
+                _ => (netns, Instant::now(), 1),
+            };
+            self.zones_asked = Some(asked);
+            if asked.2 > LOOKUPS_PER_NETNS
+                && let Some(zones) = self.dump_zones(netns)
+            {
+                let zone = zones.get(&key).copied();
+                self.zones = Some((netns, Instant::now(), zones));
+                if let Some(zone) = zone {
+                    return zone;
+                }
+            }
+        }
+        self.locate(netns, orig, reply).map_or(0, |e| e.zone)
+    }
+
+    /// The zones of every entry of a namespace, by their tuples.
+    fn dump_zones(&mut self, netns: u32) -> Option<Zones> {
+        let path = self.netns_path(netns)?;
+        let table = self
+            .conn(&path)?
+            .dump(&Filter::default())
+            .map_err(|e| log::warn!("reading conntrack: {}", chain(&e)))
+            .ok()?;
+        log::debug!(
+            "the zones of {} entries of {} read in one dump",
+            table.len(),
+            path.display()
+        );
+        let mut zones = HashMap::with_capacity(table.len());
+        for e in table {
+            // In several zones alike: ambiguous, as `locate` says.
+            zones
+                .entry((e.orig, e.reply))
+                .and_modify(|z| {
+                    if *z != e.zone {
+                        *z = 0;
+                    }
+                })
+                .or_insert(e.zone);
+        }
+        Some(zones)
     }
 
     /// The conntrack entry of a flow as judged (its tuples), with its zone
@@ -340,11 +418,19 @@ impl View {
 impl View {
     /// The facts of the namespace at `path`, read again when older than
     /// FACTS_TTL (see [`View::facts`]).
-    fn recent_facts(&mut self, path: &Path) -> KnownFacts {
-        match &self.recent_facts {
-            Some((p, at, facts)) if p == path && at.elapsed() < FACTS_TTL => facts.clone(),
-            _ => self.facts(path),
+    fn recent_facts(&mut self, path: &Path) -> &KnownFacts {
+        let fresh = self
+            .recent_facts
+            .as_ref()
+            .is_some_and(|(p, at, _)| p == path && at.elapsed() < FACTS_TTL);
+        if !fresh {
+            let facts = self.facts(path);
+            self.recent_facts = Some((path.to_owned(), Instant::now(), facts));
         }
+        let (_, _, facts) = self
+            .recent_facts
+            .get_or_insert_with(|| (path.to_owned(), Instant::now(), KnownFacts::default()));
+        facts
     }
 }
 
