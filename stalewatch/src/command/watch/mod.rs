@@ -154,29 +154,36 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Free heap is handed back at most this often: the rules' walk frees
-/// and takes again a few MiB each time, and handing those back costs a
-/// page fault per page when the next walk takes them (a storm of rule
-/// changes walks every few seconds); `malloc_trim` itself walks the heap.
-const TRIM_EVERY: Duration = Duration::from_secs(30);
+/// Growth of the resident set, in pages, past which free heap is handed
+/// back (4 MiB): the rules' walk frees and takes again a few MiB each
+/// time, and handing those back costs a page fault per page when the next
+/// walk takes them (a storm of rule changes walks every few seconds);
+/// `malloc_trim` itself walks the heap.
+const TRIM_AFTER_PAGES: u64 = 1024;
 
-/// Hands free heap memory back to the system, at most every TRIM_EVERY:
-/// big transient buffers (BTF parsing, conntrack dumps of large tables)
-/// would otherwise stay resident for good in glibc's arenas. A no-op with
-/// other C libraries.
+/// Hands free heap memory back to the system once the resident set grew
+/// by TRIM_AFTER_PAGES since the last time: big transient buffers (BTF
+/// parsing, conntrack dumps of large tables, thousands of alerts raised
+/// at once) would otherwise stay resident for good in glibc's arenas. A
+/// no-op with other C libraries.
 fn release_free_memory() {
-    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let now = monotonic().as_secs();
-    let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
-    if last != 0 && now.saturating_sub(last) < TRIM_EVERY.as_secs() {
+    static AFTER_LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let resident = || -> u64 {
+        std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(u64::MAX)
+    };
+    let last = AFTER_LAST.load(std::sync::atomic::Ordering::Relaxed);
+    if last != 0 && resident() < last.saturating_add(TRIM_AFTER_PAGES) {
         return;
     }
-    LAST.store(now.max(1), std::sync::atomic::Ordering::Relaxed);
     #[cfg(target_env = "gnu")]
     // SAFETY: no preconditions; it only releases free heap memory.
     unsafe {
         nix::libc::malloc_trim(0);
     }
+    AFTER_LAST.store(resident().max(1), std::sync::atomic::Ordering::Relaxed);
 }
 
 fn monotonic() -> Duration {

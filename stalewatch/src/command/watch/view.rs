@@ -107,6 +107,15 @@ impl View {
     /// Closes the sockets of the round.
     pub fn end_round(&mut self) {
         self.conns.clear();
+        // A dump's zones are megabytes for a large table: not kept past
+        // their use.
+        if self
+            .zones
+            .as_ref()
+            .is_some_and(|(_, at, _)| at.elapsed() >= ZONES_TTL)
+        {
+            self.zones = None;
+        }
     }
 
     pub fn netns_info(&mut self, inode: u32) -> NetnsInfo {
