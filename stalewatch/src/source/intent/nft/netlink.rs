@@ -770,7 +770,12 @@ pub fn statements(
                         return Some(out);
                     }
                     Data::Value(v) => {
-                        // A literal, typed by what reads it.
+                        // A literal, typed by what reads it; an IPv6
+                        // address overwrites four 32-bit slots.
+                        let at = slot(dreg)?;
+                        for s in regs.iter_mut().skip(at).take(v.len().div_ceil(4)) {
+                            *s = None;
+                        }
                         let load = Load {
                             expr: Expression::List(
                                 v.iter().map(|&b| Expression::Number(b.into())).collect(),
@@ -1153,6 +1158,19 @@ mod tests {
             serde_json::to_string(&read).unwrap(),
             r#"[{"match":{"left":"?","right":"?","op":"=="}}]"#
         );
+        // A 16-byte literal loaded into register 1 overwrites the 32-bit
+        // slots 0-3: `ip daddr` loaded into slot 1 before it is gone, and
+        // a compare of slot 1 is not read as a match on it.
+        let overwritten = [
+            expr(
+                "payload",
+                &[u32be(1, 9), u32be(2, 1), u32be(3, 16), u32be(4, 4)],
+            ),
+            expr("immediate", &[u32be(1, 1), value(2, &[0xfd; 16])]),
+            expr("cmp", &[u32be(1, 9), u32be(2, 0), value(3, &[10, 0, 0, 1])]),
+        ]
+        .concat();
+        assert!(statements(NfFamily::IP, &overwritten, &NoSets).is_none());
     }
 
     #[test]
