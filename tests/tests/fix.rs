@@ -35,22 +35,22 @@ fn zone_everything(story: &Story) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The story up to the pinned stream (and, with `second`, a second stream
-/// pinned alike from OTHER_SPORT), with a new flow that works.
+/// The story up to the pinned stream (and streams pinned alike from each
+/// of `others`), with a new flow that works.
 fn pinned(
     rules: Rules,
     zoned: bool,
-    second: bool,
+    others: &[u16],
 ) -> anyhow::Result<(Story, Played, Vec<Producer>)> {
     let mut story = Story::build(Variant::v4(rules))?;
     if zoned {
         zone_everything(&story)?;
     }
     let old_service = Receiver::start(story.old.as_ref().expect("old"), 8888)?;
-    let mut others = Vec::new();
-    if second {
-        let src = story.producer_addr(OTHER_SPORT);
-        others.push(Producer::start(
+    let mut producers = Vec::new();
+    for &sport in others {
+        let src = story.producer_addr(sport);
+        producers.push(Producer::start(
             &story.producer,
             src,
             story.service(),
@@ -58,13 +58,16 @@ fn pinned(
             1500,
             secs(150),
         )?);
+    }
+    for &sport in others {
+        let src = story.producer_addr(sport);
         assert!(
             old_service.wait_from(src, 3, secs(10)),
-            "pinned before the redeploy"
+            "{sport} pinned before the redeploy"
         );
     }
     let played = story.play(old_service, STALE_SPORT, NEW_SPORT)?;
-    Ok((story, played, others))
+    Ok((story, played, producers))
 }
 
 fn deleted_of(records: &[Value], sport: u16) -> Vec<Value> {
@@ -79,7 +82,7 @@ fn deleted_of(records: &[Value], sport: u16) -> Vec<Value> {
 /// its zone, the record names it, and the table read back holds neither it
 /// nor any change to its siblings.
 fn watch_fix(rules: Rules, zoned: bool) -> anyhow::Result<()> {
-    let (story, played, _) = pinned(rules, zoned, false)?;
+    let (story, played, _) = pinned(rules, zoned, &[])?;
     let Played {
         mut stream,
         mut fresh,
@@ -153,31 +156,13 @@ fn watch_fix_deletes_a_zoned_entry_in_its_zone() -> anyhow::Result<()> {
 #[test]
 fn many_zoned_flows_raised_at_once_each_name_their_zone() -> anyhow::Result<()> {
     const MANY: u16 = 40;
-    let mut story = Story::build(Variant::v4(Rules::Nftables))?;
-    zone_everything(&story)?;
-    let old_service = Receiver::start(story.old.as_ref().expect("old"), 8888)?;
     let sports: Vec<u16> = (1..=MANY).map(|i| OTHER_SPORT + i).collect();
-    let mut others = Vec::new();
-    for &sport in &sports {
-        let src = story.producer_addr(sport);
-        others.push(Producer::start(
-            &story.producer,
-            src,
-            story.service(),
-            EVERY,
-            1500,
-            secs(150),
-        )?);
-    }
-    for &sport in &sports {
-        let src = story.producer_addr(sport);
-        assert!(old_service.wait_from(src, 3, secs(10)), "{sport} pinned");
-    }
+    let (story, played, others) = pinned(Rules::Nftables, true, &sports)?;
     let Played {
         mut stream,
         mut fresh,
         ..
-    } = story.play(old_service, STALE_SPORT, NEW_SPORT)?;
+    } = played;
     let mut cmd = Command::new(watcher::binary());
     cmd.args(["watch", "--format", "json", "--netns", &story.router.name])
         .env("RUST_LOG", "stalewatch=debug");
@@ -219,7 +204,7 @@ fn many_zoned_flows_raised_at_once_each_name_their_zone() -> anyhow::Result<()> 
 /// before the deletion: nothing is deleted.
 #[test]
 fn a_replaced_entry_is_not_deleted() -> anyhow::Result<()> {
-    let (story, played, _) = pinned(Rules::Iptables, false, false)?;
+    let (story, played, _) = pinned(Rules::Iptables, false, &[])?;
     let Played {
         mut stream,
         mut fresh,
@@ -294,7 +279,7 @@ fn check_until(netns: &str, n: usize, limit: Duration) -> Vec<Value> {
 /// in its zone, reads the table again and exits 0; the new flow is left.
 #[test]
 fn check_fix_deletes_the_stale_entries_and_reads_the_table_again() -> anyhow::Result<()> {
-    let (story, played, mut others) = pinned(Rules::Nftables, true, true)?;
+    let (story, played, mut others) = pinned(Rules::Nftables, true, &[OTHER_SPORT])?;
     let Played {
         mut stream,
         mut fresh,

@@ -241,11 +241,10 @@ impl Rules {
             c.drain(|_| {});
         }
         let started = Instant::now();
-        let reading = intent::read(path)
+        let mut reading = intent::read(path)
             .map_err(|e| log::warn!("NAT intent: {}", chain(&e)))
             .ok()?;
         let read_cost = started.elapsed();
-        let mut reading = reading;
         let intent = Arc::new(
             reading
                 .intent()

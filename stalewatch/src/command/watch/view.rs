@@ -4,7 +4,7 @@
 //! flood of conntrack dumps).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::IpAddr,
     path::{Path, PathBuf},
     rc::Rc,
@@ -279,7 +279,8 @@ impl View {
         self.locate(netns, orig, reply).map_or(0, |e| e.zone)
     }
 
-    /// The zones of every entry of a namespace, by their tuples.
+    /// The zones of every entry of a namespace, by their tuples (one dump
+    /// of its table).
     fn dump_zones(&mut self, netns: u32) -> Option<Zones> {
         let path = self.netns_path(netns)?;
         let table = self
@@ -372,16 +373,11 @@ impl View {
             );
         }
         // Many: one dump of the table beats a lookup each.
-        let table = conn
-            .dump(&Filter::default())
-            .map_err(|e| log::warn!("reading conntrack: {}", chain(&e)))
-            .ok()?;
-        let present: HashSet<(Tuple, Tuple)> =
-            table.into_iter().map(|e| (e.orig, e.reply)).collect();
+        let present = self.dump_zones(netns)?;
         Some(
             flows
                 .iter()
-                .filter(|f| !present.contains(&(f.orig, f.reply)))
+                .filter(|f| !present.contains_key(&(f.orig, f.reply)))
                 .copied()
                 .collect(),
         )

@@ -116,7 +116,8 @@ pub struct Ruleset {
     anonymous: HashMap<Key, (SetShape, Elements)>,
     /// False once a rule that DNATs could not be read.
     complete: bool,
-    /// Rules kept as announced, not read yet.
+    /// Rules kept as announced since the last settle (some may be gone
+    /// since): none, and there is nothing to read.
     announced: usize,
     /// Tables read by another tool (iptables-nft's `nat`): their
     /// changes make the rules read again whole.
