@@ -61,7 +61,9 @@ impl Reading {
         if let Some(ruleset) = &mut self.nft {
             ruleset.settle()?;
             let parsed = ruleset.walk();
-            rules.extend(parsed.rules);
+            // Taken, not copied: thousands of rules.
+            rules = parsed.rules;
+            rules.reserve(self.iptables.len());
             read.push(EngineRead {
                 engine: RuleEngine::Nftables,
                 complete: parsed.complete,

@@ -119,6 +119,8 @@ pub struct Ruleset {
     /// Rules kept as announced since the last settle (some may be gone
     /// since): none, and there is nothing to read.
     announced: usize,
+    /// The DNAT rules the last walk found.
+    walked: usize,
     /// Tables read by another tool (iptables-nft's `nat`): their
     /// changes make the rules read again whole.
     foreign: Vec<(String, String)>,
@@ -187,7 +189,6 @@ impl Ruleset {
             return Ok(());
         }
         for (k, chain) in &mut self.chains {
-            let (_, table, _) = parts(k);
             for kept in &mut chain.rules {
                 if let Kept::Announced {
                     handle,
@@ -199,7 +200,7 @@ impl Ruleset {
                         shapes: &self.shapes,
                         anonymous: &self.anonymous,
                         family: *family,
-                        table,
+                        table: parts(k).1,
                     };
                     *kept = Kept::Read(read_rule(*family, *handle, exprs, &sets)?);
                 }
@@ -211,7 +212,7 @@ impl Ruleset {
 
     /// The DNATs of the ruleset, walked from its NAT base chains (rules
     /// not read yet, see [`Ruleset::settle`], are left out).
-    pub fn walk(&self) -> Parsed {
+    pub fn walk(&mut self) -> Parsed {
         let iptables_dnat = self.chains.values().flat_map(|c| read(&c.rules)).any(|r| {
             r.expr.iter().any(|s| {
                 matches!(s, Statement::XT(Some(xt))
@@ -221,7 +222,9 @@ impl Ruleset {
         });
         let mut walk = Walk {
             ruleset: self,
-            out: Vec::new(),
+            // As many as last time: ten thousand rules grown by doubling
+            // are megabytes copied and fresh pages faulted in.
+            out: Vec::with_capacity(self.walked),
             complete: self.complete,
             entered: HashSet::default(),
             scratch: String::new(),
@@ -239,11 +242,15 @@ impl Ruleset {
                 family,
                 ..Conditions::default()
             };
-            walk.chain(key, when, 0);
+            if let Some((key, rules)) = self.chains.get_key_value(key) {
+                walk.chain(key, rules, when, 0);
+            }
         }
+        let Walk { out, complete, .. } = walk;
+        self.walked = out.len();
         Parsed {
-            rules: walk.out,
-            complete: walk.complete,
+            rules: out,
+            complete,
             iptables_dnat,
         }
     }
@@ -653,24 +660,22 @@ impl<'r> Walk<'r> {
     /// Walks into chain `name` of the table of `from`.
     fn jump(&mut self, from: &str, name: &str, when: Conditions, depth: usize) {
         let ruleset: &'r Ruleset = self.ruleset;
-        if let Some((next, _)) =
+        if let Some((next, rules)) =
             ruleset
                 .chains
                 .get_key_value(sibling(&mut self.scratch, from, name))
         {
-            self.chain(next, when, depth);
+            self.chain(next, rules, when, depth);
         }
     }
 
-    fn chain(&mut self, chain: &'r str, when: Conditions, depth: usize) {
+    /// Walks chain `chain`, whose rules are `rules` (looked up once).
+    fn chain(&mut self, chain: &'r str, rules: &'r Rules, when: Conditions, depth: usize) {
         if depth > MAX_DEPTH {
             self.complete = false;
             return;
         }
-        let ruleset: &'r Ruleset = self.ruleset;
-        let Some(Rules { label, rules }) = ruleset.chains.get(chain) else {
-            return;
-        };
+        let Rules { label, rules } = rules;
         if depth == 1 && !self.entered.insert((chain, when.clone())) {
             return;
         }
