@@ -385,7 +385,7 @@ fn walk_timing() {
         size_of::<nftables::expr::Expression>(),
         size_of::<nftables::schema::Rule>()
     );
-    let ruleset = nft::Ruleset::from_json(&json).unwrap();
+    let mut ruleset = nft::Ruleset::from_json(&json).unwrap();
     drop(json);
     // SAFETY: releases free memory only.
     unsafe { nix::libc::malloc_trim(0) };
