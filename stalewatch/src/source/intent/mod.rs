@@ -269,4 +269,14 @@ impl Changes {
 }
 
 #[cfg(test)]
+impl Changes {
+    /// What [`Changes::drain`] reads, as received.
+    fn drain_raw(&mut self, mut each: impl FnMut(&[u8])) {
+        while let Ok(n @ 1..) = self.socket.recv(&mut &mut self.buf[..], 0) {
+            each(&self.buf[..n]);
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests;

@@ -408,3 +408,77 @@ fn walk_timing() {
         eprintln!("with the intent: {}", rss());
     }
 }
+
+/// The cost of a storm of announced changes, without the kernel: with
+/// STALEWATCH_STORM_NETNS (a namespace holding a ruleset) and
+/// STALEWATCH_STORM_INPUTS (`nft -f` inputs, comma-separated), the
+/// inputs are applied in turn STALEWATCH_ROUNDS times in all and their
+/// announcements captured, then replayed in order, each rewrite's: taking
+/// them, then the intent made.
+/// `cargo test --release -p stalewatch --lib storm_timing -- --ignored --nocapture`
+#[test]
+#[ignore = "needs root, a namespace and nft: a measurement, not a check"]
+fn storm_timing() {
+    use std::time::{Duration, Instant};
+    let (Ok(ns), Ok(inputs)) = (
+        std::env::var("STALEWATCH_STORM_NETNS"),
+        std::env::var("STALEWATCH_STORM_INPUTS"),
+    ) else {
+        eprintln!("STALEWATCH_STORM_NETNS and STALEWATCH_STORM_INPUTS unset: nothing measured");
+        return;
+    };
+    let path = std::path::PathBuf::from(format!("/run/netns/{ns}"));
+    let mut changes = super::Changes::listen(&path).unwrap();
+    let mut reading = super::read(&path).unwrap();
+    changes.drain(|_| {});
+    let rounds: usize = std::env::var("STALEWATCH_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10);
+    let mut captured: Vec<Vec<Vec<u8>>> = Vec::new();
+    for input in inputs.split(',').cycle().take(rounds) {
+        let status = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "nft", "-f", input])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let mut bufs = Vec::new();
+        let quiet_since = Instant::now();
+        while quiet_since.elapsed() < Duration::from_millis(300) {
+            changes.drain_raw(|b| bufs.push(b.to_vec()));
+        }
+        captured.push(bufs);
+    }
+    let (mut taking, mut making) = (Duration::ZERO, Duration::ZERO);
+    for round in 0..rounds {
+        let t = Instant::now();
+        let mut n = 0;
+        for buf in &captured[round] {
+            super::netlink::decode(buf, |a| {
+                n += 1;
+                reading.apply(a).unwrap();
+            });
+        }
+        let took = t.elapsed();
+        let ruleset = reading.nft.as_mut().unwrap();
+        ruleset.settle().unwrap();
+        let settled = t.elapsed() - took;
+        let parsed = ruleset.walk();
+        let walked = t.elapsed() - took - settled;
+        let intent = NatIntent::new(parsed.rules, Vec::new());
+        let made = t.elapsed() - took;
+        eprintln!(
+            "{n} announcements taken in {took:?}; the intent ({} rules) made in {made:?}: settle {settled:?}, walk {walked:?}, NatIntent::new {:?}",
+            intent.rules().len(),
+            made - settled - walked
+        );
+        drop(intent);
+        taking += took;
+        making += made;
+    }
+    eprintln!(
+        "per round: taking {:?}, making {:?}",
+        taking / rounds as u32,
+        making / rounds as u32
+    );
+}

@@ -88,8 +88,8 @@ pub struct Parsed {
     pub rules: Vec<DnatRule>,
     /// Every DNAT of nftables' own was understood.
     pub complete: bool,
-    /// iptables-nft DNATs are there too (compat statements), for its own
-    /// reader.
+    /// iptables-nft DNATs are on the way too (compat statements), for its
+    /// own reader.
     pub iptables_dnat: bool,
 }
 
@@ -213,19 +213,13 @@ impl Ruleset {
     /// The DNATs of the ruleset, walked from its NAT base chains (rules
     /// not read yet, see [`Ruleset::settle`], are left out).
     pub fn walk(&mut self) -> Parsed {
-        let iptables_dnat = self.chains.values().flat_map(|c| read(&c.rules)).any(|r| {
-            r.expr.iter().any(|s| {
-                matches!(s, Statement::XT(Some(xt))
-                    if xt.get("type").and_then(Value::as_str) == Some("target")
-                        && xt.get("name").and_then(Value::as_str) == Some("DNAT"))
-            })
-        });
         let mut walk = Walk {
             ruleset: self,
             // As many as last time: ten thousand rules grown by doubling
             // are megabytes copied and fresh pages faulted in.
             out: Vec::with_capacity(self.walked),
             complete: self.complete,
+            iptables_dnat: false,
             entered: HashSet::default(),
             scratch: String::new(),
         };
@@ -246,7 +240,12 @@ impl Ruleset {
                 walk.chain(key, rules, when, 0);
             }
         }
-        let Walk { out, complete, .. } = walk;
+        let Walk {
+            out,
+            complete,
+            iptables_dnat,
+            ..
+        } = walk;
         self.walked = out.len();
         Parsed {
             rules: out,
@@ -583,14 +582,6 @@ fn read_rule(
     })
 }
 
-/// The rules of a chain that are read (all of them, once settled).
-fn read(rules: &[Kept]) -> impl Iterator<Item = &Rule<'static>> {
-    rules.iter().filter_map(|r| match r {
-        Kept::Read(r) => Some(r),
-        Kept::Announced { .. } => None,
-    })
-}
-
 /// The sets a rule of one table may look up.
 struct TableSets<'r> {
     shapes: &'r HashMap<Key, SetShape>,
@@ -648,6 +639,8 @@ struct Walk<'r> {
     ruleset: &'r Ruleset,
     out: Vec<DnatRule>,
     complete: bool,
+    /// An iptables-nft DNAT (a compat target) is on the way.
+    iptables_dnat: bool,
     /// Chains a base chain jumped to, with the conditions of the jump:
     /// kube-proxy's prerouting and output chains both jump to its
     /// `services`, which is walked once.
@@ -689,6 +682,11 @@ impl<'r> Walk<'r> {
             };
             if rule.expr.iter().any(|s| matches!(s, Statement::XT(_))) {
                 // iptables-nft's: read from iptables-nft-save.
+                self.iptables_dnat |= rule.expr.iter().any(|s| {
+                    matches!(s, Statement::XT(Some(xt))
+                        if xt.get("type").and_then(Value::as_str) == Some("target")
+                            && xt.get("name").and_then(Value::as_str) == Some("DNAT"))
+                });
                 continue;
             }
             // The last rule takes the conditions: nothing comes after it.

@@ -24,6 +24,7 @@ use nftables::{
     stmt::{JumpTarget, Match, NAT, NATFamily, Operator, Statement, VerdictMap},
     types::NfFamily,
 };
+use smallvec::SmallVec;
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NLMSG_HDRLEN: usize = 16;
@@ -496,6 +497,9 @@ struct Load {
     kind: Kind,
     /// A `bitwise` mask of the high `prefix` bits applied.
     prefix: Option<u32>,
+    /// The bytes of an `immediate` literal (then `expr` is opaque): read
+    /// by what takes the register (a NAT address or port).
+    literal: Option<SmallVec<[u8; 16]>>,
 }
 
 /// The sets a rule's lookups may name: anonymous ones by their elements
@@ -524,7 +528,8 @@ pub fn statements(
     sets: &dyn Sets,
 ) -> Option<Vec<Statement<'static>>> {
     let mut regs: [Option<Load>; 16] = Default::default();
-    let mut out = Vec::new();
+    // Most rules are a few matches and a verdict or NAT: one allocation.
+    let mut out = Vec::with_capacity(4);
     for (_, e) in attrs(exprs) {
         let name = attr(e, 1).map(string)?;
         let a = attr(e, 2).unwrap_or_default();
@@ -777,11 +782,8 @@ pub fn statements(
                             *s = None;
                         }
                         let load = Load {
-                            expr: Expression::List(
-                                v.iter().map(|&b| Expression::Number(b.into())).collect(),
-                            ),
-                            kind: Kind::Opaque,
-                            prefix: None,
+                            literal: Some(SmallVec::from_slice(v)),
+                            ..opaque_load()
                         };
                         put_reg(&mut regs, dreg, load)?;
                     }
@@ -856,6 +858,7 @@ fn opaque_load() -> Load {
         expr: opaque(),
         kind: Kind::Opaque,
         prefix: None,
+        literal: None,
     }
 }
 
@@ -917,6 +920,7 @@ fn set_reg(
             expr,
             kind,
             prefix: None,
+            literal: None,
         },
     )
 }
@@ -966,18 +970,9 @@ fn nat_value(
 ) -> Option<Expression<'static>> {
     let read = |reg: u32| -> Option<Expression<'static>> {
         let load = get_reg(regs, reg)?;
-        match &load.expr {
-            Expression::List(bytes) if load.kind == Kind::Opaque => {
-                let bytes: Vec<u8> = bytes
-                    .iter()
-                    .filter_map(|b| match b {
-                        Expression::Number(n) => u8::try_from(*n).ok(),
-                        _ => None,
-                    })
-                    .collect();
-                kind.value(&bytes)
-            }
-            Expression::Named(NamedExpression::Map(_)) => Some(load.expr.clone()),
+        match (&load.literal, &load.expr) {
+            (Some(bytes), _) => kind.value(bytes),
+            (None, Expression::Named(NamedExpression::Map(_))) => Some(load.expr.clone()),
             _ => None,
         }
     };
