@@ -442,7 +442,7 @@ mod tests {
                 dport: smallvec::smallvec![Cond::is(vec![PortSpan::one(53)])],
                 ..Conditions::default()
             },
-            to: vec![NatTarget {
+            to: smallvec::smallvec![NatTarget {
                 addr: AddrSpan::one(to.parse().unwrap()),
                 port: Some(PortSpan::one(53)),
             }],

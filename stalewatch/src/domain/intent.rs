@@ -306,8 +306,16 @@ pub struct DnatRule {
     /// evidence.
     pub chain: Arc<str>,
     pub when: Conditions,
-    pub to: Vec<NatTarget>,
+    /// Most DNAT to one target: kept inline (ten thousand rules walked
+    /// again at every change would be ten thousand allocations).
+    pub to: Targets,
 }
+
+/// The targets of one DNAT rule.
+pub type Targets = SmallVec<[NatTarget; 1]>;
+
+/// Rules by an address: most addresses have one or two.
+type At = SmallVec<[usize; 2]>;
 
 /// What one rule engine's rules said, as read.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -326,11 +334,11 @@ pub struct NatIntent {
     rules: Vec<DnatRule>,
     read: Vec<EngineRead>,
     /// Rules that name their destinations outright, by address.
-    by_dst: HashMap<IpAddr, Vec<usize>>,
+    by_dst: HashMap<IpAddr, At>,
     /// The others (a prefix, a negation, the host's own addresses, none).
     wide: Vec<usize>,
     /// Rules by the single addresses they DNAT to.
-    by_target: HashMap<IpAddr, Vec<usize>>,
+    by_target: HashMap<IpAddr, At>,
 }
 
 impl NatIntent {
@@ -354,6 +362,8 @@ impl NatIntent {
         rules.retain(|_| keep.next().unwrap_or(true));
         let mut intent = NatIntent {
             read,
+            by_dst: HashMap::with_capacity_and_hasher(rules.len(), Default::default()),
+            by_target: HashMap::with_capacity_and_hasher(rules.len(), Default::default()),
             ..NatIntent::default()
         };
         for (at, rule) in rules.iter().enumerate() {
@@ -507,7 +517,7 @@ mod tests {
                 dport: smallvec::smallvec![Cond::is(vec![PortSpan::one(53)])],
                 ..Conditions::default()
             },
-            to: vec![NatTarget {
+            to: smallvec::smallvec![NatTarget {
                 addr: AddrSpan::one(addr(to)),
                 port: Some(PortSpan::one(53)),
             }],

@@ -213,7 +213,7 @@ impl Walk<'_> {
             engine: self.engine,
             chain: chain.into(),
             when,
-            to: vec![NatTarget {
+            to: smallvec::smallvec![NatTarget {
                 addr: AddrSpan::all(family),
                 port,
             }],
@@ -242,7 +242,7 @@ impl Walk<'_> {
             engine: self.engine,
             chain: chain.into(),
             when,
-            to,
+            to: to.into(),
         });
     }
 }

@@ -46,8 +46,27 @@ type Key = String;
 /// others (a kube-proxy map holds one per service).
 type Elements = IndexMap<String, Expression<'static>, foldhash::fast::RandomState>;
 
-/// A chain's rules, and its name as evidence says it.
+/// A chain as the maps know it: a 128-bit digest of its [`Key`] under
+/// the ruleset's own random seeds, compared in place. A key compared as
+/// a string is a cache miss of its own for each of thousands of chains,
+/// at every rule announced and every walk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct ChainId(u64, u64);
+
+/// Makes [`ChainId`]s: two hashes with seeds of their own.
+#[derive(Default)]
+struct ChainIds([foldhash::fast::RandomState; 2]);
+
+impl ChainIds {
+    fn of(&self, key: &str) -> ChainId {
+        use std::hash::BuildHasher as _;
+        ChainId(self.0[0].hash_one(key), self.0[1].hash_one(key))
+    }
+}
+
+/// A chain's rules, its key and its name as evidence says it.
 struct Rules {
+    key: Key,
     label: Arc<str>,
     rules: Vec<Kept>,
 }
@@ -74,10 +93,11 @@ impl Kept {
 }
 
 impl Rules {
-    fn new(k: &str) -> Rules {
-        let (family, table, name) = parts(k);
+    fn new(key: Key) -> Rules {
+        let (family, table, name) = parts(&key);
         Rules {
             label: format!("{family} {table}/{name}").into(),
+            key,
             rules: Vec::new(),
         }
     }
@@ -105,7 +125,8 @@ pub fn parse(json: &str) -> Result<Parsed, serde_json::Error> {
 pub struct Ruleset {
     /// NAT base chains at prerouting or output.
     bases: Vec<Key>,
-    chains: HashMap<Key, Rules>,
+    ids: ChainIds,
+    chains: HashMap<ChainId, Rules>,
     /// Elements of sets and maps: a set's are keys, a map's `[key, value]`.
     elements: HashMap<Key, Elements>,
     /// Named sets' shapes, to read the elements announced; a set of a
@@ -188,7 +209,7 @@ impl Ruleset {
         if self.announced == 0 {
             return Ok(());
         }
-        for (k, chain) in &mut self.chains {
+        for chain in self.chains.values_mut() {
             for kept in &mut chain.rules {
                 if let Kept::Announced {
                     handle,
@@ -200,7 +221,7 @@ impl Ruleset {
                         shapes: &self.shapes,
                         anonymous: &self.anonymous,
                         family: *family,
-                        table: parts(k).1,
+                        table: parts(&chain.key).1,
                     };
                     *kept = Kept::Read(read_rule(*family, *handle, exprs, &sets)?);
                 }
@@ -236,8 +257,9 @@ impl Ruleset {
                 family,
                 ..Conditions::default()
             };
-            if let Some((key, rules)) = self.chains.get_key_value(key) {
-                walk.chain(key, rules, when, 0);
+            let id = self.ids.of(key);
+            if let Some(rules) = self.chains.get(&id) {
+                walk.chain(key, id, rules, when, 0);
             }
         }
         let Walk {
@@ -279,7 +301,7 @@ impl Ruleset {
                     f == family && t == name
                 };
                 self.bases.retain(|k| !of_table(k));
-                self.chains.retain(|k, _| !of_table(k));
+                self.chains.retain(|_, r| !of_table(&r.key));
                 self.elements.retain(|k, _| !of_table(k));
                 self.shapes.retain(|k, _| !of_table(k));
                 self.anonymous.retain(|k, _| !of_table(k));
@@ -292,7 +314,7 @@ impl Ruleset {
                 let k = object_key(&chain);
                 if gone {
                     self.bases.retain(|b| *b != k);
-                    self.chains.remove(&k);
+                    self.chains.remove(&self.ids.of(&k));
                 } else if nat_base
                     && matches!(chain.family, NfFamily::IP | NfFamily::IP6 | NfFamily::INet)
                     && !self.bases.contains(&k)
@@ -311,7 +333,7 @@ impl Ruleset {
                 let k = object_key(&chain);
                 let handle = u32::try_from(handle).map_err(|_| Unread("a rule handle"))?;
                 if gone {
-                    if let Some(chain) = self.chains.get_mut(&k) {
+                    if let Some(chain) = self.chains.get_mut(&self.ids.of(&k)) {
                         chain.rules.retain(|r| r.handle() != Some(handle));
                     }
                     return Ok(());
@@ -334,8 +356,8 @@ impl Ruleset {
                 };
                 let rules = &mut self
                     .chains
-                    .entry(k)
-                    .or_insert_with_key(|k| Rules::new(k))
+                    .entry(self.ids.of(&k))
+                    .or_insert_with(|| Rules::new(k))
                     .rules;
                 rules.retain(|r| r.handle() != Some(handle));
                 let at = match after {
@@ -412,8 +434,8 @@ impl Ruleset {
                 Ok(rule) => {
                     let k = key(rule.family, &rule.table, &rule.chain);
                     self.chains
-                        .entry(k)
-                        .or_insert_with_key(|k| Rules::new(k))
+                        .entry(self.ids.of(&k))
+                        .or_insert_with(|| Rules::new(k))
                         .rules
                         .push(Kept::Read(rule));
                 }
@@ -644,32 +666,39 @@ struct Walk<'r> {
     /// Chains a base chain jumped to, with the conditions of the jump:
     /// kube-proxy's prerouting and output chains both jump to its
     /// `services`, which is walked once.
-    entered: HashSet<(&'r str, Conditions)>,
+    entered: HashSet<(ChainId, Conditions)>,
     /// Where the key of the next chain is written to look it up.
     scratch: String,
 }
 
 impl<'r> Walk<'r> {
-    /// Walks into chain `name` of the table of `from`.
-    fn jump(&mut self, from: &str, name: &str, when: Conditions, depth: usize) {
+    /// Walks into chain `name` of the table of `from` (the key of a
+    /// chain of that table: the walk's base chain, whose key is in the
+    /// cache, not the chain's own).
+    fn jump(&mut self, from: &'r str, name: &str, when: Conditions, depth: usize) {
         let ruleset: &'r Ruleset = self.ruleset;
-        if let Some((next, rules)) =
-            ruleset
-                .chains
-                .get_key_value(sibling(&mut self.scratch, from, name))
-        {
-            self.chain(next, rules, when, depth);
+        let id = ruleset.ids.of(sibling(&mut self.scratch, from, name));
+        if let Some(rules) = ruleset.chains.get(&id) {
+            self.chain(from, id, rules, when, depth);
         }
     }
 
-    /// Walks chain `chain`, whose rules are `rules` (looked up once).
-    fn chain(&mut self, chain: &'r str, rules: &'r Rules, when: Conditions, depth: usize) {
+    /// Walks chain `id` of the table of `chain` (a key of that table),
+    /// whose rules are `rules` (looked up once).
+    fn chain(
+        &mut self,
+        chain: &'r str,
+        id: ChainId,
+        rules: &'r Rules,
+        when: Conditions,
+        depth: usize,
+    ) {
         if depth > MAX_DEPTH {
             self.complete = false;
             return;
         }
-        let Rules { label, rules } = rules;
-        if depth == 1 && !self.entered.insert((chain, when.clone())) {
+        let Rules { label, rules, .. } = rules;
+        if depth == 1 && !self.entered.insert((id, when.clone())) {
             return;
         }
         // What a rule that ends the chain for its packets (return,
@@ -890,7 +919,7 @@ impl<'r> Walk<'r> {
                         engine: RuleEngine::Nftables,
                         chain: label.clone(),
                         when: branch,
-                        to: vec![t],
+                        to: smallvec![t],
                     }),
                     None => self.complete = false,
                 }
@@ -902,7 +931,7 @@ impl<'r> Walk<'r> {
                 engine: RuleEngine::Nftables,
                 chain: label.clone(),
                 when,
-                to: vec![t],
+                to: smallvec![t],
             }),
             None => self.complete = false,
         }
@@ -1110,5 +1139,40 @@ fn proto(value: &Expression<'_>) -> Option<Proto> {
         Expression::String(s) if s == "th" => None,
         Expression::String(s) => Proto::from_name(s),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_ids_are_two_hashes_of_their_own() {
+        let ids = ChainIds::default();
+        let k = key(
+            NfFamily::IP,
+            "kube-proxy",
+            "endpoint-00001-0-bench/svc-1/tcp/http",
+        );
+        let id = ids.of(&k);
+        assert_eq!(id, ids.of(&k.clone()));
+        // Two seeds, not one hash twice.
+        assert_ne!(id.0, id.1);
+        assert_ne!(
+            id,
+            ids.of(&key(
+                NfFamily::IP,
+                "kube-proxy",
+                "endpoint-00001-1-bench/svc-1/tcp/http"
+            ))
+        );
+        assert_ne!(
+            id,
+            ids.of(&key(
+                NfFamily::IP6,
+                "kube-proxy",
+                "endpoint-00001-0-bench/svc-1/tcp/http"
+            ))
+        );
     }
 }
