@@ -7,7 +7,7 @@ use super::{
     details::{cost_details, detail, load_details, stale_details},
     intent,
     loads::Load,
-    measure::{Ctx, Under, series},
+    measure::{self, Ctx, Under, series},
     render::{cpu_row, empty_rows, ratio_row, stale_rows, value_row},
     synthetic,
     table::{self, Report, Row, median},
@@ -206,10 +206,17 @@ pub fn figure_3bc(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
     // 3c. Memory at the conntrack table's size, which the bench must not
     // fill: extrapolated from 3b, and the correlator measured in process.
     eprintln!("stalewatch-bench: 3c memory at {CONNTRACK_MAX} flows");
-    let idle = median(&b.values(Under::Stalewatch, |r| r.idle_rss_kib)).unwrap_or(f64::NAN);
-    let loaded = median(&b.values(Under::Stalewatch, |r| r.rss_kib)).unwrap_or(f64::NAN);
-    let per_flow = (loaded - idle) / f64::from(s.flows);
-    let extrapolated = idle + per_flow * f64::from(CONNTRACK_MAX);
+    // What grows with the flows is anonymous memory (the heap): the pages
+    // of the binary that more of its code running brings in are counted
+    // once, at their number at 3b's end.
+    let med = |f: fn(&measure::RunResult) -> f64| {
+        median(&b.values(Under::Stalewatch, f)).unwrap_or(f64::NAN)
+    };
+    let (idle, loaded) = (med(|r| r.idle_rss_kib), med(|r| r.rss_kib));
+    let (idle_anon, loaded_anon) = (med(|r| r.idle_anon_kib), med(|r| r.anon_kib));
+    let per_flow = (loaded_anon - idle_anon) / f64::from(s.flows);
+    let extrapolated = loaded + per_flow * f64::from(CONNTRACK_MAX - s.flows);
+    let whole_per_flow = (loaded - idle) / f64::from(s.flows);
     let big = {
         let tool = Tool::stalewatch(&ctx.bin, &ctx.topo.router.name, CONNTRACK_MAX, true)?;
         let maps = tools::map_memory(tool.pid())?;
@@ -225,15 +232,33 @@ pub fn figure_3bc(ctx: &mut Ctx, report: &mut Report) -> anyhow::Result<()> {
     };
     let mut rows = vec![
         plain(
-            "stalewatch VmRSS, extrapolated linearly from 3b (measured)".to_owned(),
+            "stalewatch VmRSS, extrapolated from 3b: VmRSS at its end + its heap per flow x the flows beyond"
+                .to_owned(),
             table::mib(extrapolated * 1024.0),
         ),
         plain(
             format!(
-                "  per flow, from 3b: (VmRSS at the end - at start) / {}",
+                "  heap per flow, from 3b: (RssAnon at the end - at start) / {}",
                 s.flows
             ),
             format!("{:.0} B", per_flow * 1024.0),
+        ),
+        plain(
+            "  at 3b's end: VmRSS / of which RssAnon (the rest: pages of the binary and libraries)"
+                .to_owned(),
+            format!(
+                "{} / {}",
+                table::mib(loaded * 1024.0),
+                table::mib(loaded_anon * 1024.0)
+            ),
+        ),
+        plain(
+            "  the former extrapolation: VmRSS growth per flow x every flow".to_owned(),
+            format!(
+                "{} ({:.0} B a flow)",
+                table::mib((idle + whole_per_flow * f64::from(CONNTRACK_MAX)) * 1024.0),
+                whole_per_flow * 1024.0
+            ),
         ),
     ];
     let budget = if s.runs == 1 {
@@ -476,6 +501,19 @@ fn rules_rows(
             true,
             Some((1.0, "< 1%")),
         ),
+        Row {
+            // The watch's other work (the audit, the namespace's facts)
+            // is the column without: what is left is keeping the intent.
+            figure: "  of which keeping the intent: with rewrites - without, medians".to_owned(),
+            with: match (
+                median(&values(with, &|r| r.cpu)),
+                median(&values(without, &|r| r.cpu)),
+            ) {
+                (Some(a), Some(b)) => table::percent(a - b),
+                _ => "-".to_owned(),
+            },
+            ..Row::default()
+        },
         Row {
             figure: "  a rewrite taken into the intent: after its nft -f, median / slowest"
                 .to_owned(),

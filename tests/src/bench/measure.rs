@@ -102,6 +102,9 @@ pub struct RunResult {
     pub rss_kib: f64,
     pub hwm_kib: f64,
     pub idle_rss_kib: f64,
+    /// RssAnon at the end and at the start.
+    pub anon_kib: f64,
+    pub idle_anon_kib: f64,
     pub cost: Vec<ProgCost>,
     pub alerts: Option<Alerts>,
     pub reports: Option<u64>,
@@ -157,6 +160,7 @@ fn measure(ctx: &mut Ctx, load: &Load, under: Under) -> anyhow::Result<RunResult
     if let Some(pid) = pid {
         let (rss, hwm) = procfs::memory_kib(pid)?;
         (r.idle_rss_kib, r.idle_hwm_kib) = (rss as f64, hwm as f64);
+        r.idle_anon_kib = procfs::anon_kib(pid)? as f64;
     }
     let cost_window = if load.cost && pid.is_some() {
         s.cost_window
@@ -250,6 +254,7 @@ fn measure(ctx: &mut Ctx, load: &Load, under: Under) -> anyhow::Result<RunResult
     if let Some(pid) = pid {
         let (rss, hwm) = procfs::memory_kib(pid)?;
         (r.rss_kib, r.hwm_kib) = (rss as f64, hwm as f64);
+        r.anon_kib = procfs::anon_kib(pid)? as f64;
         if cost_window > Duration::ZERO {
             r.cost = tools::prog_cost(pid, cost_window)?;
         }

@@ -161,6 +161,20 @@ pub fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
     Ok((field("VmRSS:"), field("VmHWM:")))
 }
 
+/// Anonymous resident memory of a process, KiB (`RssAnon`): the heap and
+/// stacks, without the pages of the binary and libraries it ran, which
+/// grow as more of its code runs but not with what it holds.
+pub fn anon_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    Ok(status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0))
+}
+
 /// Ids of the BPF programs (`prog_id`) or maps (`map_id`) a process holds,
 /// from its fds' fdinfo: exact, whatever else runs on the machine.
 pub fn bpf_ids(pid: u32, key: &str) -> BTreeSet<u32> {
