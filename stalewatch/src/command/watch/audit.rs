@@ -46,6 +46,8 @@ pub struct Auditor {
     mirror: Option<Mirror>,
     /// When to try opening the mirror again after it failed.
     mirror_retry: Option<Instant>,
+    /// Mirrors opened so far: tells one socket from the next.
+    mirrors_opened: u64,
 }
 
 impl Auditor {
@@ -55,13 +57,17 @@ impl Auditor {
             pending: HashMap::new(),
             mirror: None,
             mirror_retry: None,
+            mirrors_opened: 0,
         }
     }
 
-    /// Whether it keeps its entries from conntrack events (to be read
-    /// often: see [`Auditor::update_mirror`]).
-    pub fn follows_events(&self) -> bool {
-        self.mirror.is_some()
+    /// The mirror's events socket, and which mirror it is (a mirror
+    /// dropped and opened again may get the same descriptor).
+    pub fn mirror_fd(&self) -> Option<(u64, std::os::fd::RawFd)> {
+        use std::os::fd::AsRawFd as _;
+        self.mirror
+            .as_ref()
+            .map(|m| (self.mirrors_opened, m.as_raw_fd()))
     }
 
     fn drop_mirror(&mut self, e: &conntrack::Error) {
@@ -75,7 +81,8 @@ impl Auditor {
     }
 
     /// Applies the conntrack events queued since the last call (the loop
-    /// calls it every tenth of a second, and each audit before it reads).
+    /// calls it a tenth of a second after events arrive, once a second
+    /// for the mirror's own clocks, and each audit before it reads).
     pub fn update_mirror(&mut self) {
         let Some(mirror) = &mut self.mirror else {
             return;
@@ -106,7 +113,10 @@ impl Auditor {
         if self.mirror.is_none() && self.mirror_retry.is_none_or(|at| Instant::now() >= at) {
             let local: Vec<IpAddr> = local.iter().copied().collect();
             match Mirror::open(&self.path, &local) {
-                Ok(mirror) => self.mirror = Some(mirror),
+                Ok(mirror) => {
+                    self.mirror = Some(mirror);
+                    self.mirrors_opened += 1;
+                }
                 Err(e) => {
                     log::info!(
                         "audit: reading the conntrack table at each audit: {}",

@@ -26,11 +26,64 @@ const RULES_SETTLE: Duration = Duration::from_millis(500);
 /// How long after an audit that judged entries stale the loop looks again
 /// to confirm them (see `pipeline::CONFIRM_AFTER`).
 const CONFIRM: Duration = Duration::from_secs(1);
-/// How often the loop reads the audit's conntrack events, while it keeps
-/// them: a burst of new connections is read in batches (the socket holds
-/// 8 MiB of them), not with a wakeup each, which polling the socket would
-/// cost (every datagram wakes an edge-triggered epoll).
+/// How long after conntrack events arrive the loop reads them, while the
+/// audit keeps them: a burst of new connections is read in batches (the
+/// socket holds 8 MiB of them), not with a wakeup each, which polling the
+/// socket would cost (every datagram wakes an edge-triggered epoll); so
+/// the socket is polled only until its first event, then left alone until
+/// it is read. A quiet table wakes the loop for nothing.
 const EVENTS_EVERY: Duration = Duration::from_millis(100);
+/// When the loop reads the audit's conntrack events.
+#[derive(Default)]
+struct MirrorWatch {
+    /// The mirror watched (see `Pipeline::mirror_fd`).
+    mirror: Option<u64>,
+    /// Polled for its first event, while nothing waits to be read: a
+    /// duplicate of the pipeline's socket, so that it stays the same open
+    /// socket while registered, whatever the pipeline does with its own.
+    armed: Option<AsyncFd<std::os::fd::OwnedFd>>,
+    /// Events wait: read them then.
+    due: Option<tokio::time::Instant>,
+    /// It cannot be polled: read it every EVENTS_EVERY instead.
+    ticking: bool,
+}
+
+impl MirrorWatch {
+    /// Follows the pipeline's mirror: a new one is polled, a gone one let go.
+    fn follow(&mut self, fd: Option<(u64, std::os::fd::RawFd)>) {
+        if fd.map(|(n, _)| n) == self.mirror {
+            return;
+        }
+        // The old registration first: a new socket may have its number.
+        *self = MirrorWatch::default();
+        if let Some((n, fd)) = fd {
+            self.mirror = Some(n);
+            self.arm(fd);
+        }
+    }
+
+    /// Polls the socket for its next event (at once if some wait). `fd`
+    /// is the pipeline's mirror socket, open while this runs.
+    fn arm(&mut self, fd: std::os::fd::RawFd) {
+        // SAFETY: `fd` is the open socket of the pipeline's mirror, which
+        // nothing closes while this runs (the loop's one thread); only a
+        // duplicate of it outlives this call.
+        let dup = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned();
+        // SAFETY: the AsyncFd owns its duplicate, open until it is dropped.
+        let armed = dup.and_then(|dup| {
+            unsafe { AsyncFd::register_with_interest(dup, Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)
+        });
+        match armed {
+            Ok(a) => self.armed = Some(a),
+            Err(e) => {
+                log::debug!("conntrack events not polled ({e}): read every {EVENTS_EVERY:?}");
+                self.ticking = true;
+            }
+        }
+    }
+}
+
 /// Reports handled before the loop looks at signals and timers again.
 const DRAIN_BATCH: usize = 256;
 /// Reports read on each tick, at most: more than the ring buffer holds
@@ -63,11 +116,27 @@ pub async fn run<W: io::Write>(
     let mut audit_soon: Option<tokio::time::Instant> = None;
     let mut events_tick = tokio::time::interval(EVENTS_EVERY);
     events_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut mirror = MirrorWatch::default();
 
     loop {
+        mirror.follow(pipeline.mirror_fd());
         tokio::select! {
-            _ = events_tick.tick(), if pipeline.follows_events() => {
+            _ = events_tick.tick(), if mirror.ticking => {
                 pipeline.update_mirror();
+            }
+            _ = async { mirror.armed.as_ref()?.readable().await.ok() }, if mirror.armed.is_some() => {
+                // Left alone until read: its next events wake no one.
+                mirror.armed = None;
+                mirror.due = Some(tokio::time::Instant::now() + EVENTS_EVERY);
+            }
+            _ = tokio::time::sleep_until(mirror.due.unwrap_or_else(tokio::time::Instant::now)), if mirror.due.is_some() => {
+                mirror.due = None;
+                pipeline.update_mirror();
+                // Events left (a read takes a bounded batch) or come since
+                // make it ready again at once.
+                if let Some((_, fd)) = pipeline.mirror_fd() {
+                    mirror.arm(fd);
+                }
             }
             guard = events.readable_mut() => {
                 let mut guard = guard?;
@@ -89,6 +158,12 @@ pub async fn run<W: io::Write>(
                 // Most reports wake no one (see the kernel's `due`): they
                 // are read here, all of them, once a second.
                 drain(&mut pipeline, events.get_mut(), &layout, TICK_DRAIN)?;
+                // The mirror's own clocks (reading the table again after
+                // lost events, or for entries never announced) need a
+                // look when no event comes.
+                if mirror.armed.is_some() {
+                    pipeline.update_mirror();
+                }
                 pipeline.tick(&probes, ticks)?;
                 ticks += 1;
                 // Counting map entries walks the maps: every 5 s only.

@@ -204,9 +204,9 @@ impl<W: io::Write> Pipeline<W> {
         Ok(follow_up)
     }
 
-    /// Whether the audit keeps its entries from conntrack events.
-    pub fn follows_events(&self) -> bool {
-        self.auditor.follows_events()
+    /// The audit's conntrack events socket, and which mirror it is.
+    pub fn mirror_fd(&self) -> Option<(u64, std::os::fd::RawFd)> {
+        self.auditor.mirror_fd()
     }
 
     /// Applies the audit's queued conntrack events.

@@ -108,6 +108,13 @@ pub struct Mirror {
     buf: Vec<u8>,
 }
 
+impl std::os::fd::AsRawFd for Mirror {
+    /// The events' socket: readable when events wait.
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.sock.as_raw_fd()
+    }
+}
+
 impl Mirror {
     /// Subscribes to the conntrack events of the namespace at `path`, then
     /// reads its entries: the DNATed ones, and those without NAT to one of
