@@ -33,6 +33,12 @@ const CONFIRM: Duration = Duration::from_secs(1);
 /// the socket is polled only until its first event, then left alone until
 /// it is read. A quiet table wakes the loop for nothing.
 const EVENTS_EVERY: Duration = Duration::from_millis(100);
+/// Reports handled before the loop looks at signals and timers again.
+const DRAIN_BATCH: usize = 256;
+/// Reports read on each tick, at most: more than the ring buffer holds
+/// (2 MiB of records of 48 bytes or more), so all that waited.
+const TICK_DRAIN: usize = 65_536;
+
 /// When the loop reads the audit's conntrack events.
 #[derive(Default)]
 struct MirrorWatch {
@@ -83,12 +89,6 @@ impl MirrorWatch {
         }
     }
 }
-
-/// Reports handled before the loop looks at signals and timers again.
-const DRAIN_BATCH: usize = 256;
-/// Reports read on each tick, at most: more than the ring buffer holds
-/// (2 MiB of records of 48 bytes or more), so all that waited.
-const TICK_DRAIN: usize = 65_536;
 
 pub async fn run<W: io::Write>(
     mut pipeline: Pipeline<W>,

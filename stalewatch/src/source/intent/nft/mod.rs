@@ -672,22 +672,23 @@ struct Walk<'r> {
 }
 
 impl<'r> Walk<'r> {
-    /// Walks into chain `name` of the table of `from` (the key of a
-    /// chain of that table: the walk's base chain, whose key is in the
-    /// cache, not the chain's own).
-    fn jump(&mut self, from: &'r str, name: &str, when: Conditions, depth: usize) {
+    /// Walks into chain `name` of the table of `table` (see
+    /// [`Walk::chain`]).
+    fn jump(&mut self, table: &'r str, name: &str, when: Conditions, depth: usize) {
         let ruleset: &'r Ruleset = self.ruleset;
-        let id = ruleset.ids.of(sibling(&mut self.scratch, from, name));
+        let id = ruleset.ids.of(sibling(&mut self.scratch, table, name));
         if let Some(rules) = ruleset.chains.get(&id) {
-            self.chain(from, id, rules, when, depth);
+            self.chain(table, id, rules, when, depth);
         }
     }
 
-    /// Walks chain `id` of the table of `chain` (a key of that table),
+    /// Walks chain `id` of the table of `table` (the key of any chain of
+    /// that table: the walk passes its base chain's down, which stays in
+    /// the cache; sets, maps and jumps are named within the table),
     /// whose rules are `rules` (looked up once).
     fn chain(
         &mut self,
-        chain: &'r str,
+        table: &'r str,
         id: ChainId,
         rules: &'r Rules,
         when: Conditions,
@@ -725,7 +726,7 @@ impl<'r> Walk<'r> {
             } else {
                 base.clone()
             };
-            if let Some(ended) = self.rule(chain, label, &rule.expr, when, depth) {
+            if let Some(ended) = self.rule(table, label, &rule.expr, when, depth) {
                 if last {
                     return;
                 }
@@ -742,7 +743,7 @@ impl<'r> Walk<'r> {
     /// it ends the chain, if it does.
     fn rule(
         &mut self,
-        chain: &'r str,
+        table: &'r str,
         label: &Arc<str>,
         statements: &'r [Statement<'static>],
         mut when: Conditions,
@@ -750,27 +751,27 @@ impl<'r> Walk<'r> {
     ) -> Option<Conditions> {
         for statement in statements {
             match statement {
-                Statement::Match(m) => self.narrow(chain, &mut when, m),
+                Statement::Match(m) => self.narrow(table, &mut when, m),
                 Statement::Jump(t) => {
-                    self.jump(chain, &t.target, when, depth + 1);
+                    self.jump(table, &t.target, when, depth + 1);
                     return None;
                 }
                 Statement::Goto(t) => {
-                    self.jump(chain, &t.target, when.clone(), depth + 1);
+                    self.jump(table, &t.target, when.clone(), depth + 1);
                     return Some(when);
                 }
                 Statement::VerdictMap(vmap) => {
-                    for (k, v) in self.pairs(chain, &vmap.data) {
+                    for (k, v) in self.pairs(table, &vmap.data) {
                         let mut branch = when.clone();
                         bind(&mut branch, &vmap.key, k);
                         if let Expression::Verdict(Verdict::Jump(t) | Verdict::Goto(t)) = v {
-                            self.jump(chain, &t.target, branch, depth + 1);
+                            self.jump(table, &t.target, branch, depth + 1);
                         }
                     }
                     return None;
                 }
                 Statement::DNAT(Some(nat)) => {
-                    self.dnat(chain, label, nat, when);
+                    self.dnat(table, label, nat, when);
                     return None;
                 }
                 Statement::Redirect(nat) => {
@@ -792,7 +793,7 @@ impl<'r> Walk<'r> {
     }
 
     /// Narrows `when` by a match; one it cannot read makes it opaque.
-    fn narrow(&self, chain: &str, when: &mut Conditions, m: &'r Match<'static>) {
+    fn narrow(&self, table: &str, when: &mut Conditions, m: &'r Match<'static>) {
         let negated = match m.op {
             Operator::EQ | Operator::IN => false,
             Operator::NEQ => true,
@@ -801,7 +802,7 @@ impl<'r> Walk<'r> {
                 return;
             }
         };
-        let right = self.values(chain, &m.right);
+        let right = self.values(table, &m.right);
         if !constrain(when, &m.left, &right, negated) {
             when.opaque = true;
         }
@@ -811,13 +812,13 @@ impl<'r> Walk<'r> {
     /// named set's elements included.
     fn values(
         &self,
-        chain: &str,
+        table: &str,
         right: &'r Expression<'static>,
     ) -> SmallVec<[&'r Expression<'static>; 2]> {
         let ruleset: &'r Ruleset = self.ruleset;
         match right {
             Expression::String(s) if s.starts_with('@') => {
-                let set = sibling(&mut String::new(), chain, &s[1..]).to_owned();
+                let set = sibling(&mut String::new(), table, &s[1..]).to_owned();
                 ruleset
                     .elements
                     .get(&set)
@@ -838,7 +839,7 @@ impl<'r> Walk<'r> {
     /// The `[key, value]` pairs of a map: named (`@name`) or literal.
     fn pairs(
         &self,
-        chain: &str,
+        table: &str,
         data: &'r Expression<'static>,
     ) -> Vec<(&'r Expression<'static>, &'r Expression<'static>)> {
         let ruleset: &'r Ruleset = self.ruleset;
@@ -848,7 +849,7 @@ impl<'r> Walk<'r> {
         };
         match data {
             Expression::String(s) if s.starts_with('@') => {
-                let map = sibling(&mut String::new(), chain, &s[1..]).to_owned();
+                let map = sibling(&mut String::new(), table, &s[1..]).to_owned();
                 ruleset
                     .elements
                     .get(&map)
@@ -898,7 +899,7 @@ impl<'r> Walk<'r> {
         });
     }
 
-    fn dnat(&mut self, chain: &str, label: &Arc<str>, nat: &'r NAT<'static>, when: Conditions) {
+    fn dnat(&mut self, table: &str, label: &Arc<str>, nat: &'r NAT<'static>, when: Conditions) {
         let Some(addr) = &nat.addr else {
             self.complete = false;
             return;
@@ -911,7 +912,7 @@ impl<'r> Walk<'r> {
         }
         let port = port.flatten();
         if let Expression::Named(NamedExpression::Map(map)) = addr {
-            for (k, v) in self.pairs(chain, &map.data) {
+            for (k, v) in self.pairs(table, &map.data) {
                 let mut branch = when.clone();
                 bind(&mut branch, &map.key, k);
                 match target(v, port) {
