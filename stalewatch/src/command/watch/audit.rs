@@ -146,7 +146,7 @@ impl Auditor {
     ) -> Result<(Vec<Entry>, Option<usize>), conntrack::Error> {
         let path = self.path.clone();
         if every_dnat && let Some(mirror) = self.mirror(&facts.local) {
-            let entries: Vec<Entry> = mirror.entries().map(|m| m.entry.clone()).collect();
+            let entries: Vec<Entry> = mirror.entries().map(|m| m.entry).collect();
             let dnat = entries.iter().filter(|e| e.is_dnat()).count();
             return Ok((entries, Some(dnat)));
         }

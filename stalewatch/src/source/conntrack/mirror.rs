@@ -45,7 +45,10 @@ use super::{
     CTA_IP_V4_DST, CTA_IP_V6_DST, CTA_STATUS, CTA_TUPLE_IP, CTA_TUPLE_ORIG, Conn, Error, Filter,
     IPCTNL_MSG_CT_NEW, NFNL_SUBSYS_CTNETLINK, malformed, parse_entry,
 };
-use crate::{domain::Entry, source::netns};
+use crate::{
+    domain::{Entry, Family, Proto, Tuple},
+    source::netns,
+};
 
 /// `IPCTNL_MSG_CT_DELETE`: the message type of a `DESTROY` event.
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
@@ -69,7 +72,7 @@ pub const RESYNC_GAP: Duration = Duration::from_secs(10);
 const FILTERED_V4: usize = 100;
 const FILTERED_V6: usize = 25;
 
-/// One entry as the mirror keeps it.
+/// One entry of the mirror, as [`Mirror::entries`] gives it.
 #[derive(Clone, Debug)]
 pub struct Mirrored {
     pub entry: Entry,
@@ -77,6 +80,116 @@ pub struct Mirrored {
     /// lost, which the mirror notices). An entry only a dump showed may be
     /// gone unannounced.
     pub announced: bool,
+}
+
+/// One entry as the mirror keeps it, with whether its making was
+/// announced (so that its end will be, unless events are lost, which the
+/// mirror notices; an entry only a dump showed may be gone unannounced).
+/// An IPv4 entry is packed into 32 bytes: the mirror holds every DNATed
+/// entry of the namespace, hundreds of thousands on a busy node, and an
+/// [`Entry`] as the rest of stalewatch uses it takes 104 (its addresses
+/// as `IpAddr`s). Others are kept boxed, whole. Not kept: the entry's
+/// timeout, which says only when its last event was, and its id, which is
+/// its key in the map ([`Marks`] says whether the kernel sent one).
+#[derive(Clone, Debug)]
+enum Kept {
+    V4(PackedV4),
+    Other(Box<(Entry, bool)>),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct PackedV4 {
+    addrs: [[u8; 4]; 4],
+    ports: [u16; 4],
+    status: u32,
+    zone: u16,
+    proto: u8,
+    marks: Marks,
+}
+
+/// Whether an entry's making was announced, and whether the kernel sent
+/// its id: an enum, not bits of a `u8`, so that its spare values tell
+/// [`Kept`]'s other variant, with no tag beside it.
+#[derive(Clone, Copy, Debug)]
+#[repr(u8)]
+enum Marks {
+    Neither = 0,
+    Announced = 1,
+    Id = 2,
+    Both = 3,
+}
+
+impl Marks {
+    fn new(announced: bool, has_id: bool) -> Marks {
+        match (announced, has_id) {
+            (false, false) => Marks::Neither,
+            (true, false) => Marks::Announced,
+            (false, true) => Marks::Id,
+            (true, true) => Marks::Both,
+        }
+    }
+
+    fn announced(self) -> bool {
+        self as u8 & 1 != 0
+    }
+
+    fn has_id(self) -> bool {
+        self as u8 & 2 != 0
+    }
+}
+
+impl Kept {
+    fn new(entry: Entry, announced: bool) -> Kept {
+        let (o, r) = (&entry.orig, &entry.reply);
+        if let (IpAddr::V4(os), IpAddr::V4(od), IpAddr::V4(rs), IpAddr::V4(rd)) =
+            (o.src, o.dst, r.src, r.dst)
+            && o.family == Family::Ipv4
+            && r.family == Family::Ipv4
+            && o.proto == r.proto
+        {
+            return Kept::V4(PackedV4 {
+                addrs: [os.octets(), od.octets(), rs.octets(), rd.octets()],
+                ports: [o.sport, o.dport, r.sport, r.dport],
+                status: entry.status,
+                zone: entry.zone,
+                proto: o.proto.0,
+                marks: Marks::new(announced, entry.id.is_some()),
+            });
+        }
+        Kept::Other(Box::new((entry, announced)))
+    }
+
+    fn announced(&self) -> bool {
+        match self {
+            Kept::V4(p) => p.marks.announced(),
+            Kept::Other(b) => b.1,
+        }
+    }
+
+    /// The entry, kept under `key`.
+    fn entry(&self, key: u32) -> Entry {
+        match self {
+            Kept::V4(p) => {
+                let tuple = |src: usize, dst: usize, sport: usize, dport: usize| Tuple {
+                    family: Family::Ipv4,
+                    proto: Proto(p.proto),
+                    src: IpAddr::from(p.addrs[src]),
+                    sport: p.ports[sport],
+                    dst: IpAddr::from(p.addrs[dst]),
+                    dport: p.ports[dport],
+                };
+                Entry {
+                    orig: tuple(0, 1, 0, 1),
+                    reply: tuple(2, 3, 2, 3),
+                    status: p.status,
+                    timeout: None,
+                    id: p.marks.has_id().then_some(key),
+                    zone: p.zone,
+                }
+            }
+            Kept::Other(b) => b.0.clone(),
+        }
+    }
 }
 
 /// What [`Mirror::update`] did.
@@ -93,7 +206,7 @@ pub struct Mirror {
     path: PathBuf,
     sock: Socket,
     /// By CTA_ID (see `key_of`).
-    entries: HashMap<u32, Mirrored, foldhash::fast::RandomState>,
+    entries: HashMap<u32, Kept, foldhash::fast::RandomState>,
     unannounced: usize,
     /// Events were lost: read the table again once RESYNC_GAP allows.
     lost: bool,
@@ -201,8 +314,11 @@ impl Mirror {
     }
 
     /// The entries kept, as last updated.
-    pub fn entries(&self) -> impl Iterator<Item = &Mirrored> {
-        self.entries.values()
+    pub fn entries(&self) -> impl Iterator<Item = Mirrored> + '_ {
+        self.entries.iter().map(|(key, kept)| Mirrored {
+            entry: kept.entry(*key),
+            announced: kept.announced(),
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -216,9 +332,10 @@ impl Mirror {
     /// Whether the mirror holds `entry` as announced: then it exists, as
     /// of the last update. An unannounced one may be gone.
     pub fn announced(&self, entry: &Entry) -> bool {
+        let key = key_of(entry);
         self.entries
-            .get(&key_of(entry))
-            .is_some_and(|m| m.announced && m.entry.orig == entry.orig)
+            .get(&key)
+            .is_some_and(|m| m.announced() && m.entry(key).orig == entry.orig)
     }
 
     /// Entries whose end would not be announced.
@@ -230,13 +347,12 @@ impl Mirror {
     /// announced).
     pub fn forget(&mut self, entry: &Entry) {
         let key = key_of(entry);
-        if self
-            .entries
-            .get(&key)
-            .is_some_and(|m| m.entry.orig == entry.orig && m.entry.reply == entry.reply)
-            && let Some(gone) = self.entries.remove(&key)
+        if self.entries.get(&key).is_some_and(|m| {
+            let kept = m.entry(key);
+            kept.orig == entry.orig && kept.reply == entry.reply
+        }) && let Some(gone) = self.entries.remove(&key)
         {
-            self.unannounced -= usize::from(!gone.announced);
+            self.unannounced -= usize::from(!gone.announced());
         }
     }
 
@@ -259,7 +375,7 @@ impl Mirror {
             let plain = conn.dump(&status(0))?;
             dumped.extend(plain.into_iter().filter(|e| self.keeps(e)));
         }
-        let mut entries: HashMap<u32, Mirrored, foldhash::fast::RandomState> =
+        let mut entries: HashMap<u32, Kept, foldhash::fast::RandomState> =
             HashMap::with_capacity_and_hasher(dumped.len(), Default::default());
         let mut unannounced = 0;
         for entry in dumped {
@@ -267,9 +383,9 @@ impl Mirror {
             let announced = self
                 .entries
                 .get(&key)
-                .is_some_and(|m| m.announced && m.entry.orig == entry.orig);
+                .is_some_and(|m| m.announced() && m.entry(key).orig == entry.orig);
             unannounced += usize::from(!announced);
-            entries.insert(key, Mirrored { entry, announced });
+            entries.insert(key, Kept::new(entry, announced));
         }
         self.entries = entries;
         self.unannounced = unannounced;
@@ -346,14 +462,8 @@ impl Mirror {
 
     fn insert(&mut self, entry: Entry) {
         let key = key_of(&entry);
-        let old = self.entries.insert(
-            key,
-            Mirrored {
-                entry,
-                announced: true,
-            },
-        );
-        if old.is_some_and(|m| !m.announced) {
+        let old = self.entries.insert(key, Kept::new(entry, true));
+        if old.is_some_and(|m| !m.announced()) {
             self.unannounced -= 1;
         }
     }
@@ -364,10 +474,10 @@ impl Mirror {
         if self
             .entries
             .get(&key)
-            .is_some_and(|m| m.entry.orig == entry.orig)
+            .is_some_and(|m| m.entry(key).orig == entry.orig)
             && let Some(old) = self.entries.remove(&key)
         {
-            self.unannounced -= usize::from(!old.announced);
+            self.unannounced -= usize::from(!old.announced());
             return true;
         }
         false
@@ -529,6 +639,57 @@ fn attach_filter(sock: &Socket, local: &[IpAddr]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::udp;
+
+    /// An entry comes out of the mirror as it went in, but for its
+    /// timeout (not kept) and its id (its key).
+    #[test]
+    fn kept_entries_come_back_whole() {
+        let v4 = Entry {
+            orig: udp("192.0.2.2", 40000, "10.96.0.10", 53),
+            reply: udp("10.244.1.7", 53, "192.0.2.2", 40000),
+            status: ct_status::CONFIRMED | ct_status::DST_NAT,
+            timeout: None,
+            id: Some(7),
+            zone: 3,
+        };
+        let icmp = Entry {
+            orig: Tuple {
+                proto: Proto(1),
+                dport: 8 << 8,
+                ..udp("192.0.2.2", 9, "10.96.0.10", 0)
+            },
+            reply: Tuple {
+                proto: Proto(1),
+                ..udp("10.244.1.7", 9, "192.0.2.2", 0)
+            },
+            id: None,
+            zone: 0,
+            ..v4.clone()
+        };
+        let v6 = Entry {
+            orig: udp("2001:db8::2", 40000, "fd00:96::10", 53),
+            reply: udp("fd00:244::7", 53, "2001:db8::2", 40000),
+            ..v4.clone()
+        };
+        for (entry, key, announced) in [(&v4, 7, true), (&icmp, 99, false), (&v6, 7, true)] {
+            let kept = Kept::new(entry.clone(), announced);
+            assert_eq!(
+                matches!(kept, Kept::V4(_)),
+                entry.orig.family == Family::Ipv4
+            );
+            assert_eq!(kept.announced(), announced);
+            assert_eq!(&kept.entry(key), entry);
+        }
+        let timed = Entry {
+            timeout: Some(29),
+            ..v4.clone()
+        };
+        assert_eq!(Kept::new(timed, true).entry(7), v4);
+        // What the packing is for: a slot of the map (key and value) takes
+        // 40 bytes, not 112.
+        assert_eq!(size_of::<(u32, Kept)>(), 40);
+    }
 
     /// The kernel's checker takes the filter for every shape of address
     /// list (making a netlink socket and filtering it needs no privilege).
