@@ -36,7 +36,7 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 use foldhash::HashMap;
 use indexmap::IndexMap;
 
-use self::tracked::{FlowKey, NEVER, Reasons, Tracked, ct_of, entry_id, key_of, nanos};
+use self::tracked::{FlowKey, NEVER, Reasons, Tracked, Tuples, ct_of, entry_id, key_of, nanos};
 use crate::domain::{
     Alert, AlertState, Backend, Evidence, Judgement, Observation, Resolution, Service, Siblings,
     Tuple,
@@ -201,7 +201,7 @@ impl Correlator {
     fn forget(&mut self, key: &FlowKey) -> Option<Tracked> {
         let tracked = self.flows.swap_remove(key)?;
         self.raised -= usize::from(tracked.raised);
-        let service = (key.netns, tracked.orig.service());
+        let service = (key.netns, tracked.orig().service());
         if let Some(backends) = self.by_service.get_mut(&service) {
             let backend = tracked.backend();
             if let Some(n) = backends.get_mut(&backend) {
@@ -333,10 +333,10 @@ impl Correlator {
             netns: flow.netns,
             id: entry_id(0, &flow.orig),
         };
-        if !self
+        if self
             .flows
             .get(&stand_in)
-            .is_some_and(|t| t.orig == flow.orig && t.reply == flow.reply)
+            .is_none_or(|t| t.tuples.get() != (flow.orig, flow.reply))
         {
             return;
         }
@@ -382,8 +382,7 @@ impl Correlator {
                 self.flows.reserve_exact(self.flows.len().max(64));
             }
             let mut fresh = Tracked {
-                orig: flow.orig,
-                reply: flow.reply,
+                tuples: Tuples::new(&flow.orig, &flow.reply),
                 first: 0,
                 last: 0,
                 seen: 0,
@@ -463,13 +462,16 @@ impl Correlator {
             .flows
             .iter()
             .filter(|(_, t)| t.raised && now.saturating_sub(t.last) >= quiet)
-            .map(|(key, t)| RaisedFlow {
-                netns: key.netns,
-                orig: t.orig,
-                reply: t.reply,
-                ct: ct_of(key),
-                local: t.local,
-                last: Duration::from_nanos(t.last),
+            .map(|(key, t)| {
+                let (orig, reply) = t.tuples.get();
+                RaisedFlow {
+                    netns: key.netns,
+                    orig,
+                    reply,
+                    ct: ct_of(key),
+                    local: t.local,
+                    last: Duration::from_nanos(t.last),
+                }
             })
             .collect();
         flows.sort();
@@ -517,7 +519,7 @@ impl Correlator {
             netns,
             id: entry_id(ct, orig),
         };
-        if self.flows.get(&key)?.orig != *orig {
+        if self.flows.get(&key)?.orig() != *orig {
             return None;
         }
         let gone = self.forget(&key)?;

@@ -158,6 +158,47 @@ impl fmt::Display for Service {
     }
 }
 
+/// The two tuples of an IPv4 entry in 24 bytes, their protocol apart
+/// (two [`Tuple`]s take 80): for what is kept by the hundred thousand,
+/// where the protocol byte can sit in the holder's padding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TuplesV4 {
+    /// Original source and destination, reply source and destination.
+    addrs: [[u8; 4]; 4],
+    ports: [u16; 4],
+}
+
+impl TuplesV4 {
+    /// `None` unless both tuples are IPv4 ones of one protocol.
+    pub fn pack(orig: &Tuple, reply: &Tuple) -> Option<TuplesV4> {
+        let (o, r) = (orig, reply);
+        match (o.src, o.dst, r.src, r.dst) {
+            (IpAddr::V4(os), IpAddr::V4(od), IpAddr::V4(rs), IpAddr::V4(rd))
+                if o.family == Family::Ipv4 && r.family == Family::Ipv4 && o.proto == r.proto =>
+            {
+                Some(TuplesV4 {
+                    addrs: [os.octets(), od.octets(), rs.octets(), rd.octets()],
+                    ports: [o.sport, o.dport, r.sport, r.dport],
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// The original and reply tuples, of protocol `proto`.
+    pub fn unpack(&self, proto: Proto) -> (Tuple, Tuple) {
+        let tuple = |at: usize| Tuple {
+            family: Family::Ipv4,
+            proto,
+            src: IpAddr::from(self.addrs[at]),
+            sport: self.ports[at],
+            dst: IpAddr::from(self.addrs[at + 1]),
+            dport: self.ports[at + 1],
+        };
+        (tuple(0), tuple(2))
+    }
+}
+
 /// A UDP tuple from text, for tests of every stage (here and in the
 /// `tests` crate): panics on a malformed address.
 #[doc(hidden)]
@@ -189,5 +230,21 @@ mod tests {
             assert_eq!(Proto::from_name(&Proto(p).name()), Some(Proto(p)));
         }
         assert_eq!(Proto::from_name("ipv6-icmp"), Some(Proto(58)));
+    }
+
+    #[test]
+    fn ipv4_tuples_pack_and_come_back_whole() {
+        let orig = udp("192.0.2.2", 40000, "10.96.0.10", 53);
+        let reply = udp("10.244.1.7", 53, "192.0.2.2", 40001);
+        let packed = TuplesV4::pack(&orig, &reply).expect("IPv4");
+        assert_eq!(packed.unpack(Proto::UDP), (orig, reply));
+        assert_eq!(size_of::<TuplesV4>(), 24);
+        let v6 = udp("2001:db8::2", 5353, "2001:db8:1::10", 53);
+        assert_eq!(TuplesV4::pack(&v6, &v6), None);
+        let tcp = Tuple {
+            proto: Proto::TCP,
+            ..reply
+        };
+        assert_eq!(TuplesV4::pack(&orig, &tcp), None);
     }
 }

@@ -16,7 +16,7 @@ pub use evidence::{
 };
 #[doc(hidden)]
 pub use flow::udp;
-pub use flow::{Backend, Family, Proto, Service, Tuple, addr_port};
+pub use flow::{Backend, Family, Proto, Service, Tuple, TuplesV4, addr_port};
 pub use intent::{
     AddrSpan, Cond, Conditions, DnatRule, EngineRead, Fit, NatIntent, NatTarget, PortSpan,
     RuleEngine,

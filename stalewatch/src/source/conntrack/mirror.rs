@@ -46,7 +46,7 @@ use super::{
     IPCTNL_MSG_CT_NEW, NFNL_SUBSYS_CTNETLINK, malformed, parse_entry,
 };
 use crate::{
-    domain::{Entry, Family, Proto, Tuple},
+    domain::{Entry, Proto, TuplesV4},
     source::netns,
 };
 
@@ -99,8 +99,7 @@ enum Kept {
 
 #[derive(Clone, Copy, Debug)]
 struct PackedV4 {
-    addrs: [[u8; 4]; 4],
-    ports: [u16; 4],
+    tuples: TuplesV4,
     status: u32,
     zone: u16,
     proto: u8,
@@ -140,23 +139,16 @@ impl Marks {
 
 impl Kept {
     fn new(entry: Entry, announced: bool) -> Kept {
-        let (o, r) = (&entry.orig, &entry.reply);
-        if let (IpAddr::V4(os), IpAddr::V4(od), IpAddr::V4(rs), IpAddr::V4(rd)) =
-            (o.src, o.dst, r.src, r.dst)
-            && o.family == Family::Ipv4
-            && r.family == Family::Ipv4
-            && o.proto == r.proto
-        {
-            return Kept::V4(PackedV4 {
-                addrs: [os.octets(), od.octets(), rs.octets(), rd.octets()],
-                ports: [o.sport, o.dport, r.sport, r.dport],
+        match TuplesV4::pack(&entry.orig, &entry.reply) {
+            Some(tuples) => Kept::V4(PackedV4 {
+                tuples,
                 status: entry.status,
                 zone: entry.zone,
-                proto: o.proto.0,
+                proto: entry.orig.proto.0,
                 marks: Marks::new(announced, entry.id.is_some()),
-            });
+            }),
+            None => Kept::Other(Box::new((entry, announced))),
         }
-        Kept::Other(Box::new((entry, announced)))
     }
 
     fn announced(&self) -> bool {
@@ -170,17 +162,10 @@ impl Kept {
     fn entry(&self, key: u32) -> Entry {
         match self {
             Kept::V4(p) => {
-                let tuple = |src: usize, dst: usize, sport: usize, dport: usize| Tuple {
-                    family: Family::Ipv4,
-                    proto: Proto(p.proto),
-                    src: IpAddr::from(p.addrs[src]),
-                    sport: p.ports[sport],
-                    dst: IpAddr::from(p.addrs[dst]),
-                    dport: p.ports[dport],
-                };
+                let (orig, reply) = p.tuples.unpack(Proto(p.proto));
                 Entry {
-                    orig: tuple(0, 1, 0, 1),
-                    reply: tuple(2, 3, 2, 3),
+                    orig,
+                    reply,
                     status: p.status,
                     timeout: None,
                     id: p.marks.has_id().then_some(key),
@@ -639,7 +624,7 @@ fn attach_filter(sock: &Socket, local: &[IpAddr]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::udp;
+    use crate::domain::{Family, Tuple, udp};
 
     /// An entry comes out of the mirror as it went in, but for its
     /// timeout (not kept) and its id (its key).
