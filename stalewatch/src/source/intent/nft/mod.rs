@@ -50,7 +50,7 @@ type Elements = IndexMap<String, Expression<'static>, foldhash::fast::RandomStat
 /// the ruleset's own random seeds, compared in place. A key compared as
 /// a string is a cache miss of its own for each of thousands of chains,
 /// at every rule announced and every walk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct ChainId(u64, u64);
 
 /// Makes [`ChainId`]s: two hashes with seeds of their own.
@@ -140,6 +140,11 @@ pub struct Ruleset {
     /// Rules kept as announced since the last settle (some may be gone
     /// since): none, and there is nothing to read.
     announced: usize,
+    /// The chains those went to (some more than once, some gone since):
+    /// a settle visits these, not every chain.
+    unread: Vec<ChainId>,
+    /// Where an announced rule's chain key is written to look it up.
+    scratch: String,
     /// The DNAT rules the last walk found.
     walked: usize,
     /// Tables read by another tool (iptables-nft's `nat`): their
@@ -209,7 +214,13 @@ impl Ruleset {
         if self.announced == 0 {
             return Ok(());
         }
-        for chain in self.chains.values_mut() {
+        let mut unread = std::mem::take(&mut self.unread);
+        unread.sort_unstable();
+        unread.dedup();
+        for id in &unread {
+            let Some(chain) = self.chains.get_mut(id) else {
+                continue;
+            };
             for kept in &mut chain.rules {
                 if let Kept::Announced {
                     handle,
@@ -223,11 +234,21 @@ impl Ruleset {
                         family: *family,
                         table: parts(&chain.key).1,
                     };
-                    *kept = Kept::Read(read_rule(*family, *handle, exprs, &sets)?);
+                    match read_rule(*family, *handle, exprs, &sets) {
+                        Ok(rule) => *kept = Kept::Read(rule),
+                        Err(e) => {
+                            // Left to read, as before this settle.
+                            self.unread = unread;
+                            return Err(e);
+                        }
+                    }
                 }
             }
         }
         self.announced = 0;
+        // Its room, for the next storm's.
+        unread.clear();
+        self.unread = unread;
         Ok(())
     }
 
@@ -330,10 +351,13 @@ impl Ruleset {
                 gone,
                 exprs,
             } => {
-                let k = object_key(&chain);
+                // The chain's key, written into a buffer kept for it: a
+                // storm announces tens of thousands of rules.
+                key_into(&mut self.scratch, chain.family, chain.table, chain.name);
+                let id = self.ids.of(&self.scratch);
                 let handle = u32::try_from(handle).map_err(|_| Unread("a rule handle"))?;
                 if gone {
-                    if let Some(chain) = self.chains.get_mut(&self.ids.of(&k)) {
+                    if let Some(chain) = self.chains.get_mut(&id) {
                         chain.rules.retain(|r| r.handle() != Some(handle));
                     }
                     return Ok(());
@@ -348,6 +372,7 @@ impl Ruleset {
                     Kept::Read(read_rule(chain.family, handle, exprs, &sets)?)
                 } else {
                     self.announced += 1;
+                    self.unread.push(id);
                     Kept::Announced {
                         handle,
                         family: chain.family,
@@ -356,8 +381,8 @@ impl Ruleset {
                 };
                 let rules = &mut self
                     .chains
-                    .entry(self.ids.of(&k))
-                    .or_insert_with(|| Rules::new(k))
+                    .entry(id)
+                    .or_insert_with(|| Rules::new(self.scratch.clone()))
                     .rules;
                 rules.retain(|r| r.handle() != Some(handle));
                 let at = match after {
@@ -540,15 +565,20 @@ impl<'de> serde::de::Visitor<'de> for Objects<'_> {
 }
 
 fn key(family: NfFamily, table: &str, name: &str) -> Key {
-    let family = family_name(family);
-    let mut k = String::with_capacity(family.len() + table.len() + name.len() + 2);
-    for (i, part) in [family, table, name].into_iter().enumerate() {
+    let mut k = String::with_capacity(family_name(family).len() + table.len() + name.len() + 2);
+    key_into(&mut k, family, table, name);
+    k
+}
+
+/// [`key`], written into `k`.
+fn key_into(k: &mut String, family: NfFamily, table: &str, name: &str) {
+    k.clear();
+    for (i, part) in [family_name(family), table, name].into_iter().enumerate() {
         if i > 0 {
             k.push('\0');
         }
         k.push_str(part);
     }
-    k
 }
 
 /// A key's family, table and name.
