@@ -570,7 +570,7 @@ mod tests {
         // itself to its internal clients.
         let mut published = dns_rule("198.51.100.1", "172.18.0.2");
         published.when.dport = smallvec::smallvec![Cond::is(vec![PortSpan::one(8888)])];
-        published.when.iif = smallvec::smallvec![Cond::is(vec!["ext".to_owned()])];
+        published.when.iif = vec![Cond::is(vec!["ext".to_owned()])];
         published.to[0].port = Some(PortSpan::one(8888));
         let rules = intent(vec![published], true);
         let entries = [entry(40000, None), entry(40001, Some("172.18.0.2"))];

@@ -109,6 +109,12 @@ pub struct Cond<T> {
 /// A field's matches.
 pub type Conds<T> = SmallVec<[Cond<T>; 2]>;
 
+/// The matches of a field that few paths to a DNAT match on (the source
+/// address, the interface): on the heap when there are any, 24 bytes
+/// when there are none, instead of 120 and 88 inline. Conditions are
+/// cloned at every branch of a walk and kept with every rule.
+pub type RareConds<T> = Vec<Cond<T>>;
+
 impl<T> Cond<T> {
     pub fn new(any_of: impl IntoIterator<Item = T>, negated: bool) -> Self {
         Cond {
@@ -146,11 +152,11 @@ pub struct Conditions {
     pub family: Option<Family>,
     pub proto: Conds<Proto>,
     pub daddr: Conds<AddrSpan>,
-    pub saddr: Conds<AddrSpan>,
+    pub saddr: RareConds<AddrSpan>,
     pub dport: Conds<PortSpan>,
     /// Interface names; a name ending in `*` (nftables) or `+` (iptables)
     /// is a prefix.
-    pub iif: Conds<String>,
+    pub iif: RareConds<String>,
     /// The destination must be one of the host's own addresses.
     pub dst_local: bool,
     /// A match stalewatch does not evaluate.
@@ -162,21 +168,28 @@ impl Conditions {
     /// one on the protocol that `nft` hides in it are one condition, read
     /// from a listing or from an announcement.
     pub fn normalize(&mut self) {
-        fn once<T: PartialEq>(v: &mut Conds<T>) {
-            let mut i = 1;
-            while i < v.len() {
-                if v[..i].contains(&v[i]) {
-                    v.remove(i);
-                } else {
-                    i += 1;
+        /// Moves the first of each condition to the front, in order: how
+        /// many there are.
+        fn once<T: PartialEq>(v: &mut [Cond<T>]) -> usize {
+            let mut kept = 0;
+            for i in 0..v.len() {
+                if !v[..kept].contains(&v[i]) {
+                    v.swap(kept, i);
+                    kept += 1;
                 }
             }
+            kept
         }
-        once(&mut self.proto);
-        once(&mut self.daddr);
-        once(&mut self.saddr);
-        once(&mut self.dport);
-        once(&mut self.iif);
+        let n = once(&mut self.proto);
+        self.proto.truncate(n);
+        let n = once(&mut self.daddr);
+        self.daddr.truncate(n);
+        let n = once(&mut self.saddr);
+        self.saddr.truncate(n);
+        let n = once(&mut self.dport);
+        self.dport.truncate(n);
+        let n = once(&mut self.iif);
+        self.iif.truncate(n);
     }
 
     /// Whether a flow with original tuple `orig`, arriving on `iif` (where
@@ -230,8 +243,8 @@ impl Conditions {
     /// its negation is a disjunction these conditions cannot hold, so the
     /// rules after it are only a "maybe".
     pub fn after_return(&self, ret: &Conditions) -> Option<Conditions> {
-        fn added<T: Clone>(base: &[Cond<T>], more: &[Cond<T>]) -> Conds<T> {
-            more.get(base.len()..).unwrap_or_default().into()
+        fn added<T: Clone>(base: &[Cond<T>], more: &[Cond<T>]) -> Vec<Cond<T>> {
+            more.get(base.len()..).unwrap_or_default().to_vec()
         }
         let proto = added(&self.proto, &ret.proto);
         let daddr = added(&self.daddr, &ret.daddr);
@@ -243,7 +256,7 @@ impl Conditions {
             || ret.dst_local != self.dst_local
             || ret.family != self.family;
         let mut next = self.clone();
-        fn flip<T>(conds: Conds<T>) -> impl Iterator<Item = Cond<T>> {
+        fn flip<T>(conds: Vec<Cond<T>>) -> impl Iterator<Item = Cond<T>> {
             conds.into_iter().map(|c| Cond::new(c.any_of, !c.negated))
         }
         match (extra, other) {
@@ -549,18 +562,34 @@ mod tests {
     }
 
     #[test]
+    fn conditions_are_small_enough_to_clone_at_every_branch() {
+        // 480 with every field's matches inline.
+        assert_eq!(size_of::<Conditions>(), 320);
+        let mut when = Conditions::default();
+        for _ in 0..2 {
+            when.proto.push(Cond::is([Proto::TCP]));
+            when.saddr
+                .push(Cond::not([AddrSpan::one(addr("192.0.2.1"))]));
+        }
+        when.iif.push(Cond::is(["eth0".to_owned()]));
+        when.normalize();
+        assert_eq!(when.proto.len(), 1);
+        assert_eq!(when.saddr.len(), 1);
+        assert_eq!(when.iif.len(), 1);
+    }
+
+    #[test]
     fn an_interface_limit_needs_the_interface_and_negations_invert() {
         let mut rule = kube_dns("10.244.1.8");
-        rule.when.iif = smallvec::smallvec![Cond::is(vec!["ext+".to_owned()])];
+        rule.when.iif = vec![Cond::is(vec!["ext+".to_owned()])];
         let flow = udp("192.0.2.2", 40000, "10.96.0.10", 53);
         assert_eq!(rule.when.admits(&flow, None, |_| false), Fit::Maybe);
         assert_eq!(rule.when.admits(&flow, Some("ext0"), |_| false), Fit::Yes);
         assert_eq!(rule.when.admits(&flow, Some("int0"), |_| false), Fit::No);
-        rule.when.iif = smallvec::smallvec![Cond::not(vec!["lo".to_owned()])];
+        rule.when.iif = vec![Cond::not(vec!["lo".to_owned()])];
         assert_eq!(rule.when.admits(&flow, Some("lo"), |_| false), Fit::No);
         rule.when.iif.clear();
-        rule.when.saddr =
-            smallvec::smallvec![Cond::not(vec![AddrSpan::prefix(addr("192.0.2.0"), 24)])];
+        rule.when.saddr = vec![Cond::not(vec![AddrSpan::prefix(addr("192.0.2.0"), 24)])];
         assert_eq!(rule.when.admits(&flow, None, |_| false), Fit::No);
         rule.when.saddr.clear();
         rule.when.dst_local = true;
