@@ -180,16 +180,13 @@ impl Conditions {
             }
             kept
         }
-        let n = once(&mut self.proto);
-        self.proto.truncate(n);
-        let n = once(&mut self.daddr);
-        self.daddr.truncate(n);
-        let n = once(&mut self.saddr);
-        self.saddr.truncate(n);
-        let n = once(&mut self.dport);
-        self.dport.truncate(n);
-        let n = once(&mut self.iif);
-        self.iif.truncate(n);
+        macro_rules! once {
+            ($($field:ident),*) => {$(
+                let kept = once(&mut self.$field);
+                self.$field.truncate(kept);
+            )*};
+        }
+        once!(proto, daddr, saddr, dport, iif);
     }
 
     /// Whether a flow with original tuple `orig`, arriving on `iif` (where

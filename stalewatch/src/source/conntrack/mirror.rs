@@ -82,10 +82,8 @@ pub struct Mirrored {
     pub announced: bool,
 }
 
-/// One entry as the mirror keeps it, with whether its making was
-/// announced (so that its end will be, unless events are lost, which the
-/// mirror notices; an entry only a dump showed may be gone unannounced).
-/// An IPv4 entry is packed into 32 bytes: the mirror holds every DNATed
+/// A [`Mirrored`] as the mirror keeps it. An IPv4 entry is packed into
+/// 32 bytes: the mirror holds every DNATed
 /// entry of the namespace, hundreds of thousands on a busy node, and an
 /// [`Entry`] as the rest of stalewatch uses it takes 104 (its addresses
 /// as `IpAddr`s). Others are kept boxed, whole. Not kept: the entry's
@@ -94,7 +92,7 @@ pub struct Mirrored {
 #[derive(Clone, Debug)]
 enum Kept {
     V4(PackedV4),
-    Other(Box<(Entry, bool)>),
+    Other(Box<Mirrored>),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -147,14 +145,14 @@ impl Kept {
                 proto: entry.orig.proto.0,
                 marks: Marks::new(announced, entry.id.is_some()),
             }),
-            None => Kept::Other(Box::new((entry, announced))),
+            None => Kept::Other(Box::new(Mirrored { entry, announced })),
         }
     }
 
     fn announced(&self) -> bool {
         match self {
             Kept::V4(p) => p.marks.announced(),
-            Kept::Other(b) => b.1,
+            Kept::Other(m) => m.announced,
         }
     }
 
@@ -172,7 +170,7 @@ impl Kept {
                     zone: p.zone,
                 }
             }
-            Kept::Other(b) => b.0.clone(),
+            Kept::Other(m) => m.entry.clone(),
         }
     }
 }
