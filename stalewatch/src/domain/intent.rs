@@ -240,8 +240,8 @@ impl Conditions {
     /// its negation is a disjunction these conditions cannot hold, so the
     /// rules after it are only a "maybe".
     pub fn after_return(&self, ret: &Conditions) -> Option<Conditions> {
-        fn added<T: Clone>(base: &[Cond<T>], more: &[Cond<T>]) -> Vec<Cond<T>> {
-            more.get(base.len()..).unwrap_or_default().to_vec()
+        fn added<'m, T>(base: &[Cond<T>], more: &'m [Cond<T>]) -> &'m [Cond<T>] {
+            more.get(base.len()..).unwrap_or_default()
         }
         let proto = added(&self.proto, &ret.proto);
         let daddr = added(&self.daddr, &ret.daddr);
@@ -253,8 +253,10 @@ impl Conditions {
             || ret.dst_local != self.dst_local
             || ret.family != self.family;
         let mut next = self.clone();
-        fn flip<T>(conds: Vec<Cond<T>>) -> impl Iterator<Item = Cond<T>> {
-            conds.into_iter().map(|c| Cond::new(c.any_of, !c.negated))
+        fn flip<T: Clone>(conds: &[Cond<T>]) -> impl Iterator<Item = Cond<T>> {
+            conds
+                .iter()
+                .map(|c| Cond::new(c.any_of.iter().cloned(), !c.negated))
         }
         match (extra, other) {
             (0, false) => return None,

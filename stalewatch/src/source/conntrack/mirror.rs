@@ -46,7 +46,7 @@ use super::{
     IPCTNL_MSG_CT_NEW, NFNL_SUBSYS_CTNETLINK, malformed, parse_entry,
 };
 use crate::{
-    domain::{Entry, Proto, TuplesV4},
+    domain::{Entry, Proto, Tuple, TuplesV4},
     source::netns,
 };
 
@@ -82,11 +82,11 @@ pub struct Mirrored {
     pub announced: bool,
 }
 
-/// A [`Mirrored`] as the mirror keeps it. An IPv4 entry is packed into
-/// 32 bytes: the mirror holds every DNATed
-/// entry of the namespace, hundreds of thousands on a busy node, and an
-/// [`Entry`] as the rest of stalewatch uses it takes 104 (its addresses
-/// as `IpAddr`s). Others are kept boxed, whole. Not kept: the entry's
+/// A [`Mirrored`] as the mirror keeps it. An IPv4 entry is packed into 32
+/// bytes: the mirror holds every DNATed entry of the namespace, hundreds
+/// of thousands on a busy node, and an [`Entry`] as the rest of
+/// stalewatch uses it takes 104 (its addresses as `IpAddr`s). Others are
+/// kept boxed, whole. Not kept: the entry's
 /// timeout, which says only when its last event was, and its id, which is
 /// its key in the map ([`Marks`] says whether the kernel sent one).
 #[derive(Clone, Debug)]
@@ -154,6 +154,13 @@ impl Kept {
             Kept::V4(p) => p.marks.announced(),
             Kept::Other(m) => m.announced,
         }
+    }
+
+    /// Whether this, kept under `key`, is the entry with original tuple
+    /// `orig`: a key may be an id the kernel gave another entry since, or
+    /// a hash of tuples that another entry shares.
+    fn is(&self, key: u32, orig: &Tuple) -> bool {
+        self.entry(key).orig == *orig
     }
 
     /// The entry, kept under `key`.
@@ -318,7 +325,7 @@ impl Mirror {
         let key = key_of(entry);
         self.entries
             .get(&key)
-            .is_some_and(|m| m.announced() && m.entry(key).orig == entry.orig)
+            .is_some_and(|m| m.announced() && m.is(key, &entry.orig))
     }
 
     /// Entries whose end would not be announced.
@@ -366,7 +373,7 @@ impl Mirror {
             let announced = self
                 .entries
                 .get(&key)
-                .is_some_and(|m| m.announced() && m.entry(key).orig == entry.orig);
+                .is_some_and(|m| m.announced() && m.is(key, &entry.orig));
             unannounced += usize::from(!announced);
             entries.insert(key, Kept::new(entry, announced));
         }
@@ -457,7 +464,7 @@ impl Mirror {
         if self
             .entries
             .get(&key)
-            .is_some_and(|m| m.entry(key).orig == entry.orig)
+            .is_some_and(|m| m.is(key, &entry.orig))
             && let Some(old) = self.entries.remove(&key)
         {
             self.unannounced -= usize::from(!old.announced());
@@ -622,7 +629,7 @@ fn attach_filter(sock: &Socket, local: &[IpAddr]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{Family, Tuple, udp};
+    use crate::domain::{Family, udp};
 
     /// An entry comes out of the mirror as it went in, but for its
     /// timeout (not kept) and its id (its key).

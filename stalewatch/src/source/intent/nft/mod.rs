@@ -137,11 +137,9 @@ pub struct Ruleset {
     anonymous: HashMap<Key, (SetShape, Elements)>,
     /// False once a rule that DNATs could not be read.
     complete: bool,
-    /// Rules kept as announced since the last settle (some may be gone
-    /// since): none, and there is nothing to read.
-    announced: usize,
-    /// The chains those went to (some more than once, some gone since):
-    /// a settle visits these, not every chain.
+    /// The chains of the rules kept as announced since the last settle
+    /// (some more than once, some gone since): a settle visits these, not
+    /// every chain; none, and there is nothing to read.
     unread: Vec<ChainId>,
     /// Where an announced rule's chain key is written to look it up.
     scratch: String,
@@ -211,7 +209,7 @@ impl Ruleset {
 
     /// Reads the rules kept as announced: before a walk.
     pub fn settle(&mut self) -> Result<(), Unread> {
-        if self.announced == 0 {
+        if self.unread.is_empty() {
             return Ok(());
         }
         let mut unread = std::mem::take(&mut self.unread);
@@ -245,7 +243,6 @@ impl Ruleset {
                 }
             }
         }
-        self.announced = 0;
         // Its room, for the next storm's.
         unread.clear();
         self.unread = unread;
@@ -371,7 +368,6 @@ impl Ruleset {
                     };
                     Kept::Read(read_rule(chain.family, handle, exprs, &sets)?)
                 } else {
-                    self.announced += 1;
                     self.unread.push(id);
                     Kept::Announced {
                         handle,
