@@ -27,7 +27,7 @@ use serde::Deserialize as _;
 use serde_json::Value;
 use smallvec::{SmallVec, smallvec};
 
-use self::netlink::{Announcement, SetShape};
+use self::netlink::{Announcement, Ending, Narrow, SetShape};
 use crate::domain::{
     AddrSpan, Cond, Conditions, DnatRule, Family, NatTarget, PortSpan, Proto, RuleEngine,
 };
@@ -71,11 +71,18 @@ struct Rules {
     rules: Vec<Kept>,
 }
 
-/// A rule as kept: read, or as announced, to be read when the rules are
-/// walked next. A storm of changes (every endpoint moved every few
-/// seconds) replaces most rules before the walk: those are never read.
+/// A rule as kept: read into statements, read compact, or as announced,
+/// to be read into statements when the rules are walked next (a storm of
+/// changes replaces most rules before the walk: those are never read).
 enum Kept {
     Read(Rule<'static>),
+    /// Announced in the common shapes ([`netlink::compact`]) and read as
+    /// it is: a kube-proxy endpoint's DNAT, without an `nftables` tree.
+    Compact {
+        handle: u32,
+        matches: Box<[Narrow]>,
+        end: End,
+    },
     Announced {
         handle: u32,
         family: NfFamily,
@@ -83,11 +90,42 @@ enum Kept {
     },
 }
 
+/// How a compact rule ends ([`netlink::Ending`], its jumps' chains
+/// looked up by id).
+enum End {
+    Next,
+    Stop,
+    Jump(ChainId),
+    Goto(ChainId),
+    Dnat(NatTarget),
+}
+
 impl Kept {
     fn handle(&self) -> Option<u32> {
         match self {
             Kept::Read(r) => r.handle,
-            Kept::Announced { handle, .. } => Some(*handle),
+            Kept::Compact { handle, .. } | Kept::Announced { handle, .. } => Some(*handle),
+        }
+    }
+
+    /// A rule announced in the common shapes ([`netlink::compact`]), its
+    /// jumps' chains named by `id`.
+    fn compact(
+        handle: u32,
+        shape: netlink::Shape<'_>,
+        mut id: impl FnMut(&str) -> ChainId,
+    ) -> Kept {
+        let end = match shape.end {
+            Ending::Next => End::Next,
+            Ending::Stop => End::Stop,
+            Ending::Jump(name) => End::Jump(id(name)),
+            Ending::Goto(name) => End::Goto(id(name)),
+            Ending::Dnat(t) => End::Dnat(t),
+        };
+        Kept::Compact {
+            handle,
+            matches: shape.matches.into_iter().collect(),
+            end,
         }
     }
 }
@@ -359,7 +397,13 @@ impl Ruleset {
                     }
                     return Ok(());
                 }
-                let rule = if netlink::looks_up(exprs) {
+                let rule = if let Some(shape) = netlink::compact(chain.family, exprs) {
+                    // Read now, while its chain is in the cache: a storm's
+                    // endpoint rules, at a fraction of a microsecond each.
+                    let (ids, key) = (&self.ids, &self.scratch);
+                    let mut buf = String::new();
+                    Kept::compact(handle, shape, |name| ids.of(sibling(&mut buf, key, name)))
+                } else if netlink::looks_up(exprs) {
                     let sets = TableSets {
                         shapes: &self.shapes,
                         anonymous: &self.anonymous,
@@ -701,8 +745,13 @@ impl<'r> Walk<'r> {
     /// Walks into chain `name` of the table of `table` (see
     /// [`Walk::chain`]).
     fn jump(&mut self, table: &'r str, name: &str, when: Conditions, depth: usize) {
+        let id = self.ruleset.ids.of(sibling(&mut self.scratch, table, name));
+        self.enter(table, id, when, depth);
+    }
+
+    /// Walks into chain `id` of the table of `table`, if there is one.
+    fn enter(&mut self, table: &'r str, id: ChainId, when: Conditions, depth: usize) {
         let ruleset: &'r Ruleset = self.ruleset;
-        let id = ruleset.ids.of(sibling(&mut self.scratch, table, name));
         if let Some(rules) = ruleset.chains.get(&id) {
             self.chain(table, id, rules, when, depth);
         }
@@ -732,18 +781,21 @@ impl<'r> Walk<'r> {
         // accept, drop, a goto) leaves to the rules after it.
         let mut base = when;
         for (i, rule) in rules.iter().enumerate() {
-            let Kept::Read(rule) = rule else {
-                self.complete = false;
-                continue;
-            };
-            if rule.expr.iter().any(|s| matches!(s, Statement::XT(_))) {
-                // iptables-nft's: read from iptables-nft-save.
-                self.iptables_dnat |= rule.expr.iter().any(|s| {
-                    matches!(s, Statement::XT(Some(xt))
-                        if xt.get("type").and_then(Value::as_str) == Some("target")
-                            && xt.get("name").and_then(Value::as_str) == Some("DNAT"))
-                });
-                continue;
+            match rule {
+                Kept::Read(rule) if rule.expr.iter().any(|s| matches!(s, Statement::XT(_))) => {
+                    // iptables-nft's: read from iptables-nft-save.
+                    self.iptables_dnat |= rule.expr.iter().any(|s| {
+                        matches!(s, Statement::XT(Some(xt))
+                            if xt.get("type").and_then(Value::as_str) == Some("target")
+                                && xt.get("name").and_then(Value::as_str) == Some("DNAT"))
+                    });
+                    continue;
+                }
+                Kept::Announced { .. } => {
+                    self.complete = false;
+                    continue;
+                }
+                Kept::Read(_) | Kept::Compact { .. } => {}
             }
             // The last rule takes the conditions: nothing comes after it.
             let last = i + 1 == rules.len();
@@ -752,7 +804,14 @@ impl<'r> Walk<'r> {
             } else {
                 base.clone()
             };
-            if let Some(ended) = self.rule(table, label, &rule.expr, when, depth) {
+            let ended = match rule {
+                Kept::Read(rule) => self.rule(table, label, &rule.expr, when, depth),
+                Kept::Compact { matches, end, .. } => {
+                    self.compact(table, label, matches, end, when, depth)
+                }
+                Kept::Announced { .. } => None,
+            };
+            if let Some(ended) = ended {
                 if last {
                     return;
                 }
@@ -816,6 +875,42 @@ impl<'r> Walk<'r> {
             }
         }
         None
+    }
+
+    /// A compact rule: as [`Walk::rule`] on the statements it stands for.
+    fn compact(
+        &mut self,
+        table: &'r str,
+        label: &Arc<str>,
+        matches: &[Narrow],
+        end: &End,
+        mut when: Conditions,
+        depth: usize,
+    ) -> Option<Conditions> {
+        for m in matches {
+            m.apply(&mut when);
+        }
+        match end {
+            End::Next => None,
+            End::Stop => Some(when),
+            End::Jump(id) => {
+                self.enter(table, *id, when, depth + 1);
+                None
+            }
+            End::Goto(id) => {
+                self.enter(table, *id, when.clone(), depth + 1);
+                Some(when)
+            }
+            End::Dnat(t) => {
+                self.out.push(DnatRule {
+                    engine: RuleEngine::Nftables,
+                    chain: label.clone(),
+                    when,
+                    to: smallvec![*t],
+                });
+                None
+            }
+        }
     }
 
     /// Narrows `when` by a match; one it cannot read makes it opaque.
@@ -1171,7 +1266,178 @@ fn proto(value: &Expression<'_>) -> Option<Proto> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{
+        netlink::tests::{NoSets, expr, u32be, value, verdict},
+        *,
+    };
+
+    /// `payload` of `len` bytes at `offset` of header `base` (1: network,
+    /// 2: transport) into register 1.
+    fn load(base: u32, offset: u32, len: u32) -> Vec<u8> {
+        expr(
+            "payload",
+            &[u32be(1, 1), u32be(2, base), u32be(3, offset), u32be(4, len)],
+        )
+    }
+
+    /// `cmp` of register 1: 0 `==`, 1 `!=`, 5 `>=`.
+    fn cmp(op: u32, bytes: &[u8]) -> Vec<u8> {
+        expr("cmp", &[u32be(1, 1), u32be(2, op), value(3, bytes)])
+    }
+
+    fn l4proto(p: u8) -> Vec<u8> {
+        [expr("meta", &[u32be(2, 16), u32be(1, 1)]), cmp(0, &[p])].concat()
+    }
+
+    /// `dnat` to the literals in registers 1 (address, or 1-2 for a
+    /// range) and 3 (port, or 3-4).
+    fn dnat(v6: bool, addr: &[&[u8]], port: &[u16]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut attrs = vec![u32be(1, 1), u32be(2, if v6 { 10 } else { 2 })];
+        for (i, a) in addr.iter().enumerate() {
+            out.push(expr("immediate", &[u32be(1, 1 + i as u32), value(2, a)]));
+            attrs.push(u32be(3 + i as u16, 1 + i as u32));
+        }
+        for (i, p) in port.iter().enumerate() {
+            out.push(expr(
+                "immediate",
+                &[u32be(1, 3 + i as u32), value(2, &p.to_be_bytes())],
+            ));
+            attrs.push(u32be(5 + i as u16, 3 + i as u32));
+        }
+        out.push(expr("nat", &attrs));
+        out.concat()
+    }
+
+    /// The DNATs of chains of announced rules (`(chain, [rule])`, the
+    /// first the NAT base chain), each rule read as a compact rule where
+    /// it has the shape of one and `compact` is set, else into statements;
+    /// and how many were read compact.
+    fn walk_announced(
+        family: NfFamily,
+        chains: &[(&str, &[Vec<u8>])],
+        compact: bool,
+    ) -> (Vec<DnatRule>, bool, usize) {
+        let mut ruleset = Ruleset::new(Vec::new());
+        ruleset.bases.push(key(family, "t", chains[0].0));
+        let mut read = 0;
+        for (name, rules) in chains {
+            let k = key(family, "t", name);
+            let mut kept = Rules::new(k.clone());
+            for (handle, exprs) in (1..).zip(rules.iter()) {
+                let rule = match netlink::compact(family, exprs) {
+                    Some(shape) if compact => Kept::compact(handle, shape, |name| {
+                        ruleset.ids.of(sibling(&mut String::new(), &k, name))
+                    }),
+                    _ => Kept::Read(read_rule(family, handle, exprs, &NoSets).expect("read")),
+                };
+                read += usize::from(matches!(rule, Kept::Compact { .. }));
+                kept.rules.push(rule);
+            }
+            ruleset.chains.insert(ruleset.ids.of(&k), kept);
+        }
+        let parsed = ruleset.walk();
+        (parsed.rules, parsed.complete, read)
+    }
+
+    /// The compact form is a shortcut, not a second reader: every shape
+    /// it takes walks to the DNATs the statements of the same expressions
+    /// walk to, and what it does not take is left to them.
+    #[test]
+    fn compact_rules_walk_as_their_statements() {
+        let v4 = |a: [u8; 4]| a.to_vec();
+        let pod = v4([10, 244, 1, 7]);
+        let endpoint = [l4proto(17), dnat(false, &[&pod], &[53])].concat();
+        // ip daddr 10.96.0.0/16 ip protocol udp th dport 53 jump svc
+        let to_service = [
+            load(1, 16, 4),
+            expr(
+                "bitwise",
+                &[
+                    u32be(1, 1),
+                    u32be(2, 1),
+                    u32be(3, 4),
+                    value(4, &[255, 255, 0, 0]),
+                    value(5, &[0; 4]),
+                ],
+            ),
+            cmp(0, &[10, 96, 0, 0]),
+            load(1, 9, 1),
+            cmp(0, &[17]),
+            load(2, 2, 2),
+            cmp(0, &53u16.to_be_bytes()),
+            expr("counter", &[]),
+            verdict(-3, Some("svc")),
+        ]
+        .concat();
+        // ip saddr != 10.0.0.9 goto svc; ip saddr 10.0.0.9 accept; then a
+        // range of addresses and ports.
+        let not_nine = [
+            load(1, 12, 4),
+            cmp(1, &[10, 0, 0, 9]),
+            verdict(-4, Some("svc")),
+        ]
+        .concat();
+        let nine = [load(1, 12, 4), cmp(0, &[10, 0, 0, 9]), verdict(1, None)].concat();
+        let ranged = dnat(false, &[&[10, 1, 0, 1], &[10, 1, 0, 5]], &[3000, 4000]);
+        // In an inet table: meta nfproto ipv6 ip6 daddr 2001:db8::1
+        // dnat ip6 to [2001:db8::5]:8080.
+        let mut v6 = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let six = [
+            expr("meta", &[u32be(2, 15), u32be(1, 1)]),
+            cmp(0, &[10]),
+            load(1, 24, 16),
+            cmp(0, &v6),
+        ]
+        .concat();
+        v6[15] = 5;
+        let six = [six, dnat(true, &[&v6], &[8080])].concat();
+        // Not compact: a port range (>=, <=), and a match on an interface.
+        let port_range = [
+            load(2, 2, 2),
+            cmp(5, &1000u16.to_be_bytes()),
+            expr(
+                "cmp",
+                &[u32be(1, 1), u32be(2, 3), value(3, &2000u16.to_be_bytes())],
+            ),
+            dnat(false, &[&pod], &[]),
+        ]
+        .concat();
+        let iifname = [
+            expr("meta", &[u32be(2, 6), u32be(1, 1)]),
+            cmp(0, b"ext\0"),
+            dnat(false, &[&pod], &[]),
+        ]
+        .concat();
+        for (family, chains, compact) in [
+            (
+                NfFamily::IP,
+                vec![
+                    ("pre", vec![to_service.clone(), not_nine, nine, ranged]),
+                    ("svc", vec![endpoint.clone()]),
+                ],
+                5,
+            ),
+            (NfFamily::INet, vec![("pre", vec![six])], 1),
+            (
+                NfFamily::IP,
+                vec![
+                    ("pre", vec![port_range, iifname, to_service]),
+                    ("svc", vec![endpoint]),
+                ],
+                2,
+            ),
+        ] {
+            let chains: Vec<(&str, &[Vec<u8>])> =
+                chains.iter().map(|(n, r)| (*n, r.as_slice())).collect();
+            let (fast, fast_complete, read) = walk_announced(family, &chains, true);
+            let (slow, slow_complete, _) = walk_announced(family, &chains, false);
+            assert_eq!(read, compact, "rules read compact");
+            assert!(!slow.is_empty());
+            assert_eq!(fast, slow);
+            assert_eq!(fast_complete, slow_complete);
+        }
+    }
 
     #[test]
     fn chain_ids_are_two_hashes_of_their_own() {

@@ -13,7 +13,7 @@
 
 use std::{
     borrow::Cow,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use nftables::{
@@ -25,6 +25,8 @@ use nftables::{
     types::NfFamily,
 };
 use smallvec::SmallVec;
+
+use crate::domain::{AddrSpan, Cond, Conditions, Family, NatTarget, PortSpan, Proto};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NLMSG_HDRLEN: usize = 16;
@@ -849,6 +851,306 @@ pub fn statements(
     Some(out)
 }
 
+/// A match of a rule in the common shapes, read straight from its
+/// expressions: what it adds to the conditions on the way to a DNAT (as
+/// [`statements`] read by the walk would add it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Narrow {
+    /// A match on an IP header field is of that family.
+    Family(Family),
+    Proto(Cond<Proto>),
+    Saddr(Cond<AddrSpan>),
+    Daddr(Cond<AddrSpan>),
+    Dport(Cond<PortSpan>),
+}
+
+impl Narrow {
+    pub fn apply(&self, when: &mut Conditions) {
+        match self {
+            Narrow::Family(f) => when.family = Some(*f),
+            Narrow::Proto(c) => when.proto.push(c.clone()),
+            Narrow::Saddr(c) => when.saddr.push(c.clone()),
+            Narrow::Daddr(c) => when.daddr.push(c.clone()),
+            Narrow::Dport(c) => when.dport.push(c.clone()),
+        }
+    }
+}
+
+/// How a rule in the common shapes ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ending<'a> {
+    /// No verdict: the packet goes on to the next rule.
+    Next,
+    /// Accept, drop, return or reject: the chain ends here for the
+    /// packets that match.
+    Stop,
+    Jump(&'a str),
+    Goto(&'a str),
+    Dnat(NatTarget),
+}
+
+/// A rule in the common shapes, read without [`statements`]: matches of
+/// addresses (or prefixes), protocols and destination ports against
+/// literals, ended by a verdict or a DNAT to a literal address and port
+/// (a kube-proxy endpoint, a port mapping). No `nftables` tree is made:
+/// no address is written out as text to be parsed back, and a storm of
+/// endpoint rules replaced every few seconds costs a fraction of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shape<'a> {
+    pub matches: SmallVec<[Narrow; 4]>,
+    pub end: Ending<'a>,
+}
+
+/// A packet field a register holds, for [`compact`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Field {
+    Saddr(Family),
+    Daddr(Family),
+    /// `ip protocol` (IPv4), `ip6 nexthdr` (IPv6), `meta l4proto` (none).
+    Proto(Option<Family>),
+    /// `th dport`.
+    Dport,
+    NfProto,
+}
+
+/// What a register holds, for [`compact`]; the slots it spans as
+/// [`put_reg`] counts them.
+#[derive(Clone, Copy, Debug)]
+enum Held {
+    Field { field: Field, prefix: Option<u32> },
+    Literal { bytes: [u8; 16], len: usize },
+    Opaque,
+}
+
+impl Held {
+    fn slots(self) -> usize {
+        match self {
+            Held::Field {
+                field: Field::Saddr(Family::Ipv6) | Field::Daddr(Family::Ipv6),
+                ..
+            } => 4,
+            _ => 1,
+        }
+    }
+}
+
+/// A rule's expressions read in the common shapes ([`Shape`]), or `None`
+/// for anything else (set lookups, maps, `numgen`, ranges, comparisons
+/// other than equality, interfaces, compat expressions...): those are
+/// read by [`statements`], and the walk takes either form to the same
+/// conditions.
+pub fn compact(family: NfFamily, exprs: &[u8]) -> Option<Shape<'_>> {
+    let mut regs: [Option<Held>; 16] = [None; 16];
+    let mut matches = SmallVec::new();
+    let put = |regs: &mut [Option<Held>; 16], reg: u32, held: Held| -> Option<()> {
+        let at = slot(reg)?;
+        for s in regs.iter_mut().skip(at).take(held.slots()) {
+            *s = None;
+        }
+        regs[at] = Some(held);
+        Some(())
+    };
+    let get = |regs: &[Option<Held>; 16], reg: u32| regs.get(slot(reg)?).copied().flatten();
+    for (_, e) in attrs(exprs) {
+        let name = attr(e, 1).map(string)?;
+        let a = attr(e, 2).unwrap_or_default();
+        let u32_of = |k: u16| attr(a, k).and_then(be32);
+        match name {
+            "payload" => {
+                let field = match (u32_of(2)?, u32_of(3)?, u32_of(4)?) {
+                    (1, 12, 4) => Field::Saddr(Family::Ipv4),
+                    (1, 16, 4) => Field::Daddr(Family::Ipv4),
+                    (1, 9, 1) if family != NfFamily::IP6 => Field::Proto(Some(Family::Ipv4)),
+                    (1, 8, 16) => Field::Saddr(Family::Ipv6),
+                    (1, 24, 16) => Field::Daddr(Family::Ipv6),
+                    (1, 6, 1) if family != NfFamily::IP => Field::Proto(Some(Family::Ipv6)),
+                    (2, 2, 2) => Field::Dport,
+                    _ => return None,
+                };
+                let held = Held::Field {
+                    field,
+                    prefix: None,
+                };
+                put(&mut regs, u32_of(1)?, held)?;
+            }
+            "meta" => {
+                let field = match u32_of(2)? {
+                    15 => Field::NfProto,
+                    16 => Field::Proto(None),
+                    _ => return None,
+                };
+                let held = Held::Field {
+                    field,
+                    prefix: None,
+                };
+                put(&mut regs, u32_of(1)?, held)?;
+            }
+            "bitwise" => {
+                let Some(Held::Field {
+                    field: field @ (Field::Saddr(_) | Field::Daddr(_)),
+                    prefix: None,
+                }) = get(&regs, u32_of(1)?)
+                else {
+                    return None;
+                };
+                let (Some(Data::Value(mask)), Some(Data::Value(xor))) =
+                    (attr(a, 4).and_then(data), attr(a, 5).and_then(data))
+                else {
+                    return None;
+                };
+                if xor.iter().any(|&b| b != 0) {
+                    return None;
+                }
+                let held = Held::Field {
+                    field,
+                    prefix: Some(prefix_len(mask)?),
+                };
+                put(&mut regs, u32_of(2)?, held)?;
+            }
+            "cmp" => {
+                let Some(Held::Field { field, prefix }) = get(&regs, u32_of(1)?) else {
+                    return None;
+                };
+                let negated = match u32_of(2)? {
+                    0 => false,
+                    1 => true,
+                    _ => return None,
+                };
+                let Some(Data::Value(v)) = attr(a, 3).and_then(data) else {
+                    return None;
+                };
+                let addr = |f: Family| -> Option<AddrSpan> {
+                    let ip = match f {
+                        Family::Ipv4 => IpAddr::from(<[u8; 4]>::try_from(v.get(..4)?).ok()?),
+                        Family::Ipv6 => IpAddr::from(<[u8; 16]>::try_from(v.get(..16)?).ok()?),
+                    };
+                    Some(match prefix {
+                        Some(len) => AddrSpan::prefix(ip, len.min(128) as u8),
+                        None => AddrSpan::one(ip),
+                    })
+                };
+                let one = |x| Cond::new([x], negated);
+                match field {
+                    Field::Saddr(f) => {
+                        matches.push(Narrow::Family(f));
+                        matches.push(Narrow::Saddr(one(addr(f)?)));
+                    }
+                    Field::Daddr(f) => {
+                        matches.push(Narrow::Family(f));
+                        matches.push(Narrow::Daddr(one(addr(f)?)));
+                    }
+                    Field::Proto(f) => {
+                        if let Some(f) = f {
+                            matches.push(Narrow::Family(f));
+                        }
+                        matches.push(Narrow::Proto(Cond::new([Proto(*v.first()?)], negated)));
+                    }
+                    Field::Dport => {
+                        let port = u16::from_be_bytes(v.get(..2)?.try_into().ok()?);
+                        matches.push(Narrow::Dport(Cond::new([PortSpan::one(port)], negated)));
+                    }
+                    Field::NfProto => match (negated, v.first()?) {
+                        (false, 2) => matches.push(Narrow::Family(Family::Ipv4)),
+                        (false, 10) => matches.push(Narrow::Family(Family::Ipv6)),
+                        _ => return None,
+                    },
+                }
+            }
+            "immediate" => {
+                let dreg = u32_of(1)?;
+                match attr(a, 2).and_then(data)? {
+                    Data::Verdict { code, chain } => {
+                        let end = match code {
+                            0 | 1 | -5 => Ending::Stop,
+                            -3 => Ending::Jump(chain.unwrap_or_default()),
+                            -4 => Ending::Goto(chain.unwrap_or_default()),
+                            _ => return None,
+                        };
+                        return Some(Shape { matches, end });
+                    }
+                    Data::Value(v) => {
+                        // As statements does: the slots of its length
+                        // cleared, the literal in the first.
+                        let at = slot(dreg)?;
+                        for s in regs.iter_mut().skip(at).take(v.len().div_ceil(4)) {
+                            *s = None;
+                        }
+                        let mut bytes = [0; 16];
+                        bytes.get_mut(..v.len())?.copy_from_slice(v);
+                        put(
+                            &mut regs,
+                            dreg,
+                            Held::Literal {
+                                bytes,
+                                len: v.len(),
+                            },
+                        )?;
+                    }
+                }
+            }
+            "nat" => {
+                if u32_of(1)? != 1 {
+                    return None; // snat
+                }
+                let v6 = u32_of(2)? == 10;
+                let literal = |reg: u32| match get(&regs, reg)? {
+                    Held::Literal { bytes, len } => Some((bytes, len)),
+                    _ => None,
+                };
+                let addr_of = |reg: u32| -> Option<IpAddr> {
+                    let (b, len) = literal(reg)?;
+                    if v6 {
+                        (len >= 16).then(|| IpAddr::from(b))
+                    } else {
+                        (len >= 4).then(|| IpAddr::from([b[0], b[1], b[2], b[3]]))
+                    }
+                };
+                let port_of = |reg: u32| -> Option<u16> {
+                    let (b, len) = literal(reg)?;
+                    (len >= 2).then(|| u16::from_be_bytes([b[0], b[1]]))
+                };
+                let lo = u32_of(3)?;
+                let addr = match u32_of(4).filter(|&hi| hi != lo) {
+                    Some(hi) => AddrSpan {
+                        lo: addr_of(lo)?,
+                        hi: addr_of(hi)?,
+                    },
+                    None => AddrSpan::one(addr_of(lo)?),
+                };
+                let port = match u32_of(5) {
+                    Some(lo) => Some(match u32_of(6).filter(|&hi| hi != lo) {
+                        Some(hi) => PortSpan {
+                            lo: port_of(lo)?,
+                            hi: port_of(hi)?,
+                        },
+                        None => PortSpan::one(port_of(lo)?),
+                    }),
+                    None => None,
+                };
+                return Some(Shape {
+                    matches,
+                    end: Ending::Dnat(NatTarget { addr, port }),
+                });
+            }
+            "reject" => {
+                return Some(Shape {
+                    matches,
+                    end: Ending::Stop,
+                });
+            }
+            "counter" | "log" | "limit" | "quota" | "notrack" | "objref" | "connlimit" | "last"
+            | "dynset" => {}
+            "ct" if attr(a, 1).is_some() => put(&mut regs, u32_of(1)?, Held::Opaque)?,
+            "ct" => regs.fill(Some(Held::Opaque)),
+            _ => return None,
+        }
+    }
+    Some(Shape {
+        matches,
+        end: Ending::Next,
+    })
+}
+
 fn opaque() -> Expression<'static> {
     Expression::String(Cow::Borrowed("?"))
 }
@@ -991,11 +1293,11 @@ fn nat_value(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// A netlink attribute.
-    fn nla(kind: u16, payload: &[u8]) -> Vec<u8> {
+    pub(in super::super) fn nla(kind: u16, payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
         out.extend_from_slice(&kind.to_ne_bytes());
@@ -1004,26 +1306,33 @@ mod tests {
         out
     }
 
-    fn nest(kind: u16, children: &[Vec<u8>]) -> Vec<u8> {
+    pub(in super::super) fn nest(kind: u16, children: &[Vec<u8>]) -> Vec<u8> {
         nla(kind | 0x8000, &children.concat())
     }
 
-    fn text(kind: u16, s: &str) -> Vec<u8> {
+    pub(in super::super) fn text(kind: u16, s: &str) -> Vec<u8> {
         let mut b = s.as_bytes().to_vec();
         b.push(0);
         nla(kind, &b)
     }
 
-    fn u32be(kind: u16, v: u32) -> Vec<u8> {
+    pub(in super::super) fn u32be(kind: u16, v: u32) -> Vec<u8> {
         nla(kind, &v.to_be_bytes())
     }
 
-    fn value(kind: u16, bytes: &[u8]) -> Vec<u8> {
+    pub(in super::super) fn value(kind: u16, bytes: &[u8]) -> Vec<u8> {
         nest(kind, &[nla(1, bytes)])
     }
 
-    fn expr(name: &str, attrs: &[Vec<u8>]) -> Vec<u8> {
+    pub(in super::super) fn expr(name: &str, attrs: &[Vec<u8>]) -> Vec<u8> {
         nest(1, &[text(1, name), nest(2, attrs)])
+    }
+
+    /// `immediate` of a verdict into register 0 (`NFT_REG_VERDICT`).
+    pub(in super::super) fn verdict(code: i32, chain: Option<&str>) -> Vec<u8> {
+        let mut v = vec![u32be(1, code as u32)];
+        v.extend(chain.map(|c| text(2, c)));
+        expr("immediate", &[u32be(1, 0), nest(2, &[nest(2, &v)])])
     }
 
     /// A whole nfnetlink message of nf_tables.
@@ -1038,7 +1347,7 @@ mod tests {
         out
     }
 
-    struct NoSets;
+    pub(in super::super) struct NoSets;
 
     impl Sets for NoSets {
         fn anonymous(&self, _: &str) -> Option<(&SetShape, Vec<Expression<'static>>)> {
