@@ -457,7 +457,7 @@ impl NatIntent {
 impl DnatRule {
     /// The destination addresses the rule names outright, when every
     /// destination it admits is one of them.
-    fn named_destinations(&self) -> Option<Vec<IpAddr>> {
+    fn named_destinations(&self) -> Option<SmallVec<[IpAddr; 2]>> {
         let cond = self.when.daddr.iter().find(|c| {
             !c.negated && !c.any_of.is_empty() && c.any_of.iter().all(|s| s.lo == s.hi)
         })?;

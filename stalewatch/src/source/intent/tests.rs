@@ -468,7 +468,8 @@ fn storm_timing() {
         let intent = NatIntent::new(parsed.rules, Vec::new());
         let made = t.elapsed() - took;
         eprintln!(
-            "{n} announcements taken in {took:?}; the intent ({} rules) made in {made:?}: settle {settled:?}, walk {walked:?}, NatIntent::new {:?}",
+            "{n} announcements ({} receives) taken in {took:?}; the intent ({} rules) made in {made:?}: settle {settled:?}, walk {walked:?}, NatIntent::new {:?}",
+            rewrite.len(),
             intent.rules().len(),
             made - settled - walked
         );

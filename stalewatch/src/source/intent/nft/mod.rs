@@ -80,7 +80,9 @@ enum Kept {
     /// it is: a kube-proxy endpoint's DNAT, without an `nftables` tree.
     Compact {
         handle: u32,
-        matches: Box<[Narrow]>,
+        /// Inline: most have one (an endpoint's `meta l4proto`), and a
+        /// storm makes and frees ten thousand at every rewrite.
+        matches: SmallVec<[Narrow; 1]>,
         end: End,
     },
     Announced {
@@ -124,7 +126,7 @@ impl Kept {
         };
         Kept::Compact {
             handle,
-            matches: shape.matches.into_iter().collect(),
+            matches: shape.matches,
             end,
         }
     }
@@ -179,8 +181,11 @@ pub struct Ruleset {
     /// (some more than once, some gone since): a settle visits these, not
     /// every chain; none, and there is nothing to read.
     unread: Vec<ChainId>,
-    /// Where an announced rule's chain key is written to look it up.
+    /// Where an announced rule's chain key is written to look it up, and
+    /// its id: a flush and its refill announce one chain's rules one after
+    /// the other.
     scratch: String,
+    scratch_id: Option<ChainId>,
     /// The DNAT rules the last walk found.
     walked: usize,
     /// Tables read by another tool (iptables-nft's `nat`): their
@@ -388,8 +393,13 @@ impl Ruleset {
             } => {
                 // The chain's key, written into a buffer kept for it: a
                 // storm announces tens of thousands of rules.
-                key_into(&mut self.scratch, chain.family, chain.table, chain.name);
-                let id = self.ids.of(&self.scratch);
+                let id = match self.scratch_id {
+                    Some(id) if key_is(&self.scratch, chain.family, chain.table, chain.name) => id,
+                    _ => {
+                        key_into(&mut self.scratch, chain.family, chain.table, chain.name);
+                        *self.scratch_id.insert(self.ids.of(&self.scratch))
+                    }
+                };
                 let handle = u32::try_from(handle).map_err(|_| Unread("a rule handle"))?;
                 if gone {
                     if let Some(chain) = self.chains.get_mut(&id) {
@@ -619,6 +629,19 @@ fn key_into(k: &mut String, family: NfFamily, table: &str, name: &str) {
         }
         k.push_str(part);
     }
+}
+
+/// Whether `k` is the [`key`] of these parts, without writing one.
+fn key_is(k: &str, family: NfFamily, table: &str, name: &str) -> bool {
+    let family = family_name(family);
+    let k = k.as_bytes();
+    let (f, t) = (family.len(), family.len() + 1 + table.len());
+    k.len() == t + 1 + name.len()
+        && &k[..f] == family.as_bytes()
+        && k[f] == 0
+        && &k[f + 1..t] == table.as_bytes()
+        && k[t] == 0
+        && &k[t + 1..] == name.as_bytes()
 }
 
 /// A key's family, table and name.
@@ -962,7 +985,7 @@ impl<'r> Walk<'r> {
         &self,
         table: &str,
         data: &'r Expression<'static>,
-    ) -> Vec<(&'r Expression<'static>, &'r Expression<'static>)> {
+    ) -> SmallVec<[(&'r Expression<'static>, &'r Expression<'static>); 4]> {
         let ruleset: &'r Ruleset = self.ruleset;
         let pair = |e: &'r Expression<'static>| match e {
             Expression::List(kv) if kv.len() == 2 => Some((unwrap_elem(&kv[0]), &kv[1])),
@@ -985,7 +1008,7 @@ impl<'r> Walk<'r> {
                     SetItem::MappingStatement(..) => None,
                 })
                 .collect(),
-            _ => Vec::new(),
+            _ => SmallVec::new(),
         }
     }
 
@@ -1449,6 +1472,31 @@ mod tests {
         );
         let id = ids.of(&k);
         assert_eq!(id, ids.of(&k.clone()));
+        assert!(key_is(
+            &k,
+            NfFamily::IP,
+            "kube-proxy",
+            "endpoint-00001-0-bench/svc-1/tcp/http"
+        ));
+        for (family, table, name) in [
+            (
+                NfFamily::IP6,
+                "kube-proxy",
+                "endpoint-00001-0-bench/svc-1/tcp/http",
+            ),
+            (
+                NfFamily::IP,
+                "kube-proxy",
+                "endpoint-00001-0-bench/svc-1/tcp/htt",
+            ),
+            (
+                NfFamily::IP,
+                "kube-prox",
+                "yendpoint-00001-0-bench/svc-1/tcp/http",
+            ),
+        ] {
+            assert!(!key_is(&k, family, table, name));
+        }
         // Two seeds, not one hash twice.
         assert_ne!(id.0, id.1);
         assert_ne!(

@@ -224,6 +224,25 @@ fn attr(buf: &[u8], kind: u16) -> Option<&[u8]> {
     attrs(buf).find(|(k, _)| *k == kind).map(|(_, p)| p)
 }
 
+/// The attributes of `buf` of types below `N`, by type (the first of
+/// each, as [`attr`] finds it), read in one pass: a message or an
+/// expression asks for several.
+fn attr_table<const N: usize>(buf: &[u8]) -> [Option<&[u8]>; N] {
+    let mut table = [None; N];
+    for (k, p) in attrs(buf) {
+        if let Some(slot @ None) = table.get_mut(usize::from(k)) {
+            *slot = Some(p);
+        }
+    }
+    table
+}
+
+/// A NUL-terminated name's bytes, without the NUL.
+fn name_bytes(b: &[u8]) -> &[u8] {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    &b[..end]
+}
+
 fn be32(b: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(b.get(..4)?.try_into().ok()?))
 }
@@ -291,8 +310,9 @@ fn message(kind: u16, flags: u16, msg: &[u8]) -> Option<Announcement<'_>> {
         return Some(Announcement::Generation);
     }
     let family = family(msg[0])?;
-    let a = &msg[NFGENMSG_LEN..];
-    let text = |k: u16| attr(a, k).map(string).unwrap_or("");
+    let a = attr_table::<8>(&msg[NFGENMSG_LEN..]);
+    let at = |k: u16| a.get(usize::from(k)).copied().flatten();
+    let text = |k: u16| at(k).map(string).unwrap_or("");
     let object = |table: u16, name: u16| Object {
         family,
         table: text(table),
@@ -305,7 +325,7 @@ fn message(kind: u16, flags: u16, msg: &[u8]) -> Option<Announcement<'_>> {
             gone: kind != NFT_MSG_NEWTABLE,
         },
         NFT_MSG_NEWCHAIN | NFT_MSG_DELCHAIN | NFT_MSG_DESTROYCHAIN => {
-            let hook = attr(a, 4).and_then(|h| attr(h, 1)).and_then(be32);
+            let hook = at(4).and_then(|h| attr(h, 1)).and_then(be32);
             Announcement::Chain {
                 chain: object(1, 3),
                 // NF_INET_PRE_ROUTING, NF_INET_LOCAL_OUT
@@ -315,15 +335,15 @@ fn message(kind: u16, flags: u16, msg: &[u8]) -> Option<Announcement<'_>> {
         }
         NFT_MSG_NEWRULE | NFT_MSG_DELRULE | NFT_MSG_DESTROYRULE => Announcement::Rule {
             chain: object(1, 2),
-            handle: attr(a, 3).and_then(be64)?,
-            after: attr(a, 6).and_then(be64),
+            handle: at(3).and_then(be64)?,
+            after: at(6).and_then(be64),
             append: flags & NLM_F_APPEND != 0,
             gone: kind != NFT_MSG_NEWRULE,
-            exprs: attr(a, 4).unwrap_or_default(),
+            exprs: at(4).unwrap_or_default(),
         },
         NFT_MSG_NEWSET | NFT_MSG_DELSET | NFT_MSG_DESTROYSET => {
-            let set_flags = attr(a, 3).and_then(be32).unwrap_or(0);
-            let number = |k: u16| attr(a, k).and_then(be32).unwrap_or(0);
+            let set_flags = at(3).and_then(be32).unwrap_or(0);
+            let number = |k: u16| at(k).and_then(be32).unwrap_or(0);
             let data = (set_flags & NFT_SET_MAP != 0).then(|| match number(6) {
                 NFT_DATA_VERDICT => vec![NFT_DATA_VERDICT],
                 t => split_type(t),
@@ -344,7 +364,7 @@ fn message(kind: u16, flags: u16, msg: &[u8]) -> Option<Announcement<'_>> {
         NFT_MSG_NEWSETELEM | NFT_MSG_DELSETELEM | NFT_MSG_DESTROYSETELEM => {
             Announcement::Elements {
                 set: object(1, 2),
-                elements: attr(a, 3).unwrap_or_default(),
+                elements: at(3).unwrap_or_default(),
                 gone: kind != NFT_MSG_NEWSETELEM,
             }
         }
@@ -897,7 +917,8 @@ pub enum Ending<'a> {
 /// endpoint rules replaced every few seconds costs a fraction of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Shape<'a> {
-    pub matches: SmallVec<[Narrow; 4]>,
+    /// As the rule keeps them: most have one.
+    pub matches: SmallVec<[Narrow; 1]>,
     pub end: Ending<'a>,
 }
 
@@ -952,11 +973,13 @@ pub fn compact(family: NfFamily, exprs: &[u8]) -> Option<Shape<'_>> {
     };
     let get = |regs: &[Option<Held>; 16], reg: u32| regs.get(slot(reg)?).copied().flatten();
     for (_, e) in attrs(exprs) {
-        let name = attr(e, 1).map(string)?;
-        let a = attr(e, 2).unwrap_or_default();
-        let u32_of = |k: u16| attr(a, k).and_then(be32);
+        let [_, name, a] = attr_table::<3>(e);
+        let name = name_bytes(name?);
+        let a = attr_table::<8>(a.unwrap_or_default());
+        let at = |k: u16| a.get(usize::from(k)).copied().flatten();
+        let u32_of = |k: u16| at(k).and_then(be32);
         match name {
-            "payload" => {
+            b"payload" => {
                 let field = match (u32_of(2)?, u32_of(3)?, u32_of(4)?) {
                     (1, 12, 4) => Field::Saddr(Family::Ipv4),
                     (1, 16, 4) => Field::Daddr(Family::Ipv4),
@@ -973,7 +996,7 @@ pub fn compact(family: NfFamily, exprs: &[u8]) -> Option<Shape<'_>> {
                 };
                 put(&mut regs, u32_of(1)?, held)?;
             }
-            "meta" => {
+            b"meta" => {
                 let field = match u32_of(2)? {
                     15 => Field::NfProto,
                     16 => Field::Proto(None),
@@ -985,7 +1008,7 @@ pub fn compact(family: NfFamily, exprs: &[u8]) -> Option<Shape<'_>> {
                 };
                 put(&mut regs, u32_of(1)?, held)?;
             }
-            "bitwise" => {
+            b"bitwise" => {
                 let Some(Held::Field {
                     field: field @ (Field::Saddr(_) | Field::Daddr(_)),
                     prefix: None,
@@ -994,7 +1017,7 @@ pub fn compact(family: NfFamily, exprs: &[u8]) -> Option<Shape<'_>> {
                     return None;
                 };
                 let (Some(Data::Value(mask)), Some(Data::Value(xor))) =
-                    (attr(a, 4).and_then(data), attr(a, 5).and_then(data))
+                    (at(4).and_then(data), at(5).and_then(data))
                 else {
                     return None;
                 };
@@ -1007,7 +1030,7 @@ pub fn compact(family: NfFamily, exprs: &[u8]) -> Option<Shape<'_>> {
                 };
                 put(&mut regs, u32_of(2)?, held)?;
             }
-            "cmp" => {
+            b"cmp" => {
                 let Some(Held::Field { field, prefix }) = get(&regs, u32_of(1)?) else {
                     return None;
                 };
@@ -1016,7 +1039,7 @@ pub fn compact(family: NfFamily, exprs: &[u8]) -> Option<Shape<'_>> {
                     1 => true,
                     _ => return None,
                 };
-                let Some(Data::Value(v)) = attr(a, 3).and_then(data) else {
+                let Some(Data::Value(v)) = at(3).and_then(data) else {
                     return None;
                 };
                 let addr = |f: Family| -> Option<AddrSpan> {
@@ -1056,9 +1079,9 @@ pub fn compact(family: NfFamily, exprs: &[u8]) -> Option<Shape<'_>> {
                     },
                 }
             }
-            "immediate" => {
+            b"immediate" => {
                 let dreg = u32_of(1)?;
-                match attr(a, 2).and_then(data)? {
+                match at(2).and_then(data)? {
                     Data::Verdict { code, chain } => {
                         let end = match code {
                             0 | 1 | -5 => Ending::Stop,
@@ -1088,7 +1111,7 @@ pub fn compact(family: NfFamily, exprs: &[u8]) -> Option<Shape<'_>> {
                     }
                 }
             }
-            "nat" => {
+            b"nat" => {
                 if u32_of(1)? != 1 {
                     return None; // snat
                 }
@@ -1132,16 +1155,16 @@ pub fn compact(family: NfFamily, exprs: &[u8]) -> Option<Shape<'_>> {
                     end: Ending::Dnat(NatTarget { addr, port }),
                 });
             }
-            "reject" => {
+            b"reject" => {
                 return Some(Shape {
                     matches,
                     end: Ending::Stop,
                 });
             }
-            "counter" | "log" | "limit" | "quota" | "notrack" | "objref" | "connlimit" | "last"
-            | "dynset" => {}
-            "ct" if attr(a, 1).is_some() => put(&mut regs, u32_of(1)?, Held::Opaque)?,
-            "ct" => regs.fill(Some(Held::Opaque)),
+            b"counter" | b"log" | b"limit" | b"quota" | b"notrack" | b"objref" | b"connlimit"
+            | b"last" | b"dynset" => {}
+            b"ct" if at(1).is_some() => put(&mut regs, u32_of(1)?, Held::Opaque)?,
+            b"ct" => regs.fill(Some(Held::Opaque)),
             _ => return None,
         }
     }
