@@ -83,23 +83,13 @@ enum Kept {
         /// Inline: most have one (an endpoint's `meta l4proto`), and a
         /// storm makes and frees ten thousand at every rewrite.
         matches: SmallVec<[Narrow; 1]>,
-        end: End,
+        end: Ending<ChainId>,
     },
     Announced {
         handle: u32,
         family: NfFamily,
         exprs: Box<[u8]>,
     },
-}
-
-/// How a compact rule ends ([`netlink::Ending`], its jumps' chains
-/// looked up by id).
-enum End {
-    Next,
-    Stop,
-    Jump(ChainId),
-    Goto(ChainId),
-    Dnat(NatTarget),
 }
 
 impl Kept {
@@ -112,22 +102,11 @@ impl Kept {
 
     /// A rule announced in the common shapes ([`netlink::compact`]), its
     /// jumps' chains named by `id`.
-    fn compact(
-        handle: u32,
-        shape: netlink::Shape<'_>,
-        mut id: impl FnMut(&str) -> ChainId,
-    ) -> Kept {
-        let end = match shape.end {
-            Ending::Next => End::Next,
-            Ending::Stop => End::Stop,
-            Ending::Jump(name) => End::Jump(id(name)),
-            Ending::Goto(name) => End::Goto(id(name)),
-            Ending::Dnat(t) => End::Dnat(t),
-        };
+    fn compact(handle: u32, shape: netlink::Shape<'_>, id: impl FnMut(&str) -> ChainId) -> Kept {
         Kept::Compact {
             handle,
             matches: shape.matches,
-            end,
+            end: shape.end.map(id),
         }
     }
 }
@@ -906,7 +885,7 @@ impl<'r> Walk<'r> {
         table: &'r str,
         label: &Arc<str>,
         matches: &[Narrow],
-        end: &End,
+        end: &Ending<ChainId>,
         mut when: Conditions,
         depth: usize,
     ) -> Option<Conditions> {
@@ -914,17 +893,17 @@ impl<'r> Walk<'r> {
             m.apply(&mut when);
         }
         match end {
-            End::Next => None,
-            End::Stop => Some(when),
-            End::Jump(id) => {
+            Ending::Next => None,
+            Ending::Stop => Some(when),
+            Ending::Jump(id) => {
                 self.enter(table, *id, when, depth + 1);
                 None
             }
-            End::Goto(id) => {
+            Ending::Goto(id) => {
                 self.enter(table, *id, when.clone(), depth + 1);
                 Some(when)
             }
-            End::Dnat(t) => {
+            Ending::Dnat(t) => {
                 self.out.push(DnatRule {
                     engine: RuleEngine::Nftables,
                     chain: label.clone(),

@@ -896,17 +896,31 @@ impl Narrow {
     }
 }
 
-/// How a rule in the common shapes ends.
+/// How a rule in the common shapes ends, its jumps to chains named by
+/// `C` (as announced, a name; as kept, an id).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Ending<'a> {
+pub enum Ending<C> {
     /// No verdict: the packet goes on to the next rule.
     Next,
     /// Accept, drop, return or reject: the chain ends here for the
     /// packets that match.
     Stop,
-    Jump(&'a str),
-    Goto(&'a str),
+    Jump(C),
+    Goto(C),
     Dnat(NatTarget),
+}
+
+impl<C> Ending<C> {
+    /// The same ending, its chain named by `f` of its name.
+    pub fn map<D>(self, mut f: impl FnMut(C) -> D) -> Ending<D> {
+        match self {
+            Ending::Next => Ending::Next,
+            Ending::Stop => Ending::Stop,
+            Ending::Jump(c) => Ending::Jump(f(c)),
+            Ending::Goto(c) => Ending::Goto(f(c)),
+            Ending::Dnat(t) => Ending::Dnat(t),
+        }
+    }
 }
 
 /// A rule in the common shapes, read without [`statements`]: matches of
@@ -919,7 +933,7 @@ pub enum Ending<'a> {
 pub struct Shape<'a> {
     /// As the rule keeps them: most have one.
     pub matches: SmallVec<[Narrow; 1]>,
-    pub end: Ending<'a>,
+    pub end: Ending<&'a str>,
 }
 
 /// A packet field a register holds, for [`compact`].
@@ -979,28 +993,24 @@ pub fn compact(family: NfFamily, exprs: &[u8]) -> Option<Shape<'_>> {
         let at = |k: u16| a.get(usize::from(k)).copied().flatten();
         let u32_of = |k: u16| at(k).and_then(be32);
         match name {
-            b"payload" => {
-                let field = match (u32_of(2)?, u32_of(3)?, u32_of(4)?) {
-                    (1, 12, 4) => Field::Saddr(Family::Ipv4),
-                    (1, 16, 4) => Field::Daddr(Family::Ipv4),
-                    (1, 9, 1) if family != NfFamily::IP6 => Field::Proto(Some(Family::Ipv4)),
-                    (1, 8, 16) => Field::Saddr(Family::Ipv6),
-                    (1, 24, 16) => Field::Daddr(Family::Ipv6),
-                    (1, 6, 1) if family != NfFamily::IP => Field::Proto(Some(Family::Ipv6)),
-                    (2, 2, 2) => Field::Dport,
-                    _ => return None,
-                };
-                let held = Held::Field {
-                    field,
-                    prefix: None,
-                };
-                put(&mut regs, u32_of(1)?, held)?;
-            }
-            b"meta" => {
-                let field = match u32_of(2)? {
-                    15 => Field::NfProto,
-                    16 => Field::Proto(None),
-                    _ => return None,
+            b"payload" | b"meta" => {
+                let field = if name == b"meta" {
+                    match u32_of(2)? {
+                        15 => Field::NfProto,
+                        16 => Field::Proto(None),
+                        _ => return None,
+                    }
+                } else {
+                    match (u32_of(2)?, u32_of(3)?, u32_of(4)?) {
+                        (1, 12, 4) => Field::Saddr(Family::Ipv4),
+                        (1, 16, 4) => Field::Daddr(Family::Ipv4),
+                        (1, 9, 1) if family != NfFamily::IP6 => Field::Proto(Some(Family::Ipv4)),
+                        (1, 8, 16) => Field::Saddr(Family::Ipv6),
+                        (1, 24, 16) => Field::Daddr(Family::Ipv6),
+                        (1, 6, 1) if family != NfFamily::IP => Field::Proto(Some(Family::Ipv6)),
+                        (2, 2, 2) => Field::Dport,
+                        _ => return None,
+                    }
                 };
                 let held = Held::Field {
                     field,
