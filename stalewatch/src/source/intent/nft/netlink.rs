@@ -252,8 +252,7 @@ fn be64(b: &[u8]) -> Option<u64> {
 }
 
 fn string(b: &[u8]) -> &str {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    std::str::from_utf8(&b[..end]).unwrap_or("")
+    std::str::from_utf8(name_bytes(b)).unwrap_or("")
 }
 
 fn family(f: u8) -> Option<NfFamily> {
@@ -799,10 +798,7 @@ pub fn statements(
                     Data::Value(v) => {
                         // A literal, typed by what reads it; an IPv6
                         // address overwrites four 32-bit slots.
-                        let at = slot(dreg)?;
-                        for s in regs.iter_mut().skip(at).take(v.len().div_ceil(4)) {
-                            *s = None;
-                        }
+                        clear_reg(&mut regs, dreg, v.len())?;
                         let load = Load {
                             literal: Some(SmallVec::from_slice(v)),
                             ..opaque_load()
@@ -957,8 +953,8 @@ enum Held {
     Opaque,
 }
 
-impl Held {
-    fn slots(self) -> usize {
+impl Span for Held {
+    fn slots(&self) -> usize {
         match self {
             Held::Field {
                 field: Field::Saddr(Family::Ipv6) | Field::Daddr(Family::Ipv6),
@@ -977,15 +973,7 @@ impl Held {
 pub fn compact(family: NfFamily, exprs: &[u8]) -> Option<Shape<'_>> {
     let mut regs: [Option<Held>; 16] = [None; 16];
     let mut matches = SmallVec::new();
-    let put = |regs: &mut [Option<Held>; 16], reg: u32, held: Held| -> Option<()> {
-        let at = slot(reg)?;
-        for s in regs.iter_mut().skip(at).take(held.slots()) {
-            *s = None;
-        }
-        regs[at] = Some(held);
-        Some(())
-    };
-    let get = |regs: &[Option<Held>; 16], reg: u32| regs.get(slot(reg)?).copied().flatten();
+    let get = |regs: &[Option<Held>; 16], reg: u32| get_reg(regs, reg).copied();
     for (_, e) in attrs(exprs) {
         let [_, name, a] = attr_table::<3>(e);
         let name = name_bytes(name?);
@@ -1016,7 +1004,7 @@ pub fn compact(family: NfFamily, exprs: &[u8]) -> Option<Shape<'_>> {
                     field,
                     prefix: None,
                 };
-                put(&mut regs, u32_of(1)?, held)?;
+                put_reg(&mut regs, u32_of(1)?, held)?;
             }
             b"bitwise" => {
                 let Some(Held::Field {
@@ -1038,7 +1026,7 @@ pub fn compact(family: NfFamily, exprs: &[u8]) -> Option<Shape<'_>> {
                     field,
                     prefix: Some(prefix_len(mask)?),
                 };
-                put(&mut regs, u32_of(2)?, held)?;
+                put_reg(&mut regs, u32_of(2)?, held)?;
             }
             b"cmp" => {
                 let Some(Held::Field { field, prefix }) = get(&regs, u32_of(1)?) else {
@@ -1104,13 +1092,10 @@ pub fn compact(family: NfFamily, exprs: &[u8]) -> Option<Shape<'_>> {
                     Data::Value(v) => {
                         // As statements does: the slots of its length
                         // cleared, the literal in the first.
-                        let at = slot(dreg)?;
-                        for s in regs.iter_mut().skip(at).take(v.len().div_ceil(4)) {
-                            *s = None;
-                        }
+                        clear_reg(&mut regs, dreg, v.len())?;
                         let mut bytes = [0; 16];
                         bytes.get_mut(..v.len())?.copy_from_slice(v);
-                        put(
+                        put_reg(
                             &mut regs,
                             dreg,
                             Held::Literal {
@@ -1173,7 +1158,7 @@ pub fn compact(family: NfFamily, exprs: &[u8]) -> Option<Shape<'_>> {
             }
             b"counter" | b"log" | b"limit" | b"quota" | b"notrack" | b"objref" | b"connlimit"
             | b"last" | b"dynset" => {}
-            b"ct" if at(1).is_some() => put(&mut regs, u32_of(1)?, Held::Opaque)?,
+            b"ct" if at(1).is_some() => put_reg(&mut regs, u32_of(1)?, Held::Opaque)?,
             b"ct" => regs.fill(Some(Held::Opaque)),
             _ => return None,
         }
@@ -1260,18 +1245,36 @@ fn set_reg(
     )
 }
 
-fn put_reg(regs: &mut [Option<Load>; 16], reg: u32, load: Load) -> Option<()> {
-    let at = slot(reg)?;
-    // A load spans the slots of its length; what it overwrites is gone.
-    let span = load.kind.len().div_ceil(4).max(1);
-    for s in regs.iter_mut().skip(at).take(span) {
-        *s = None;
+/// What a register holds ([`Load`] for [`statements`], [`Held`] for
+/// [`compact`]): the 32-bit slots it spans.
+trait Span {
+    fn slots(&self) -> usize;
+}
+
+impl Span for Load {
+    fn slots(&self) -> usize {
+        self.kind.len().div_ceil(4).max(1)
     }
-    *regs.get_mut(at)? = Some(load);
+}
+
+fn put_reg<T: Span>(regs: &mut [Option<T>; 16], reg: u32, value: T) -> Option<()> {
+    // A value spans the slots of its length; what it overwrites is gone.
+    let at = clear_reg(regs, reg, value.slots() * 4)?;
+    *regs.get_mut(at)? = Some(value);
     Some(())
 }
 
-fn get_reg(regs: &[Option<Load>; 16], reg: u32) -> Option<&Load> {
+/// Clears the slots `len` bytes loaded into `reg` overwrite (an IPv6
+/// address four of them); returns the first.
+fn clear_reg<T>(regs: &mut [Option<T>; 16], reg: u32, len: usize) -> Option<usize> {
+    let at = slot(reg)?;
+    for s in regs.iter_mut().skip(at).take(len.div_ceil(4)) {
+        *s = None;
+    }
+    Some(at)
+}
+
+fn get_reg<T>(regs: &[Option<T>; 16], reg: u32) -> Option<&T> {
     regs.get(slot(reg)?)?.as_ref()
 }
 
