@@ -353,6 +353,27 @@ pub struct NatIntent {
     by_target: HashMap<IpAddr, At>,
 }
 
+/// A rule as duplicates are found: hashed with its chain's name's length,
+/// not its text (another cache miss for each of ten thousand rules, where
+/// the rest tells them apart), compared whole.
+#[derive(PartialEq, Eq)]
+struct Dedup<'r>(&'r DnatRule);
+
+impl std::hash::Hash for Dedup<'_> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let DnatRule {
+            engine,
+            chain,
+            when,
+            to,
+        } = self.0;
+        engine.hash(state);
+        chain.len().hash(state);
+        when.hash(state);
+        to.hash(state);
+    }
+}
+
 impl NatIntent {
     /// From the rules read (duplicates dropped) and the engines that were
     /// read (an engine not installed, or with no NAT table, is not
@@ -368,7 +389,7 @@ impl NatIntent {
                 rules.len(),
                 foldhash::fast::RandomState::default(),
             );
-            rules.iter().map(|r| seen.insert(r)).collect()
+            rules.iter().map(|r| seen.insert(Dedup(r))).collect()
         };
         let mut keep = keep.into_iter();
         rules.retain(|_| keep.next().unwrap_or(true));
@@ -399,6 +420,11 @@ impl NatIntent {
 
     pub fn rules(&self) -> &[DnatRule] {
         &self.rules
+    }
+
+    /// Its rules, taken back (their room serves the next intent's).
+    pub fn into_rules(self) -> Vec<DnatRule> {
+        self.rules
     }
 
     pub fn read(&self) -> &[EngineRead] {

@@ -212,7 +212,10 @@ impl Rules {
                         cache.pay(cost);
                         cache.applied = 0;
                         cache.applied_since = None;
-                        cache.intent = intent.clone();
+                        let old = std::mem::replace(&mut cache.intent, intent.clone());
+                        if let Ok(old) = Arc::try_unwrap(old) {
+                            cache.reading.recycle(old.into_rules());
+                        }
                         return Some(intent);
                     }
                     Err(e) => {

@@ -68,7 +68,9 @@ impl ChainIds {
 struct Rules {
     key: Key,
     label: Arc<str>,
-    rules: Vec<Kept>,
+    /// Inline: most chains of a large ruleset hold one rule (a
+    /// kube-proxy endpoint's DNAT), read with the chain at no second miss.
+    rules: SmallVec<[Kept; 1]>,
 }
 
 /// A rule as kept: read into statements, read compact, or as announced,
@@ -111,13 +113,87 @@ impl Kept {
     }
 }
 
+/// The chains' rules, kept in the order their chains were first read or
+/// announced, found by id through a small index: a listing, a storm's
+/// flushes and refills and a walk all go through a kube-proxy ruleset's
+/// chains service by service, so their rules are read from memory in
+/// the order they lie in, not at a cache miss each.
+#[derive(Default)]
+struct Chains {
+    index: HashMap<ChainId, u32>,
+    slots: Vec<Option<Rules>>,
+    /// Slots emptied, to fill again.
+    free: Vec<u32>,
+}
+
+impl Chains {
+    fn get(&self, id: &ChainId) -> Option<&Rules> {
+        let at = *self.index.get(id)?;
+        self.slots[at as usize].as_ref()
+    }
+
+    fn get_mut(&mut self, id: &ChainId) -> Option<&mut Rules> {
+        let at = *self.index.get(id)?;
+        self.slots[at as usize].as_mut()
+    }
+
+    /// Chain `id`'s rules, made by `new` if it has none yet.
+    fn get_or_insert_with(&mut self, id: ChainId, new: impl FnOnce() -> Rules) -> &mut Rules {
+        let at = match self.index.entry(id) {
+            std::collections::hash_map::Entry::Occupied(e) => *e.get(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let at = match self.free.pop() {
+                    Some(at) => {
+                        self.slots[at as usize] = Some(new());
+                        at
+                    }
+                    None => {
+                        self.slots.push(Some(new()));
+                        u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 chains")
+                    }
+                };
+                *e.insert(at)
+            }
+        };
+        self.slots[at as usize]
+            .as_mut()
+            .expect("an indexed slot is filled")
+    }
+
+    #[cfg(test)]
+    fn insert(&mut self, id: ChainId, rules: Rules) {
+        *self.get_or_insert_with(id, || Rules::new(String::new())) = rules;
+    }
+
+    fn remove(&mut self, id: &ChainId) {
+        if let Some(at) = self.index.remove(id) {
+            self.slots[at as usize] = None;
+            self.free.push(at);
+        }
+    }
+
+    /// Keeps the chains whose rules `keep` says to.
+    fn retain(&mut self, mut keep: impl FnMut(&Rules) -> bool) {
+        let (slots, free) = (&mut self.slots, &mut self.free);
+        self.index.retain(|_, at| {
+            let slot = &mut slots[*at as usize];
+            if slot.as_ref().is_some_and(&mut keep) {
+                return true;
+            }
+            *slot = None;
+            free.push(*at);
+            false
+        });
+    }
+}
+
 impl Rules {
     fn new(key: Key) -> Rules {
         let (family, table, name) = parts(&key);
         Rules {
             label: format!("{family} {table}/{name}").into(),
             key,
-            rules: Vec::new(),
+            rules: SmallVec::new(),
         }
     }
 }
@@ -145,7 +221,7 @@ pub struct Ruleset {
     /// NAT base chains at prerouting or output.
     bases: Vec<Key>,
     ids: ChainIds,
-    chains: HashMap<ChainId, Rules>,
+    chains: Chains,
     /// Elements of sets and maps: a set's are keys, a map's `[key, value]`.
     elements: HashMap<Key, Elements>,
     /// Named sets' shapes, to read the elements announced; a set of a
@@ -167,6 +243,8 @@ pub struct Ruleset {
     scratch_id: Option<ChainId>,
     /// The DNAT rules the last walk found.
     walked: usize,
+    /// Room for the next walk's rules ([`Ruleset::recycle`]).
+    spare: Vec<DnatRule>,
     /// Tables read by another tool (iptables-nft's `nat`): their
     /// changes make the rules read again whole.
     foreign: Vec<(String, String)>,
@@ -274,11 +352,15 @@ impl Ruleset {
     /// The DNATs of the ruleset, walked from its NAT base chains (rules
     /// not read yet, see [`Ruleset::settle`], are left out).
     pub fn walk(&mut self) -> Parsed {
+        // As many as last time, where they were if that room is back: ten
+        // thousand rules grown by doubling are megabytes copied, and fresh
+        // pages faulted in.
+        let mut out = std::mem::take(&mut self.spare);
+        out.clear();
+        out.reserve(self.walked);
         let mut walk = Walk {
             ruleset: self,
-            // As many as last time: ten thousand rules grown by doubling
-            // are megabytes copied and fresh pages faulted in.
-            out: Vec::with_capacity(self.walked),
+            out,
             complete: self.complete,
             iptables_dnat: false,
             entered: HashSet::default(),
@@ -316,6 +398,11 @@ impl Ruleset {
         }
     }
 
+    /// Room for the next walk's rules: an empty vector's capacity.
+    pub fn recycle(&mut self, rules: Vec<DnatRule>) {
+        self.spare = rules;
+    }
+
     /// Applies one announced change.
     pub fn apply(&mut self, a: Announcement<'_>) -> Result<(), Unread> {
         let table = match &a {
@@ -341,7 +428,7 @@ impl Ruleset {
                     f == family && t == name
                 };
                 self.bases.retain(|k| !of_table(k));
-                self.chains.retain(|_, r| !of_table(&r.key));
+                self.chains.retain(|r| !of_table(&r.key));
                 self.elements.retain(|k, _| !of_table(k));
                 self.shapes.retain(|k, _| !of_table(k));
                 self.anonymous.retain(|k, _| !of_table(k));
@@ -410,8 +497,7 @@ impl Ruleset {
                 };
                 let rules = &mut self
                     .chains
-                    .entry(id)
-                    .or_insert_with(|| Rules::new(self.scratch.clone()))
+                    .get_or_insert_with(id, || Rules::new(self.scratch.clone()))
                     .rules;
                 rules.retain(|r| r.handle() != Some(handle));
                 let at = match after {
@@ -488,8 +574,7 @@ impl Ruleset {
                 Ok(rule) => {
                     let k = key(rule.family, &rule.table, &rule.chain);
                     self.chains
-                        .entry(self.ids.of(&k))
-                        .or_insert_with(|| Rules::new(k))
+                        .get_or_insert_with(self.ids.of(&k), || Rules::new(k))
                         .rules
                         .push(Kept::Read(rule));
                 }
@@ -1272,6 +1357,40 @@ mod tests {
         netlink::tests::{NoSets, expr, u32be, value, verdict},
         *,
     };
+
+    #[test]
+    fn chains_are_found_by_id_and_their_slots_filled_again() {
+        let ids = ChainIds::default();
+        let key = |name: &str| key(NfFamily::IP, "nat", name);
+        let mut chains = Chains::default();
+        for name in ["a", "b", "c"] {
+            chains.get_or_insert_with(ids.of(&key(name)), || Rules::new(key(name)));
+        }
+        // Found again, not made again.
+        chains
+            .get_or_insert_with(ids.of(&key("b")), || unreachable!())
+            .rules
+            .push(Kept::Announced {
+                handle: 7,
+                family: NfFamily::IP,
+                exprs: Box::new([]),
+            });
+        assert_eq!(chains.get(&ids.of(&key("b"))).unwrap().rules.len(), 1);
+        chains.remove(&ids.of(&key("a")));
+        assert!(chains.get(&ids.of(&key("a"))).is_none());
+        assert!(chains.get_mut(&ids.of(&key("a"))).is_none());
+        // The emptied slot is filled by the next chain made.
+        chains.get_or_insert_with(ids.of(&key("d")), || Rules::new(key("d")));
+        assert_eq!(chains.slots.len(), 3);
+        assert_eq!(chains.get(&ids.of(&key("d"))).unwrap().key, key("d"));
+        chains.retain(|r| r.key != key("c"));
+        assert!(chains.get(&ids.of(&key("c"))).is_none());
+        assert_eq!(chains.free.len(), 1);
+        for name in ["b", "d"] {
+            assert_eq!(chains.get(&ids.of(&key(name))).unwrap().key, key(name));
+        }
+        assert_eq!(chains.index.len(), 2);
+    }
 
     /// `payload` of `len` bytes at `offset` of header `base` (1: network,
     /// 2: transport) into register 1.
