@@ -21,6 +21,8 @@ use std::{
 };
 
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
+use nix::libc;
+use std::os::fd::AsRawFd as _;
 
 pub use self::nft::Unread;
 use self::nft::netlink;
@@ -230,6 +232,7 @@ fn run(tool: &str, args: &[&str]) -> Option<String> {
 /// is read again at the audit interval).
 pub struct Changes {
     socket: Socket,
+    /// Room for BATCH datagrams of DATAGRAM bytes.
     buf: Vec<u8>,
 }
 
@@ -239,6 +242,13 @@ const NFNLGRP_NFTABLES: u32 = 7;
 /// chains announces 20,000 rules (each old one deleted, each new one made)
 /// at once, some 6 MB.
 const CHANGES_RCVBUF: usize = 16 << 20;
+/// Datagrams taken per system call: nf_tables sends such a transaction's
+/// announcements as some 1,800 datagrams, a system call each one by one.
+const BATCH: usize = 16;
+/// Room for each: nf_tables fills a datagram up to NLMSG_GOODSIZE (a page,
+/// or two, less the kernel's overhead); a longer one would be truncated,
+/// and taken as announcements lost.
+const DATAGRAM: usize = 16 * 1024;
 
 impl Changes {
     /// Listens in the namespace at `path`.
@@ -253,7 +263,7 @@ impl Changes {
         })??;
         Ok(Changes {
             socket,
-            buf: vec![0u8; 256 * 1024],
+            buf: vec![0u8; BATCH * DATAGRAM],
         })
     }
 
@@ -263,12 +273,27 @@ impl Changes {
     /// whole ruleset is right again.
     pub fn drain(&mut self, mut each: impl FnMut(Announcement<'_>)) -> bool {
         let mut whole = true;
+        self.drain_datagrams(|datagram| match datagram {
+            Some(d) => netlink::decode(d, &mut each),
+            None => whole = false,
+        }) && whole
+    }
+
+    /// Each datagram received, until none is waiting; None for one lost
+    /// or truncated. False when the socket failed.
+    fn drain_datagrams(&mut self, mut each: impl FnMut(Option<&[u8]>)) -> bool {
         loop {
-            match self.socket.recv(&mut &mut self.buf[..], 0) {
-                Ok(0) => return whole,
-                Ok(n) => netlink::decode(&self.buf[..n], &mut each),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return whole,
-                Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => whole = false,
+            let mut got = [(0, false); BATCH];
+            match self.receive(&mut got) {
+                Ok(0) => return true,
+                Ok(n) => {
+                    for (at, &(len, truncated)) in got[..n].iter().enumerate() {
+                        let start = at * DATAGRAM;
+                        each((!truncated).then(|| &self.buf[start..start + len]));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => each(None),
                 Err(e) => {
                     log::debug!("ruleset announcements: {e}");
                     return false;
@@ -276,15 +301,50 @@ impl Changes {
             }
         }
     }
+
+    /// Up to BATCH datagrams waiting, received in one system call: how
+    /// many, with each one's length and whether it was truncated.
+    fn receive(&mut self, got: &mut [(usize, bool); BATCH]) -> io::Result<usize> {
+        let base = self.buf.as_mut_ptr();
+        let mut iovecs: [libc::iovec; BATCH] = std::array::from_fn(|at| libc::iovec {
+            iov_base: base.wrapping_add(at * DATAGRAM).cast(),
+            iov_len: DATAGRAM,
+        });
+        let mut headers: [libc::mmsghdr; BATCH] = std::array::from_fn(|at| {
+            // SAFETY: all zeroes is a valid mmsghdr (null pointers, no
+            // name, no control data).
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_iov = &raw mut iovecs[at];
+            h.msg_hdr.msg_iovlen = 1;
+            h
+        });
+        // SAFETY: each header names one iovec, each iovec DATAGRAM bytes of
+        // its own in `buf` (BATCH * DATAGRAM long); all outlive the call.
+        let n = unsafe {
+            libc::recvmmsg(
+                self.socket.as_raw_fd(),
+                headers.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+        for (slot, h) in got.iter_mut().zip(&headers[..n]) {
+            *slot = (
+                h.msg_len as usize,
+                h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+            );
+        }
+        Ok(n)
+    }
 }
 
 #[cfg(test)]
 impl Changes {
     /// What [`Changes::drain`] reads, as received.
     fn drain_raw(&mut self, mut each: impl FnMut(&[u8])) {
-        while let Ok(n @ 1..) = self.socket.recv(&mut &mut self.buf[..], 0) {
-            each(&self.buf[..n]);
-        }
+        self.drain_datagrams(|d| each(d.expect("no announcement lost")));
     }
 }
 
