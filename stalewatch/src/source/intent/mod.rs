@@ -93,9 +93,8 @@ impl Reading {
     /// Gives the rules of an intent made before, no longer used, as room
     /// for the next: a walk of ten thousand rules into fresh memory
     /// faults megabytes of pages in.
-    pub fn recycle(&mut self, mut rules: Vec<DnatRule>) {
+    pub fn recycle(&mut self, rules: Vec<DnatRule>) {
         if let Some(ruleset) = &mut self.nft {
-            rules.clear();
             ruleset.recycle(rules);
         }
     }

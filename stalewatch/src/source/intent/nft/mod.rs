@@ -386,7 +386,6 @@ impl Ruleset {
         // thousand rules grown by doubling are megabytes copied, and fresh
         // pages faulted in.
         let mut out = std::mem::take(&mut self.spare);
-        out.clear();
         out.reserve(self.walked);
         let mut walk = Walk {
             ruleset: self,
@@ -428,8 +427,10 @@ impl Ruleset {
         }
     }
 
-    /// Room for the next walk's rules: an empty vector's capacity.
-    pub fn recycle(&mut self, rules: Vec<DnatRule>) {
+    /// Room for the next walk's rules: the vector's capacity (its rules
+    /// are dropped now).
+    pub fn recycle(&mut self, mut rules: Vec<DnatRule>) {
+        rules.clear();
         self.spare = rules;
     }
 
