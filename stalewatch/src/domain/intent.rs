@@ -665,6 +665,25 @@ mod tests {
     }
 
     #[test]
+    fn duplicates_are_the_same_rule_in_the_same_chain() {
+        let in_chain = |chain: &str| DnatRule {
+            chain: chain.into(),
+            ..kube_dns("10.244.1.7")
+        };
+        // Names of one length hash alike: told apart by their text.
+        let intent = NatIntent::new(
+            vec![
+                in_chain("KUBE-SEP-X"),
+                in_chain("KUBE-SEP-Y"),
+                in_chain("KUBE-SEP-X"),
+            ],
+            Vec::new(),
+        );
+        let chains: Vec<&str> = intent.rules().iter().map(|r| &*r.chain).collect();
+        assert_eq!(chains, ["KUBE-SEP-X", "KUBE-SEP-Y"]);
+    }
+
+    #[test]
     fn another_services_rules_tell_where_a_reused_address_serves() {
         let mut other = kube_dns("10.244.1.7");
         other.when.daddr = smallvec::smallvec![Cond::is(vec![AddrSpan::one(addr("10.96.0.11"))])];
